@@ -1,0 +1,11 @@
+//! lockstep's configuration types: the Firecracker-compatible VM config JSON and its validation.
+//! The HTTP control API will live here too.
+
+pub mod config;
+mod error;
+
+pub use config::{
+    BootProtocol, BootSource, HostLimits, HugePages, MachineConfig, SerialConfig, VmConfig,
+    MAX_CMDLINE_LEN, MAX_VCPUS, MIN_MEM_MIB,
+};
+pub use error::ConfigError;

@@ -1,0 +1,150 @@
+//! The `lockstep` command: runs a microVM in the foreground from a JSON config.
+//!
+//! Exit codes: 0 when the guest stopped itself (reset or power-off) or the console escape ended
+//! it; 1 on a VMM or host error; 2 on a bad command line or config; 128 + N when signal N
+//! stopped it.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use lockstep_api::VmConfig;
+use lockstep_vmm::console::{self, EscapedInput, RawTerminal};
+use lockstep_vmm::event_loop::termination_signalfd;
+use lockstep_vmm::exit::ExitSignal;
+use lockstep_vmm::{ConsoleInput, ExitReason, Hypervisor, KvmBackend, Vm};
+
+const EXIT_VMM_ERROR: u8 = 1;
+const EXIT_CONFIG_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "lockstep",
+    version,
+    about = "A lightweight ESXi-style virtual machine monitor on KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM from a JSON config and attach its serial console to this terminal
+    /// (Ctrl-A x ends it).
+    Run {
+        /// The VM config (Firecracker's keys: boot-source, machine-config, ...).
+        config: PathBuf,
+    },
+    /// Print which KVM backend this host has: vmx, svm, pvm or unknown.
+    Backend,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Backend => {
+            let backend = KvmBackend::detect();
+            println!("{}", backend.short_name());
+            log::info!("{backend}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("LOCKSTEP_LOG", "info"))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(buf, "[lockstep {}] {}", record.level(), record.args())
+        })
+        .init();
+}
+
+fn run(config_path: &std::path::Path) -> ExitCode {
+    let config = match VmConfig::from_file(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                EXIT_CONFIG_ERROR,
+                &format!("{}: {e}", config_path.display()),
+            )
+        }
+    };
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
+    };
+    log::info!("host KVM backend: {}", hv.backend());
+    let vm = match Vm::create(&hv, &config) {
+        Ok(vm) => vm,
+        Err(e) if e.is_config_error() => {
+            return fail(
+                EXIT_CONFIG_ERROR,
+                &format!("{}: {e}", config_path.display()),
+            )
+        }
+        Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
+    };
+    log::info!("{}: booting {:?}", vm.name(), vm.boot_entry());
+
+    // Block termination signals before any vCPU thread exists so that they all inherit the
+    // mask and the signals arrive on the event loop instead.
+    let signals = match termination_signalfd() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("cannot catch termination signals: {e}");
+            None
+        }
+    };
+    let (input, _raw_terminal) = match console_input(&config, vm.exit_signal()) {
+        Ok(v) => v,
+        Err(e) => return fail(EXIT_VMM_ERROR, &format!("console: {e}")),
+    };
+    match vm.run(input, signals) {
+        Ok(reason) => exit_code(&reason),
+        Err(e) => fail(EXIT_VMM_ERROR, &e.to_string()),
+    }
+}
+
+/// The console input for a VM whose serial goes to stdout: the raw terminal with the Ctrl-A x
+/// escape when stdin is a terminal, or stdin as it is (a pipe, in tests) otherwise.
+/// The console input, and the raw-mode guard that must live as long as the VM runs.
+type Console = (Option<Box<dyn ConsoleInput>>, Option<RawTerminal>);
+
+fn console_input(config: &VmConfig, exit: &Arc<ExitSignal>) -> std::io::Result<Console> {
+    if config.serial.output_path.is_some() {
+        return Ok((None, None));
+    }
+    // Read the descriptor directly: std's Stdin buffers, which would hide input from epoll.
+    let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    if console::stdin_is_terminal() {
+        let raw = RawTerminal::stdin()?;
+        eprintln!("[lockstep] serial console attached; Ctrl-A x ends the VM");
+        Ok((
+            Some(Box::new(EscapedInput::new(stdin, exit.clone()))),
+            Some(raw),
+        ))
+    } else {
+        Ok((Some(Box::new(stdin)), None))
+    }
+}
+
+fn exit_code(reason: &ExitReason) -> ExitCode {
+    match reason {
+        ExitReason::GuestReset | ExitReason::GuestShutdown => ExitCode::SUCCESS,
+        ExitReason::Requested { signal: None } => ExitCode::SUCCESS,
+        ExitReason::Requested { signal: Some(s) } => ExitCode::from(128u8.saturating_add(*s as u8)),
+        ExitReason::VcpuError(msg) => fail(EXIT_VMM_ERROR, msg),
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("lockstep: error: {message}");
+    ExitCode::from(code)
+}

@@ -1,0 +1,178 @@
+//! The host side of the serial console: where guest output goes, the terminal's raw mode while
+//! a VM owns it, and the escape sequence (Ctrl-A x) that ends the VM from the keyboard.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Ctrl-A, the escape character.
+const ESCAPE: u8 = 0x01;
+
+/// Opens where the guest's serial output goes: the given file (appended to, created if needed)
+/// or this process's stdout.
+pub fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
+    match path {
+        Some(p) => Ok(Box::new(
+            OpenOptions::new().create(true).append(true).open(p)?,
+        )),
+        None => {
+            // A private, unbuffered handle on fd 1: each guest byte is written as it comes.
+            let fd = io::stdout().as_fd().try_clone_to_owned()?;
+            Ok(Box::new(File::from(fd)))
+        }
+    }
+}
+
+/// True when stdin is a terminal.
+pub fn stdin_is_terminal() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
+}
+
+/// Puts a terminal in raw input mode and restores it exactly when dropped.
+pub struct RawTerminal {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Raw input on stdin: keys go to the guest unprocessed (Ctrl-C included); output
+    /// processing stays on so the host terminal still turns "\n" into a new line.
+    pub fn stdin() -> io::Result<Self> {
+        let fd = libc::STDIN_FILENO;
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is stdin and `saved` is a valid termios to write into.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG | libc::IEXTEN);
+        raw.c_iflag &= !(libc::IXON | libc::ICRNL | libc::INLCR | libc::IGNCR);
+        raw.c_cc[libc::VMIN] = 1;
+        raw.c_cc[libc::VTIME] = 0;
+        // SAFETY: fd is stdin and `raw` is a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Keyboard input with the console escape taken out: Ctrl-A x ends the VM, Ctrl-A Ctrl-A
+/// sends one Ctrl-A, and Ctrl-A followed by anything else sends both.
+pub struct EscapedInput<R> {
+    inner: R,
+    exit: Arc<ExitSignal>,
+    after_escape: bool,
+    ended: bool,
+}
+
+impl<R: Read> EscapedInput<R> {
+    /// Filters `inner`; the escape signals `exit`.
+    pub fn new(inner: R, exit: Arc<ExitSignal>) -> Self {
+        EscapedInput {
+            inner,
+            exit,
+            after_escape: false,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for EscapedInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ended || buf.len() < 2 {
+            return Ok(0);
+        }
+        // Leave room for an escape held over from the last read plus the byte after it.
+        let mut raw = vec![0u8; buf.len() - 1];
+        let n = self.inner.read(&mut raw)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut out = 0;
+        for &b in &raw[..n] {
+            if self.after_escape {
+                self.after_escape = false;
+                match b {
+                    b'x' | b'X' => {
+                        self.ended = true;
+                        self.exit.signal(ExitReason::Requested { signal: None });
+                        return Ok(out);
+                    }
+                    ESCAPE => {}
+                    _ => {
+                        buf[out] = ESCAPE;
+                        out += 1;
+                    }
+                }
+            } else if b == ESCAPE {
+                self.after_escape = true;
+                continue;
+            }
+            buf[out] = b;
+            out += 1;
+        }
+        if out == 0 && !self.ended {
+            // Only an escape arrived; report "try again" rather than EOF.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(out)
+    }
+}
+
+impl<R: AsRawFd> AsRawFd for EscapedInput<R> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(input: &[u8]) -> (Vec<u8>, Option<ExitReason>) {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut f = EscapedInput::new(input, exit.clone());
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (out, exit.reason())
+    }
+
+    #[test]
+    fn plain_bytes_pass() {
+        assert_eq!(filter(b"ls -l\r"), (b"ls -l\r".to_vec(), None));
+    }
+
+    #[test]
+    fn escape_x_ends_and_drops_the_rest() {
+        let (out, reason) = filter(b"ab\x01xcd");
+        assert_eq!(out, b"ab");
+        assert_eq!(reason, Some(ExitReason::Requested { signal: None }));
+    }
+
+    #[test]
+    fn doubled_escape_sends_one_and_other_keys_pass() {
+        assert_eq!(filter(b"\x01\x01\x01q").0, b"\x01\x01q");
+    }
+}

@@ -1,0 +1,332 @@
+//! vCPUs: each runs `KVM_RUN` on a thread of its own, routes port and MMIO exits to the device
+//! buses, and reports why it stopped.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use lockstep_devices::bus::Bus;
+use thiserror::Error;
+use vmm_sys_util::errno as vmmsys_errno;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Why a vCPU could not be set up or started.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed during setup.
+    #[error("vCPU {index}: KVM {what}: {source}")]
+    Kvm {
+        /// The vCPU.
+        index: u32,
+        /// The ioctl.
+        what: &'static str,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted fewer MSRs than were given.
+    #[error("vCPU {index}: KVM set {set} of {wanted} boot MSRs")]
+    Msrs {
+        /// The vCPU.
+        index: u32,
+        /// How many KVM took.
+        set: usize,
+        /// How many were given.
+        wanted: usize,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmmsys_errno::Error),
+    /// The thread could not be spawned.
+    #[error("cannot start the thread for vCPU {index}: {source}")]
+    Spawn {
+        /// The vCPU.
+        index: u32,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The port I/O and MMIO buses a vCPU's exits are routed to.
+#[derive(Clone, Default)]
+pub struct IoBuses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O outside RAM.
+    pub mmio: Bus,
+}
+
+/// Counters of one vCPU, readable while it runs.
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    /// Returns from KVM_RUN (every exit to the VMM).
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub pio_exits: AtomicU64,
+    /// MMIO exits.
+    pub mmio_exits: AtomicU64,
+    /// Accesses no device claimed.
+    pub unhandled_accesses: AtomicU64,
+}
+
+/// A vCPU that has been configured and not yet started.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    buses: Arc<IoBuses>,
+    metrics: Arc<VcpuMetrics>,
+}
+
+impl Vcpu {
+    /// Wraps a KVM vCPU.
+    pub fn new(index: u32, fd: VcpuFd, buses: Arc<IoBuses>) -> Self {
+        Vcpu {
+            index,
+            fd,
+            buses,
+            metrics: Arc::new(VcpuMetrics::default()),
+        }
+    }
+
+    /// The KVM vCPU, for register setup before the first run.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU's index (also its APIC ID).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Sets CPUID and the boot MSRs.
+    pub fn configure(&self, cpuid: &CpuId, msrs: &Msrs) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.kvm_err("set CPUID"))?;
+        let set = self.fd.set_msrs(msrs).map_err(self.kvm_err("set MSRs"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                index: self.index,
+                set,
+                wanted: msrs.as_slice().len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU on a thread of its own. It runs until the guest stops, an error occurs, or
+    /// the handle asks it to stop; the first of these to end the VM is recorded in `exit`.
+    pub fn start(self, exit: Arc<ExitSignal>) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let index = self.index;
+        let metrics = self.metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let mut vcpu = self;
+                if let Some(reason) = vcpu.run_loop(&thread_stop) {
+                    exit.signal(reason);
+                }
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            stop,
+            thread: Some(thread),
+            metrics,
+        })
+    }
+
+    /// Runs the guest until it stops or `stop` is set; returns why the VM should end, if it
+    /// should.
+    fn run_loop(&mut self, stop: &AtomicBool) -> Option<ExitReason> {
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        KICK_TARGET.with(|t| t.set(immediate_exit));
+        let reason = loop {
+            if stop.load(Ordering::Acquire) {
+                break None;
+            }
+            match self.run_once() {
+                Ok(None) => {}
+                Ok(Some(reason)) => break Some(reason),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    break Some(ExitReason::VcpuError(format!(
+                        "vCPU {}: KVM_RUN failed: {e}",
+                        self.index
+                    )))
+                }
+            }
+        };
+        KICK_TARGET.with(|t| t.set(std::ptr::null_mut()));
+        reason
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_once(&mut self) -> Result<Option<ExitReason>, kvm_ioctls::Error> {
+        let index = self.index;
+        let exit = self.fd.run()?;
+        self.metrics.exits.fetch_add(1, Ordering::Relaxed);
+        let outcome = match exit {
+            VcpuExit::IoIn(port, data) => {
+                self.metrics.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.buses.pio.read(u64::from(port), data) {
+                    // Nothing decodes the port: the ISA bus floats high.
+                    data.fill(0xff);
+                    self.metrics.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            VcpuExit::IoOut(port, data) => {
+                self.metrics.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.buses.pio.write(u64::from(port), data) {
+                    self.metrics.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                    self.metrics.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.buses.mmio.write(addr, data) {
+                    self.metrics.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+            // A triple fault: what a guest does when it resets itself without a reset device.
+            VcpuExit::Shutdown => Some(ExitReason::GuestReset),
+            VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestShutdown,
+                other => ExitReason::VcpuError(format!("vCPU {index}: unexpected system event {other}")),
+            }),
+            // The in-kernel LAPIC handles HLT; reaching here means the vCPU can never wake.
+            VcpuExit::Hlt => Some(ExitReason::GuestShutdown),
+            VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::VcpuError(format!(
+                "vCPU {index}: KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
+            ))),
+            VcpuExit::InternalError => Some(ExitReason::VcpuError(self.describe_internal_error())),
+            other => Some(ExitReason::VcpuError(format!(
+                "vCPU {index}: unexpected KVM exit {other:?}"
+            ))),
+        };
+        Ok(outcome)
+    }
+
+    /// Explains a KVM internal error; on PVM hosts this is usually an instruction the emulator
+    /// cannot run at guest CPL0.
+    fn describe_internal_error(&mut self) -> String {
+        // SAFETY: KVM filled the `internal` member of the union for a KVM_EXIT_INTERNAL_ERROR
+        // exit, which is the exit being handled.
+        let (suberror, ndata) = unsafe {
+            let internal = &self.fd.get_kvm_run().__bindgen_anon_1.internal;
+            (internal.suberror, internal.ndata)
+        };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let what = match suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            _ => "internal error",
+        };
+        format!(
+            "vCPU {}: KVM {what} (suberror {suberror}, {ndata} data words) at guest RIP {rip:#x}",
+            self.index
+        )
+    }
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    index: u32,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    metrics: Arc<VcpuMetrics>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's counters.
+    pub fn metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.metrics
+    }
+
+    /// Asks the vCPU to stop and waits until its thread has ended.
+    pub fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The signal makes a KVM_RUN in progress return at once; the immediate-exit flag set by
+        // the handler covers a signal landing just before KVM_RUN is entered. Repeat until the
+        // thread is gone, in case it was between the flag check and the ioctl.
+        while !thread.is_finished() {
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::warn!("vCPU {}: cannot signal its thread: {e}", self.index);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if thread.join().is_err() {
+            log::error!("vCPU {}: its thread panicked", self.index);
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+thread_local! {
+    /// The running vCPU's `kvm_run.immediate_exit` byte, for the kick signal handler.
+    static KICK_TARGET: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an async-signal-safe store: a const-initialised thread-local needs no allocation.
+    let target = KICK_TARGET.with(|t| t.get());
+    if !target.is_null() {
+        // SAFETY: the pointer is the `immediate_exit` byte of this thread's mapped kvm_run
+        // structure, set by `run_loop` and cleared before that mapping can go away.
+        unsafe { std::ptr::write_volatile(target, 1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), vmmsys_errno::Error>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick))
+        .map_err(VcpuError::Signal)
+}

@@ -1,0 +1,306 @@
+//! One VM: its KVM VM, memory, loaded guest, devices and vCPUs, from config to exit.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use lockstep_api::{ConfigError, VmConfig};
+use lockstep_devices::legacy::SerialInput;
+use thiserror::Error;
+
+use crate::boot::{self, BootError};
+use crate::console;
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::ExitWatcher;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::kvm::{Hypervisor, KvmError};
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::x86_64::boot_info::{self, BootInfoError};
+use crate::x86_64::cpuid::{vcpu_cpuid, CpuTopology};
+use crate::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::x86_64::mptable::{write_mptable, MpTableError};
+use crate::x86_64::msr::boot_msrs;
+use crate::x86_64::regs::{setup_boot_vcpu, setup_lapic, BootEntry, RegsError};
+
+/// Why a VM could not be built or run.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The guest's kernel, initrd or command line cannot be used.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The serial output file could not be opened.
+    #[error("serial.output_path: cannot open {path}: {source}")]
+    SerialOutput {
+        /// The path asked for.
+        path: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM is unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A VM-wide KVM call failed.
+    #[error("KVM {what}: {source}")]
+    KvmSetup {
+        /// The call.
+        what: &'static str,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot information could not be written.
+    #[error("cannot write boot information: {0}")]
+    BootInfo(#[source] BootInfoError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    /// Boot registers could not be set.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// A vCPU could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be set up.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The event loop failed.
+    #[error("VM event loop: {0}")]
+    EventLoop(String),
+}
+
+impl VmError {
+    /// True when the error is the config's fault (bad value, unusable file) rather than the
+    /// host's or the VMM's.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            VmError::Config(_) | VmError::Boot(_) | VmError::SerialOutput { .. }
+        )
+    }
+}
+
+fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmSetup { what, source }
+}
+
+/// Host input for the guest's serial console.
+pub trait ConsoleInput: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+
+/// A boxed [`ConsoleInput`] as one sized type, for the serial input subscriber.
+struct BoxedInput(Box<dyn ConsoleInput>);
+
+impl Read for BoxedInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl AsRawFd for BoxedInput {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A VM built from a config and ready to run.
+pub struct Vm {
+    name: String,
+    // Declared before `memory` so KVM lets go of the memory slots before they are unmapped.
+    vcpus: Vec<Vcpu>,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    devices: DeviceManager,
+    entry: BootEntry,
+    exit: Arc<ExitSignal>,
+}
+
+impl Vm {
+    /// Builds the VM: checks the config against the host, sets up KVM and memory, loads the
+    /// guest, and creates devices and vCPUs. Nothing outside the process changes until every
+    /// check has passed; the last step opens the serial output file.
+    pub fn create(hv: &Hypervisor, config: &VmConfig) -> Result<Vm, VmError> {
+        config.validate(&hv.host_limits())?;
+        let machine = &config.machine_config;
+        let kvm = hv.kvm();
+
+        let vm_fd = kvm.create_vm().map_err(kvm_setup("create VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_setup("set TSS address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_setup("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_setup("create PIT"))?;
+
+        let mem_bytes = machine.mem_size_mib << 20;
+        let huge = machine.huge_pages == lockstep_api::HugePages::Hugetlbfs2M;
+        let memory = memory::create_guest_memory(mem_bytes, huge)?;
+        memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
+
+        let source = &config.boot_source;
+        let kernel = boot::load_kernel(&memory, &source.kernel_image_path, source.boot_protocol)?;
+        let initrd = source
+            .initrd_path
+            .as_deref()
+            .map(|p| boot::load_initrd(&memory, p, &kernel))
+            .transpose()?;
+        let cmdline_len = boot::write_cmdline(&memory, source.boot_args.as_deref(), &[])?;
+        let e820 = boot_info::e820_map(mem_bytes);
+        match kernel.entry {
+            BootEntry::Linux64(_) => {
+                boot_info::write_zero_page(&memory, kernel.setup_header, cmdline_len, initrd, &e820)
+            }
+            BootEntry::Pvh(_) => boot_info::write_pvh_start_info(&memory, initrd, &e820),
+        }
+        .map_err(VmError::BootInfo)?;
+        let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
+        write_mptable(&memory, &topology, machine.vcpu_count)?;
+
+        let out_path = config.serial.output_path.as_deref();
+        let serial_out =
+            console::open_output(out_path).map_err(|source| VmError::SerialOutput {
+                path: out_path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "stdout".into()),
+                source,
+            })?;
+        let devices = DeviceManager::new(&vm_fd, serial_out)?;
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| KvmError::Query {
+                what: "supported CPUID",
+                source,
+            })?;
+        let msr_list = kvm.get_msr_index_list().map_err(|source| KvmError::Query {
+            what: "MSR index list",
+            source,
+        })?;
+        let msrs = boot_msrs(msr_list.as_slice());
+        let buses = Arc::new(devices.buses().clone());
+        let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
+        for index in 0..machine.vcpu_count {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(|source| VcpuError::Kvm {
+                    index,
+                    what: "create vCPU",
+                    source,
+                })?;
+            let vcpu = Vcpu::new(index, fd, buses.clone());
+            vcpu.configure(&vcpu_cpuid(&supported_cpuid, index, &topology), &msrs)?;
+            setup_lapic(vcpu.fd())?;
+            // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
+            if index == 0 {
+                setup_boot_vcpu(vcpu.fd(), &memory, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            name: config.display_name().to_string(),
+            vcpus,
+            vm_fd,
+            memory,
+            devices,
+            entry: kernel.entry,
+            exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the boot vCPU enters the kernel.
+    pub fn boot_entry(&self) -> BootEntry {
+        self.entry
+    }
+
+    /// Where the VM's end is recorded; signal it to stop the VM from outside.
+    pub fn exit_signal(&self) -> &Arc<ExitSignal> {
+        &self.exit
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Runs the VM on this thread's event loop until it ends, and returns why. `input` feeds the
+    /// serial console; `signals` is a signalfd of termination signals (see
+    /// [`crate::event_loop::termination_signalfd`]).
+    pub fn run(
+        mut self,
+        input: Option<Box<dyn ConsoleInput>>,
+        signals: Option<OwnedFd>,
+    ) -> Result<ExitReason, VmError> {
+        let exit = self.exit.clone();
+        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+        let reset_evt = self
+            .devices
+            .reset_evt()
+            .try_clone()
+            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(
+            exit.clone(),
+            reset_evt,
+            signals,
+        ))));
+        if let Some(input) = input {
+            let rx_ready = self
+                .devices
+                .serial_rx_ready()
+                .try_clone()
+                .map_err(|e| VmError::EventLoop(e.to_string()))?;
+            let serial_input =
+                SerialInput::new(BoxedInput(input), self.devices.serial().clone(), rx_ready);
+            events.add_subscriber(Arc::new(Mutex::new(serial_input)));
+        }
+
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start(exit.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        log::info!("{}: running with {} vCPUs", self.name, handles.len());
+
+        let reason = loop {
+            if let Some(reason) = exit.reason() {
+                break reason;
+            }
+            if let Err(e) = events.run() {
+                break ExitReason::VcpuError(format!("event loop failed: {e}"));
+            }
+        };
+        for h in handles.iter_mut() {
+            h.stop_and_join();
+        }
+        log::info!("{}: stopped: {reason:?}", self.name);
+        Ok(reason)
+    }
+}
