@@ -275,19 +275,19 @@ fn validate_name(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A file the VM reads must exist, be a regular file and be readable by this process.
+/// A file the VM reads must exist, be a regular file and be readable by this process. The type
+/// is checked before opening so that a FIFO cannot block the check.
 fn validate_input_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
-    let file = File::open(path)
+    let meta = std::fs::metadata(path)
         .map_err(|e| ConfigError::invalid(field, format!("cannot open {}: {e}", path.display())))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| ConfigError::invalid(field, format!("cannot read {}: {e}", path.display())))?;
     if !meta.is_file() {
         return Err(ConfigError::invalid(
             field,
             format!("{} is not a regular file", path.display()),
         ));
     }
+    File::open(path)
+        .map_err(|e| ConfigError::invalid(field, format!("cannot open {}: {e}", path.display())))?;
     Ok(())
 }
 

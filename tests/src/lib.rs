@@ -1,1 +1,13 @@
-//! placeholder
+//! The harness for lockstep's guest-running tests: finds (and builds) the `lockstep` binary and
+//! the guest images, starts a VM as a real `lockstep run` process, waits for serial output,
+//! types into the console, and tears everything down even when a test panics.
+
+pub mod images;
+pub mod kvm;
+pub mod report;
+pub mod vm;
+
+pub use images::{guest_images, linux_images, lockstep_bin, GuestImages, LinuxImages};
+pub use kvm::require_kvm;
+pub use report::GuestReport;
+pub use vm::{repo_path, run_to_exit, RunOutcome, TestVm, VmConfigBuilder};

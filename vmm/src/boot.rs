@@ -117,33 +117,84 @@ impl LoadedKernel {
     }
 }
 
-/// First 64 bytes of the file, or fewer if it is shorter.
+/// First bytes of the file, enough to tell an ELF from a bzImage, or fewer if it is shorter.
 fn read_head(file: &mut File) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(64);
-    file.by_ref().take(64).read_to_end(&mut head)?;
+    let mut head = Vec::with_capacity(0x206);
+    file.by_ref().take(0x206).read_to_end(&mut head)?;
     file.seek(SeekFrom::Start(0))?;
     Ok(head)
 }
 
-/// Refuses ELF files that are not x86-64 executables before linux-loader places them.
-fn check_elf_header(head: &[u8]) -> Result<(), String> {
-    if head.len() < 20 {
-        return Err("a truncated ELF header".into());
+/// Why an ELF cannot be booted, found before linux-loader places it.
+enum ElfProblem {
+    NotAKernel(String),
+    TooBig,
+}
+
+/// Checks that an ELF is an x86-64 executable whose loadable segments are all in the file and
+/// all fit below `mem_end`.
+fn inspect_elf(file: &mut File, mem_end: u64) -> std::io::Result<Result<(), ElfProblem>> {
+    let not = |s: String| Ok(Err(ElfProblem::NotAKernel(s)));
+    let file_len = file.metadata()?.len();
+    let mut ehdr = [0u8; 64];
+    if file_len < 64 {
+        return not("a truncated ELF header".into());
     }
-    if head[4] != 2 {
-        return Err("a 32-bit ELF; lockstep boots 64-bit kernels".into());
+    file.read_exact(&mut ehdr)?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    if ehdr[4] != 2 {
+        return not("a 32-bit ELF; lockstep boots 64-bit kernels".into());
     }
-    let e_type = u16::from_le_bytes([head[16], head[17]]);
-    let e_machine = u16::from_le_bytes([head[18], head[19]]);
+    let (e_type, e_machine) = (u16_at(&ehdr, 16), u16_at(&ehdr, 18));
     if e_machine != EM_X86_64 {
-        return Err(format!("an ELF for machine type {e_machine}, not x86-64"));
+        return not(format!("an ELF for machine type {e_machine}, not x86-64"));
     }
     if e_type != ET_EXEC {
-        return Err(format!(
+        return not(format!(
             "an ELF of type {e_type} (a kernel is a static executable, type 2)"
         ));
     }
-    Ok(())
+    let (phoff, phentsize, phnum) = (
+        u64_at(&ehdr, 32),
+        u64::from(u16_at(&ehdr, 54)),
+        u64::from(u16_at(&ehdr, 56)),
+    );
+    if phentsize != 56
+        || phoff
+            .checked_add(phentsize * phnum)
+            .is_none_or(|end| end > file_len)
+    {
+        return not("a truncated or malformed ELF program header table".into());
+    }
+    file.seek(SeekFrom::Start(phoff))?;
+    let mut phdr = [0u8; 56];
+    for index in 0..phnum {
+        file.read_exact(&mut phdr)?;
+        const PT_LOAD: u32 = 1;
+        if u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes")) != PT_LOAD {
+            continue;
+        }
+        let (offset, paddr, filesz, memsz) = (
+            u64_at(&phdr, 8),
+            u64_at(&phdr, 24),
+            u64_at(&phdr, 32),
+            u64_at(&phdr, 40),
+        );
+        if offset.checked_add(filesz).is_none_or(|end| end > file_len) {
+            return not(format!(
+                "a truncated ELF: segment {index} extends past the end of the file"
+            ));
+        }
+        if paddr
+            .checked_add(memsz.max(filesz))
+            .is_none_or(|end| end > mem_end)
+        {
+            return Ok(Err(ElfProblem::TooBig));
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(Ok(()))
 }
 
 /// Loads the kernel at `path` into guest memory.
@@ -168,7 +219,11 @@ pub fn load_kernel(
     let mut file = File::open(path).map_err(read_err)?;
     let head = read_head(&mut file).map_err(read_err)?;
     let loaded = if head.starts_with(b"\x7fELF") {
-        check_elf_header(&head).map_err(not_a_kernel)?;
+        match inspect_elf(&mut file, low_memory_end(mem)).map_err(read_err)? {
+            Ok(()) => {}
+            Err(ElfProblem::NotAKernel(reason)) => return Err(not_a_kernel(reason)),
+            Err(ElfProblem::TooBig) => return Err(too_big()),
+        }
         let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(
             |e| match e {
                 linux_loader::loader::Error::Elf(elf::Error::ReadKernelImage) => too_big(),
@@ -194,9 +249,7 @@ pub fn load_kernel(
             end: result.kernel_end,
             setup_header: None,
         }
-    } else if head.get(0x202..0x206) == Some(b"HdrS".as_slice())
-        || has_bzimage_magic(&mut file).map_err(read_err)?
-    {
+    } else if head.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
         if protocol == BootProtocol::Pvh {
             return Err(BootError::NoPvhEntry {
                 path: path.to_owned(),
@@ -231,15 +284,6 @@ pub fn load_kernel(
         return Err(too_big());
     }
     Ok(loaded)
-}
-
-/// Looks for "HdrS" at 0x202, where the bzImage setup header keeps it.
-fn has_bzimage_magic(file: &mut File) -> std::io::Result<bool> {
-    let mut magic = [0u8; 4];
-    file.seek(SeekFrom::Start(0x202))?;
-    let found = file.read_exact(&mut magic).is_ok() && &magic == b"HdrS";
-    file.seek(SeekFrom::Start(0))?;
-    Ok(found)
 }
 
 /// End of the RAM region that starts at 0 (everything below the 32-bit MMIO gap).
@@ -411,6 +455,10 @@ mod tests {
             (Vec::new(), "neither an ELF image nor a bzImage"),
             (tiny_elf(None, 183), "machine type 183"),
             (b"\x7fELF\x01".to_vec(), "truncated"),
+            (
+                tiny_elf(None, EM_X86_64)[..125].to_vec(),
+                "extends past the end of the file",
+            ),
         ] {
             let k = file_with(&bytes);
             let err = load_kernel(&mem, k.as_path(), BootProtocol::Auto)

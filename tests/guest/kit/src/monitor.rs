@@ -1,0 +1,148 @@
+//! A small interactive monitor on the serial console: prompt `lks> `, typed characters echoed, one
+//! command per line. While idle it sleeps in CPL0 until COM1's receive interrupt (or polls when the
+//! platform has no IOAPIC).
+
+use crate::report::ConsoleGuard;
+use crate::serial::COM1;
+use crate::{cpu, phys, report, smp, System};
+
+const PROMPT: &[u8] = b"lks> ";
+const LINE_MAX: usize = 256;
+const BACKSPACE: u8 = 0x08;
+const DELETE: u8 = 0x7f;
+
+/// Runs the monitor for ever (until `reset`).
+pub fn run(system: &System) -> ! {
+    let mut line = [0u8; LINE_MAX];
+    loop {
+        ConsoleGuard::lock().write_bytes(PROMPT);
+        let len = read_line(system, &mut line);
+        execute(system, &line[..len]);
+    }
+}
+
+fn read_byte(system: &System) -> u8 {
+    loop {
+        if let Some(byte) = COM1.try_read() {
+            return byte;
+        }
+        if system.serial_irq {
+            cpu::wait_for_interrupt();
+            cpu::take_pending_irqs();
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Reads one line with echo and backspace; returns its length (CR or LF ends it).
+fn read_line(system: &System, line: &mut [u8; LINE_MAX]) -> usize {
+    let mut len = 0;
+    loop {
+        let byte = read_byte(system);
+        let mut console = ConsoleGuard::lock();
+        match byte {
+            b'\r' | b'\n' => {
+                console.write_bytes(b"\r\n");
+                return len;
+            }
+            BACKSPACE | DELETE if len > 0 => {
+                len -= 1;
+                console.write_bytes(b"\x08 \x08");
+            }
+            0x20..=0x7e if len < LINE_MAX => {
+                line[len] = byte;
+                len += 1;
+                console.write_bytes(&[byte]);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn parse_number(text: &[u8]) -> Option<u64> {
+    let text = core::str::from_utf8(text).ok()?;
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+fn execute(system: &System, line: &[u8]) {
+    let line = line.trim_ascii();
+    let (command, argument) = match line.iter().position(|b| *b == b' ') {
+        Some(space) => (&line[..space], line[space + 1..].trim_ascii()),
+        None => (line, &[][..]),
+    };
+    match command {
+        b"" => {}
+        b"help" => {
+            ConsoleGuard::lock().write(format_args!(
+                "commands:\n  help          this list\n  info          print the boot report again\n  \
+                 echo <text>   print <text>\n  cpus          CPUs listed and online\n  \
+                 mem           memory map and usable bytes\n  peek <addr>   read the u64 at a physical address\n  \
+                 fault <kind>  take an exception at CPL3: pf, gp, ud or de\n  \
+                 reset         reset the machine (the VMM exits)\n"
+            ));
+        }
+        b"info" => report::boot_report(system),
+        b"echo" => {
+            let mut console = ConsoleGuard::lock();
+            console.write_bytes(argument);
+            console.write_bytes(b"\r\n");
+        }
+        b"cpus" => ConsoleGuard::lock().write(format_args!(
+            "cpus={} source={} online={}\n",
+            system.platform.cpu_count(),
+            system.platform.source.name(),
+            smp::online()
+        )),
+        b"mem" => {
+            let mut console = ConsoleGuard::lock();
+            for region in system.boot.memory_map() {
+                console.write(format_args!(
+                    "{:#018x}-{:#018x} type {}\n",
+                    region.start,
+                    region.start + region.size,
+                    region.kind
+                ));
+            }
+            console.write(format_args!(
+                "usable={} mapped_end={:#x}\n",
+                system.boot.usable_bytes(),
+                system.mapped_end
+            ));
+        }
+        b"peek" => match parse_number(argument) {
+            Some(addr)
+                if addr
+                    .checked_add(8)
+                    .is_some_and(|end| end <= system.mapped_end) =>
+            {
+                ConsoleGuard::lock()
+                    .write(format_args!("{addr:#x}: {:#018x}\n", phys::read_u64(addr)));
+            }
+            _ => ConsoleGuard::lock().write(format_args!(
+                "usage: peek <addr below {:#x}>\n",
+                system.mapped_end
+            )),
+        },
+        b"fault" => match argument {
+            b"pf" => cpu::fault::page_fault(),
+            b"gp" => cpu::fault::general_protection(),
+            b"ud" => cpu::fault::invalid_opcode(),
+            b"de" => cpu::fault::divide_error(),
+            _ => ConsoleGuard::lock().write(format_args!("usage: fault pf|gp|ud|de\n")),
+        },
+        b"reset" => {
+            report::line(format_args!("reset"));
+            crate::reset::reset();
+        }
+        _ => {
+            let mut console = ConsoleGuard::lock();
+            console.write(format_args!("unknown command: "));
+            console.write_bytes(command);
+            console.write(format_args!(" (try help)\n"));
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! What the VMM's firmware tables describe: the CPUs (by local APIC ID), the IOAPIC and how ISA IRQ 4
+//! (COM1) reaches it. Found in the ACPI MADT when there is an RSDP, else in the MP table.
+
+use crate::boot::BootInfo;
+use crate::cpu::MAX_CPUS;
+use crate::{acpi, mptable};
+
+/// Where the CPU list came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuSource {
+    /// The ACPI MADT.
+    Madt,
+    /// The Intel MultiProcessor Specification table.
+    MpTable,
+    /// Neither table was found: the BSP alone is assumed.
+    None,
+}
+
+impl CpuSource {
+    /// The name used in the report (`LKS cpus=<n> source=<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuSource::Madt => "madt",
+            CpuSource::MpTable => "mptable",
+            CpuSource::None => "none",
+        }
+    }
+}
+
+/// How an ISA IRQ is wired to the IOAPIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IsaRoute {
+    /// IOAPIC input (global system interrupt).
+    pub gsi: u32,
+    /// Level-triggered (ISA default: edge).
+    pub level: bool,
+    /// Active low (ISA default: active high).
+    pub active_low: bool,
+}
+
+impl IsaRoute {
+    /// The ISA default: the same pin, edge-triggered, active high.
+    pub fn identity(irq: u8) -> Self {
+        IsaRoute {
+            gsi: u32::from(irq),
+            level: false,
+            active_low: false,
+        }
+    }
+
+    /// Applies MPS INTI flags (polarity in bits 0-1, trigger in bits 2-3; 0 = bus default).
+    pub fn with_inti_flags(mut self, flags: u16) -> Self {
+        match flags & 3 {
+            1 => self.active_low = false,
+            3 => self.active_low = true,
+            _ => {}
+        }
+        match (flags >> 2) & 3 {
+            1 => self.level = false,
+            3 => self.level = true,
+            _ => {}
+        }
+        self
+    }
+}
+
+/// The machine as the firmware tables describe it.
+#[derive(Clone, Copy, Debug)]
+pub struct Platform {
+    apic_ids: [u32; MAX_CPUS],
+    cpus: usize,
+    /// Which table described the CPUs.
+    pub source: CpuSource,
+    /// The IOAPIC's MMIO base, if there is one.
+    pub ioapic: Option<u64>,
+    /// How COM1's IRQ 4 reaches the IOAPIC.
+    pub serial_route: IsaRoute,
+}
+
+/// ISA IRQ of COM1.
+pub const SERIAL_ISA_IRQ: u8 = 4;
+
+impl Platform {
+    /// An empty description for a table parser to fill.
+    pub fn new(source: CpuSource) -> Self {
+        Platform {
+            apic_ids: [0; MAX_CPUS],
+            cpus: 0,
+            source,
+            ioapic: None,
+            serial_route: IsaRoute::identity(SERIAL_ISA_IRQ),
+        }
+    }
+
+    /// Finds the tables and reads them: MADT if an RSDP is found, else the MP table, else BSP only.
+    pub fn discover(boot: &BootInfo) -> Self {
+        if let Some(platform) = acpi::find_rsdp(boot.rsdp_hint).and_then(acpi::read_madt) {
+            return platform;
+        }
+        if let Some(platform) = mptable::find().and_then(mptable::read) {
+            return platform;
+        }
+        let mut platform = Platform::new(CpuSource::None);
+        platform.add_cpu(crate::apic::local_apic_id());
+        platform
+    }
+
+    /// Records an enabled CPU. CPUs past [`MAX_CPUS`] are counted but not started.
+    pub fn add_cpu(&mut self, apic_id: u32) {
+        if self.cpus < MAX_CPUS {
+            self.apic_ids[self.cpus] = apic_id;
+        }
+        self.cpus += 1;
+    }
+
+    /// Number of enabled CPUs the table lists.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus
+    }
+
+    /// Local APIC IDs of the CPUs that can be started (at most [`MAX_CPUS`]).
+    pub fn apic_ids(&self) -> &[u32] {
+        &self.apic_ids[..self.cpus.min(MAX_CPUS)]
+    }
+}
