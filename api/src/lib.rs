@@ -5,7 +5,8 @@ pub mod config;
 mod error;
 
 pub use config::{
-    BootProtocol, BootSource, HostLimits, HugePages, MachineConfig, SerialConfig, VmConfig,
-    MAX_CMDLINE_LEN, MAX_VCPUS, MIN_MEM_MIB,
+    BootProtocol, BootSource, CacheType, DriveConfig, EntropyConfig, HostLimits, HugePages,
+    IoEngine, MachineConfig, SerialConfig, VmConfig, MAX_CMDLINE_LEN, MAX_VCPUS,
+    MAX_VIRTIO_DEVICES, MIN_MEM_MIB,
 };
 pub use error::ConfigError;

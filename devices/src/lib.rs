@@ -5,5 +5,10 @@
 pub mod bus;
 pub mod legacy;
 mod trigger;
+pub mod virtio;
 
 pub use trigger::EventFdTrigger;
+
+/// Guest memory as devices see it: vm-memory mappings with the atomic dirty bitmap, so that
+/// every byte a device writes into the guest is recorded for live migration.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

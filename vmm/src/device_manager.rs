@@ -4,15 +4,26 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use lockstep_devices::legacy::{
     SerialDevice, COM1_IRQ, COM1_PORT, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT_LEN,
 };
+use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
+use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
+use lockstep_devices::virtio::rng::{Rng, RngMetrics};
+use lockstep_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use lockstep_devices::EventFdTrigger;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoBuses;
+use crate::x86_64::layout::{IOAPIC_PINS, VIRTIO_MMIO_START};
+
+/// The first IOAPIC pin given to virtio devices: 0-4 are the ISA timer, keyboard, cascade and
+/// serial lines.
+const FIRST_VIRTIO_IRQ: u32 = 5;
 
 /// Why a device could not be added.
 #[derive(Debug, Error)]
@@ -21,7 +32,7 @@ pub enum DeviceError {
     #[error("cannot create an eventfd for {what}: {source}")]
     EventFd {
         /// The device.
-        what: &'static str,
+        what: String,
         /// What the OS said.
         #[source]
         source: std::io::Error,
@@ -30,7 +41,7 @@ pub enum DeviceError {
     #[error("cannot connect {what} to IRQ {irq}: {source}")]
     Irqfd {
         /// The device.
-        what: &'static str,
+        what: String,
         /// The interrupt line.
         irq: u32,
         /// What KVM said.
@@ -41,63 +52,118 @@ pub enum DeviceError {
     #[error("cannot place {what} on its bus: {source}")]
     Bus {
         /// The device.
-        what: &'static str,
+        what: String,
         /// The conflict.
         #[source]
         source: lockstep_devices::bus::BusError,
     },
+    /// Every virtio slot (MMIO window and IOAPIC pin) is taken.
+    #[error("no room for {0}: every virtio interrupt line is in use")]
+    NoSlot(String),
+    /// A device's backend (its file, its tap) could not be opened.
+    #[error("{field}: {message}")]
+    Backend {
+        /// The config field at fault, e.g. `drives[0].path_on_host`.
+        field: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
-fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
+fn eventfd(what: &str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+        what: what.to_string(),
+        source,
+    })
 }
+
+/// Queue doorbells as KVM ioeventfds on the VM.
+struct KvmNotifier(Arc<VmFd>);
+
+impl QueueNotifier for KvmNotifier {
+    fn register(&self, evt: &EventFd, addr: u64, queue: u32) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), queue)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister(&self, evt: &EventFd, addr: u64, queue: u32) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), queue)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// Where a virtio device sits: its MMIO window and interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base of the 4 KiB window.
+    pub base: u64,
+    /// IOAPIC pin.
+    pub irq: u32,
+}
+
+impl VirtioSlot {
+    /// The kernel command-line entry that announces the device (as QEMU's microvm does).
+    pub fn cmdline_entry(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
+    }
+}
+
+/// A virtio device attached to the VM, typed for its counters and saved state.
+pub enum AttachedDevice {
+    /// A drive.
+    Block {
+        /// The drive's id.
+        id: String,
+        /// The device.
+        device: Arc<Mutex<Block>>,
+        /// Its counters.
+        metrics: Arc<BlockMetrics>,
+    },
+    /// The entropy device.
+    Rng {
+        /// The device.
+        device: Arc<Mutex<Rng>>,
+        /// Its counters.
+        metrics: Arc<RngMetrics>,
+    },
+}
+
+/// A virtio device with its transport and slot.
+pub struct VirtioEntry {
+    /// Where it sits.
+    pub slot: VirtioSlot,
+    /// Its transport (registers).
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The device itself.
+    pub device: AttachedDevice,
+}
+
+/// A device just placed on the bus: itself, its slot and its transport.
+type Attached<D> = (Arc<Mutex<D>>, VirtioSlot, Arc<Mutex<MmioTransport>>);
 
 /// The VM's devices and the buses that reach them.
 pub struct DeviceManager {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
     buses: IoBuses,
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
     serial_rx_ready: EventFd,
     reset_evt: EventFd,
+    virtio: Vec<VirtioEntry>,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
 impl DeviceManager {
-    /// Creates COM1 (writing to `serial_out`, interrupting on IRQ 4) and the i8042 reset line.
-    pub fn new(vm: &VmFd, serial_out: Box<dyn Write + Send>) -> Result<Self, DeviceError> {
+    /// The buses with the i8042 reset line on them.
+    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self, DeviceError> {
         let mut buses = IoBuses::default();
-
-        let serial_irq = eventfd("the serial port")?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|source| DeviceError::Irqfd {
-                what: "the serial port",
-                irq: COM1_IRQ,
-                source,
-            })?;
-        let serial_rx_ready = eventfd("the serial port")?;
-        let rx_ready_clone =
-            serial_rx_ready
-                .try_clone()
-                .map_err(|source| DeviceError::EventFd {
-                    what: "the serial port",
-                    source,
-                })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger::new(serial_irq),
-            rx_ready_clone,
-            serial_out,
-        )));
-        buses
-            .pio
-            .insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)
-            .map_err(|source| DeviceError::Bus {
-                what: "COM1",
-                source,
-            })?;
-
         let reset_evt = eventfd("the i8042")?;
         let reset_trigger = reset_evt
             .try_clone()
             .map_err(|source| DeviceError::EventFd {
-                what: "the i8042",
+                what: "the i8042".into(),
                 source,
             })?;
         let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_trigger))));
@@ -105,16 +171,157 @@ impl DeviceManager {
             .pio
             .insert(i8042, I8042_PORT, I8042_PORT_LEN)
             .map_err(|source| DeviceError::Bus {
-                what: "the i8042",
+                what: "the i8042".into(),
                 source,
             })?;
-
         Ok(DeviceManager {
+            vm,
+            mem,
             buses,
-            serial,
-            serial_rx_ready,
+            serial: None,
+            serial_rx_ready: eventfd("the serial port")?,
             reset_evt,
+            virtio: Vec::new(),
+            subscribers: Vec::new(),
         })
+    }
+
+    /// Adds COM1, writing to `out` and interrupting on IRQ 4.
+    pub fn add_serial(&mut self, out: Box<dyn Write + Send>) -> Result<(), DeviceError> {
+        let what = "the serial port";
+        let irq = eventfd(what)?;
+        self.vm
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(|source| DeviceError::Irqfd {
+                what: what.into(),
+                irq: COM1_IRQ,
+                source,
+            })?;
+        let rx_ready = self
+            .serial_rx_ready
+            .try_clone()
+            .map_err(|source| DeviceError::EventFd {
+                what: what.into(),
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(irq),
+            rx_ready,
+            out,
+        )));
+        self.buses
+            .pio
+            .insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)
+            .map_err(|source| DeviceError::Bus {
+                what: "COM1".into(),
+                source,
+            })?;
+        self.serial = Some(serial);
+        Ok(())
+    }
+
+    /// Takes the next virtio slot, creates the device's interrupt (a KVM irqfd on the slot's
+    /// pin), builds the device with it, and puts its transport on the MMIO bus.
+    fn add_virtio<D, F>(
+        &mut self,
+        what: &str,
+        build: F,
+    ) -> Result<(Arc<Mutex<D>>, VirtioSlot, Arc<Mutex<MmioTransport>>), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+        F: FnOnce(Arc<VirtioInterrupt>) -> Result<D, DeviceError>,
+    {
+        let index = self.virtio.len() as u32;
+        let irq = FIRST_VIRTIO_IRQ + index;
+        if irq >= IOAPIC_PINS {
+            return Err(DeviceError::NoSlot(what.to_string()));
+        }
+        let slot = VirtioSlot {
+            base: VIRTIO_MMIO_START + u64::from(index) * MMIO_WINDOW_SIZE,
+            irq,
+        };
+        let evt = eventfd(what)?;
+        self.vm
+            .register_irqfd(&evt, irq)
+            .map_err(|source| DeviceError::Irqfd {
+                what: what.into(),
+                irq,
+                source,
+            })?;
+        let device = Arc::new(Mutex::new(build(Arc::new(VirtioInterrupt::new(evt)))?));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device.clone(),
+            self.mem.clone(),
+            Box::new(KvmNotifier(self.vm.clone())),
+            slot.base,
+        )));
+        self.buses
+            .mmio
+            .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)
+            .map_err(|source| DeviceError::Bus {
+                what: what.into(),
+                source,
+            })?;
+        self.subscribers.push(device.clone());
+        Ok((device, slot, transport))
+    }
+
+    /// Adds a virtio-blk drive; `field` names its config entry for errors.
+    pub fn add_block(
+        &mut self,
+        config: &BlockConfig,
+        field: &str,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let what = format!("drive {}", config.drive_id);
+        let (device, slot, transport) = self.add_virtio(&what, |interrupt| {
+            Block::new(config, interrupt).map_err(|e| DeviceError::Backend {
+                field: format!("{field}.path_on_host"),
+                message: format!("cannot open {}: {e}", config.path.display()),
+            })
+        })?;
+        let metrics = device.lock().unwrap_or_else(|p| p.into_inner()).metrics();
+        self.virtio.push(VirtioEntry {
+            slot,
+            transport,
+            device: AttachedDevice::Block {
+                id: config.drive_id.clone(),
+                device,
+                metrics,
+            },
+        });
+        Ok(slot)
+    }
+
+    /// Adds the virtio-rng entropy device.
+    pub fn add_rng(&mut self) -> Result<VirtioSlot, DeviceError> {
+        let (device, slot, transport) = self.add_virtio("the entropy device", |interrupt| {
+            Rng::new(interrupt).map_err(|source| DeviceError::EventFd {
+                what: "the entropy device".into(),
+                source,
+            })
+        })?;
+        let metrics = device.lock().unwrap_or_else(|p| p.into_inner()).metrics();
+        self.virtio.push(VirtioEntry {
+            slot,
+            transport,
+            device: AttachedDevice::Rng { device, metrics },
+        });
+        Ok(slot)
+    }
+
+    /// The virtio devices, in slot order.
+    pub fn virtio_devices(&self) -> &[VirtioEntry] {
+        &self.virtio
+    }
+
+    /// The command-line entries announcing every virtio device.
+    pub fn cmdline_entries(&self) -> Vec<String> {
+        self.virtio.iter().map(|e| e.slot.cmdline_entry()).collect()
+    }
+
+    /// Devices that work on the VM's event loop.
+    pub fn event_subscribers(&self) -> &[Arc<Mutex<dyn MutEventSubscriber + Send>>] {
+        &self.subscribers
     }
 
     /// The buses, for the vCPUs.
@@ -122,9 +329,9 @@ impl DeviceManager {
         &self.buses
     }
 
-    /// COM1.
-    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
-        &self.serial
+    /// COM1, once added.
+    pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
+        self.serial.as_ref()
     }
 
     /// Signalled when the guest drains COM1's receive FIFO.
@@ -135,5 +342,19 @@ impl DeviceManager {
     /// Signalled when the guest pulses the i8042 reset line.
     pub fn reset_evt(&self) -> &EventFd {
         &self.reset_evt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_announce_themselves_like_microvm() {
+        let slot = VirtioSlot {
+            base: 0xd000_1000,
+            irq: 6,
+        };
+        assert_eq!(slot.cmdline_entry(), "virtio_mmio.device=4K@0xd0001000:6");
     }
 }

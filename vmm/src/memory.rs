@@ -10,8 +10,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegion
 
 use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// The guest's RAM as the VMM sees it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// The guest's RAM as the VMM and the devices see it.
+pub use lockstep_devices::GuestMemoryMmap;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, Error)]

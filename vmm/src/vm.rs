@@ -9,6 +9,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::VmFd;
 use lockstep_api::{ConfigError, VmConfig};
 use lockstep_devices::legacy::SerialInput;
+use lockstep_devices::virtio::block::{BlockConfig, CacheType};
 use thiserror::Error;
 
 use crate::boot::{self, BootError};
@@ -118,9 +119,9 @@ pub struct Vm {
     name: String,
     // Declared before `memory` so KVM lets go of the memory slots before they are unmapped.
     vcpus: Vec<Vcpu>,
-    vm_fd: VmFd,
-    memory: GuestMemoryMmap,
     devices: DeviceManager,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
     entry: BootEntry,
     exit: Arc<ExitSignal>,
 }
@@ -152,6 +153,7 @@ impl Vm {
         let memory = memory::create_guest_memory(mem_bytes, huge)?;
         memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
 
+        let vm_fd = Arc::new(vm_fd);
         let source = &config.boot_source;
         let kernel = boot::load_kernel(&memory, &source.kernel_image_path, source.boot_protocol)?;
         let initrd = source
@@ -159,7 +161,12 @@ impl Vm {
             .as_deref()
             .map(|p| boot::load_initrd(&memory, p, &kernel))
             .transpose()?;
-        let cmdline_len = boot::write_cmdline(&memory, source.boot_args.as_deref(), &[])?;
+
+        let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+        let mut cmdline_extra = attach_virtio_devices(&mut devices, config)?;
+        cmdline_extra.extend(devices.cmdline_entries());
+        let cmdline_len =
+            boot::write_cmdline(&memory, source.boot_args.as_deref(), &cmdline_extra)?;
         let e820 = boot_info::e820_map(mem_bytes);
         match kernel.entry {
             BootEntry::Linux64(_) => {
@@ -171,6 +178,7 @@ impl Vm {
         let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
         write_mptable(&memory, &topology, machine.vcpu_count)?;
 
+        // Last, once every check has passed: the serial output file.
         let out_path = config.serial.output_path.as_deref();
         let serial_out =
             console::open_output(out_path).map_err(|source| VmError::SerialOutput {
@@ -179,7 +187,7 @@ impl Vm {
                     .unwrap_or_else(|| "stdout".into()),
                 source,
             })?;
-        let devices = DeviceManager::new(&vm_fd, serial_out)?;
+        devices.add_serial(serial_out)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -244,7 +252,7 @@ impl Vm {
     }
 
     /// The KVM VM.
-    pub fn vm_fd(&self) -> &VmFd {
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
     }
 
@@ -269,14 +277,16 @@ impl Vm {
             reset_evt,
             signals,
         ))));
-        if let Some(input) = input {
+        for subscriber in self.devices.event_subscribers() {
+            events.add_subscriber(subscriber.clone());
+        }
+        if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
             let rx_ready = self
                 .devices
                 .serial_rx_ready()
                 .try_clone()
                 .map_err(|e| VmError::EventLoop(e.to_string()))?;
-            let serial_input =
-                SerialInput::new(BoxedInput(input), self.devices.serial().clone(), rx_ready);
+            let serial_input = SerialInput::new(BoxedInput(input), serial.clone(), rx_ready);
             events.add_subscriber(Arc::new(Mutex::new(serial_input)));
         }
 
@@ -303,4 +313,40 @@ impl Vm {
         log::info!("{}: stopped: {reason:?}", self.name);
         Ok(reason)
     }
+}
+
+/// Adds the config's drives (the root device first, so it is /dev/vda) and entropy device;
+/// returns the command-line parameters they need (`root=...`).
+fn attach_virtio_devices(
+    devices: &mut DeviceManager,
+    config: &VmConfig,
+) -> Result<Vec<String>, VmError> {
+    let mut params = Vec::new();
+    let mut order: Vec<usize> = (0..config.drives.len()).collect();
+    order.sort_by_key(|&i| !config.drives[i].is_root_device);
+    for i in order {
+        let drive = &config.drives[i];
+        let block = BlockConfig {
+            drive_id: drive.drive_id.clone(),
+            path: drive.path_on_host.clone(),
+            read_only: drive.is_read_only,
+            cache: match drive.cache_type {
+                lockstep_api::CacheType::Unsafe => CacheType::Unsafe,
+                lockstep_api::CacheType::Writeback => CacheType::Writeback,
+            },
+        };
+        devices.add_block(&block, &format!("drives[{i}]"))?;
+        if drive.is_root_device {
+            let root = match &drive.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            params.push(root);
+            params.push(if drive.is_read_only { "ro" } else { "rw" }.to_string());
+        }
+    }
+    if config.entropy.is_some() {
+        devices.add_rng()?;
+    }
+    Ok(params)
 }

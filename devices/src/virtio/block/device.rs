@@ -1,0 +1,248 @@
+//! The virtio-blk device: configuration space, features, saved state, and the queue loop.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::disk::{CacheType, Disk};
+use super::request::{Request, ID_BYTES, VIRTIO_BLK_S_OK};
+use crate::virtio::device::read_config_bytes;
+use crate::virtio::{
+    types, ActivateError, DeviceBase, DeviceBaseState, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::GuestMemoryMmap;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const QUEUE_SIZE: u16 = 256;
+/// Data segments per request the driver may use (the chain also holds header and status).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+
+/// How a drive is set up (from the `drives` config section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The drive's id; also what GET_ID returns (first 20 bytes).
+    pub drive_id: String,
+    /// The host file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Flush behaviour.
+    pub cache: CacheType,
+}
+
+/// Counters of one drive.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Read requests completed.
+    pub reads: AtomicU64,
+    /// Write requests completed.
+    pub writes: AtomicU64,
+    /// Flush requests completed.
+    pub flushes: AtomicU64,
+    /// Bytes read from the image.
+    pub bytes_read: AtomicU64,
+    /// Bytes written to the image.
+    pub bytes_written: AtomicU64,
+    /// Requests answered with an error status.
+    pub errors: AtomicU64,
+    /// Chains too malformed to answer.
+    pub dropped: AtomicU64,
+}
+
+/// Everything the guest can observe of a drive, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Features and queues.
+    pub base: DeviceBaseState,
+    /// The drive's id.
+    pub drive_id: String,
+    /// Capacity the guest saw, in sectors.
+    pub sectors: u64,
+    /// Whether the guest saw a read-only drive.
+    pub read_only: bool,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    base: DeviceBase,
+    disk: Disk,
+    drive_id: String,
+    id: [u8; ID_BYTES],
+    config_space: Vec<u8>,
+    metrics: Arc<BlockMetrics>,
+}
+
+impl Block {
+    /// Opens the drive's file and builds the device.
+    pub fn new(config: &BlockConfig, interrupt: Arc<VirtioInterrupt>) -> std::io::Result<Block> {
+        let disk = Disk::open(&config.path, config.read_only, config.cache)?;
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_BLK_F_SEG_MAX;
+        if config.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        if config.cache == CacheType::Writeback {
+            features |= VIRTIO_BLK_F_FLUSH;
+        }
+        let mut id = [0u8; ID_BYTES];
+        let n = config.drive_id.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&config.drive_id.as_bytes()[..n]);
+        // virtio_blk_config: capacity, size_max, seg_max.
+        let mut config_space = Vec::with_capacity(16);
+        config_space.extend_from_slice(&disk.sectors().to_le_bytes());
+        config_space.extend_from_slice(&0u32.to_le_bytes());
+        config_space.extend_from_slice(&SEG_MAX.to_le_bytes());
+        Ok(Block {
+            base: DeviceBase::new(features, &[QUEUE_SIZE], interrupt)?,
+            disk,
+            drive_id: config.drive_id.clone(),
+            id,
+            config_space,
+            metrics: Arc::new(BlockMetrics::default()),
+        })
+    }
+
+    /// The drive's id.
+    pub fn drive_id(&self) -> &str {
+        &self.drive_id
+    }
+
+    /// The drive's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves every request the driver has made available, then interrupts once if needed.
+    pub fn process_queue(&mut self) {
+        let Some(mem) = self.base.running_memory() else {
+            return;
+        };
+        let sectors = self.disk.sectors();
+        let mut served = false;
+        loop {
+            let queue = &mut self.base.queues_mut()[0];
+            let _ = queue.disable_notification(&mem);
+            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let used_len = match Request::parse(chain, &mem, sectors) {
+                    Ok(req) => {
+                        let outcome = req.execute(&self.disk, &self.id, &mem);
+                        record(
+                            &self.metrics,
+                            &req,
+                            outcome.status,
+                            outcome.bytes_read,
+                            outcome.bytes_written,
+                        );
+                        outcome.used_len
+                    }
+                    Err(why) => {
+                        log::debug!("virtio-blk {}: dropped a request: {}", self.drive_id, why.0);
+                        self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                        0
+                    }
+                };
+                if let Err(e) = queue.add_used(&mem, head, used_len) {
+                    log::warn!(
+                        "virtio-blk {}: cannot return descriptor {head}: {e}",
+                        self.drive_id
+                    );
+                }
+                served = true;
+            }
+            match queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.base
+                        .mark_broken(&format!("virtio-blk {}: {e}", self.drive_id));
+                    break;
+                }
+            }
+        }
+        if let Err(virtio_queue::Error::InvalidAvailRingIndex) =
+            self.base.queues_mut()[0].iter(&mem).map(|_| ())
+        {
+            self.base.mark_broken(&format!(
+                "virtio-blk {}: the available ring index jumped past the queue size",
+                self.drive_id
+            ));
+        }
+        if served {
+            self.base.notify_used(0);
+        }
+    }
+
+    /// The drive's guest-visible state.
+    pub fn save_state(&self) -> BlockState {
+        BlockState {
+            base: self.base.save(),
+            drive_id: self.drive_id.clone(),
+            sectors: self.disk.sectors(),
+            read_only: self.disk.read_only(),
+        }
+    }
+
+    /// Restores a saved drive; the image must still have the size the guest saw.
+    pub fn restore_state(
+        &mut self,
+        state: &BlockState,
+        mem: GuestMemoryMmap,
+    ) -> Result<(), ActivateError> {
+        if state.sectors != self.disk.sectors() || state.read_only != self.disk.read_only() {
+            return Err(ActivateError::BadState(format!(
+                "drive {}: saved with {} sectors{}, the image now has {}{}",
+                state.drive_id,
+                state.sectors,
+                if state.read_only { " read-only" } else { "" },
+                self.disk.sectors(),
+                if self.disk.read_only() {
+                    " read-only"
+                } else {
+                    ""
+                },
+            )));
+        }
+        self.base.restore(&state.base, mem)
+    }
+}
+
+fn record(m: &BlockMetrics, req: &Request, status: u8, bytes_read: u64, bytes_written: u64) {
+    use super::request::RequestKind;
+    if status != VIRTIO_BLK_S_OK {
+        m.errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let counter = match req.kind {
+        RequestKind::In => &m.reads,
+        RequestKind::Out => &m.writes,
+        RequestKind::Flush => &m.flushes,
+        _ => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    m.bytes_read.fetch_add(bytes_read, Ordering::Relaxed);
+    m.bytes_written.fetch_add(bytes_written, Ordering::Relaxed);
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        types::BLOCK
+    }
+
+    fn base(&self) -> &DeviceBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut DeviceBase {
+        &mut self.base
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+}

@@ -1,0 +1,10 @@
+//! virtio-blk: a disk image as a guest block device.
+
+mod device;
+mod disk;
+mod event_handler;
+mod request;
+
+pub use device::{Block, BlockConfig, BlockMetrics, BlockState};
+pub use disk::{CacheType, SECTOR_SIZE};
+pub use request::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
