@@ -222,11 +222,7 @@ impl DeviceManager {
 
     /// Takes the next virtio slot, creates the device's interrupt (a KVM irqfd on the slot's
     /// pin), builds the device with it, and puts its transport on the MMIO bus.
-    fn add_virtio<D, F>(
-        &mut self,
-        what: &str,
-        build: F,
-    ) -> Result<(Arc<Mutex<D>>, VirtioSlot, Arc<Mutex<MmioTransport>>), DeviceError>
+    fn add_virtio<D, F>(&mut self, what: &str, build: F) -> Result<Attached<D>, DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
         F: FnOnce(Arc<VirtioInterrupt>) -> Result<D, DeviceError>,

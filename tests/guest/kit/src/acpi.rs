@@ -64,7 +64,7 @@ fn find_madt(rsdp: u64) -> Option<u64> {
         .find(|table| *table != 0 && signature(*table) == *b"APIC")
 }
 
-/// Reads the MADT: enabled local APICs and x2APICs, the first IOAPIC, the override for IRQ 4.
+/// Reads the MADT: enabled local APICs and x2APICs, the IOAPICs, the override for IRQ 4.
 pub fn read_madt(rsdp: u64) -> Option<Platform> {
     let madt = find_madt(rsdp)?;
     let length = u64::from(read_u32(madt + 4));
@@ -81,9 +81,7 @@ pub fn read_madt(rsdp: u64) -> Option<Platform> {
         match read_u8(entry) {
             0 if read_u32(entry + 4) & 1 != 0 => platform.add_cpu(u32::from(read_u8(entry + 3))),
             9 if read_u32(entry + 8) & 1 != 0 => platform.add_cpu(read_u32(entry + 4)),
-            1 if platform.ioapic.is_none() => {
-                platform.ioapic = Some(u64::from(read_u32(entry + 4)))
-            }
+            1 => platform.add_ioapic(u64::from(read_u32(entry + 4)), Some(read_u32(entry + 8))),
             2 if read_u8(entry + 3) == SERIAL_ISA_IRQ => {
                 platform.serial_route = IsaRoute {
                     gsi: read_u32(entry + 4),

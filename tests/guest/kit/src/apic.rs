@@ -13,16 +13,21 @@ const LAPIC_EOI: u64 = 0xb0;
 const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_ICR_LOW: u64 = 0x300;
 const LAPIC_ICR_HIGH: u64 = 0x310;
+const LAPIC_LVT_TIMER: u64 = 0x320;
 const LAPIC_LVT_LINT0: u64 = 0x350;
+const LAPIC_TIMER_INITIAL: u64 = 0x380;
+const LAPIC_TIMER_DIVIDE: u64 = 0x3e0;
 
 const SVR_ENABLE: u32 = 1 << 8;
 const LVT_MASKED: u32 = 1 << 16;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 const ICR_INIT_ASSERT: u32 = 0x0000_4500;
 const ICR_STARTUP: u32 = 0x0000_4600;
+const TIMER_DIVIDE_BY_16: u32 = 0x3;
 
 const IOAPIC_REGSEL: u64 = 0x00;
 const IOAPIC_WINDOW: u64 = 0x10;
+const IOAPIC_VERSION: u32 = 0x01;
 const IOAPIC_REDIRECTION: u32 = 0x10;
 const REDIRECTION_ACTIVE_LOW: u32 = 1 << 13;
 const REDIRECTION_LEVEL: u32 = 1 << 15;
@@ -40,6 +45,14 @@ pub fn enable_local_apic(spurious_vector: u8) {
         LAPIC_BASE + LAPIC_SVR,
         SVR_ENABLE | u32::from(spurious_vector),
     );
+}
+
+/// Arms this CPU's local APIC timer once: `vector` fires after `ticks` times 16 bus cycles (under
+/// KVM a bus cycle is 1 ns unless the VMM changed it). A wake-up for bounded waits in `hlt`.
+pub fn arm_oneshot_timer(vector: u8, ticks: u32) {
+    mmio_write32(LAPIC_BASE + LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
+    mmio_write32(LAPIC_BASE + LAPIC_LVT_TIMER, u32::from(vector));
+    mmio_write32(LAPIC_BASE + LAPIC_TIMER_INITIAL, ticks);
 }
 
 /// Signals end of interrupt to this CPU's local APIC.
@@ -91,9 +104,15 @@ impl IoApic {
         mmio_write32(self.base + IOAPIC_WINDOW, value);
     }
 
-    /// Routes an ISA interrupt to `vector` on the CPU with APIC ID `destination` (fixed delivery,
-    /// physical destination) and unmasks it.
-    pub fn route(&self, route: IsaRoute, vector: u8, destination: u32) {
+    /// Number of input pins (redirection entries), from the version register.
+    pub fn pins(&self) -> u32 {
+        mmio_write32(self.base + IOAPIC_REGSEL, IOAPIC_VERSION);
+        ((mmio_read32(self.base + IOAPIC_WINDOW) >> 16) & 0xff) + 1
+    }
+
+    /// Routes input `pin` to `vector` on the CPU with APIC ID `destination` (fixed delivery,
+    /// physical destination), with the trigger and polarity of `route`, and unmasks it.
+    pub fn route(&self, pin: u32, route: IsaRoute, vector: u8, destination: u32) {
         let mut low = u32::from(vector);
         if route.active_low {
             low |= REDIRECTION_ACTIVE_LOW;
@@ -101,7 +120,7 @@ impl IoApic {
         if route.level {
             low |= REDIRECTION_LEVEL;
         }
-        let register = IOAPIC_REDIRECTION + 2 * route.gsi;
+        let register = IOAPIC_REDIRECTION + 2 * pin;
         self.write(register + 1, destination << 24);
         self.write(register, low);
     }

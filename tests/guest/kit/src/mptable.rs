@@ -38,7 +38,7 @@ fn checksum_ok(addr: u64, len: u64) -> bool {
 }
 
 /// Reads the configuration table the floating pointer at `floating` points to: enabled processors,
-/// the first enabled IOAPIC and the routing of ISA IRQ 4. Default configurations (no table) are not
+/// the enabled IOAPICs and the routing of ISA IRQ 4. Default configurations (no table) are not
 /// supported: no VMM uses them.
 pub fn read(floating: u64) -> Option<Platform> {
     let table = u64::from(read_u32(floating + 4));
@@ -68,8 +68,8 @@ pub fn read(floating: u64) -> Option<Platform> {
                 8
             }
             2 => {
-                if read_u8(entry + 3) & 1 != 0 && platform.ioapic.is_none() {
-                    platform.ioapic = Some(u64::from(read_u32(entry + 4)));
+                if read_u8(entry + 3) & 1 != 0 {
+                    platform.add_ioapic(u64::from(read_u32(entry + 4)), None);
                 }
                 8
             }

@@ -39,6 +39,20 @@ pub fn mmio_write32(addr: u64, value: u32) {
     unsafe { ptr::write_volatile(addr as *mut u32, value) }
 }
 
+/// Reads a naturally aligned value with one volatile access: for memory shared with a device (virtio
+/// rings, request headers) and for device registers.
+pub fn load<T: Copy>(addr: u64) -> T {
+    // SAFETY: identity-mapped memory that no Rust reference covers (DMA areas from
+    // `crate::frames`, device registers); callers keep `addr` aligned for `T`.
+    unsafe { ptr::read_volatile(addr as *const T) }
+}
+
+/// Writes a naturally aligned value with one volatile access (see [`load`]).
+pub fn store<T: Copy>(addr: u64, value: T) {
+    // SAFETY: as for `load`: memory shared with a device or a device register, aligned for `T`.
+    unsafe { ptr::write_volatile(addr as *mut T, value) }
+}
+
 /// Copies bytes into physical memory that no Rust object owns (e.g. the AP trampoline page).
 pub fn write_bytes(addr: u64, bytes: &[u8]) {
     for (offset, byte) in bytes.iter().enumerate() {

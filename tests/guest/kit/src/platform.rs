@@ -64,15 +64,29 @@ impl IsaRoute {
     }
 }
 
+/// Most IOAPICs kept.
+pub const MAX_IOAPICS: usize = 4;
+
+/// One IOAPIC: where its registers are and which global system interrupts its pins carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoApicInfo {
+    /// MMIO base.
+    pub base: u64,
+    /// GSI of pin 0.
+    pub gsi_base: u32,
+    /// Number of pins.
+    pub pins: u32,
+}
+
 /// The machine as the firmware tables describe it.
 #[derive(Clone, Copy, Debug)]
 pub struct Platform {
     apic_ids: [u32; MAX_CPUS],
     cpus: usize,
+    ioapics: [IoApicInfo; MAX_IOAPICS],
+    ioapic_count: usize,
     /// Which table described the CPUs.
     pub source: CpuSource,
-    /// The IOAPIC's MMIO base, if there is one.
-    pub ioapic: Option<u64>,
     /// How COM1's IRQ 4 reaches the IOAPIC.
     pub serial_route: IsaRoute,
 }
@@ -86,8 +100,9 @@ impl Platform {
         Platform {
             apic_ids: [0; MAX_CPUS],
             cpus: 0,
+            ioapics: [IoApicInfo::default(); MAX_IOAPICS],
+            ioapic_count: 0,
             source,
-            ioapic: None,
             serial_route: IsaRoute::identity(SERIAL_ISA_IRQ),
         }
     }
@@ -111,6 +126,52 @@ impl Platform {
             self.apic_ids[self.cpus] = apic_id;
         }
         self.cpus += 1;
+    }
+
+    /// Records an IOAPIC. The MADT gives its first GSI; the MP table does not, and then its pins
+    /// follow the previous IOAPIC's, as Linux numbers them.
+    pub fn add_ioapic(&mut self, base: u64, gsi_base: Option<u32>) {
+        if self.ioapic_count == MAX_IOAPICS {
+            return;
+        }
+        let pins = crate::apic::IoApic::new(base).pins();
+        let gsi_base = gsi_base.unwrap_or_else(|| {
+            self.ioapics()
+                .iter()
+                .map(|i| i.gsi_base + i.pins)
+                .max()
+                .unwrap_or(0)
+        });
+        self.ioapics[self.ioapic_count] = IoApicInfo {
+            base,
+            gsi_base,
+            pins,
+        };
+        self.ioapic_count += 1;
+    }
+
+    /// The IOAPICs, in table order.
+    pub fn ioapics(&self) -> &[IoApicInfo] {
+        &self.ioapics[..self.ioapic_count]
+    }
+
+    /// Routes global system interrupt `route.gsi` to `vector` on the CPU with APIC ID
+    /// `destination`, through whichever IOAPIC carries it; false if none does.
+    pub fn route(&self, route: IsaRoute, vector: u8, destination: u32) -> bool {
+        let Some(ioapic) = self
+            .ioapics()
+            .iter()
+            .find(|i| (i.gsi_base..i.gsi_base + i.pins).contains(&route.gsi))
+        else {
+            return false;
+        };
+        crate::apic::IoApic::new(ioapic.base).route(
+            route.gsi - ioapic.gsi_base,
+            route,
+            vector,
+            destination,
+        );
+        true
     }
 
     /// Number of enabled CPUs the table lists.

@@ -39,18 +39,14 @@ pub(crate) extern "C" fn bsp_main(kind: u32, info: u64) -> ! {
 
     apic::mask_legacy_pics();
     apic::enable_local_apic(cpu::SPURIOUS_VECTOR);
-    let serial_irq = match platform.ioapic {
-        Some(base) => {
-            apic::IoApic::new(base).route(
-                platform.serial_route,
-                SERIAL_VECTOR,
-                apic::local_apic_id(),
-            );
-            serial::COM1.enable_rx_interrupt();
-            true
-        }
-        None => false,
-    };
+    let serial_irq = platform.route(
+        platform.serial_route,
+        SERIAL_VECTOR,
+        apic::local_apic_id(),
+    );
+    if serial_irq {
+        serial::COM1.enable_rx_interrupt();
+    }
 
     let system = System {
         boot,

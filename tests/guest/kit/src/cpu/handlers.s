@@ -90,11 +90,16 @@ lks_service_entry:
     je 4f
     mov $-1, %rax
     iretq
-1:  /* Wait for an interrupt: the STI shadow makes a pending one wake the HLT. */
+1:  /*
+     * Wait for an interrupt, unless one was recorded since CPL3 last took the pending mask (a host
+     * may deliver interrupts at CPL3 too). The STI shadow makes a pending one wake the HLT.
+     */
+    cmpl $0, {irq_pending}(%rip)
+    jne 9f
     sti
     hlt
     cli
-    iretq
+9:  iretq
 2:  /* Halt for ever, still taking interrupts. */
     sti
 3:  hlt

@@ -185,7 +185,9 @@ fn service(number: u32) {
     unsafe { asm!("int3", inout("eax") number => _, options(nostack)) };
 }
 
-/// Sleeps in CPL0 (`sti; hlt`) until an interrupt arrives; it has been handled on return.
+/// Sleeps in CPL0 (`sti; hlt`) until an interrupt arrives; it has been handled on return. Returns at
+/// once if a device interrupt was recorded since the last [`take_pending_irqs`], so the pattern
+/// "take pending, check for work, wait" never sleeps through an interrupt.
 pub fn wait_for_interrupt() {
     service(SVC_WAIT);
 }
