@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices;
+use crate::devices::{DriveConfig, EntropyConfig, NetConfig, VsockConfig};
 use crate::error::ConfigError;
 
 /// The most vCPUs a lockstep VM may have (the MP table and topology are laid out for this many).
@@ -34,6 +36,16 @@ pub struct VmConfig {
     /// Block devices (virtio-blk).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
+    /// Network cards (virtio-net on host tap devices).
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetConfig>,
+    /// A socket device (virtio-vsock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// An entropy device (virtio-rng).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
@@ -127,61 +139,6 @@ pub enum HugePages {
     Hugetlbfs2M,
 }
 
-/// One entry of Firecracker's `drives` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriveConfig {
-    /// Unique id of the drive; the guest reads it back as the disk's serial (GET_ID).
-    pub drive_id: String,
-    /// The disk image on the host.
-    pub path_on_host: PathBuf,
-    /// Make this the guest's root device (`root=/dev/vda`, or `root=PARTUUID=...`).
-    pub is_root_device: bool,
-    /// Refuse guest writes.
-    #[serde(default)]
-    pub is_read_only: bool,
-    /// Root partition's UUID, for `root=PARTUUID=...`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partuuid: Option<String>,
-    /// `Unsafe` (flushes are no-ops) or `Writeback` (flushes reach the disk).
-    #[serde(default)]
-    pub cache_type: CacheType,
-    /// Firecracker's I/O engine choice; lockstep serves both with its own engine.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<IoEngine>,
-    /// Firecracker's rate limiter; not supported by lockstep (refused when present).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
-}
-
-/// Firecracker's `cache_type`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CacheType {
-    /// Flush requests are acknowledged without syncing.
-    #[default]
-    Unsafe,
-    /// Flush requests sync the image to its storage.
-    Writeback,
-}
-
-/// Firecracker's `io_engine`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum IoEngine {
-    /// Synchronous I/O.
-    Sync,
-    /// io_uring in Firecracker.
-    Async,
-}
-
-/// Firecracker's `entropy` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntropyConfig {
-    /// Firecracker's rate limiter; not supported by lockstep (refused when present).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
-}
-
 /// lockstep's `serial` section: where COM1 output goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,17 +192,7 @@ impl VmConfig {
         }
         self.machine_config.validate(host)?;
         self.boot_source.validate()?;
-        validate_drives(&self.drives)?;
-        if self
-            .entropy
-            .as_ref()
-            .is_some_and(|e| e.rate_limiter.is_some())
-        {
-            return Err(ConfigError::invalid(
-                "entropy.rate_limiter",
-                "rate limiting is not supported by lockstep".into(),
-            ));
-        }
+        devices::validate(self)?;
         if let Some(path) = &self.serial.output_path {
             validate_output_path("serial.output_path", path)?;
         }
@@ -334,83 +281,6 @@ impl BootSource {
     }
 }
 
-/// Most virtio devices a VM can have (one IOAPIC pin each, after the legacy ISA lines).
-pub const MAX_VIRTIO_DEVICES: usize = 18;
-
-fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
-    if drives.len() > MAX_VIRTIO_DEVICES {
-        return Err(ConfigError::invalid(
-            "drives",
-            format!(
-                "{} drives; a VM has room for at most {MAX_VIRTIO_DEVICES} virtio devices",
-                drives.len()
-            ),
-        ));
-    }
-    let mut roots = 0;
-    for (i, d) in drives.iter().enumerate() {
-        let field = |name: &str| format!("drives[{i}].{name}");
-        let id_ok = !d.drive_id.is_empty()
-            && d.drive_id.len() <= 64
-            && d.drive_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !id_ok {
-            return Err(ConfigError::invalid(
-                field("drive_id"),
-                format!(
-                    "{:?} is not a valid id: use 1 to 64 of A-Z a-z 0-9 _ -",
-                    d.drive_id
-                ),
-            ));
-        }
-        if drives[..i].iter().any(|o| o.drive_id == d.drive_id) {
-            return Err(ConfigError::invalid(
-                field("drive_id"),
-                format!("{:?} is used by another drive", d.drive_id),
-            ));
-        }
-        validate_input_file(&field("path_on_host"), &d.path_on_host)?;
-        if !d.is_read_only {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&d.path_on_host)
-                .map_err(|e| {
-                    ConfigError::invalid(
-                        field("path_on_host"),
-                        format!(
-                            "cannot open {} for writing: {e} (set is_read_only?)",
-                            d.path_on_host.display()
-                        ),
-                    )
-                })?;
-        }
-        if d.is_root_device {
-            roots += 1;
-            if roots > 1 {
-                return Err(ConfigError::invalid(
-                    field("is_root_device"),
-                    "a second root device; only one drive can be the root".into(),
-                ));
-            }
-        }
-        if d.partuuid.is_some() && !d.is_root_device {
-            return Err(ConfigError::invalid(
-                field("partuuid"),
-                "only the root device's partuuid is used; set is_root_device".into(),
-            ));
-        }
-        if d.rate_limiter.is_some() {
-            return Err(ConfigError::invalid(
-                field("rate_limiter"),
-                "rate limiting is not supported by lockstep".into(),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok_chars = name
         .chars()
@@ -426,7 +296,7 @@ fn validate_name(name: &str) -> Result<(), ConfigError> {
 
 /// A file the VM reads must exist, be a regular file and be readable by this process. The type
 /// is checked before opening so that a FIFO cannot block the check.
-fn validate_input_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn validate_input_file(field: &str, path: &Path) -> Result<(), ConfigError> {
     let meta = std::fs::metadata(path)
         .map_err(|e| ConfigError::invalid(field, format!("cannot open {}: {e}", path.display())))?;
     if !meta.is_file() {
@@ -462,19 +332,19 @@ fn validate_output_path(field: &'static str, path: &Path) -> Result<(), ConfigEr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
 
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
 
-    const HOST: HostLimits = HostLimits {
+    pub(crate) const HOST: HostLimits = HostLimits {
         mem_mib: 4096,
         max_vcpus: 255,
     };
 
-    fn kernel_file() -> TempFile {
+    pub(crate) fn kernel_file() -> TempFile {
         let f = TempFile::new().unwrap();
         f.as_file().write_all(b"\x7fELF").unwrap();
         f
@@ -645,80 +515,6 @@ mod tests {
         ))
         .unwrap();
         assert!(c.validate(&HOST).is_err());
-    }
-
-    #[test]
-    fn firecracker_drives_and_entropy_parse_and_validate() {
-        let k = kernel_file();
-        let disk = kernel_file();
-        let text = format!(
-            r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
-                "drives": [{{"drive_id": "rootfs", "path_on_host": "{d}", "is_root_device": true,
-                             "is_read_only": false, "cache_type": "Writeback", "io_engine": "Sync"}},
-                           {{"drive_id": "data", "path_on_host": "{d}", "is_root_device": false, "is_read_only": true}}],
-                "entropy": {{}}}}"#,
-            k = k.as_path().display(),
-            d = disk.as_path().display()
-        );
-        let c = VmConfig::from_json(&text).unwrap();
-        c.validate(&HOST).unwrap();
-        assert_eq!(c.drives[0].cache_type, CacheType::Writeback);
-        assert!(c.drives[1].is_read_only);
-        assert!(c.entropy.is_some());
-    }
-
-    #[test]
-    fn bad_drives_name_the_entry() {
-        let k = kernel_file();
-        let disk = kernel_file();
-        let base = |drives: &str| {
-            format!(
-                r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "drives": {drives}}}"#,
-                k.as_path().display()
-            )
-        };
-        let d = disk.as_path().display();
-        for (drives, needle) in [
-            (
-                format!(
-                    r#"[{{"drive_id": "a", "path_on_host": "{d}", "is_root_device": true}}, {{"drive_id": "a", "path_on_host": "{d}", "is_root_device": false}}]"#
-                ),
-                "drives[1].drive_id",
-            ),
-            (
-                format!(
-                    r#"[{{"drive_id": "a", "path_on_host": "{d}", "is_root_device": true}}, {{"drive_id": "b", "path_on_host": "{d}", "is_root_device": true}}]"#
-                ),
-                "drives[1].is_root_device",
-            ),
-            (
-                r#"[{"drive_id": "a", "path_on_host": "/no/disk", "is_root_device": false}]"#
-                    .to_string(),
-                "drives[0].path_on_host",
-            ),
-            (
-                format!(
-                    r#"[{{"drive_id": "a b", "path_on_host": "{d}", "is_root_device": false}}]"#
-                ),
-                "drives[0].drive_id",
-            ),
-            (
-                format!(
-                    r#"[{{"drive_id": "a", "path_on_host": "{d}", "is_root_device": false, "rate_limiter": {{}}}}]"#
-                ),
-                "drives[0].rate_limiter",
-            ),
-        ] {
-            let c = VmConfig::from_json(&base(&drives)).unwrap();
-            let err = c.validate(&HOST).unwrap_err().to_string();
-            assert!(err.starts_with(needle), "{needle}: {err}");
-        }
-        let missing = base(&format!(r#"[{{"drive_id": "a", "path_on_host": "{d}"}}]"#));
-        let err = VmConfig::from_json(&missing).unwrap_err().to_string();
-        assert!(
-            err.contains("drives[0]") && err.contains("is_root_device"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! The HTTP control API will live here too.
 
 pub mod config;
+pub mod devices;
 mod error;
 
 pub use config::{
-    BootProtocol, BootSource, CacheType, DriveConfig, EntropyConfig, HostLimits, HugePages,
-    IoEngine, MachineConfig, SerialConfig, VmConfig, MAX_CMDLINE_LEN, MAX_VCPUS,
-    MAX_VIRTIO_DEVICES, MIN_MEM_MIB,
+    BootProtocol, BootSource, HostLimits, HugePages, MachineConfig, SerialConfig, VmConfig,
+    MAX_CMDLINE_LEN, MAX_VCPUS, MIN_MEM_MIB,
+};
+pub use devices::{
+    parse_mac, CacheType, DriveConfig, EntropyConfig, IoEngine, NetConfig, VsockConfig,
+    MAX_VIRTIO_DEVICES,
 };
 pub use error::ConfigError;
