@@ -9,8 +9,10 @@ pub mod block;
 mod device;
 mod interrupt;
 pub mod mmio;
+pub mod net;
 mod queue_state;
 pub mod rng;
+pub mod vsock;
 
 pub use device::{ActivateError, DeviceBase, DeviceBaseState, VirtioDevice};
 pub use interrupt::{VirtioInterrupt, INTERRUPT_CONFIG, INTERRUPT_USED_RING};

@@ -246,3 +246,78 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_space, offset, data);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    fn block(read_only: bool) -> (TempFile, Block) {
+        let image = TempFile::new().unwrap();
+        image.as_file().write_all(&[0u8; 8192]).unwrap();
+        let config = BlockConfig {
+            drive_id: "disk0".into(),
+            path: image.as_path().to_owned(),
+            read_only,
+            cache: CacheType::Writeback,
+        };
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        (image, Block::new(&config, irq).unwrap())
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let (_i, b) = block(true);
+        let f = b.base().avail_features();
+        assert_ne!(f & VIRTIO_BLK_F_RO, 0);
+        assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        let mut capacity = [0u8; 8];
+        b.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 16);
+        let mut seg_max = [0u8; 4];
+        b.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+    }
+
+    #[test]
+    fn state_round_trips_and_checks_the_image() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (_i, mut b) = block(false);
+        {
+            let q = &mut b.base_mut().queues_mut()[0];
+            q.set_size(16);
+            q.set_desc_table_address(Some(0x1000), Some(0));
+            q.set_avail_ring_address(Some(0x2000), Some(0));
+            q.set_used_ring_address(Some(0x3000), Some(0));
+            q.set_ready(true);
+            q.set_next_avail(7);
+            q.set_next_used(5);
+        }
+        b.base_mut()
+            .set_acked_features(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX);
+        b.activate(mem.clone()).unwrap();
+        let saved = b.save_state();
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: BlockState = serde_json::from_str(&text).unwrap();
+
+        let (_i2, mut other) = block(false);
+        other.restore_state(&saved, mem.clone()).unwrap();
+        assert_eq!(other.save_state(), saved);
+        assert!(other.base().is_activated());
+        assert_eq!(other.base().queues()[0].next_avail(), 7);
+
+        let (_i3, mut read_only) = block(true);
+        assert!(
+            read_only.restore_state(&saved, mem).is_err(),
+            "a drive that became read-only"
+        );
+    }
+}

@@ -3,8 +3,8 @@
 mod device;
 mod disk;
 mod event_handler;
-mod request;
+pub mod request;
 
 pub use device::{Block, BlockConfig, BlockMetrics, BlockState};
-pub use disk::{CacheType, SECTOR_SIZE};
+pub use disk::{CacheType, Disk, SECTOR_SIZE};
 pub use request::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
