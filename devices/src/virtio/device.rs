@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::{VirtioInterrupt, INTERRUPT_USED_RING};
@@ -55,6 +55,7 @@ pub struct DeviceBase {
     mem: Option<GuestMemoryMmap>,
     broken: bool,
     watching_queues: bool,
+    warned: bool,
 }
 
 impl DeviceBase {
@@ -85,6 +86,7 @@ impl DeviceBase {
             mem: None,
             broken: false,
             watching_queues: false,
+            warned: false,
         })
     }
 
@@ -165,9 +167,20 @@ impl DeviceBase {
     /// Stops the device until the driver resets it, and tells the driver so.
     pub fn mark_broken(&mut self, why: &str) {
         if !self.broken {
-            log::warn!("virtio: device needs a reset: {why}");
+            self.log_guest_error(&format!("device needs a reset: {why}"));
             self.broken = true;
             self.interrupt.trigger(super::INTERRUPT_CONFIG);
+        }
+    }
+
+    /// Logs a problem the guest's driver caused: a warning the first time, debug after that,
+    /// so that a guest cannot flood the host's log.
+    pub fn log_guest_error(&mut self, message: &str) {
+        if self.warned {
+            log::debug!("virtio: {message}");
+        } else {
+            log::warn!("virtio: {message} (further driver errors of this device are logged at debug level)");
+            self.warned = true;
         }
     }
 
@@ -232,6 +245,52 @@ impl DeviceBase {
             let _ = evt.read();
         }
         self.interrupt.set_status(0);
+    }
+
+    /// Serves every chain available on `queue`: `handle` gets each chain and returns the number
+    /// of bytes it wrote into the guest, then the chain goes back on the used ring. One
+    /// interrupt follows the batch, if the driver wants it. An available index that runs ahead
+    /// of the queue size marks the device as needing a reset instead of being spun on. Returns
+    /// the number of chains served.
+    pub fn serve_queue<F>(&mut self, queue: usize, mut handle: F) -> usize
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32,
+    {
+        let Some(mem) = self.running_memory() else {
+            return 0;
+        };
+        let Some(q) = self.queues.get_mut(queue) else {
+            return 0;
+        };
+        let mut served = 0;
+        let broken = loop {
+            if let Err(e) = q.iter(&mem) {
+                break Some(e);
+            }
+            let _ = q.disable_notification(&mem);
+            while let Some(chain) = q.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let used_len = handle(chain, &mem);
+                if let Err(e) = q.add_used(&mem, head, used_len) {
+                    log::debug!("virtio: cannot return descriptor {head}: {e}");
+                }
+                served += 1;
+            }
+            match q.enable_notification(&mem) {
+                Ok(true) => {}
+                Ok(false) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        if let Some(e) = broken {
+            if !matches!(e, virtio_queue::Error::QueueNotReady) {
+                self.mark_broken(&format!("queue {queue}: {e}"));
+            }
+        }
+        if served > 0 {
+            self.notify_used(queue);
+        }
+        served
     }
 
     /// Raises the used-ring interrupt for `queue` unless the driver suppressed it.
@@ -347,6 +406,57 @@ mod tests {
         assert_eq!(d, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+
+    /// A device whose one queue lives in a mock ring (without EVENT_IDX, so every batch
+    /// interrupts).
+    fn base_on_mock_queue(
+        mem: &GuestMemoryMmap,
+    ) -> (
+        DeviceBase,
+        virtio_queue::mock::MockSplitQueue<'_, GuestMemoryMmap>,
+    ) {
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut b = DeviceBase::new(0, &[16], irq).unwrap();
+        let vq = virtio_queue::mock::MockSplitQueue::new(mem, 16);
+        b.queues_mut()[0] = vq.create_queue().unwrap();
+        b.activate(mem.clone()).unwrap();
+        (b, vq)
+    }
+
+    #[test]
+    fn serve_queue_returns_chains_and_interrupts_once() {
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let (mut b, vq) = base_on_mock_queue(&mem);
+        let descs: Vec<RawDescriptor> = (0..3)
+            .map(|i| RawDescriptor::from(Descriptor::new(0x10_000 + i * 0x100, 16, 2, 0)))
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let served = b.serve_queue(0, |_, _| 7);
+        assert_eq!(served, 3);
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(
+            b.interrupt().eventfd().read().unwrap(),
+            1,
+            "one interrupt for the batch"
+        );
+        assert!(!b.is_broken());
+    }
+
+    #[test]
+    fn runaway_avail_index_breaks_the_device_instead_of_spinning() {
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let (mut b, vq) = base_on_mock_queue(&mem);
+        vq.avail().idx().store(u16::to_le(500));
+        assert_eq!(b.serve_queue(0, |_, _| 0), 0);
+        assert!(b.is_broken());
+        assert_ne!(b.interrupt().status() & crate::virtio::INTERRUPT_CONFIG, 0);
+        assert!(b.running_memory().is_none(), "a broken device stops");
+        b.reset();
+        assert!(!b.is_broken());
     }
 
     #[test]

@@ -178,7 +178,8 @@ impl MmioTransport {
             let mem = self.mem.clone();
             let result = self.device().activate(mem);
             if let Err(e) = result {
-                log::warn!("virtio-mmio@{:#x}: activation failed: {e}", self.base);
+                let message = format!("virtio-mmio@{:#x}: activation failed: {e}", self.base);
+                self.device().base_mut().log_guest_error(&message);
                 self.set_notifiers(false);
                 self.needs_reset();
             }

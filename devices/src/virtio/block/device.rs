@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::disk::{CacheType, Disk};
 use super::request::{Request, ID_BYTES, VIRTIO_BLK_S_OK};
@@ -117,65 +116,29 @@ impl Block {
         self.metrics.clone()
     }
 
-    /// Serves every request the driver has made available, then interrupts once if needed.
+    /// Serves every request the driver has made available.
     pub fn process_queue(&mut self) {
-        let Some(mem) = self.base.running_memory() else {
-            return;
-        };
-        let sectors = self.disk.sectors();
-        let mut served = false;
-        loop {
-            let queue = &mut self.base.queues_mut()[0];
-            let _ = queue.disable_notification(&mem);
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let used_len = match Request::parse(chain, &mem, sectors) {
-                    Ok(req) => {
-                        let outcome = req.execute(&self.disk, &self.id, &mem);
-                        record(
-                            &self.metrics,
-                            &req,
-                            outcome.status,
-                            outcome.bytes_read,
-                            outcome.bytes_written,
-                        );
-                        outcome.used_len
-                    }
-                    Err(why) => {
-                        log::debug!("virtio-blk {}: dropped a request: {}", self.drive_id, why.0);
-                        self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
-                        0
-                    }
-                };
-                if let Err(e) = queue.add_used(&mem, head, used_len) {
-                    log::warn!(
-                        "virtio-blk {}: cannot return descriptor {head}: {e}",
-                        self.drive_id
+        let (disk, id, metrics, drive_id) = (&self.disk, &self.id, &self.metrics, &self.drive_id);
+        let sectors = disk.sectors();
+        self.base
+            .serve_queue(0, |chain, mem| match Request::parse(chain, mem, sectors) {
+                Ok(req) => {
+                    let outcome = req.execute(disk, id, mem);
+                    record(
+                        metrics,
+                        &req,
+                        outcome.status,
+                        outcome.bytes_read,
+                        outcome.bytes_written,
                     );
+                    outcome.used_len
                 }
-                served = true;
-            }
-            match queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.base
-                        .mark_broken(&format!("virtio-blk {}: {e}", self.drive_id));
-                    break;
+                Err(why) => {
+                    log::debug!("virtio-blk {drive_id}: dropped a request: {}", why.0);
+                    metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                    0
                 }
-            }
-        }
-        if let Err(virtio_queue::Error::InvalidAvailRingIndex) =
-            self.base.queues_mut()[0].iter(&mem).map(|_| ())
-        {
-            self.base.mark_broken(&format!(
-                "virtio-blk {}: the available ring index jumped past the queue size",
-                self.drive_id
-            ));
-        }
-        if served {
-            self.base.notify_used(0);
-        }
+            });
     }
 
     /// The drive's guest-visible state.
@@ -251,6 +214,7 @@ impl VirtioDevice for Block {
 mod tests {
     use std::io::Write;
 
+    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::tempfile::TempFile;

@@ -95,6 +95,7 @@ impl Disk {
         write_to_guest: bool,
     ) -> Result<Vec<libc::iovec>, DiskError> {
         bufs.iter()
+            .filter(|&&(_, len)| len > 0)
             .map(|&(addr, len)| {
                 let slice = mem
                     .get_slice(addr, len as usize)

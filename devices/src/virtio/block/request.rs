@@ -216,7 +216,14 @@ impl Request {
 }
 
 fn io_error(op: &str, sector: u64, e: &DiskError) -> u8 {
-    log::warn!("virtio-blk: {op} at sector {sector} failed: {e}");
+    match e {
+        // The host's storage failed: worth an operator's attention.
+        DiskError::Io(_) => log::warn!("virtio-blk: {op} at sector {sector} failed: {e}"),
+        // The guest's own doing; not logged above debug so a guest cannot flood the log.
+        DiskError::BadBuffer { .. } | DiskError::Short { .. } => {
+            log::debug!("virtio-blk: {op} at sector {sector} refused: {e}")
+        }
+    }
     VIRTIO_BLK_S_IOERR
 }
 

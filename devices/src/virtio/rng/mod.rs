@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use crate::virtio::{
@@ -63,46 +63,16 @@ impl Rng {
 
     /// Fills every buffer the driver offered.
     pub fn process_queue(&mut self) {
-        let Some(mem) = self.base.running_memory() else {
-            return;
-        };
-        let mut served = false;
-        loop {
-            let queue = &mut self.base.queues_mut()[0];
-            let _ = queue.disable_notification(&mem);
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let len = fill(chain, &mem).unwrap_or_else(|| {
-                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                    0
-                });
-                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .bytes
-                    .fetch_add(u64::from(len), Ordering::Relaxed);
-                if let Err(e) = queue.add_used(&mem, head, len) {
-                    log::warn!("virtio-rng: cannot return descriptor {head}: {e}");
-                }
-                served = true;
-            }
-            match queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.base.mark_broken(&format!("virtio-rng: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Err(virtio_queue::Error::InvalidAvailRingIndex) =
-            self.base.queues_mut()[0].iter(&mem).map(|_| ())
-        {
-            self.base
-                .mark_broken("virtio-rng: the available ring index jumped past the queue size");
-        }
-        if served {
-            self.base.notify_used(0);
-        }
+        let metrics = &self.metrics;
+        self.base.serve_queue(0, |chain, mem| {
+            let len = fill(chain, mem).unwrap_or_else(|| {
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+                0
+            });
+            metrics.requests.fetch_add(1, Ordering::Relaxed);
+            metrics.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+            len
+        });
     }
 
     /// The device's guest-visible state.

@@ -89,7 +89,7 @@ pub struct Header {
 
 impl Header {
     /// The header as it goes on the wire.
-    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
         b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
@@ -250,7 +250,10 @@ pub struct RxBuffer {
 impl RxBuffer {
     /// Checks `chain`'s writable buffers; a chain that cannot hold a header, or that points
     /// outside guest memory, is refused. Buffers past header + [`MAX_PAYLOAD`] are ignored.
-    pub fn new<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<RxBuffer, &'static str>
+    pub fn new<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<RxBuffer, &'static str>
     where
         M: Deref,
         M::Target: GuestMemory,

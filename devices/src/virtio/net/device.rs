@@ -1,0 +1,492 @@
+//! The virtio-net device: features, configuration space and offloads, and the receive and
+//! transmit loops that move frames between the tap and the queues.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::frame::{
+    buffers_available, check_tx_header, deliver_frame, next_chain, prepare_rx_header,
+    read_tx_frame, request_buffer_notification, Delivery, UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
+};
+use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use crate::virtio::device::read_config_bytes;
+use crate::virtio::{
+    types, ActivateError, DeviceBase, VirtioDevice, VirtioInterrupt, INTERRUPT_USED_RING,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::GuestMemoryMmap;
+
+/// The receive queue's index.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue's index.
+pub const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Frames (or chains) handled per event before the loop yields to the VM's other devices; the
+/// device then rings its own doorbell to carry on.
+const BUDGET: usize = 256;
+
+fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// Features every interface offers; VIRTIO_NET_F_MAC is added when the config sets a MAC.
+/// UDP fragmentation (UFO) and ECN are left out: current kernels produce neither, and the
+/// offer must not depend on the host, so a saved VM can resume elsewhere.
+const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_F_RING_EVENT_IDX
+    | (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_NET_F_STATUS);
+
+/// How an interface is set up (one entry of the `network-interfaces` config section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The interface's id, for logs, metrics and the API.
+    pub iface_id: String,
+    /// The host tap device.
+    pub host_dev_name: String,
+    /// The MAC the guest sees; without one the guest driver picks a random MAC.
+    pub guest_mac: Option<[u8; 6]>,
+}
+
+/// Why an interface could not be created.
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// The tap could not be opened or set up (the message names it).
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// The device's queues or eventfds could not be created.
+    #[error("network interface {iface_id}: cannot create its queues: {source}")]
+    Queues {
+        /// The interface.
+        iface_id: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one interface.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Bytes delivered to the guest (Ethernet frames, without the vnet header).
+    pub rx_bytes: AtomicU64,
+    /// Frames read from the tap that the guest could not take (too big, unaccepted offload,
+    /// or pending at a reset).
+    pub rx_drops: AtomicU64,
+    /// Failed tap reads.
+    pub rx_errors: AtomicU64,
+    /// Malformed receive chains returned to the guest empty.
+    pub rx_bad_buffers: AtomicU64,
+    /// Frames the guest sent to the tap.
+    pub tx_frames: AtomicU64,
+    /// Bytes the guest sent (Ethernet frames, without the vnet header).
+    pub tx_bytes: AtomicU64,
+    /// Malformed transmit chains returned to the guest unsent.
+    pub tx_drops: AtomicU64,
+    /// Frames the tap refused (the frame is lost, as on a wire).
+    pub tx_errors: AtomicU64,
+    /// Times the tap was full and transmission waited for it (nothing is lost).
+    pub tx_waits: AtomicU64,
+}
+
+fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Why the receive loop stopped.
+enum RxStop {
+    /// The tap has no more frames.
+    TapEmpty,
+    /// The guest has no room; its next buffer rings the doorbell.
+    NoBuffers,
+    /// The budget ran out with work left.
+    Budget,
+}
+
+/// Why the transmit loop stopped.
+enum TxStop {
+    /// The queue is empty.
+    Drained,
+    /// The tap is full; its EPOLLOUT resumes transmission.
+    TapFull,
+    /// The budget ran out with work left.
+    Budget,
+}
+
+/// A virtio-net device backed by a tap.
+pub struct Net {
+    pub(super) base: DeviceBase,
+    pub(super) tap: Tap,
+    iface_id: String,
+    pub(super) mac: Option<[u8; 6]>,
+    metrics: Arc<NetMetrics>,
+    /// The frame read from the tap and not yet delivered, in `rx_frame[..len]`.
+    pub(super) rx_pending: Option<usize>,
+    pub(super) rx_frame: Box<[u8]>,
+    tx_frame: Box<[u8]>,
+    /// The tap refused a frame with EAGAIN; it stays in the queue until the tap is writable.
+    pub(super) tx_blocked: bool,
+    /// What the event loop watches on the tap, once it does.
+    pub(super) tap_events: Option<event_manager::EventSet>,
+}
+
+impl Net {
+    /// Opens the tap and builds the device.
+    pub fn new(config: &NetConfig, interrupt: Arc<VirtioInterrupt>) -> Result<Net, NetError> {
+        let tap = Tap::open(&config.host_dev_name)?;
+        Net::with_tap(&config.iface_id, tap, config.guest_mac, interrupt)
+    }
+
+    /// Builds the device on an open tap.
+    pub(super) fn with_tap(
+        iface_id: &str,
+        tap: Tap,
+        mac: Option<[u8; 6]>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<Net, NetError> {
+        let mut features = OFFERED_FEATURES;
+        if mac.is_some() {
+            features |= feature(VIRTIO_NET_F_MAC);
+        }
+        let base =
+            DeviceBase::new(features, &[QUEUE_SIZE, QUEUE_SIZE], interrupt).map_err(|source| {
+                NetError::Queues {
+                    iface_id: iface_id.to_string(),
+                    source,
+                }
+            })?;
+        Ok(Net {
+            base,
+            tap,
+            iface_id: iface_id.to_string(),
+            mac,
+            metrics: Arc::new(NetMetrics::default()),
+            rx_pending: None,
+            rx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
+            tx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
+            tx_blocked: false,
+            tap_events: None,
+        })
+    }
+
+    /// The interface's id.
+    pub fn iface_id(&self) -> &str {
+        &self.iface_id
+    }
+
+    /// The interface's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The tap's offloads for what the driver can receive: checksum offload only with
+    /// GUEST_CSUM, segmentation only with GUEST_TSO4/6 on top of it.
+    pub(super) fn tap_offloads(acked: u64) -> u32 {
+        let has = |bit| acked & feature(bit) != 0;
+        if !has(VIRTIO_NET_F_GUEST_CSUM) {
+            return 0;
+        }
+        let mut flags = TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= TUN_F_TSO6;
+        }
+        flags
+    }
+
+    /// Sets the tap's offloads to what the driver negotiated.
+    pub(super) fn apply_offloads(&self) -> Result<(), ActivateError> {
+        let flags = Net::tap_offloads(self.base.acked_features());
+        self.tap.set_offload(flags).map_err(|e| {
+            ActivateError::Backend(format!("network interface {}: {e}", self.iface_id))
+        })
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers until the tap is empty or the
+    /// guest has no room. A frame that does not fit yet stays pending (the only one read
+    /// ahead); the tap is not read again until it is delivered, so the kernel keeps the rest.
+    pub fn process_rx(&mut self) {
+        let Some(mem) = self.base.running_memory() else {
+            return;
+        };
+        let mut batch = UsedBatch::default();
+        let stop = self.rx_loop(&mem, &mut batch);
+        let queue = &mut self.base.queues_mut()[RX_QUEUE];
+        let published = batch.finish(queue, &mem);
+        match (stop, published) {
+            (Ok(stop), Ok(notify)) => {
+                if notify {
+                    self.base.interrupt().trigger(INTERRUPT_USED_RING);
+                }
+                if let RxStop::Budget = stop {
+                    self.ring_own_doorbell(RX_QUEUE);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                let why = format!("virtio-net {}: receive queue: {e}", self.iface_id);
+                self.base.mark_broken(&why);
+            }
+        }
+    }
+
+    fn rx_loop(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        batch: &mut UsedBatch,
+    ) -> Result<RxStop, virtio_queue::Error> {
+        let acked = self.base.acked_features();
+        let mergeable = acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let queue = &mut self.base.queues_mut()[RX_QUEUE];
+        let mut bad_buffers = 0;
+        // While the guest has buffers the device does not need its notifications.
+        queue.disable_notification(mem)?;
+        let mut stop = RxStop::Budget;
+        for _ in 0..BUDGET {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => {
+                    // Read a frame only when there is somewhere to put it.
+                    if !buffers_available(queue, mem)? {
+                        if request_buffer_notification(queue, mem)? {
+                            queue.disable_notification(mem)?;
+                            continue;
+                        }
+                        stop = RxStop::NoBuffers;
+                        break;
+                    }
+                    match self.tap.read(&mut self.rx_frame) {
+                        Ok(len) => len,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            stop = RxStop::TapEmpty;
+                            break;
+                        }
+                        Err(e) => {
+                            if self.metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                                log::warn!(
+                                    "virtio-net {}: cannot read tap {}: {e}",
+                                    self.iface_id,
+                                    self.tap.name()
+                                );
+                            }
+                            stop = RxStop::TapEmpty;
+                            break;
+                        }
+                    }
+                }
+            };
+            if self.rx_pending.is_none() {
+                if let Err(why) = prepare_rx_header(&mut self.rx_frame[..len], acked) {
+                    log::debug!(
+                        "virtio-net {}: dropped a received frame: {why}",
+                        self.iface_id
+                    );
+                    count(&self.metrics.rx_drops, 1);
+                    continue;
+                }
+                self.rx_pending = Some(len);
+            }
+            let frame = &mut self.rx_frame[..len];
+            match deliver_frame(queue, mem, frame, mergeable, batch, &mut bad_buffers)? {
+                Delivery::Delivered(_) => {
+                    self.rx_pending = None;
+                    count(&self.metrics.rx_frames, 1);
+                    count(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                Delivery::NoBuffers => {
+                    if request_buffer_notification(queue, mem)? {
+                        queue.disable_notification(mem)?;
+                        continue;
+                    }
+                    stop = RxStop::NoBuffers;
+                    break;
+                }
+                Delivery::Dropped(why) => {
+                    log::debug!(
+                        "virtio-net {}: dropped a received frame: {why}",
+                        self.iface_id
+                    );
+                    self.rx_pending = None;
+                    count(&self.metrics.rx_drops, 1);
+                }
+            }
+        }
+        count(&self.metrics.rx_bad_buffers, bad_buffers);
+        Ok(stop)
+    }
+
+    /// Sends every frame the guest queued to the tap. When the tap is full the frame stays in
+    /// the queue (not consumed) and transmission resumes, in order, when the tap is writable.
+    pub fn process_tx(&mut self) {
+        if self.tx_blocked {
+            return;
+        }
+        let Some(mem) = self.base.running_memory() else {
+            return;
+        };
+        let mut batch = UsedBatch::default();
+        let stop = self.tx_loop(&mem, &mut batch);
+        let queue = &mut self.base.queues_mut()[TX_QUEUE];
+        let published = batch.finish(queue, &mem);
+        match (stop, published) {
+            (Ok(stop), Ok(notify)) => {
+                if notify {
+                    self.base.interrupt().trigger(INTERRUPT_USED_RING);
+                }
+                match stop {
+                    TxStop::Drained => {}
+                    TxStop::TapFull => self.tx_blocked = true,
+                    TxStop::Budget => self.ring_own_doorbell(TX_QUEUE),
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                let why = format!("virtio-net {}: transmit queue: {e}", self.iface_id);
+                self.base.mark_broken(&why);
+            }
+        }
+    }
+
+    fn tx_loop(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        batch: &mut UsedBatch,
+    ) -> Result<TxStop, virtio_queue::Error> {
+        let acked = self.base.acked_features();
+        let queue = &mut self.base.queues_mut()[TX_QUEUE];
+        let mut handled = 0;
+        loop {
+            queue.disable_notification(mem)?;
+            while handled < BUDGET {
+                let Some(chain) = next_chain(queue, mem)? else {
+                    break;
+                };
+                handled += 1;
+                let head = chain.head_index();
+                let frame = read_tx_frame(chain, mem, &mut self.tx_frame).and_then(|len| {
+                    check_tx_header(&self.tx_frame[..len], acked)?;
+                    Ok(len)
+                });
+                let len = match frame {
+                    Ok(len) => len,
+                    Err(why) => {
+                        log::debug!(
+                            "virtio-net {}: dropped transmit chain {head}: {why}",
+                            self.iface_id
+                        );
+                        count(&self.metrics.tx_drops, 1);
+                        batch.push(queue, mem, head, 0)?;
+                        continue;
+                    }
+                };
+                match self.tap.write(&self.tx_frame[..len]) {
+                    Ok(n) if n == len => {
+                        count(&self.metrics.tx_frames, 1);
+                        count(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Keep the chain for the retry: the guest sees it unconsumed.
+                        queue.go_to_previous_position();
+                        count(&self.metrics.tx_waits, 1);
+                        return Ok(TxStop::TapFull);
+                    }
+                    result => {
+                        if self.metrics.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            let why = match result {
+                                Ok(n) => format!("short write of {n} of {len} bytes"),
+                                Err(e) => e.to_string(),
+                            };
+                            log::warn!(
+                                "virtio-net {}: tap {} refused a frame: {why}",
+                                self.iface_id,
+                                self.tap.name()
+                            );
+                        }
+                    }
+                }
+                // Transmit buffers are only read: the used length is 0.
+                batch.push(queue, mem, head, 0)?;
+            }
+            if handled == BUDGET {
+                return Ok(TxStop::Budget);
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok(TxStop::Drained);
+            }
+        }
+    }
+
+    /// Comes back to a queue later from the event loop, after the VM's other events.
+    fn ring_own_doorbell(&self, queue: usize) {
+        if let Err(e) = self.base.queue_evts()[queue].write(1) {
+            log::error!(
+                "virtio-net {}: cannot reschedule queue {queue}: {e}",
+                self.iface_id
+            );
+        }
+    }
+
+    /// The configuration space: `mac`, then `status`.
+    fn config_space(&self) -> [u8; 8] {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac.unwrap_or_default());
+        config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        types::NET
+    }
+
+    fn base(&self) -> &DeviceBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut DeviceBase {
+        &mut self.base
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    /// The driver's features are known now: the tap produces only the offloads it accepted.
+    fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
+        self.apply_offloads()?;
+        self.base.activate(mem)
+    }
+
+    /// A frame read for the old driver is dropped; the tap keeps queueing frames, without
+    /// offloads, until the next activation.
+    fn reset(&mut self) {
+        self.base.reset();
+        if self.rx_pending.take().is_some() {
+            count(&self.metrics.rx_drops, 1);
+        }
+        self.tx_blocked = false;
+        if let Err(e) = self.tap.set_offload(0) {
+            log::warn!("virtio-net {}: {e}", self.iface_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,519 @@
+//! virtio-net frames in guest memory, with no tap and no eventfds: reading a transmit chain into a
+//! frame, placing a received frame into one or more receive buffers (VIRTIO_NET_F_MRG_RXBUF), and
+//! publishing used buffers in batches. The guest writes the chains, so each one is checked
+//! (direction, bounds, size, loops) before the device uses it.
+
+use std::num::Wrapping;
+use std::ops::Deref;
+use std::sync::atomic::{fence, Ordering};
+
+use thiserror::Error;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::GuestMemoryMmap;
+
+/// Size of `struct virtio_net_hdr_v1` (virtio 1.x always has `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame, header included: a 64 KiB GSO packet with its Ethernet and VLAN headers.
+pub const MAX_FRAME_LEN: usize = 65562;
+/// More descriptors than this in one chain is no buffer a driver needs (a direct chain cannot
+/// be longer than the queue anyway); it bounds the work one indirect table can cause.
+const MAX_CHAIN_DESCRIPTORS: usize = 256;
+const HDR_FLAGS: usize = 0;
+const HDR_GSO_TYPE: usize = 1;
+const HDR_NUM_BUFFERS: usize = 10;
+const VRING_USED_HEADER: u64 = 4;
+const VRING_USED_ELEM: u64 = 8;
+const VRING_AVAIL_HEADER: u64 = 4;
+
+/// Why a chain cannot be used; it is returned to the driver with nothing written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum BadChain {
+    /// The chain loops, names a descriptor beyond the table, or its table cannot be read.
+    #[error("the chain loops or breaks off")]
+    Broken,
+    /// More descriptors than any frame needs.
+    #[error("the chain has more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    /// A transmit buffer the device would write, or a receive buffer it would read.
+    #[error("a buffer has the wrong direction")]
+    WrongDirection,
+    /// A buffer is not inside guest memory.
+    #[error("a buffer lies outside guest memory")]
+    OutsideMemory,
+    /// Smaller than the 12-byte vnet header.
+    #[error("the chain is too short for the vnet header")]
+    TooShort,
+    /// A transmit frame longer than [`MAX_FRAME_LEN`].
+    #[error("the frame is longer than {MAX_FRAME_LEN} bytes")]
+    TooLong,
+    /// The header asks for a checksum or segmentation offload the driver did not negotiate.
+    #[error("the header asks for an offload that was not negotiated")]
+    UnnegotiatedOffload,
+}
+
+/// Why a frame from the tap was not given to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FrameDrop {
+    /// Shorter than the vnet header.
+    #[error("shorter than the vnet header")]
+    Runt,
+    /// Needs an offload (partial checksum, segmentation) the driver cannot receive.
+    #[error("uses an offload the driver did not accept")]
+    Offload,
+    /// Larger than every buffer the driver can post.
+    #[error("larger than the driver's receive buffers")]
+    TooBig,
+}
+
+fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// Walks a chain, handing each buffer to `each`; every buffer must have the direction given
+/// (`device_writes`), and the chain must end properly.
+fn walk<M>(
+    chain: DescriptorChain<M>,
+    device_writes: bool,
+    mut each: impl FnMut(GuestAddress, u32) -> Result<(), BadChain>,
+) -> Result<(), BadChain>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut count = 0;
+    let mut ended = false;
+    // The iterator stops quietly on a loop (after queue-size steps), a bad next index or an
+    // unreadable table; in each case the last descriptor it gave still says NEXT.
+    for desc in chain {
+        count += 1;
+        if count > MAX_CHAIN_DESCRIPTORS {
+            return Err(BadChain::TooManyDescriptors);
+        }
+        if desc.is_write_only() != device_writes {
+            return Err(BadChain::WrongDirection);
+        }
+        each(desc.addr(), desc.len())?;
+        ended = !desc.has_next();
+    }
+    if ended {
+        Ok(())
+    } else {
+        Err(BadChain::Broken)
+    }
+}
+
+/// Copies the frame a transmit chain holds (vnet header first) into `buf`; returns its length.
+pub fn read_tx_frame<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Result<usize, BadChain>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let limit = buf.len().min(MAX_FRAME_LEN);
+    let mut len = 0usize;
+    walk(chain, false, |addr, desc_len| {
+        let end = len
+            .checked_add(desc_len as usize)
+            .filter(|&end| end <= limit)
+            .ok_or(BadChain::TooLong)?;
+        mem.read_slice(&mut buf[len..end], addr)
+            .map_err(|_| BadChain::OutsideMemory)?;
+        len = end;
+        Ok(())
+    })?;
+    if len < VNET_HDR_LEN {
+        return Err(BadChain::TooShort);
+    }
+    Ok(len)
+}
+
+/// Checks that a transmit header only uses offloads the driver negotiated (`acked` features).
+pub fn check_tx_header(frame: &[u8], acked: u64) -> Result<(), BadChain> {
+    if frame.len() < VNET_HDR_LEN {
+        return Err(BadChain::TooShort);
+    }
+    let has = |bit| acked & feature(bit) != 0;
+    let flags = u32::from(frame[HDR_FLAGS]);
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(VIRTIO_NET_F_CSUM) {
+        return Err(BadChain::UnnegotiatedOffload);
+    }
+    let allowed = match u32::from(frame[HDR_GSO_TYPE]) {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6),
+        // UDP fragmentation, ECN and anything newer are not offered.
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(BadChain::UnnegotiatedOffload)
+    }
+}
+
+/// Makes the header the tap wrote fit what the driver negotiated (`acked`): without
+/// GUEST_CSUM the flags must be zero (virtio 1.2, 5.1.6.4.1), and segmented frames need the
+/// matching GUEST_TSO feature.
+pub fn prepare_rx_header(frame: &mut [u8], acked: u64) -> Result<(), FrameDrop> {
+    if frame.len() < VNET_HDR_LEN {
+        return Err(FrameDrop::Runt);
+    }
+    let has = |bit| acked & feature(bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        if u32::from(frame[HDR_FLAGS]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            return Err(FrameDrop::Offload);
+        }
+        frame[HDR_FLAGS] = 0;
+    }
+    let allowed = match u32::from(frame[HDR_GSO_TYPE]) {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_GUEST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_GUEST_TSO6),
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(FrameDrop::Offload)
+    }
+}
+
+/// A receive chain the device may fill: its device-writable buffers, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RxBuffer {
+    head: u16,
+    segments: Vec<(GuestAddress, u32)>,
+    capacity: usize,
+}
+
+impl RxBuffer {
+    /// Checks a receive chain: only device-writable buffers, all in guest memory, room for at
+    /// least the vnet header. On error, the chain's head goes back to the driver unused.
+    pub fn parse<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, (u16, BadChain)>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        let head = chain.head_index();
+        let mut segments = Vec::new();
+        let mut capacity = 0usize;
+        walk(chain, true, |addr, len| {
+            if !mem.check_range(addr, len as usize, Permissions::Write) {
+                return Err(BadChain::OutsideMemory);
+            }
+            segments.push((addr, len));
+            capacity = capacity.saturating_add(len as usize);
+            Ok(())
+        })
+        .map_err(|why| (head, why))?;
+        if capacity < VNET_HDR_LEN {
+            return Err((head, BadChain::TooShort));
+        }
+        Ok(RxBuffer {
+            head,
+            segments,
+            capacity,
+        })
+    }
+
+    /// The chain's head descriptor, which goes into the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Bytes the chain can take.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Writes the start of `data` into the buffer; returns how much it took.
+    fn fill(&self, mem: &GuestMemoryMmap, data: &[u8]) -> Result<usize, BadChain> {
+        let mut done = 0;
+        for &(addr, len) in &self.segments {
+            if done == data.len() {
+                break;
+            }
+            let n = (len as usize).min(data.len() - done);
+            // Guest writes through vm-memory mark the pages dirty for migration.
+            mem.write_slice(&data[done..done + n], addr)
+                .map_err(|_| BadChain::OutsideMemory)?;
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// What became of a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written into this many of the guest's buffers (visible once the batch is published).
+    Delivered(u16),
+    /// Not enough buffers yet: none was consumed; the frame must wait for more.
+    NoBuffers,
+    /// The frame can never fit this driver's buffers; no buffer was consumed.
+    Dropped(FrameDrop),
+}
+
+/// The next chain the driver made available, if any. A queue the driver left unready has none.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    match queue.iter(mem) {
+        Ok(mut chains) => Ok(chains.next()),
+        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when the driver has made at least one chain available that the device has not taken.
+pub fn buffers_available(
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    if !queue.ready() {
+        return Ok(false);
+    }
+    Ok(queue.avail_idx(mem, Ordering::Acquire)? != Wrapping(queue.next_avail()))
+}
+
+/// Asks the driver to notify the device when it adds any buffer, even while chains the device
+/// could not use yet are still available (with EVENT_IDX, `avail_event` goes to the driver's
+/// current index rather than to the device's position, which the driver has passed). Returns
+/// true when buffers arrived meanwhile, so the caller tries again instead of waiting.
+pub fn request_buffer_notification(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    if !queue.ready() {
+        return Ok(false);
+    }
+    let resume_at = queue.next_avail();
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+    queue.set_next_avail(avail.0);
+    let arrived = queue.enable_notification(mem);
+    queue.set_next_avail(resume_at);
+    arrived
+}
+
+/// Places `frame` (vnet header first) into the receive queue: one chain, or with `mergeable`
+/// (MRG_RXBUF) as many as it needs, whose count goes into the header's `num_buffers`. Chains
+/// are only consumed when the whole frame fits; malformed ones are returned empty (used length
+/// 0, counted in `bad_buffers`), which the driver takes as a runt and recycles.
+pub fn deliver_frame(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mergeable: bool,
+    batch: &mut UsedBatch,
+    bad_buffers: &mut u64,
+) -> Result<Delivery, virtio_queue::Error> {
+    loop {
+        let buffers = match gather(queue, mem, frame.len(), mergeable, batch, bad_buffers)? {
+            Ok(buffers) => buffers,
+            Err(delivery) => return Ok(delivery),
+        };
+        let count = buffers.len() as u16;
+        frame[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
+        let mut rest: &[u8] = frame;
+        let mut written = Vec::with_capacity(buffers.len());
+        for buffer in &buffers {
+            match buffer.fill(mem, rest) {
+                Ok(n) => {
+                    written.push(n as u32);
+                    rest = &rest[n..];
+                }
+                // Checked when parsed; only a change of guest memory gets here.
+                Err(_) => break,
+            }
+        }
+        if written.len() < buffers.len() {
+            for buffer in &buffers {
+                batch.push(queue, mem, buffer.head(), 0)?;
+            }
+            *bad_buffers += u64::from(count);
+            continue;
+        }
+        for (buffer, len) in buffers.iter().zip(written) {
+            batch.push(queue, mem, buffer.head(), len)?;
+        }
+        return Ok(Delivery::Delivered(count));
+    }
+}
+
+/// Takes chains until they hold `len` bytes (or one chain without `mergeable`). When that is
+/// not possible yet, puts every chain back and says what to do with the frame instead.
+fn gather(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    len: usize,
+    mergeable: bool,
+    batch: &mut UsedBatch,
+    bad_buffers: &mut u64,
+) -> Result<Result<Vec<RxBuffer>, Delivery>, virtio_queue::Error> {
+    let mut gathered: Vec<RxBuffer> = Vec::new();
+    let mut room = 0usize;
+    let mut descriptors = 0usize;
+    while room < len {
+        let Some(chain) = next_chain(queue, mem)? else {
+            // Every descriptor is posted and the frame still does not fit: it never will.
+            let ring_full = descriptors >= usize::from(queue.size());
+            for _ in 0..gathered.len() {
+                queue.go_to_previous_position();
+            }
+            return Ok(Err(if ring_full {
+                Delivery::Dropped(FrameDrop::TooBig)
+            } else {
+                Delivery::NoBuffers
+            }));
+        };
+        match RxBuffer::parse(chain, mem) {
+            Ok(buffer) if !mergeable && buffer.capacity() < len => {
+                // Without MRG_RXBUF a frame goes into one chain, and the driver sized its
+                // chains for every frame it negotiated: this one is too big for it.
+                queue.go_to_previous_position();
+                return Ok(Err(Delivery::Dropped(FrameDrop::TooBig)));
+            }
+            Ok(buffer) => {
+                room = room.saturating_add(buffer.capacity());
+                descriptors += buffer.segments.len();
+                gathered.push(buffer);
+            }
+            Err((head, why)) => {
+                log::debug!("virtio-net: receive buffer {head} returned unused: {why}");
+                // Chains already gathered cannot be put back past this one (the ring is
+                // consumed in order), so they go back empty too.
+                for buffer in gathered.drain(..) {
+                    batch.push(queue, mem, buffer.head(), 0)?;
+                    *bad_buffers += 1;
+                }
+                room = 0;
+                descriptors = 0;
+                batch.push(queue, mem, head, 0)?;
+                *bad_buffers += 1;
+            }
+        }
+    }
+    Ok(Ok(gathered))
+}
+
+/// Used-ring entries written but not yet visible to the driver. [`UsedBatch::flush`] moves
+/// `used.idx` once for all of them, so a frame spread over several buffers never shows up
+/// half-written (the driver would drop it), and a burst costs one index update and at most
+/// one interrupt.
+#[derive(Debug, Default)]
+pub struct UsedBatch {
+    pending: u16,
+    notify: bool,
+}
+
+impl UsedBatch {
+    /// Returns chain `head` to the driver with `len` bytes written, once the batch is flushed.
+    pub fn push(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        let size = queue.size();
+        if head >= size {
+            // Only a driver that lied in its available ring gets here; such a head cannot be
+            // returned, so the driver loses it.
+            log::warn!("virtio-net: descriptor index {head} is outside the queue of {size}");
+            return Ok(());
+        }
+        if self.pending == size {
+            self.flush(queue, mem)?;
+        }
+        let slot = queue.next_used().wrapping_add(self.pending) % size;
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(VRING_USED_HEADER + VRING_USED_ELEM * u64::from(slot))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; VRING_USED_ELEM as usize];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Publishes the entries written so far.
+    pub fn flush(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), virtio_queue::Error> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        let old = Wrapping(queue.next_used());
+        let new = old + Wrapping(self.pending);
+        let idx_addr = GuestAddress(queue.used_ring())
+            .checked_add(2)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        // Release: the entries are visible before the index that covers them.
+        mem.store(new.0.to_le(), idx_addr, Ordering::Release)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        queue.set_next_used(new.0);
+        self.pending = 0;
+        // The index must be visible before the driver's suppression state is read.
+        fence(Ordering::SeqCst);
+        self.notify |= driver_wants_interrupt(queue, mem, old, new)?;
+        Ok(())
+    }
+
+    /// Publishes what is left; true when the driver asked to be interrupted for the entries.
+    pub fn finish(
+        mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, virtio_queue::Error> {
+        self.flush(queue, mem)?;
+        Ok(self.notify)
+    }
+}
+
+/// Whether publishing used entries `old..new` calls for an interrupt: with EVENT_IDX when
+/// `used_event` lies in that range, otherwise unless the driver set NO_INTERRUPT.
+fn driver_wants_interrupt(
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+    old: Wrapping<u16>,
+    new: Wrapping<u16>,
+) -> Result<bool, virtio_queue::Error> {
+    let avail = GuestAddress(queue.avail_ring());
+    if queue.event_idx_enabled() {
+        let addr = avail
+            .checked_add(VRING_AVAIL_HEADER + 2 * u64::from(queue.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let used_event: u16 = mem
+            .load(addr, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        let used_event = Wrapping(u16::from_le(used_event));
+        Ok(new - used_event - Wrapping(1) < new - old)
+    } else {
+        let flags: u16 = mem
+            .load(avail, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        Ok(u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests;
