@@ -1,6 +1,8 @@
 //! Interrupt controllers: the local APIC (xAPIC MMIO at its default base), the IOAPIC, and masking
 //! the legacy 8259 PICs so that only the IOAPIC delivers device interrupts.
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::io::outb;
 use crate::phys::{mmio_read32, mmio_write32};
 use crate::platform::IsaRoute;
@@ -47,11 +49,17 @@ pub fn enable_local_apic(spurious_vector: u8) {
     );
 }
 
-/// Arms this CPU's local APIC timer once: `vector` fires after `ticks` times 16 bus cycles (under
-/// KVM a bus cycle is 1 ns unless the VMM changed it). A wake-up for bounded waits in `hlt`.
+/// The vector the BSP's local APIC timer was set up with (0: not yet).
+static TIMER_VECTOR: AtomicU32 = AtomicU32::new(0);
+
+/// Arms the BSP's local APIC timer once: `vector` fires after `ticks` times 16 bus cycles (under
+/// KVM a bus cycle is 1 ns unless the VMM changed it). A wake-up for bounded waits in `hlt`; the
+/// divider and vector are written only when they change (each register write is an exit).
 pub fn arm_oneshot_timer(vector: u8, ticks: u32) {
-    mmio_write32(LAPIC_BASE + LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
-    mmio_write32(LAPIC_BASE + LAPIC_LVT_TIMER, u32::from(vector));
+    if TIMER_VECTOR.swap(u32::from(vector), Ordering::Relaxed) != u32::from(vector) {
+        mmio_write32(LAPIC_BASE + LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
+        mmio_write32(LAPIC_BASE + LAPIC_LVT_TIMER, u32::from(vector));
+    }
     mmio_write32(LAPIC_BASE + LAPIC_TIMER_INITIAL, ticks);
 }
 

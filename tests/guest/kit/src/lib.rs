@@ -5,7 +5,9 @@
 //! Rust code runs: on a PVM host CPL0 is emulated instruction by instruction, CPL3 runs natively.
 //! CPL3 reaches CPL0 only through the int3 service gate and exceptions (see [`cpu`]).
 //!
-//! A program declares its main with [`program!`] and receives the [`System`] the kit set up.
+//! A program declares its main with [`program!`] and receives the [`System`] the kit set up. Devices
+//! the command line announces (`virtio_mmio.device=`) are driven by [`virtio`], with a small network
+//! stack in [`net`], and exercised by the monitor's commands in [`workload`].
 
 #![no_std]
 
@@ -13,10 +15,12 @@ pub mod acpi;
 pub mod apic;
 pub mod boot;
 pub mod cpu;
+pub mod frames;
 pub mod io;
 mod mem;
 pub mod monitor;
 pub mod mptable;
+pub mod net;
 pub mod phys;
 pub mod platform;
 pub mod report;
@@ -24,6 +28,9 @@ pub mod reset;
 pub mod serial;
 pub mod smp;
 mod start;
+pub mod time;
+pub mod virtio;
+pub mod workload;
 
 pub use start::{System, SERIAL_VECTOR};
 

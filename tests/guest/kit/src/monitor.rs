@@ -1,10 +1,12 @@
 //! A small interactive monitor on the serial console: prompt `lks> `, typed characters echoed, one
-//! command per line. While idle it sleeps in CPL0 until COM1's receive interrupt (or polls when the
-//! platform has no IOAPIC).
+//! command per line. While idle it sleeps in CPL0 until COM1's receive interrupt or the network
+//! device's (or polls when the platform has no IOAPIC or `lks.virtio=poll`), and answers ARP and
+//! pings meanwhile. The same commands run non-interactively from `lks.run="cmd;cmd;..."`.
 
 use crate::report::ConsoleGuard;
 use crate::serial::COM1;
-use crate::{cpu, phys, report, smp, System};
+use crate::workload::{self, Args, Machine};
+use crate::{cpu, phys, report, smp};
 
 const PROMPT: &[u8] = b"lks> ";
 const LINE_MAX: usize = 256;
@@ -12,23 +14,35 @@ const BACKSPACE: u8 = 0x08;
 const DELETE: u8 = 0x7f;
 
 /// Runs the monitor for ever (until `reset`).
-pub fn run(system: &System) -> ! {
+pub fn run(machine: &mut Machine) -> ! {
     let mut line = [0u8; LINE_MAX];
     loop {
         ConsoleGuard::lock().write_bytes(PROMPT);
-        let len = read_line(system, &mut line);
-        execute(system, &line[..len]);
+        let len = read_line(machine, &mut line);
+        execute(machine, &line[..len]);
     }
 }
 
-fn read_byte(system: &System) -> u8 {
+/// Runs the `;`-separated commands of a script (`lks.run`), each announced as `LKS run <command>`.
+pub fn run_script(machine: &mut Machine, script: &[u8]) {
+    for command in script.split(|b| *b == b';') {
+        let command = command.trim_ascii();
+        if !command.is_empty() {
+            report::line(format_args!("run {}", crate::boot::Printable(command)));
+            execute(machine, command);
+        }
+    }
+}
+
+fn read_byte(machine: &mut Machine) -> u8 {
     loop {
+        cpu::take_pending_irqs();
         if let Some(byte) = COM1.try_read() {
             return byte;
         }
-        if system.serial_irq {
+        machine.service_network();
+        if machine.system.serial_irq && machine.ready_to_sleep() {
             cpu::wait_for_interrupt();
-            cpu::take_pending_irqs();
         } else {
             core::hint::spin_loop();
         }
@@ -36,10 +50,10 @@ fn read_byte(system: &System) -> u8 {
 }
 
 /// Reads one line with echo and backspace; returns its length (CR or LF ends it).
-fn read_line(system: &System, line: &mut [u8; LINE_MAX]) -> usize {
+fn read_line(machine: &mut Machine, line: &mut [u8; LINE_MAX]) -> usize {
     let mut len = 0;
     loop {
-        let byte = read_byte(system);
+        let byte = read_byte(machine);
         let mut console = ConsoleGuard::lock();
         match byte {
             b'\r' | b'\n' => {
@@ -68,7 +82,8 @@ fn parse_number(text: &[u8]) -> Option<u64> {
     }
 }
 
-fn execute(system: &System, line: &[u8]) {
+fn execute(machine: &mut Machine, line: &[u8]) {
+    let system = machine.system;
     let line = line.trim_ascii();
     let (command, argument) = match line.iter().position(|b| *b == b' ') {
         Some(space) => (&line[..space], line[space + 1..].trim_ascii()),
@@ -82,7 +97,8 @@ fn execute(system: &System, line: &[u8]) {
                  echo <text>   print <text>\n  cpus          CPUs listed and online\n  \
                  mem           memory map and usable bytes\n  peek <addr>   read the u64 at a physical address\n  \
                  fault <kind>  take an exception at CPL3: pf, gp, ud or de\n  \
-                 reset         reset the machine (the VMM exits)\n"
+                 reset         reset the machine (the VMM exits)\n{}",
+                workload::HELP
             ));
         }
         b"info" => report::boot_report(system),
@@ -138,6 +154,7 @@ fn execute(system: &System, line: &[u8]) {
             report::line(format_args!("reset"));
             crate::reset::reset();
         }
+        _ if workload::execute(machine, command, &mut Args::new(argument)) => {}
         _ => {
             let mut console = ConsoleGuard::lock();
             console.write(format_args!("unknown command: "));

@@ -41,8 +41,13 @@ pub struct IsaRoute {
 impl IsaRoute {
     /// The ISA default: the same pin, edge-triggered, active high.
     pub fn identity(irq: u8) -> Self {
+        IsaRoute::edge(u32::from(irq))
+    }
+
+    /// Global system interrupt `gsi` with the ISA defaults: edge-triggered, active high.
+    pub fn edge(gsi: u32) -> Self {
         IsaRoute {
-            gsi: u32::from(irq),
+            gsi,
             level: false,
             active_low: false,
         }

@@ -39,11 +39,7 @@ pub(crate) extern "C" fn bsp_main(kind: u32, info: u64) -> ! {
 
     apic::mask_legacy_pics();
     apic::enable_local_apic(cpu::SPURIOUS_VECTOR);
-    let serial_irq = platform.route(
-        platform.serial_route,
-        SERIAL_VECTOR,
-        apic::local_apic_id(),
-    );
+    let serial_irq = platform.route(platform.serial_route, SERIAL_VECTOR, apic::local_apic_id());
     if serial_irq {
         serial::COM1.enable_rx_interrupt();
     }

@@ -139,11 +139,38 @@ impl BootInfo {
         &self.cmdline[..self.cmdline_len]
     }
 
-    /// The words of the command line that have the form `key=value`, as (key, value) pairs.
+    /// The words of the command line that have the form `key=value`, as (key, value) pairs. Words
+    /// are separated by spaces outside double quotes; a value in double quotes (`key="a b"`) is
+    /// returned without them.
     pub fn cmdline_options(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.cmdline().split(|b| *b == b' ').filter_map(|word| {
+        let mut rest = self.cmdline();
+        core::iter::from_fn(move || {
+            rest = rest.trim_ascii_start();
+            if rest.is_empty() {
+                return None;
+            }
+            let mut quoted = false;
+            let end = rest
+                .iter()
+                .position(|b| {
+                    if *b == b'"' {
+                        quoted = !quoted;
+                    }
+                    *b == b' ' && !quoted
+                })
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            rest = &rest[end..];
+            Some(word)
+        })
+        .filter_map(|word| {
             let equals = word.iter().position(|b| *b == b'=')?;
-            Some((&word[..equals], &word[equals + 1..]))
+            let value = &word[equals + 1..];
+            let value = match value {
+                [b'"', inner @ .., b'"'] => inner,
+                _ => value,
+            };
+            Some((&word[..equals], value))
         })
     }
 

@@ -73,6 +73,9 @@ static IDT: Idt = Idt([const { AtomicU64::new(0) }; IDT_ENTRIES * 2]);
 /// Device-interrupt vectors (bit n = vector `IRQ_BASE + n`) taken since last asked.
 static IRQ_PENDING: AtomicU32 = AtomicU32::new(0);
 
+/// Per device-interrupt vector: how many times [`take_pending_irqs`] found it pending.
+static IRQ_SEEN: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
+
 /// What the CPL0 fault handler records for the CPL3 reporter.
 #[repr(C)]
 struct FaultRecord {
@@ -223,9 +226,23 @@ pub fn uart_write(base: u16, bytes: &[u8]) {
     };
 }
 
-/// Returns and clears the device-interrupt vectors taken so far (bit n = vector `IRQ_BASE + n`).
+/// Returns and clears the device-interrupt vectors taken so far (bit n = vector `IRQ_BASE + n`),
+/// counting each for [`irqs_seen`].
 pub fn take_pending_irqs() -> u32 {
-    IRQ_PENDING.swap(0, Ordering::AcqRel)
+    let pending = IRQ_PENDING.swap(0, Ordering::AcqRel);
+    for (bit, seen) in IRQ_SEEN.iter().enumerate() {
+        if pending & (1 << bit) != 0 {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pending
+}
+
+/// How many times `vector` was found pending (several interrupts between two looks count once).
+pub fn irqs_seen(vector: u8) -> u32 {
+    IRQ_SEEN
+        .get(usize::from(vector.wrapping_sub(IRQ_BASE)))
+        .map_or(0, |seen| seen.load(Ordering::Relaxed))
 }
 
 /// Reads the time-stamp counter (allowed at CPL3).

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Host-side helpers for the test guest's workloads (reference implementations and manual checks).
+
+  lks_host.py pattern <image> <sector> <count> <seed>   check a disk image against the sector pattern
+  lks_host.py fnv <file> [offset] [length]              FNV-1a 64 of bytes, as the guest prints it
+  lks_host.py udp-recv <bind-ip> <port> <count> [seconds]   receive `net udp-send`/`bench net-tx` datagrams,
+                                                        check sequence and checksums
+  lks_host.py udp-send <ip> <port> <count> <size> [src-port]   send numbered datagrams (for `net udp-echo`
+                                                        and `bench net-rx`), check the echoes, then "stop"
+
+The formats are those of tests/guest/README.md ("Data formats").
+"""
+import socket
+import sys
+import time
+
+M64 = (1 << 64) - 1
+
+
+def fnv1a64(data, h=0xCBF29CE484222325):
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & M64
+    return h
+
+
+def sector_pattern(seed, sector):
+    x = ((seed * 0x9E3779B97F4A7C15) & M64) ^ ((sector * 0xBF58476D1CE4E5B9) & M64)
+    x = x or 1
+    out = bytearray()
+    for _ in range(64):
+        x ^= (x << 13) & M64
+        x ^= x >> 7
+        x ^= (x << 17) & M64
+        out += x.to_bytes(8, "little")
+    return bytes(out)
+
+
+def udp_payload(seq, size):
+    data = bytes(((seq * 7) + i) & 0xFF for i in range(size - 16))
+    return b"LKS1" + (seq & 0xFFFFFFFF).to_bytes(4, "little") + fnv1a64(data).to_bytes(8, "little") + data
+
+
+def udp_check(payload):
+    """Returns the sequence number if the payload is a valid test payload, else None."""
+    if len(payload) < 16 or payload[:4] != b"LKS1":
+        return None
+    if fnv1a64(payload[16:]) != int.from_bytes(payload[8:16], "little"):
+        return None
+    return int.from_bytes(payload[4:8], "little")
+
+
+def cmd_pattern(image, first, count, seed):
+    bad = []
+    with open(image, "rb") as f:
+        f.seek(first * 512)
+        data = f.read(count * 512)
+    for i in range(count):
+        if data[i * 512:(i + 1) * 512] != sector_pattern(seed, first + i):
+            bad.append(first + i)
+    print(f"pattern sectors={count} bad={len(bad)} first_bad={bad[0] if bad else None} fnv1a64={fnv1a64(data):016x}")
+    return 0 if not bad else 1
+
+
+def cmd_udp_recv(bind, port, count, seconds):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    s.bind((bind, port))
+    s.settimeout(seconds)
+    seqs, bad, nbytes, start = [], 0, 0, None
+    try:
+        while len(seqs) + bad < count:
+            payload, _ = s.recvfrom(65536)
+            start = start or time.monotonic()
+            nbytes += len(payload)
+            seq = udp_check(payload)
+            if seq is None:
+                bad += 1
+            else:
+                seqs.append(seq)
+    except socket.timeout:
+        pass
+    elapsed = (time.monotonic() - start) if start else 0
+    in_order = all(b > a for a, b in zip(seqs, seqs[1:]))
+    print(f"udp-recv received={len(seqs)} bad={bad} bytes={nbytes} in_order={in_order} "
+          f"missing={count - len(seqs) - bad} seconds={elapsed:.3f}")
+    return 0 if bad == 0 and in_order and len(seqs) == count else 1
+
+
+def cmd_udp_send(ip, port, count, size, src_port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", src_port))
+    s.settimeout(2)
+    echoed = bad = 0
+    for seq in range(count):
+        payload = udp_payload(seq, size)
+        s.sendto(payload, (ip, port))
+        try:
+            reply, _ = s.recvfrom(65536)
+            if reply == payload:
+                echoed += 1
+            else:
+                bad += 1
+        except socket.timeout:
+            pass
+    s.sendto(b"stop", (ip, port))
+    print(f"udp-send sent={count} echoed={echoed} mismatched={bad}")
+    return 0 if echoed == count else 1
+
+
+def main(argv):
+    if len(argv) >= 5 and argv[0] == "pattern":
+        return cmd_pattern(argv[1], int(argv[2], 0), int(argv[3], 0), int(argv[4], 0))
+    if len(argv) >= 2 and argv[0] == "fnv":
+        with open(argv[1], "rb") as f:
+            f.seek(int(argv[2], 0) if len(argv) > 2 else 0)
+            data = f.read(int(argv[3], 0)) if len(argv) > 3 else f.read()
+        print(f"{fnv1a64(data):016x}")
+        return 0
+    if len(argv) >= 4 and argv[0] == "udp-recv":
+        return cmd_udp_recv(argv[1], int(argv[2]), int(argv[3]), float(argv[4]) if len(argv) > 4 else 10)
+    if len(argv) >= 5 and argv[0] == "udp-send":
+        src = int(argv[5]) if len(argv) > 5 else 0
+        return cmd_udp_send(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), src)
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
