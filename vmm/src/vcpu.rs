@@ -2,9 +2,10 @@
 //! buses, and reports why it stopped.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -14,6 +15,7 @@ use vmm_sys_util::errno as vmmsys_errno;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::x86_64::vcpu_state::VcpuState;
 
 /// Why a vCPU could not be set up or started.
 #[derive(Debug, Error)]
@@ -130,42 +132,56 @@ impl Vcpu {
     }
 
     /// Starts the vCPU on a thread of its own. It runs until the guest stops, an error occurs, or
-    /// the handle asks it to stop; the first of these to end the VM is recorded in `exit`.
-    pub fn start(self, exit: Arc<ExitSignal>) -> Result<VcpuHandle, VcpuError> {
+    /// the handle asks it to stop; the first of these to end the VM is recorded in `exit`. The
+    /// handle can also pause it, read or replace its state, and resume it.
+    pub fn start(
+        self,
+        exit: Arc<ExitSignal>,
+        msr_list: Arc<Vec<u32>>,
+        paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
+        let (request_tx, request_rx) = mpsc::channel();
+        let (reply_tx, reply_rx) = mpsc::channel();
         let index = self.index;
         let metrics = self.metrics.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let mut vcpu = self;
-                if let Some(reason) = vcpu.run_loop(&thread_stop) {
+                let mut control = Control {
+                    requests: request_rx,
+                    replies: reply_tx,
+                    msr_list,
+                    paused,
+                };
+                if let Some(reason) = vcpu.run_loop(&mut control) {
                     exit.signal(reason);
                 }
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
-            stop,
+            requests: request_tx,
+            replies: reply_rx,
             thread: Some(thread),
             metrics,
         })
     }
 
-    /// Runs the guest until it stops or `stop` is set; returns why the VM should end, if it
-    /// should.
-    fn run_loop(&mut self, stop: &AtomicBool) -> Option<ExitReason> {
+    /// Runs the guest until it stops or is told to; returns why the VM should end, if it should.
+    fn run_loop(&mut self, control: &mut Control) -> Option<ExitReason> {
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         KICK_TARGET.with(|t| t.set(immediate_exit));
-        if self.index == 0 {
-            // For the boot benchmark (LOCKSTEP_LOG=info,boot_timer=debug): when the guest starts.
-            log::debug!(target: "boot_timer", "first vCPU entry at CLOCK_MONOTONIC {} ns", monotonic_ns());
-        }
+        let mut first_entry = self.index == 0;
         let reason = loop {
-            if stop.load(Ordering::Acquire) {
+            if !self.handle_requests(control) {
                 break None;
+            }
+            if first_entry {
+                // For the boot benchmark (LOCKSTEP_LOG=info,boot_timer=debug): when the guest starts.
+                log::debug!(target: "boot_timer", "first vCPU entry at CLOCK_MONOTONIC {} ns", monotonic_ns());
+                first_entry = false;
             }
             match self.run_once() {
                 Ok(None) => {}
@@ -183,6 +199,60 @@ impl Vcpu {
         };
         KICK_TARGET.with(|t| t.set(std::ptr::null_mut()));
         reason
+    }
+
+    /// Serves the owner's requests: at once when running, blocking while paused. Returns false
+    /// when the vCPU must stop.
+    fn handle_requests(&mut self, control: &mut Control) -> bool {
+        loop {
+            let request = if control.paused {
+                match control.requests.recv() {
+                    Ok(r) => r,
+                    Err(_) => return false,
+                }
+            } else {
+                match control.requests.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::TryRecvError::Empty) => return true,
+                    Err(mpsc::TryRecvError::Disconnected) => return false,
+                }
+            };
+            let reply = match request {
+                VcpuRequest::Stop => return false,
+                VcpuRequest::Pause => {
+                    if !control.paused {
+                        self.complete_pending_io();
+                        control.paused = true;
+                    }
+                    VcpuReply::Done
+                }
+                VcpuRequest::Resume => {
+                    control.paused = false;
+                    VcpuReply::Done
+                }
+                VcpuRequest::SaveState => {
+                    match VcpuState::save(self.index, &self.fd, &control.msr_list) {
+                        Ok(state) => VcpuReply::State(Box::new(state)),
+                        Err(e) => VcpuReply::Failed(format!("vCPU {}: {e}", self.index)),
+                    }
+                }
+                VcpuRequest::RestoreState(state) => match state.restore(&self.fd) {
+                    Ok(()) => VcpuReply::Done,
+                    Err(e) => VcpuReply::Failed(format!("vCPU {}: {e}", self.index)),
+                },
+            };
+            if control.replies.send(reply).is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Lets KVM finish an I/O instruction whose data the VMM supplied after the last exit, so
+    /// that the registers read next include its result.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// One KVM_RUN and the handling of its exit.
@@ -266,10 +336,46 @@ impl Vcpu {
     }
 }
 
+/// What the VM's owner asks of a vCPU thread.
+pub enum VcpuRequest {
+    /// Stop running guest code (pending I/O completed) and wait for further requests.
+    Pause,
+    /// Run the guest again.
+    Resume,
+    /// Read the vCPU's state (only while paused).
+    SaveState,
+    /// Replace the vCPU's state (only while paused).
+    RestoreState(Box<VcpuState>),
+    /// End the thread.
+    Stop,
+}
+
+/// A vCPU thread's answer.
+pub enum VcpuReply {
+    /// The request was carried out.
+    Done,
+    /// The saved state.
+    State(Box<VcpuState>),
+    /// It could not be carried out.
+    Failed(String),
+}
+
+/// The vCPU thread's side of the request channel.
+struct Control {
+    requests: mpsc::Receiver<VcpuRequest>,
+    replies: mpsc::Sender<VcpuReply>,
+    msr_list: Arc<Vec<u32>>,
+    paused: bool,
+}
+
+/// How long a vCPU thread may take to answer before the owner gives up on it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     index: u32,
-    stop: Arc<AtomicBool>,
+    requests: mpsc::Sender<VcpuRequest>,
+    replies: mpsc::Receiver<VcpuReply>,
     thread: Option<JoinHandle<()>>,
     metrics: Arc<VcpuMetrics>,
 }
@@ -280,21 +386,58 @@ impl VcpuHandle {
         &self.metrics
     }
 
+    /// The vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Interrupts a KVM_RUN in progress so the thread looks at its requests.
+    fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::warn!("vCPU {}: cannot signal its thread: {e}", self.index);
+            }
+        }
+    }
+
+    /// Sends a request and waits for the answer.
+    pub fn request(&self, request: VcpuRequest) -> Result<VcpuReply, String> {
+        self.requests
+            .send(request)
+            .map_err(|_| format!("vCPU {} has stopped", self.index))?;
+        // The thread may be between its request check and KVM_RUN when the first kick lands;
+        // the handler's immediate-exit flag covers that, and kicking again is harmless.
+        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            self.kick();
+            match self.replies.recv_timeout(Duration::from_millis(20)) {
+                Ok(reply) => return Ok(reply),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!("vCPU {} has stopped", self.index))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "vCPU {} did not answer within {REPLY_TIMEOUT:?}",
+                        self.index
+                    ))
+                }
+            }
+        }
+    }
+
     /// Asks the vCPU to stop and waits until its thread has ended.
     pub fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::Release);
         let Some(thread) = self.thread.take() else {
             return;
         };
-        // The signal makes a KVM_RUN in progress return at once; the immediate-exit flag set by
-        // the handler covers a signal landing just before KVM_RUN is entered. Repeat until the
-        // thread is gone, in case it was between the flag check and the ioctl.
+        let _ = self.requests.send(VcpuRequest::Stop);
         while !thread.is_finished() {
             if let Err(e) = thread.kill(kick_signal()) {
                 log::warn!("vCPU {}: cannot signal its thread: {e}", self.index);
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(200));
         }
         if thread.join().is_err() {
             log::error!("vCPU {}: its thread panicked", self.index);

@@ -124,6 +124,7 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     entry: BootEntry,
     exit: Arc<ExitSignal>,
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl Vm {
@@ -228,6 +229,7 @@ impl Vm {
             devices,
             entry: kernel.entry,
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
+            msr_list: Arc::new(msr_list.as_slice().to_vec()),
         })
     }
 
@@ -292,7 +294,7 @@ impl Vm {
 
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
-            match vcpu.start(exit.clone()) {
+            match vcpu.start(exit.clone(), self.msr_list.clone(), false) {
                 Ok(h) => handles.push(h),
                 Err(e) => return Err(e.into()),
             }
