@@ -111,7 +111,7 @@ fn run(config_path: &std::path::Path) -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("console: {e}")),
     };
-    match vm.run(input, signals) {
+    match vm.run(input, signals, None) {
         Ok(reason) => exit_code(&reason),
         Err(e) => fail(EXIT_VMM_ERROR, &e.to_string()),
     }

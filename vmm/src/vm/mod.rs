@@ -1,25 +1,25 @@
-//! One VM: its KVM VM, memory, loaded guest, devices and vCPUs, from config to exit.
+//! One VM: its KVM VM, memory, loaded guest, devices and vCPUs, built from a config. Running it
+//! is [`runner`]'s job.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+mod runner;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+pub use runner::{ConsoleInput, RunState, VmCommand, VmControl, VmReply};
+
+use std::sync::Arc;
+
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use lockstep_api::{ConfigError, VmConfig};
-use lockstep_devices::legacy::SerialInput;
 use lockstep_devices::virtio::block::{BlockConfig, CacheType};
 use thiserror::Error;
 
 use crate::boot::{self, BootError};
 use crate::console;
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::event_loop::ExitWatcher;
-use crate::exit::{ExitReason, ExitSignal};
+use crate::exit::ExitSignal;
 use crate::kvm::{Hypervisor, KvmError};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::vcpu::{Vcpu, VcpuError};
 use crate::x86_64::boot_info::{self, BootInfoError};
 use crate::x86_64::cpuid::{vcpu_cpuid, CpuTopology};
 use crate::x86_64::layout::KVM_TSS_ADDRESS;
@@ -86,32 +86,16 @@ impl VmError {
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
-            VmError::Config(_) | VmError::Boot(_) | VmError::SerialOutput { .. }
+            VmError::Config(_)
+                | VmError::Boot(_)
+                | VmError::SerialOutput { .. }
+                | VmError::Device(DeviceError::Backend { .. } | DeviceError::NoSlot(_))
         )
     }
 }
 
 fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
-}
-
-/// Host input for the guest's serial console.
-pub trait ConsoleInput: Read + AsRawFd + Send {}
-impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
-
-/// A boxed [`ConsoleInput`] as one sized type, for the serial input subscriber.
-struct BoxedInput(Box<dyn ConsoleInput>);
-
-impl Read for BoxedInput {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl AsRawFd for BoxedInput {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
 }
 
 /// A VM built from a config and ready to run.
@@ -256,64 +240,6 @@ impl Vm {
     /// The KVM VM.
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
-    }
-
-    /// Runs the VM on this thread's event loop until it ends, and returns why. `input` feeds the
-    /// serial console; `signals` is a signalfd of termination signals (see
-    /// [`crate::event_loop::termination_signalfd`]).
-    pub fn run(
-        mut self,
-        input: Option<Box<dyn ConsoleInput>>,
-        signals: Option<OwnedFd>,
-    ) -> Result<ExitReason, VmError> {
-        let exit = self.exit.clone();
-        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-            .map_err(|e| VmError::EventLoop(e.to_string()))?;
-        let reset_evt = self
-            .devices
-            .reset_evt()
-            .try_clone()
-            .map_err(|e| VmError::EventLoop(e.to_string()))?;
-        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(
-            exit.clone(),
-            reset_evt,
-            signals,
-        ))));
-        for subscriber in self.devices.event_subscribers() {
-            events.add_subscriber(subscriber.clone());
-        }
-        if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
-            let rx_ready = self
-                .devices
-                .serial_rx_ready()
-                .try_clone()
-                .map_err(|e| VmError::EventLoop(e.to_string()))?;
-            let serial_input = SerialInput::new(BoxedInput(input), serial.clone(), rx_ready);
-            events.add_subscriber(Arc::new(Mutex::new(serial_input)));
-        }
-
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus.drain(..) {
-            match vcpu.start(exit.clone(), self.msr_list.clone(), false) {
-                Ok(h) => handles.push(h),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        log::info!("{}: running with {} vCPUs", self.name, handles.len());
-
-        let reason = loop {
-            if let Some(reason) = exit.reason() {
-                break reason;
-            }
-            if let Err(e) = events.run() {
-                break ExitReason::VcpuError(format!("event loop failed: {e}"));
-            }
-        };
-        for h in handles.iter_mut() {
-            h.stop_and_join();
-        }
-        log::info!("{}: stopped: {reason:?}", self.name);
-        Ok(reason)
     }
 }
 

@@ -1,0 +1,270 @@
+//! Running a VM: its owner thread's event loop, the vCPU threads, and the commands the control
+//! plane sends it (pause, resume, status, stop). The control plane never touches the VM's
+//! internals: it sends a [`VmCommand`] through a [`VmControl`] and waits for the [`VmReply`].
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use lockstep_devices::legacy::SerialInput;
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Vm, VmError};
+use crate::event_loop::ExitWatcher;
+use crate::exit::ExitReason;
+use crate::vcpu::{VcpuHandle, VcpuReply, VcpuRequest};
+
+/// Host input for the guest's serial console.
+pub trait ConsoleInput: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+
+/// A boxed [`ConsoleInput`] as one sized type, for the serial input subscriber.
+struct BoxedInput(Box<dyn ConsoleInput>);
+
+impl Read for BoxedInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl AsRawFd for BoxedInput {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Whether the guest's vCPUs and devices are running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Executing guest code.
+    Running,
+    /// Stopped where it was; resumes exactly there.
+    Paused,
+}
+
+/// What the control plane can ask of a running VM.
+#[derive(Debug)]
+pub enum VmCommand {
+    /// Stop every vCPU and device where it is.
+    Pause,
+    /// Carry on after a pause.
+    Resume,
+    /// Report the run state.
+    Status,
+    /// End the VM now (the guest is not asked).
+    Stop,
+}
+
+/// The VM's answer to a [`VmCommand`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmReply {
+    /// Done; the VM is now in this state.
+    State(RunState),
+    /// Done; the VM is ending.
+    Stopping,
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has ended (or is ending) and takes no more commands.
+    #[error("the VM is not running")]
+    Gone,
+    /// The VM could not carry the command out.
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Envelope = (VmCommand, mpsc::Sender<Result<VmReply, ControlError>>);
+
+/// The control plane's handle on a running VM: a command channel and the eventfd that wakes the
+/// VM's event loop.
+#[derive(Clone)]
+pub struct VmControl {
+    commands: mpsc::Sender<Envelope>,
+    wake: Arc<EventFd>,
+}
+
+/// The VM's side of [`VmControl`].
+pub struct ControlReceiver {
+    commands: mpsc::Receiver<Envelope>,
+    wake: Arc<EventFd>,
+}
+
+impl VmControl {
+    /// A connected pair.
+    pub fn new() -> std::io::Result<(VmControl, ControlReceiver)> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok((
+            VmControl {
+                commands: tx,
+                wake: wake.clone(),
+            },
+            ControlReceiver { commands: rx, wake },
+        ))
+    }
+
+    /// Sends a command and waits (at most `timeout`) for the VM's answer.
+    pub fn call(&self, command: VmCommand, timeout: Duration) -> Result<VmReply, ControlError> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.commands
+            .send((command, reply_tx))
+            .map_err(|_| ControlError::Gone)?;
+        self.wake.write(1).map_err(|_| ControlError::Gone)?;
+        match reply_rx.recv_timeout(timeout) {
+            Ok(reply) => reply,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ControlError::Failed(format!(
+                "no answer within {timeout:?}"
+            ))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ControlError::Gone),
+        }
+    }
+}
+
+/// Wakes the event loop when a command arrives; the loop itself then handles it.
+struct ControlWaker(Arc<EventFd>);
+
+impl MutEventSubscriber for ControlWaker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.0, EventSet::IN)) {
+            log::error!("cannot watch the VM's control channel: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+}
+
+/// Everything a running VM's owner thread holds.
+struct Running {
+    vm: Vm,
+    vcpus: Vec<VcpuHandle>,
+    state: RunState,
+}
+
+impl Running {
+    /// Sends `request` to every vCPU; the first failure wins.
+    fn all_vcpus(&self, request: impl Fn() -> VcpuRequest) -> Result<Vec<VcpuReply>, ControlError> {
+        self.vcpus
+            .iter()
+            .map(|v| match v.request(request()) {
+                Ok(VcpuReply::Failed(e)) | Err(e) => Err(ControlError::Failed(e)),
+                Ok(reply) => Ok(reply),
+            })
+            .collect()
+    }
+
+    fn pause(&mut self) -> Result<VmReply, ControlError> {
+        if self.state == RunState::Running {
+            self.all_vcpus(|| VcpuRequest::Pause)?;
+            self.state = RunState::Paused;
+            log::info!("{}: paused", self.vm.name);
+        }
+        Ok(VmReply::State(self.state))
+    }
+
+    fn resume(&mut self) -> Result<VmReply, ControlError> {
+        if self.state == RunState::Paused {
+            self.all_vcpus(|| VcpuRequest::Resume)?;
+            self.state = RunState::Running;
+            log::info!("{}: resumed", self.vm.name);
+        }
+        Ok(VmReply::State(self.state))
+    }
+
+    fn handle(&mut self, command: VmCommand) -> Result<VmReply, ControlError> {
+        match command {
+            VmCommand::Pause => self.pause(),
+            VmCommand::Resume => self.resume(),
+            VmCommand::Status => Ok(VmReply::State(self.state)),
+            VmCommand::Stop => {
+                self.vm.exit.signal(ExitReason::Requested { signal: None });
+                Ok(VmReply::Stopping)
+            }
+        }
+    }
+}
+
+impl Vm {
+    /// Runs the VM on this thread's event loop until it ends, and returns why. `input` feeds the
+    /// serial console; `signals` is a signalfd of termination signals (see
+    /// [`crate::event_loop::termination_signalfd`]); `control` carries commands from the control
+    /// plane.
+    pub fn run(
+        mut self,
+        input: Option<Box<dyn ConsoleInput>>,
+        signals: Option<OwnedFd>,
+        control: Option<ControlReceiver>,
+    ) -> Result<ExitReason, VmError> {
+        let exit = self.exit.clone();
+        let loop_err = |e: event_manager::Error| VmError::EventLoop(e.to_string());
+        let io_err = |e: std::io::Error| VmError::EventLoop(e.to_string());
+        let mut devices_loop =
+            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(loop_err)?;
+        let mut control_loop =
+            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(loop_err)?;
+        // Exits, signals and commands must wake the thread whichever loop it waits in, so their
+        // subscribers join both loops; device work is only in the device loop.
+        let reset_evt = self.devices.reset_evt().try_clone().map_err(io_err)?;
+        let mut always: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = vec![Arc::new(
+            Mutex::new(ExitWatcher::new(exit.clone(), reset_evt, signals)),
+        )];
+        if let Some(control) = &control {
+            always.push(Arc::new(Mutex::new(ControlWaker(control.wake.clone()))));
+        }
+        for subscriber in always {
+            control_loop.add_subscriber(subscriber.clone());
+            devices_loop.add_subscriber(subscriber);
+        }
+        for subscriber in self.devices.event_subscribers() {
+            devices_loop.add_subscriber(subscriber.clone());
+        }
+        if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
+            let rx_ready = self.devices.serial_rx_ready().try_clone().map_err(io_err)?;
+            let serial_input = SerialInput::new(BoxedInput(input), serial.clone(), rx_ready);
+            devices_loop.add_subscriber(Arc::new(Mutex::new(serial_input)));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus.drain(..) {
+            vcpus.push(vcpu.start(exit.clone(), self.msr_list.clone(), false)?);
+        }
+        log::info!("{}: running with {} vCPUs", self.name, vcpus.len());
+        let mut running = Running {
+            vm: self,
+            vcpus,
+            state: RunState::Running,
+        };
+
+        let reason = loop {
+            if let Some(reason) = exit.reason() {
+                break reason;
+            }
+            // Device work waits while the VM is paused: the device loop is not even waited on
+            // then, so host-side events (a frame on the tap, console input) stay queued in the
+            // kernel and nothing touches guest memory until the VM resumes.
+            let result = match running.state {
+                RunState::Running => devices_loop.run(),
+                RunState::Paused => control_loop.run(),
+            };
+            if let Err(e) = result {
+                break ExitReason::VcpuError(format!("event loop failed: {e}"));
+            }
+            if let Some(control) = &control {
+                while let Ok((command, reply)) = control.commands.try_recv() {
+                    let _ = reply.send(running.handle(command));
+                }
+            }
+        };
+        for v in running.vcpus.iter_mut() {
+            v.stop_and_join();
+        }
+        log::info!("{}: stopped: {reason:?}", running.vm.name);
+        Ok(reason)
+    }
+}
