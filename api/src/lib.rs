@@ -2,6 +2,7 @@
 //! The HTTP control API will live here too.
 
 pub mod config;
+pub mod control;
 pub mod devices;
 mod error;
 
