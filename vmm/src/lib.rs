@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod console;
 pub mod device_manager;
+pub mod device_state;
 pub mod event_loop;
 pub mod exit;
 pub mod kvm;

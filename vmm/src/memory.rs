@@ -89,6 +89,49 @@ pub fn create_guest_memory(
     Ok(GuestMemoryMmap::from_regions(regions)?)
 }
 
+/// Maps guest memory from a snapshot's memory file, where `regions` (guest address, length) lie
+/// back to back. The mapping is private: pages are read from the file when the guest first
+/// touches them (so restoring does not grow with memory size) and guest writes never reach the
+/// file.
+pub fn map_memory_file(
+    file: &std::fs::File,
+    regions: &[(u64, u64)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut offset = 0u64;
+    let mut mapped = Vec::with_capacity(regions.len());
+    for &(base, len) in regions {
+        let size = len as usize;
+        let file = file.try_clone().map_err(|e| MemoryError::Mmap {
+            size,
+            huge_pages: false,
+            source: vm_memory::mmap::MmapRegionError::Mmap(e),
+        })?;
+        let bitmap = AtomicBitmap::new(size, std::num::NonZeroUsize::new(4096).expect("non-zero"));
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+            .with_file_offset(vm_memory::FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Mmap {
+                size,
+                huge_pages: false,
+                source,
+            })?;
+        // Guest addresses come from a checked snapshot: below 2^48, no overflow.
+        mapped.push(
+            GuestRegionMmap::new(mapping, GuestAddress(base))
+                .expect("region fits the address space"),
+        );
+        offset += len;
+    }
+    Ok(GuestMemoryMmap::from_regions(mapped)?)
+}
+
+/// The (guest address, length) of every region, in order.
+pub fn region_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
 /// Hands every region to KVM as a memory slot, numbered from 0.
 pub fn register_memory_slots(
     vm: &VmFd,

@@ -2,8 +2,13 @@
 //! is [`runner`]'s job.
 
 mod runner;
+pub mod snapshot;
 
-pub use runner::{ConsoleInput, RunState, VmCommand, VmControl, VmReply};
+pub use runner::{
+    ConsoleInput, ControlError, ControlReceiver, RunOptions, RunState, VmCommand, VmControl,
+    VmReply,
+};
+pub use snapshot::{SnapshotError, SnapshotPaths, SnapshotStats};
 
 use std::sync::Arc;
 
@@ -78,6 +83,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("VM event loop: {0}")]
     EventLoop(String),
+    /// A snapshot could not be used.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl VmError {
@@ -90,6 +98,7 @@ impl VmError {
                 | VmError::Boot(_)
                 | VmError::SerialOutput { .. }
                 | VmError::Device(DeviceError::Backend { .. } | DeviceError::NoSlot(_))
+                | VmError::Snapshot(_)
         )
     }
 }
@@ -101,12 +110,13 @@ fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// A VM built from a config and ready to run.
 pub struct Vm {
     name: String,
+    config: VmConfig,
     // Declared before `memory` so KVM lets go of the memory slots before they are unmapped.
     vcpus: Vec<Vcpu>,
     devices: DeviceManager,
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
-    entry: BootEntry,
+    entry: Option<BootEntry>,
     exit: Arc<ExitSignal>,
     msr_list: Arc<Vec<u32>>,
 }
@@ -118,27 +128,12 @@ impl Vm {
     pub fn create(hv: &Hypervisor, config: &VmConfig) -> Result<Vm, VmError> {
         config.validate(&hv.host_limits())?;
         let machine = &config.machine_config;
-        let kvm = hv.kvm();
-
-        let vm_fd = kvm.create_vm().map_err(kvm_setup("create VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_setup("set TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_setup("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_setup("create PIT"))?;
-
+        let vm_fd = new_kvm_vm(hv)?;
         let mem_bytes = machine.mem_size_mib << 20;
         let huge = machine.huge_pages == lockstep_api::HugePages::Hugetlbfs2M;
         let memory = memory::create_guest_memory(mem_bytes, huge)?;
         memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
 
-        let vm_fd = Arc::new(vm_fd);
         let source = &config.boot_source;
         let kernel = boot::load_kernel(&memory, &source.kernel_image_path, source.boot_protocol)?;
         let initrd = source
@@ -164,56 +159,22 @@ impl Vm {
         write_mptable(&memory, &topology, machine.vcpu_count)?;
 
         // Last, once every check has passed: the serial output file.
-        let out_path = config.serial.output_path.as_deref();
-        let serial_out =
-            console::open_output(out_path).map_err(|source| VmError::SerialOutput {
-                path: out_path
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "stdout".into()),
-                source,
-            })?;
-        devices.add_serial(serial_out)?;
+        devices.add_serial(open_serial_output(config)?)?;
 
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| KvmError::Query {
-                what: "supported CPUID",
-                source,
-            })?;
-        let msr_list = kvm.get_msr_index_list().map_err(|source| KvmError::Query {
-            what: "MSR index list",
-            source,
-        })?;
-        let msrs = boot_msrs(msr_list.as_slice());
-        let buses = Arc::new(devices.buses().clone());
-        let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
-        for index in 0..machine.vcpu_count {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(|source| VcpuError::Kvm {
-                    index,
-                    what: "create vCPU",
-                    source,
-                })?;
-            let vcpu = Vcpu::new(index, fd, buses.clone());
-            vcpu.configure(&vcpu_cpuid(&supported_cpuid, index, &topology), &msrs)?;
-            setup_lapic(vcpu.fd())?;
-            // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
-            if index == 0 {
-                setup_boot_vcpu(vcpu.fd(), &memory, kernel.entry)?;
-            }
-            vcpus.push(vcpu);
-        }
+        let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
+        // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
+        setup_boot_vcpu(vcpus[0].fd(), &memory, kernel.entry)?;
 
         Ok(Vm {
             name: config.display_name().to_string(),
+            config: config.clone(),
             vcpus,
             vm_fd,
             memory,
             devices,
-            entry: kernel.entry,
+            entry: Some(kernel.entry),
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
-            msr_list: Arc::new(msr_list.as_slice().to_vec()),
+            msr_list,
         })
     }
 
@@ -222,9 +183,14 @@ impl Vm {
         &self.name
     }
 
-    /// How the boot vCPU enters the kernel.
-    pub fn boot_entry(&self) -> BootEntry {
+    /// How the boot vCPU enters the kernel (none for a restored VM).
+    pub fn boot_entry(&self) -> Option<BootEntry> {
         self.entry
+    }
+
+    /// The config the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// Where the VM's end is recorded; signal it to stop the VM from outside.
@@ -241,6 +207,74 @@ impl Vm {
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
     }
+}
+
+/// A KVM VM with the in-kernel irqchip and PIT.
+fn new_kvm_vm(hv: &Hypervisor) -> Result<Arc<VmFd>, VmError> {
+    let vm_fd = hv.kvm().create_vm().map_err(kvm_setup("create VM"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_setup("set TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_setup("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_setup("create PIT"))?;
+    Ok(Arc::new(vm_fd))
+}
+
+/// Opens the serial output named by the config (stdout when none).
+fn open_serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, VmError> {
+    let out_path = config.serial.output_path.as_deref();
+    console::open_output(out_path).map_err(|source| VmError::SerialOutput {
+        path: out_path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "stdout".into()),
+        source,
+    })
+}
+
+/// Creates the vCPUs with CPUID (this VM's topology), boot MSRs and LAPIC wiring; returns them
+/// with KVM's MSR index list.
+fn create_vcpus(
+    hv: &Hypervisor,
+    vm_fd: &VmFd,
+    devices: &DeviceManager,
+    config: &VmConfig,
+) -> Result<(Vec<Vcpu>, Arc<Vec<u32>>), VmError> {
+    let kvm = hv.kvm();
+    let machine = &config.machine_config;
+    let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Query {
+            what: "supported CPUID",
+            source,
+        })?;
+    let msr_list = kvm.get_msr_index_list().map_err(|source| KvmError::Query {
+        what: "MSR index list",
+        source,
+    })?;
+    let msrs = boot_msrs(msr_list.as_slice());
+    let buses = Arc::new(devices.buses().clone());
+    let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
+    for index in 0..machine.vcpu_count {
+        let fd = vm_fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "create vCPU",
+                source,
+            })?;
+        let vcpu = Vcpu::new(index, fd, buses.clone());
+        vcpu.configure(&vcpu_cpuid(&supported_cpuid, index, &topology), &msrs)?;
+        setup_lapic(vcpu.fd())?;
+        vcpus.push(vcpu);
+    }
+    Ok((vcpus, Arc::new(msr_list.as_slice().to_vec())))
 }
 
 /// Adds the config's drives (the root device first, so it is /dev/vda) and entropy device;

@@ -12,6 +12,7 @@ use lockstep_devices::legacy::SerialInput;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::snapshot::{self, SnapshotPaths, SnapshotStats};
 use super::{Vm, VmError};
 use crate::event_loop::ExitWatcher;
 use crate::exit::ExitReason;
@@ -57,6 +58,8 @@ pub enum VmCommand {
     Status,
     /// End the VM now (the guest is not asked).
     Stop,
+    /// Write a snapshot (pausing around it if the VM runs).
+    Snapshot(SnapshotPaths),
 }
 
 /// The VM's answer to a [`VmCommand`].
@@ -66,6 +69,8 @@ pub enum VmReply {
     State(RunState),
     /// Done; the VM is ending.
     Stopping,
+    /// The snapshot was written.
+    Snapshot(SnapshotStats),
 }
 
 /// Why a command failed.
@@ -178,6 +183,43 @@ impl Running {
         Ok(VmReply::State(self.state))
     }
 
+    fn snapshot(&mut self, paths: &SnapshotPaths) -> Result<VmReply, ControlError> {
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let result = self.write_snapshot(paths);
+        if was_running {
+            self.resume()?;
+        }
+        result.map(VmReply::Snapshot)
+    }
+
+    fn write_snapshot(&mut self, paths: &SnapshotPaths) -> Result<SnapshotStats, ControlError> {
+        let started = std::time::Instant::now();
+        let vcpus = self
+            .all_vcpus(|| VcpuRequest::SaveState)?
+            .into_iter()
+            .map(|reply| match reply {
+                VcpuReply::State(state) => Ok(*state),
+                _ => Err(ControlError::Failed(
+                    "a vCPU did not return its state".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let machine = self
+            .vm
+            .capture(vcpus)
+            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        let stats = snapshot::write(paths, &machine, &self.vm.memory)
+            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        log::info!(
+            "{}: snapshot {} written in {:?}",
+            self.vm.name,
+            paths.state.display(),
+            started.elapsed()
+        );
+        Ok(stats)
+    }
+
     fn handle(&mut self, command: VmCommand) -> Result<VmReply, ControlError> {
         match command {
             VmCommand::Pause => self.pause(),
@@ -187,21 +229,33 @@ impl Running {
                 self.vm.exit.signal(ExitReason::Requested { signal: None });
                 Ok(VmReply::Stopping)
             }
+            VmCommand::Snapshot(paths) => self.snapshot(&paths),
         }
     }
 }
 
+/// How [`Vm::run`] connects the VM to the outside.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Feeds the serial console.
+    pub input: Option<Box<dyn ConsoleInput>>,
+    /// A signalfd of termination signals (see [`crate::event_loop::termination_signalfd`]).
+    pub signals: Option<OwnedFd>,
+    /// Commands from the control plane.
+    pub control: Option<ControlReceiver>,
+    /// Start paused (a restored VM waiting for a resume).
+    pub paused: bool,
+}
+
 impl Vm {
-    /// Runs the VM on this thread's event loop until it ends, and returns why. `input` feeds the
-    /// serial console; `signals` is a signalfd of termination signals (see
-    /// [`crate::event_loop::termination_signalfd`]); `control` carries commands from the control
-    /// plane.
-    pub fn run(
-        mut self,
-        input: Option<Box<dyn ConsoleInput>>,
-        signals: Option<OwnedFd>,
-        control: Option<ControlReceiver>,
-    ) -> Result<ExitReason, VmError> {
+    /// Runs the VM on this thread's event loop until it ends, and returns why.
+    pub fn run(mut self, options: RunOptions) -> Result<ExitReason, VmError> {
+        let RunOptions {
+            input,
+            signals,
+            control,
+            paused,
+        } = options;
         let exit = self.exit.clone();
         let loop_err = |e: event_manager::Error| VmError::EventLoop(e.to_string());
         let io_err = |e: std::io::Error| VmError::EventLoop(e.to_string());
@@ -232,13 +286,18 @@ impl Vm {
         }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
-            vcpus.push(vcpu.start(exit.clone(), self.msr_list.clone(), false)?);
+            vcpus.push(vcpu.start(exit.clone(), self.msr_list.clone(), paused)?);
         }
-        log::info!("{}: running with {} vCPUs", self.name, vcpus.len());
+        let state = if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        log::info!("{}: {state:?} with {} vCPUs", self.name, vcpus.len());
         let mut running = Running {
             vm: self,
             vcpus,
-            state: RunState::Running,
+            state,
         };
 
         let reason = loop {

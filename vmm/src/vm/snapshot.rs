@@ -1,0 +1,370 @@
+//! Snapshots: the whole machine state in one file, guest memory in another, and a VM rebuilt
+//! from them.
+//!
+//! The state file is `LKSSNAP\0`, a format version (u32 LE), the length (u32 LE) and CRC-32
+//! (u32 LE) of a JSON header, the header, then the machine state (bincode). The header names the
+//! state's length and CRC-32 and the memory file's length, so a corrupt, truncated or
+//! incompatible snapshot is refused before anything is built. The memory file is the guest's RAM
+//! regions back to back; a restore maps it privately, so pages load when the guest touches them.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lockstep_api::VmConfig;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{attach_virtio_devices, create_vcpus, new_kvm_vm, open_serial_output, Vm, VmError};
+use crate::device_manager::DeviceManager;
+use crate::device_state::DevicesState;
+use crate::exit::ExitSignal;
+use crate::kvm::Hypervisor;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::x86_64::vcpu_state::VcpuState;
+use crate::x86_64::vm_state::VmState;
+
+const MAGIC: &[u8; 8] = b"LKSSNAP\0";
+/// The snapshot format this lockstep writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Longest header accepted (a corrupt length must not make us allocate gigabytes).
+const MAX_HEADER: u32 = 64 << 10;
+
+/// Why a snapshot could not be written or used.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a lockstep snapshot at all.
+    #[error("{} is not a lockstep snapshot (bad magic)", path.display())]
+    NotASnapshot {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A snapshot of another format version.
+    #[error("{} is snapshot format version {found}; this lockstep reads version {FORMAT_VERSION}", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// Part of the snapshot does not match its checksum.
+    #[error("{} is corrupt: {what}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Which part.
+        what: String,
+    },
+    /// Part of the snapshot is missing.
+    #[error("{} is truncated: {what}", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// What is short.
+        what: String,
+    },
+    /// A sound snapshot this host or this lockstep cannot restore.
+    #[error("cannot restore {}: {why}", path.display())]
+    Incompatible {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Reading the running VM's state failed.
+    #[error("cannot read the VM's state: {0}")]
+    Capture(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where a snapshot's two files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPaths {
+    /// The state file.
+    pub state: PathBuf,
+    /// The guest memory file.
+    pub memory: PathBuf,
+}
+
+/// The JSON header: what a reader checks before trusting the rest.
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    lockstep_version: String,
+    arch: String,
+    vm_name: String,
+    vcpus: u32,
+    memory_bytes: u64,
+    state_bytes: u64,
+    state_crc32: u32,
+}
+
+/// Everything a snapshot holds besides guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    /// The VM's config, to rebuild its devices.
+    pub config: VmConfig,
+    /// Guest memory regions (address, length), in memory-file order.
+    pub regions: Vec<(u64, u64)>,
+    /// Irqchip, PIT and clock.
+    pub vm: VmState,
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// Every device.
+    pub devices: DevicesState,
+}
+
+/// Sizes of a written snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SnapshotStats {
+    /// Bytes of machine state.
+    pub state_bytes: u64,
+    /// Bytes of guest memory.
+    pub memory_bytes: u64,
+}
+
+fn encode(snapshot: &MachineSnapshot) -> Result<Vec<u8>, SnapshotError> {
+    bincode::serde::encode_to_vec(snapshot, bincode::config::standard())
+        .map_err(|e| SnapshotError::Capture(format!("encoding: {e}")))
+}
+
+/// Writes the state file and the memory file. The VM must be paused.
+pub fn write(
+    paths: &SnapshotPaths,
+    snapshot: &MachineSnapshot,
+    mem: &GuestMemoryMmap,
+) -> Result<SnapshotStats, SnapshotError> {
+    let state = encode(snapshot)?;
+    let memory_bytes: u64 = snapshot.regions.iter().map(|r| r.1).sum();
+    let header = Header {
+        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        vm_name: snapshot.config.display_name().to_string(),
+        vcpus: snapshot.vcpus.len() as u32,
+        memory_bytes,
+        state_bytes: state.len() as u64,
+        state_crc32: crc32fast::hash(&state),
+    };
+    let header =
+        serde_json::to_vec(&header).map_err(|e| SnapshotError::Capture(format!("header: {e}")))?;
+
+    let mut mem_file = File::create(&paths.memory).map_err(io_err(&paths.memory))?;
+    for region in mem.iter() {
+        mem.write_all_volatile_to(region.start_addr(), &mut mem_file, region.len() as usize)
+            .map_err(|e| SnapshotError::Io {
+                path: paths.memory.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+    }
+    mem_file.sync_data().map_err(io_err(&paths.memory))?;
+
+    // The state file goes last: a snapshot whose state file exists is complete.
+    let file = File::create(&paths.state).map_err(io_err(&paths.state))?;
+    let mut out = BufWriter::new(file);
+    let mut write_all = |bytes: &[u8]| out.write_all(bytes).map_err(io_err(&paths.state));
+    write_all(MAGIC)?;
+    write_all(&FORMAT_VERSION.to_le_bytes())?;
+    write_all(&(header.len() as u32).to_le_bytes())?;
+    write_all(&crc32fast::hash(&header).to_le_bytes())?;
+    write_all(&header)?;
+    write_all(&state)?;
+    let file = out.into_inner().map_err(|e| SnapshotError::Io {
+        path: paths.state.clone(),
+        source: e.into_error(),
+    })?;
+    file.sync_data().map_err(io_err(&paths.state))?;
+    Ok(SnapshotStats {
+        state_bytes: state.len() as u64,
+        memory_bytes,
+    })
+}
+
+/// Reads and checks a state file, and checks that the memory file has the size it names.
+pub fn read(paths: &SnapshotPaths) -> Result<(MachineSnapshot, File), SnapshotError> {
+    let path = &paths.state;
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let truncated = |what: &str| SnapshotError::Truncated {
+        path: path.clone(),
+        what: what.to_string(),
+    };
+    let corrupt = |what: String| SnapshotError::Corrupt {
+        path: path.clone(),
+        what,
+    };
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err(SnapshotError::NotASnapshot { path: path.clone() });
+    }
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let version = word(8).ok_or_else(|| truncated("no format version"))?;
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path: path.clone(),
+            found: version,
+        });
+    }
+    let header_len = word(12).ok_or_else(|| truncated("no header length"))?;
+    let header_crc = word(16).ok_or_else(|| truncated("no header checksum"))?;
+    if header_len > MAX_HEADER {
+        return Err(corrupt(format!(
+            "header length {header_len} is implausible"
+        )));
+    }
+    let header_bytes = bytes
+        .get(20..20 + header_len as usize)
+        .ok_or_else(|| truncated("the header is cut short"))?;
+    if crc32fast::hash(header_bytes) != header_crc {
+        return Err(corrupt("header checksum mismatch".into()));
+    }
+    let header: Header =
+        serde_json::from_slice(header_bytes).map_err(|e| corrupt(format!("header: {e}")))?;
+    if header.arch != std::env::consts::ARCH {
+        return Err(SnapshotError::Incompatible {
+            path: path.clone(),
+            why: format!(
+                "it was taken on {}, this host is {}",
+                header.arch,
+                std::env::consts::ARCH
+            ),
+        });
+    }
+    let state = &bytes[20 + header_len as usize..];
+    if (state.len() as u64) < header.state_bytes {
+        return Err(truncated(&format!(
+            "{} of {} state bytes",
+            state.len(),
+            header.state_bytes
+        )));
+    }
+    if state.len() as u64 != header.state_bytes {
+        return Err(corrupt(format!(
+            "{} bytes of state where the header says {}",
+            state.len(),
+            header.state_bytes
+        )));
+    }
+    if crc32fast::hash(state) != header.state_crc32 {
+        return Err(corrupt("state checksum mismatch".into()));
+    }
+    let (snapshot, _): (MachineSnapshot, usize) =
+        bincode::serde::decode_from_slice(state, bincode::config::standard()).map_err(|e| {
+            SnapshotError::Incompatible {
+                path: path.clone(),
+                why: format!(
+                    "its state does not decode ({e}); taken by lockstep {}",
+                    header.lockstep_version
+                ),
+            }
+        })?;
+    let memory_bytes: u64 = snapshot.regions.iter().map(|r| r.1).sum();
+    if memory_bytes != header.memory_bytes || snapshot.vcpus.len() as u32 != header.vcpus {
+        return Err(corrupt("the header does not match the state".into()));
+    }
+    let mem_file = File::open(&paths.memory).map_err(io_err(&paths.memory))?;
+    let mem_len = mem_file.metadata().map_err(io_err(&paths.memory))?.len();
+    if mem_len != memory_bytes {
+        return Err(SnapshotError::Truncated {
+            path: paths.memory.clone(),
+            what: format!("{mem_len} bytes of guest memory where the snapshot has {memory_bytes}"),
+        });
+    }
+    Ok((snapshot, mem_file))
+}
+
+impl Vm {
+    /// Rebuilds a VM from a snapshot: the same devices from the saved config, guest memory mapped
+    /// from the memory file, and every saved state put back. The vCPUs have not run yet; the VM
+    /// continues where it was when [`Vm::run`] starts it.
+    pub fn restore(hv: &Hypervisor, paths: &SnapshotPaths) -> Result<Vm, VmError> {
+        let (snapshot, mem_file) = read(paths)?;
+        let config = &snapshot.config;
+        config.validate(&hv.host_limits())?;
+        if snapshot.vcpus.len() as u32 != config.machine_config.vcpu_count {
+            return Err(SnapshotError::Incompatible {
+                path: paths.state.clone(),
+                why: "vCPU count differs from its config".into(),
+            }
+            .into());
+        }
+        let vm_fd = new_kvm_vm(hv)?;
+        let memory = memory::map_memory_file(&mem_file, &snapshot.regions)?;
+        memory::register_memory_slots(&vm_fd, &memory, config.machine_config.track_dirty_pages)?;
+
+        let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+        attach_virtio_devices(&mut devices, config)?;
+        devices.add_serial(open_serial_output(config)?)?;
+        devices
+            .restore_state(&snapshot.devices, &memory)
+            .map_err(|why| SnapshotError::Incompatible {
+                path: paths.state.clone(),
+                why,
+            })?;
+
+        let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
+        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+            state
+                .restore(vcpu.fd())
+                .map_err(|e| SnapshotError::Incompatible {
+                    path: paths.state.clone(),
+                    why: format!("vCPU {}: {e}", vcpu.index()),
+                })?;
+        }
+        snapshot
+            .vm
+            .restore(&vm_fd)
+            .map_err(|e| SnapshotError::Incompatible {
+                path: paths.state.clone(),
+                why: e.to_string(),
+            })?;
+        log::info!(
+            "{}: restored from {}",
+            config.display_name(),
+            paths.state.display()
+        );
+        Ok(Vm {
+            name: config.display_name().to_string(),
+            config: config.clone(),
+            vcpus,
+            vm_fd,
+            memory,
+            devices,
+            entry: None,
+            exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
+            msr_list,
+        })
+    }
+
+    /// The parts of a snapshot the VM object itself holds (devices, memory layout, config),
+    /// plus the given vCPU and VM state; the caller has paused the VM.
+    pub(super) fn capture(&self, vcpus: Vec<VcpuState>) -> Result<MachineSnapshot, SnapshotError> {
+        Ok(MachineSnapshot {
+            config: self.config.clone(),
+            regions: memory::region_layout(&self.memory),
+            vm: VmState::save(&self.vm_fd).map_err(|e| SnapshotError::Capture(e.to_string()))?,
+            vcpus,
+            devices: self.devices.save_state(),
+        })
+    }
+}
