@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 mod error;
+pub mod host_config;
 
 pub use config::{
     BootProtocol, BootSource, HostLimits, HugePages, MachineConfig, SerialConfig, VmConfig,
@@ -15,3 +16,4 @@ pub use devices::{
     MAX_VIRTIO_DEVICES,
 };
 pub use error::ConfigError;
+pub use host_config::{HostConfig, HostVm};

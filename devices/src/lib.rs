@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod metrics;
 mod trigger;
 pub mod virtio;
 

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use lockstep_devices::legacy::{
-    SerialDevice, COM1_IRQ, COM1_PORT, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT_LEN,
+    SerialDevice, COM1_IRQ, COM1_PORT, I8042, I8042_IRQ, I8042_PORT, I8042_PORT_LEN,
+    SERIAL_PORT_LEN,
 };
+use lockstep_devices::metrics::Counters;
 use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
 use lockstep_devices::virtio::rng::{Rng, RngMetrics};
@@ -140,6 +142,9 @@ pub struct VirtioEntry {
     pub device: AttachedDevice,
 }
 
+/// A device's kind, its id (drive or interface id) and its counters.
+pub type DeviceCounters = (&'static str, Option<String>, Arc<dyn Counters>);
+
 /// A device just placed on the bus: itself, its slot and its transport.
 type Attached<D> = (Arc<Mutex<D>>, VirtioSlot, Arc<Mutex<MmioTransport>>);
 
@@ -149,6 +154,7 @@ pub struct DeviceManager {
     mem: GuestMemoryMmap,
     buses: IoBuses,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    i8042: Arc<Mutex<I8042>>,
     serial_rx_ready: EventFd,
     reset_evt: EventFd,
     virtio: Vec<VirtioEntry>,
@@ -159,17 +165,28 @@ impl DeviceManager {
     /// The buses with the i8042 reset line on them.
     pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self, DeviceError> {
         let mut buses = IoBuses::default();
-        let reset_evt = eventfd("the i8042")?;
+        let what = "the i8042";
+        let reset_evt = eventfd(what)?;
         let reset_trigger = reset_evt
             .try_clone()
             .map_err(|source| DeviceError::EventFd {
-                what: "the i8042".into(),
+                what: what.into(),
                 source,
             })?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_trigger))));
+        let keyboard_irq = eventfd(what)?;
+        vm.register_irqfd(&keyboard_irq, I8042_IRQ)
+            .map_err(|source| DeviceError::Irqfd {
+                what: what.into(),
+                irq: I8042_IRQ,
+                source,
+            })?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            EventFdTrigger::new(reset_trigger),
+            EventFdTrigger::new(keyboard_irq),
+        )));
         buses
             .pio
-            .insert(i8042, I8042_PORT, I8042_PORT_LEN)
+            .insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
             .map_err(|source| DeviceError::Bus {
                 what: "the i8042".into(),
                 source,
@@ -179,6 +196,7 @@ impl DeviceManager {
             mem,
             buses,
             serial: None,
+            i8042,
             serial_rx_ready: eventfd("the serial port")?,
             reset_evt,
             virtio: Vec::new(),
@@ -305,6 +323,24 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Every device's counters: kind (`serial`, `block`, `rng`, ...), id, counters.
+    pub fn counters(&self) -> Vec<DeviceCounters> {
+        let mut all: Vec<DeviceCounters> = Vec::new();
+        if let Some(serial) = &self.serial {
+            let metrics = serial.lock().unwrap_or_else(|p| p.into_inner()).metrics();
+            all.push(("serial", None, metrics));
+        }
+        for e in &self.virtio {
+            all.push(match &e.device {
+                AttachedDevice::Block { id, metrics, .. } => {
+                    ("block", Some(id.clone()), metrics.clone())
+                }
+                AttachedDevice::Rng { metrics, .. } => ("rng", None, metrics.clone()),
+            });
+        }
+        all
+    }
+
     /// The virtio devices, in slot order.
     pub fn virtio_devices(&self) -> &[VirtioEntry] {
         &self.virtio
@@ -333,6 +369,19 @@ impl DeviceManager {
     /// Signalled when the guest drains COM1's receive FIFO.
     pub fn serial_rx_ready(&self) -> &EventFd {
         &self.serial_rx_ready
+    }
+
+    /// The keyboard controller.
+    pub fn i8042(&self) -> &Arc<Mutex<I8042>> {
+        &self.i8042
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_ctrl_alt_del()
     }
 
     /// Signalled when the guest pulses the i8042 reset line.

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use lockstep_devices::legacy::SerialState;
+use lockstep_devices::legacy::{I8042State, SerialState};
 use lockstep_devices::virtio::block::BlockState;
 use lockstep_devices::virtio::mmio::MmioTransportState;
 use lockstep_devices::virtio::rng::RngState;
@@ -38,6 +38,8 @@ pub enum DeviceKindState {
 pub struct DevicesState {
     /// COM1.
     pub serial: Option<SerialState>,
+    /// The keyboard controller.
+    pub i8042: I8042State,
     /// The virtio devices in slot order.
     pub virtio: Vec<VirtioDeviceState>,
 }
@@ -68,6 +70,7 @@ impl DeviceManager {
             .collect();
         DevicesState {
             serial: self.serial().map(|s| lock(s).save_state()),
+            i8042: lock(self.i8042()).save_state(),
             virtio,
         }
     }
@@ -79,6 +82,7 @@ impl DeviceManager {
                 .restore_state(saved)
                 .map_err(|e| format!("serial: {e}"))?;
         }
+        lock(self.i8042()).restore_state(&state.i8042);
         let devices = self.virtio_devices();
         if devices.len() != state.virtio.len() {
             return Err(format!(

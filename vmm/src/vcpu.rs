@@ -77,6 +77,13 @@ pub struct VcpuMetrics {
     pub unhandled_accesses: AtomicU64,
 }
 
+lockstep_devices::impl_counters!(VcpuMetrics {
+    exits,
+    pio_exits,
+    mmio_exits,
+    unhandled_accesses
+});
+
 /// A vCPU that has been configured and not yet started.
 pub struct Vcpu {
     index: u32,
@@ -99,6 +106,11 @@ impl Vcpu {
     /// The KVM vCPU, for register setup before the first run.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// The vCPU's counters.
+    pub fn metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.metrics
     }
 
     /// The vCPU's index (also its APIC ID).

@@ -30,6 +30,12 @@ pub struct SerialMetrics {
     pub bytes_in: AtomicU64,
 }
 
+crate::impl_counters!(SerialMetrics {
+    bytes_out,
+    bytes_lost,
+    bytes_in
+});
+
 /// Ties vm-superio's serial events to lockstep: counters, and a wake-up for the input side when
 /// the guest has drained the receive FIFO.
 struct Events {

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::boot::{self, BootError};
 use crate::console;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceCounters, DeviceError, DeviceManager};
 use crate::exit::ExitSignal;
 use crate::kvm::{Hypervisor, KvmError};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
@@ -31,6 +31,7 @@ use crate::x86_64::layout::KVM_TSS_ADDRESS;
 use crate::x86_64::mptable::{write_mptable, MpTableError};
 use crate::x86_64::msr::boot_msrs;
 use crate::x86_64::regs::{setup_boot_vcpu, setup_lapic, BootEntry, RegsError};
+use lockstep_devices::metrics::Counters;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, Error)]
@@ -105,6 +106,15 @@ impl VmError {
 
 fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
+}
+
+/// Handles on a VM's counters, valid for as long as the VM lives.
+#[derive(Clone)]
+pub struct VmCounters {
+    /// One per vCPU.
+    pub vcpus: Vec<Arc<dyn Counters>>,
+    /// One per device.
+    pub devices: Vec<DeviceCounters>,
 }
 
 /// A VM built from a config and ready to run.
@@ -186,6 +196,18 @@ impl Vm {
     /// How the boot vCPU enters the kernel (none for a restored VM).
     pub fn boot_entry(&self) -> Option<BootEntry> {
         self.entry
+    }
+
+    /// Where the VM's counters can be read while it runs: each vCPU's, and each device's.
+    pub fn counters(&self) -> VmCounters {
+        VmCounters {
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(|v| v.metrics().clone() as Arc<dyn Counters>)
+                .collect(),
+            devices: self.devices.counters(),
+        }
     }
 
     /// The config the VM was built from.

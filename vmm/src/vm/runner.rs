@@ -60,6 +60,8 @@ pub enum VmCommand {
     Stop,
     /// Write a snapshot (pausing around it if the VM runs).
     Snapshot(SnapshotPaths),
+    /// Press Ctrl-Alt-Del on the guest's keyboard: a cooperating guest shuts down or reboots.
+    SendCtrlAltDel,
 }
 
 /// The VM's answer to a [`VmCommand`].
@@ -230,6 +232,16 @@ impl Running {
                 Ok(VmReply::Stopping)
             }
             VmCommand::Snapshot(paths) => self.snapshot(&paths),
+            VmCommand::SendCtrlAltDel => {
+                if self.state != RunState::Running {
+                    return Err(ControlError::Failed("the VM is paused".into()));
+                }
+                self.vm
+                    .devices
+                    .send_ctrl_alt_del()
+                    .map_err(ControlError::Failed)?;
+                Ok(VmReply::State(self.state))
+            }
         }
     }
 }

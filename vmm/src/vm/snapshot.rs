@@ -298,7 +298,21 @@ impl Vm {
     /// from the memory file, and every saved state put back. The vCPUs have not run yet; the VM
     /// continues where it was when [`Vm::run`] starts it.
     pub fn restore(hv: &Hypervisor, paths: &SnapshotPaths) -> Result<Vm, VmError> {
-        let (snapshot, mem_file) = read(paths)?;
+        Self::restore_with(hv, paths, |_| Ok(()))
+    }
+
+    /// [`Vm::restore`], letting `adjust` change the saved config first (a host gives a restored
+    /// VM its own name and log); an error from it refuses the restore.
+    pub fn restore_with(
+        hv: &Hypervisor,
+        paths: &SnapshotPaths,
+        adjust: impl FnOnce(&mut VmConfig) -> Result<(), String>,
+    ) -> Result<Vm, VmError> {
+        let (mut snapshot, mem_file) = read(paths)?;
+        adjust(&mut snapshot.config).map_err(|why| SnapshotError::Incompatible {
+            path: paths.state.clone(),
+            why,
+        })?;
         let config = &snapshot.config;
         config.validate(&hv.host_limits())?;
         if snapshot.vcpus.len() as u32 != config.machine_config.vcpu_count {

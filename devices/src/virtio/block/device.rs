@@ -54,6 +54,16 @@ pub struct BlockMetrics {
     pub dropped: AtomicU64,
 }
 
+crate::impl_counters!(BlockMetrics {
+    reads,
+    writes,
+    flushes,
+    bytes_read,
+    bytes_written,
+    errors,
+    dropped
+});
+
 /// Everything the guest can observe of a drive, for snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {

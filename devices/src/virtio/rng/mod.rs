@@ -30,6 +30,12 @@ pub struct RngMetrics {
     pub errors: AtomicU64,
 }
 
+crate::impl_counters!(RngMetrics {
+    requests,
+    bytes,
+    errors
+});
+
 /// Saved state of the entropy device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngState {

@@ -1,0 +1,564 @@
+//! A lockstep host: many VMs in one process, each on its own owner thread, managed only through
+//! [`HostControl`]. One VM failing (a bad kernel, a crash, a triple fault, even a panic in its
+//! VMM thread) marks that VM failed and leaves the host and the other VMs running.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lockstep_api::control::{
+    ControlError, DeviceMetrics, HostControl, HostInfo, RestoreRequest, ShutdownRequest,
+    SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
+};
+use lockstep_api::VmConfig;
+
+use crate::exit::ExitReason;
+use crate::kvm::{host_memory_mib, Hypervisor};
+use crate::vm::{
+    ControlError as VmControlError, RunOptions, RunState, SnapshotPaths, Vm, VmCommand, VmControl,
+    VmCounters, VmError, VmReply,
+};
+
+/// How long a VM's owner thread may take to answer a simple command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a guest gets to shut itself down when the request does not say.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running VM's handles.
+struct Runtime {
+    control: VmControl,
+    counters: VmCounters,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the host knows of one VM.
+struct SlotState {
+    config: VmConfig,
+    state: VmState,
+    exit_reason: Option<String>,
+    boot_count: u64,
+    runtime: Option<Runtime>,
+}
+
+/// One VM's place on the host.
+struct Slot {
+    name: String,
+    inner: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The host.
+pub struct Host {
+    hv: Hypervisor,
+    state_dir: PathBuf,
+    vms: Mutex<BTreeMap<String, Arc<Slot>>>,
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Internal(e.to_string())
+}
+
+fn vm_error(e: VmError) -> ControlError {
+    if e.is_config_error() {
+        ControlError::BadRequest(e.to_string())
+    } else {
+        ControlError::Internal(e.to_string())
+    }
+}
+
+fn control_error(e: VmControlError) -> ControlError {
+    match e {
+        VmControlError::Gone => ControlError::Conflict("the VM is not running".into()),
+        VmControlError::Failed(msg) => ControlError::Internal(msg),
+    }
+}
+
+/// How an ended VM is reported: its new state and the reason.
+fn ended(reason: &ExitReason) -> (VmState, String) {
+    match reason {
+        ExitReason::GuestReset => (VmState::Stopped, "the guest reset itself".into()),
+        ExitReason::GuestShutdown => (VmState::Stopped, "the guest powered off".into()),
+        ExitReason::Requested { .. } => (VmState::Stopped, "stopped by request".into()),
+        ExitReason::VcpuError(msg) => (VmState::Failed, msg.clone()),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+impl Host {
+    /// A host with no VMs, keeping its files under `state_dir`.
+    pub fn new(hv: Hypervisor, state_dir: &Path) -> std::io::Result<Host> {
+        std::fs::create_dir_all(state_dir)?;
+        Ok(Host {
+            hv,
+            state_dir: state_dir.to_owned(),
+            vms: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, name: &str) -> Result<Arc<Slot>, ControlError> {
+        self.vms()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
+    fn info(slot: &Slot, s: &SlotState) -> VmInfo {
+        VmInfo {
+            name: slot.name.clone(),
+            state: s.state,
+            vcpus: s.config.machine_config.vcpu_count,
+            mem_size_mib: s.config.machine_config.mem_size_mib,
+            exit_reason: s.exit_reason.clone(),
+            serial_log: s.config.serial.output_path.clone(),
+            console_socket: None,
+            firecracker_socket: None,
+            boot_count: s.boot_count,
+        }
+    }
+
+    /// Gives a VM config the host's defaults: its serial log in the VM's folder.
+    fn place(&self, config: &mut VmConfig, name: &str) -> Result<(), ControlError> {
+        let dir = self.vm_dir(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
+        if config.serial.output_path.is_none() {
+            config.serial.output_path = Some(dir.join("serial.log"));
+        }
+        config.name = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Runs `vm` on a new owner thread and records it in `slot` (whose lock the caller holds).
+    fn launch(
+        &self,
+        slot: &Arc<Slot>,
+        s: &mut SlotState,
+        vm: Vm,
+        paused: bool,
+    ) -> Result<(), ControlError> {
+        let (control, receiver) = VmControl::new().map_err(internal)?;
+        let counters = vm.counters();
+        let owner = slot.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vm-{}", slot.name))
+            .spawn(move || {
+                let options = RunOptions {
+                    control: Some(receiver),
+                    paused,
+                    ..Default::default()
+                };
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| vm.run(options)));
+                let (state, reason) = match outcome {
+                    Ok(Ok(reason)) => ended(&reason),
+                    Ok(Err(e)) => (VmState::Failed, e.to_string()),
+                    Err(_) => (VmState::Failed, "the VM's VMM thread panicked".to_string()),
+                };
+                log::info!("{}: {reason}", owner.name);
+                let mut s = owner.lock();
+                s.state = state;
+                s.exit_reason = Some(reason);
+                s.runtime = None;
+                owner.changed.notify_all();
+            })
+            .map_err(internal)?;
+        s.runtime = Some(Runtime {
+            control,
+            counters,
+            thread: Some(thread),
+        });
+        s.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        s.exit_reason = None;
+        s.boot_count += 1;
+        Ok(())
+    }
+
+    fn start_locked(&self, slot: &Arc<Slot>, s: &mut SlotState) -> Result<(), ControlError> {
+        if !matches!(
+            s.state,
+            VmState::Created | VmState::Stopped | VmState::Failed
+        ) {
+            return Err(ControlError::Conflict(format!(
+                "VM {:?} is {:?}; only a VM that is not running can be started",
+                slot.name, s.state
+            )));
+        }
+        let vm = match Vm::create(&self.hv, &s.config) {
+            Ok(vm) => vm,
+            Err(e) => {
+                s.state = VmState::Failed;
+                s.exit_reason = Some(e.to_string());
+                return Err(vm_error(e));
+            }
+        };
+        self.launch(slot, s, vm, false)
+    }
+
+    /// Sends a command to a running VM without holding its lock while waiting.
+    fn command(
+        &self,
+        slot: &Slot,
+        command: VmCommand,
+        timeout: Duration,
+    ) -> Result<VmReply, ControlError> {
+        let control = slot
+            .lock()
+            .runtime
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(|| ControlError::Conflict(format!("VM {:?} is not running", slot.name)))?;
+        control.call(command, timeout).map_err(control_error)
+    }
+
+    /// Stops a VM by force (if it runs) and waits for its owner thread to end.
+    fn stop_and_wait(&self, slot: &Slot) -> Result<(), ControlError> {
+        let thread = {
+            let mut s = slot.lock();
+            let Some(runtime) = s.runtime.as_mut() else {
+                return Ok(());
+            };
+            let _ = runtime.control.call(VmCommand::Stop, COMMAND_TIMEOUT);
+            runtime.thread.take()
+        };
+        if let Some(thread) = thread {
+            thread
+                .join()
+                .map_err(|_| internal("the VM's owner thread panicked"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the VM is no longer running, or the deadline passes; true if it stopped.
+    fn wait_stopped(&self, slot: &Slot, deadline: Instant) -> bool {
+        let mut s = slot.lock();
+        while s.runtime.is_some() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = slot
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Stops every VM (for the host's own shutdown).
+    pub fn stop_all(&self) {
+        let slots: Vec<Arc<Slot>> = self.vms().values().cloned().collect();
+        for slot in slots {
+            if let Err(e) = self.stop_and_wait(&slot) {
+                log::warn!("{}: {e}", slot.name);
+            }
+        }
+    }
+
+    fn set_state(slot: &Slot, reply: VmReply) -> VmInfo {
+        let mut s = slot.lock();
+        if let VmReply::State(run) = reply {
+            if s.runtime.is_some() {
+                s.state = match run {
+                    RunState::Running => VmState::Running,
+                    RunState::Paused => VmState::Paused,
+                };
+            }
+        }
+        Host::info(slot, &s)
+    }
+
+    fn default_snapshot_paths(&self, name: &str) -> SnapshotPaths {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let dir = self.vm_dir(name).join("snapshots");
+        SnapshotPaths {
+            state: dir.join(format!("{stamp}.state")),
+            memory: dir.join(format!("{stamp}.mem")),
+        }
+    }
+}
+
+impl HostControl for Host {
+    fn host_info(&self) -> HostInfo {
+        let backend = self.hv.backend();
+        HostInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            kvm_backend: backend.short_name().to_string(),
+            kvm_backend_description: backend.to_string(),
+            mem_mib: host_memory_mib().unwrap_or(0),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            vm_count: self.vms().len(),
+        }
+    }
+
+    fn list_vms(&self) -> Vec<VmInfo> {
+        let slots: Vec<Arc<Slot>> = self.vms().values().cloned().collect();
+        slots
+            .iter()
+            .map(|slot| Host::info(slot, &slot.lock()))
+            .collect()
+    }
+
+    fn create_vm(&self, mut config: VmConfig, start: bool) -> Result<VmInfo, ControlError> {
+        let name = config
+            .name
+            .clone()
+            .ok_or_else(|| ControlError::BadRequest("name: a VM on a host needs a name".into()))?;
+        if !valid_name(&name) {
+            return Err(ControlError::BadRequest(format!(
+                "name: {name:?} is not a valid VM name: use 1 to 64 of A-Z a-z 0-9 - _ ."
+            )));
+        }
+        if self.vms().contains_key(&name) {
+            return Err(ControlError::Conflict(format!(
+                "a VM named {name:?} exists already"
+            )));
+        }
+        config
+            .validate(&self.hv.host_limits())
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        self.place(&mut config, &name)?;
+        let slot = Arc::new(Slot {
+            name: name.clone(),
+            inner: Mutex::new(SlotState {
+                config,
+                state: VmState::Created,
+                exit_reason: None,
+                boot_count: 0,
+                runtime: None,
+            }),
+            changed: Condvar::new(),
+        });
+        {
+            let mut vms = self.vms();
+            if vms.contains_key(&name) {
+                return Err(ControlError::Conflict(format!(
+                    "a VM named {name:?} exists already"
+                )));
+            }
+            vms.insert(name.clone(), slot.clone());
+        }
+        log::info!("{name}: defined");
+        let mut s = slot.lock();
+        if start {
+            self.start_locked(&slot, &mut s)?;
+        }
+        Ok(Host::info(&slot, &s))
+    }
+
+    fn get_vm(&self, name: &str) -> Result<VmDetails, ControlError> {
+        let slot = self.slot(name)?;
+        let s = slot.lock();
+        Ok(VmDetails {
+            info: Host::info(&slot, &s),
+            config: s.config.clone(),
+        })
+    }
+
+    fn start_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        let mut s = slot.lock();
+        self.start_locked(&slot, &mut s)?;
+        Ok(Host::info(&slot, &s))
+    }
+
+    fn pause_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        let reply = self.command(&slot, VmCommand::Pause, COMMAND_TIMEOUT)?;
+        Ok(Host::set_state(&slot, reply))
+    }
+
+    fn resume_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        let reply = self.command(&slot, VmCommand::Resume, COMMAND_TIMEOUT)?;
+        Ok(Host::set_state(&slot, reply))
+    }
+
+    fn shutdown_vm(&self, name: &str, request: ShutdownRequest) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        if slot.lock().runtime.is_none() {
+            return Err(ControlError::Conflict(format!(
+                "VM {name:?} is not running"
+            )));
+        }
+        if !request.force {
+            let timeout = request
+                .timeout_s
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+            match self.command(&slot, VmCommand::SendCtrlAltDel, COMMAND_TIMEOUT) {
+                Ok(_) => {
+                    slot.lock().state = VmState::ShuttingDown;
+                    if self.wait_stopped(&slot, Instant::now() + timeout) {
+                        let info = Host::info(&slot, &slot.lock());
+                        return Ok(info);
+                    }
+                    log::info!("{name}: the guest did not stop within {timeout:?}; stopping it");
+                }
+                Err(e) => log::info!("{name}: cannot ask the guest to stop ({e}); stopping it"),
+            }
+        }
+        self.stop_and_wait(&slot)?;
+        let info = Host::info(&slot, &slot.lock());
+        Ok(info)
+    }
+
+    fn reset_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        self.stop_and_wait(&slot)?;
+        let mut s = slot.lock();
+        self.start_locked(&slot, &mut s)?;
+        Ok(Host::info(&slot, &s))
+    }
+
+    fn delete_vm(&self, name: &str) -> Result<(), ControlError> {
+        let slot = self.slot(name)?;
+        self.stop_and_wait(&slot)?;
+        self.vms().remove(name);
+        log::info!("{name}: deleted");
+        Ok(())
+    }
+
+    fn snapshot_vm(
+        &self,
+        name: &str,
+        request: SnapshotRequest,
+    ) -> Result<SnapshotInfo, ControlError> {
+        let slot = self.slot(name)?;
+        let defaults = self.default_snapshot_paths(name);
+        let paths = SnapshotPaths {
+            state: request.state_path.unwrap_or(defaults.state),
+            memory: request.memory_path.unwrap_or(defaults.memory),
+        };
+        for path in [&paths.state, &paths.memory] {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    ControlError::BadRequest(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let started = Instant::now();
+        match self.command(&slot, VmCommand::Snapshot(paths.clone()), SNAPSHOT_TIMEOUT)? {
+            VmReply::Snapshot(stats) => Ok(SnapshotInfo {
+                state_path: paths.state,
+                memory_path: paths.memory,
+                state_bytes: stats.state_bytes,
+                memory_bytes: stats.memory_bytes,
+                duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            }),
+            other => Err(internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    fn restore_vm(&self, request: RestoreRequest) -> Result<VmInfo, ControlError> {
+        let paths = SnapshotPaths {
+            state: request.state_path.clone(),
+            memory: request.memory_path.clone(),
+        };
+        let mut chosen: Option<String> = None;
+        let vm = Vm::restore_with(&self.hv, &paths, |config| {
+            let name = request.name.clone().or_else(|| config.name.clone()).unwrap_or_else(|| "restored".into());
+            if !valid_name(&name) || self.vms().contains_key(&name) {
+                return Err(format!("a VM named {name:?} exists already, or the name is invalid; choose another with \"name\""));
+            }
+            if request.name.is_some() || config.name.is_none() {
+                // A new name gets a serial log of its own.
+                config.serial.output_path = None;
+            }
+            self.place(config, &name).map_err(|e| e.to_string())?;
+            chosen = Some(name);
+            Ok(())
+        })
+        .map_err(vm_error)?;
+        let name = chosen.expect("set by the config adjustment");
+        let config = vm.config().clone();
+        let slot = Arc::new(Slot {
+            name: name.clone(),
+            inner: Mutex::new(SlotState {
+                config,
+                state: VmState::Created,
+                exit_reason: None,
+                boot_count: 0,
+                runtime: None,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut vms = self.vms();
+        if vms.contains_key(&name) {
+            return Err(ControlError::Conflict(format!(
+                "a VM named {name:?} exists already"
+            )));
+        }
+        let mut s = slot.lock();
+        self.launch(&slot, &mut s, vm, !request.resume)?;
+        let info = Host::info(&slot, &s);
+        drop(s);
+        vms.insert(name, slot);
+        Ok(info)
+    }
+
+    fn vm_metrics(&self, name: &str) -> Result<VmMetrics, ControlError> {
+        let slot = self.slot(name)?;
+        let s = slot.lock();
+        let mut vcpu: BTreeMap<String, u64> = BTreeMap::new();
+        let mut devices = Vec::new();
+        if let Some(runtime) = &s.runtime {
+            for counters in &runtime.counters.vcpus {
+                for (k, v) in counters.counters() {
+                    *vcpu.entry(k.to_string()).or_default() += v;
+                }
+            }
+            for (kind, id, counters) in &runtime.counters.devices {
+                devices.push(DeviceMetrics {
+                    kind: kind.to_string(),
+                    id: id.clone(),
+                    counters: counters
+                        .counters()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                });
+            }
+        }
+        Ok(VmMetrics {
+            name: name.to_string(),
+            vcpu,
+            devices,
+        })
+    }
+}
