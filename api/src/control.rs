@@ -164,6 +164,36 @@ pub struct HostInfo {
     pub vm_count: usize,
 }
 
+/// Something that happened on the host, for subscribers (CIM indications).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum HostEvent {
+    /// A VM was defined.
+    VmCreated {
+        /// The VM.
+        name: String,
+    },
+    /// A VM's state changed.
+    VmStateChanged {
+        /// The VM.
+        name: String,
+        /// Its state before.
+        previous: VmState,
+        /// Its state now.
+        current: VmState,
+    },
+    /// A VM's config changed.
+    VmModified {
+        /// The VM.
+        name: String,
+    },
+    /// A VM was removed.
+    VmDeleted {
+        /// The VM.
+        name: String,
+    },
+}
+
 /// Why a control operation failed; each maps to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ControlError {
@@ -226,4 +256,8 @@ pub trait HostControl: Send + Sync + 'static {
     fn restore_vm(&self, request: RestoreRequest) -> Result<VmInfo, ControlError>;
     /// A VM's counters.
     fn vm_metrics(&self, name: &str) -> Result<VmMetrics, ControlError>;
+    /// Replaces the config of a VM that is not running (its name cannot change).
+    fn update_vm(&self, name: &str, config: VmConfig) -> Result<VmInfo, ControlError>;
+    /// Events from now on, until the receiver is dropped.
+    fn subscribe(&self) -> std::sync::mpsc::Receiver<HostEvent>;
 }

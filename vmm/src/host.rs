@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lockstep_api::control::{
-    ControlError, DeviceMetrics, HostControl, HostInfo, RestoreRequest, ShutdownRequest,
+    ControlError, DeviceMetrics, HostControl, HostEvent, HostInfo, RestoreRequest, ShutdownRequest,
     SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
 };
 use lockstep_api::VmConfig;
@@ -45,16 +45,67 @@ struct SlotState {
     runtime: Option<Runtime>,
 }
 
+/// Sends host events to every subscriber that is still listening.
+#[derive(Default)]
+struct Broadcaster {
+    subscribers: Mutex<Vec<mpsc::Sender<HostEvent>>>,
+}
+
+impl Broadcaster {
+    fn send(&self, event: HostEvent) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subs.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    fn subscribe(&self) -> mpsc::Receiver<HostEvent> {
+        let (tx, rx) = mpsc::channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+}
+
 /// One VM's place on the host.
 struct Slot {
     name: String,
     inner: Mutex<SlotState>,
     changed: Condvar,
+    events: Arc<Broadcaster>,
 }
 
 impl Slot {
+    fn new(name: &str, config: VmConfig, events: Arc<Broadcaster>) -> Arc<Slot> {
+        Arc::new(Slot {
+            name: name.to_string(),
+            inner: Mutex::new(SlotState {
+                config,
+                state: VmState::Created,
+                exit_reason: None,
+                boot_count: 0,
+                runtime: None,
+            }),
+            changed: Condvar::new(),
+            events,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, SlotState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the state (the caller holds the lock as `s`), telling subscribers and waiters.
+    fn set_state(&self, s: &mut SlotState, state: VmState) {
+        if s.state != state {
+            let previous = std::mem::replace(&mut s.state, state);
+            self.events.send(HostEvent::VmStateChanged {
+                name: self.name.clone(),
+                previous,
+                current: state,
+            });
+        }
+        self.changed.notify_all();
     }
 }
 
@@ -63,6 +114,7 @@ pub struct Host {
     hv: Hypervisor,
     state_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Arc<Slot>>>,
+    events: Arc<Broadcaster>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ControlError {
@@ -111,6 +163,7 @@ impl Host {
             hv,
             state_dir: state_dir.to_owned(),
             vms: Mutex::new(BTreeMap::new()),
+            events: Arc::default(),
         })
     }
 
@@ -182,10 +235,9 @@ impl Host {
                 };
                 log::info!("{}: {reason}", owner.name);
                 let mut s = owner.lock();
-                s.state = state;
                 s.exit_reason = Some(reason);
                 s.runtime = None;
-                owner.changed.notify_all();
+                owner.set_state(&mut s, state);
             })
             .map_err(internal)?;
         s.runtime = Some(Runtime {
@@ -193,13 +245,16 @@ impl Host {
             counters,
             thread: Some(thread),
         });
-        s.state = if paused {
-            VmState::Paused
-        } else {
-            VmState::Running
-        };
         s.exit_reason = None;
         s.boot_count += 1;
+        slot.set_state(
+            s,
+            if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+        );
         Ok(())
     }
 
@@ -216,8 +271,8 @@ impl Host {
         let vm = match Vm::create(&self.hv, &s.config) {
             Ok(vm) => vm,
             Err(e) => {
-                s.state = VmState::Failed;
                 s.exit_reason = Some(e.to_string());
+                slot.set_state(s, VmState::Failed);
                 return Err(vm_error(e));
             }
         };
@@ -285,14 +340,15 @@ impl Host {
         }
     }
 
-    fn set_state(slot: &Slot, reply: VmReply) -> VmInfo {
+    fn apply_reply(slot: &Slot, reply: VmReply) -> VmInfo {
         let mut s = slot.lock();
         if let VmReply::State(run) = reply {
             if s.runtime.is_some() {
-                s.state = match run {
+                let state = match run {
                     RunState::Running => VmState::Running,
                     RunState::Paused => VmState::Paused,
                 };
+                slot.set_state(&mut s, state);
             }
         }
         Host::info(slot, &s)
@@ -353,17 +409,7 @@ impl HostControl for Host {
             .validate(&self.hv.host_limits())
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         self.place(&mut config, &name)?;
-        let slot = Arc::new(Slot {
-            name: name.clone(),
-            inner: Mutex::new(SlotState {
-                config,
-                state: VmState::Created,
-                exit_reason: None,
-                boot_count: 0,
-                runtime: None,
-            }),
-            changed: Condvar::new(),
-        });
+        let slot = Slot::new(&name, config, self.events.clone());
         {
             let mut vms = self.vms();
             if vms.contains_key(&name) {
@@ -374,6 +420,8 @@ impl HostControl for Host {
             vms.insert(name.clone(), slot.clone());
         }
         log::info!("{name}: defined");
+        self.events
+            .send(HostEvent::VmCreated { name: name.clone() });
         let mut s = slot.lock();
         if start {
             self.start_locked(&slot, &mut s)?;
@@ -400,13 +448,13 @@ impl HostControl for Host {
     fn pause_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
         let slot = self.slot(name)?;
         let reply = self.command(&slot, VmCommand::Pause, COMMAND_TIMEOUT)?;
-        Ok(Host::set_state(&slot, reply))
+        Ok(Host::apply_reply(&slot, reply))
     }
 
     fn resume_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
         let slot = self.slot(name)?;
         let reply = self.command(&slot, VmCommand::Resume, COMMAND_TIMEOUT)?;
-        Ok(Host::set_state(&slot, reply))
+        Ok(Host::apply_reply(&slot, reply))
     }
 
     fn shutdown_vm(&self, name: &str, request: ShutdownRequest) -> Result<VmInfo, ControlError> {
@@ -423,7 +471,12 @@ impl HostControl for Host {
                 .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
             match self.command(&slot, VmCommand::SendCtrlAltDel, COMMAND_TIMEOUT) {
                 Ok(_) => {
-                    slot.lock().state = VmState::ShuttingDown;
+                    {
+                        let mut s = slot.lock();
+                        if s.runtime.is_some() {
+                            slot.set_state(&mut s, VmState::ShuttingDown);
+                        }
+                    }
                     if self.wait_stopped(&slot, Instant::now() + timeout) {
                         let info = Host::info(&slot, &slot.lock());
                         return Ok(info);
@@ -451,6 +504,9 @@ impl HostControl for Host {
         self.stop_and_wait(&slot)?;
         self.vms().remove(name);
         log::info!("{name}: deleted");
+        self.events.send(HostEvent::VmDeleted {
+            name: name.to_string(),
+        });
         Ok(())
     }
 
@@ -506,18 +562,7 @@ impl HostControl for Host {
         })
         .map_err(vm_error)?;
         let name = chosen.expect("set by the config adjustment");
-        let config = vm.config().clone();
-        let slot = Arc::new(Slot {
-            name: name.clone(),
-            inner: Mutex::new(SlotState {
-                config,
-                state: VmState::Created,
-                exit_reason: None,
-                boot_count: 0,
-                runtime: None,
-            }),
-            changed: Condvar::new(),
-        });
+        let slot = Slot::new(&name, vm.config().clone(), self.events.clone());
         let mut vms = self.vms();
         if vms.contains_key(&name) {
             return Err(ControlError::Conflict(format!(
@@ -528,7 +573,9 @@ impl HostControl for Host {
         self.launch(&slot, &mut s, vm, !request.resume)?;
         let info = Host::info(&slot, &s);
         drop(s);
-        vms.insert(name, slot);
+        vms.insert(name.clone(), slot);
+        drop(vms);
+        self.events.send(HostEvent::VmCreated { name });
         Ok(info)
     }
 
@@ -560,5 +607,36 @@ impl HostControl for Host {
             vcpu,
             devices,
         })
+    }
+
+    fn update_vm(&self, name: &str, mut config: VmConfig) -> Result<VmInfo, ControlError> {
+        let slot = self.slot(name)?;
+        if config.name.as_deref().is_some_and(|n| n != name) {
+            return Err(ControlError::BadRequest(format!(
+                "name: a VM cannot be renamed (from {name:?})"
+            )));
+        }
+        config
+            .validate(&self.hv.host_limits())
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        self.place(&mut config, name)?;
+        let mut s = slot.lock();
+        if s.runtime.is_some() {
+            return Err(ControlError::Conflict(format!(
+                "VM {name:?} is {:?}; stop it to change its settings",
+                s.state
+            )));
+        }
+        s.config = config;
+        let info = Host::info(&slot, &s);
+        drop(s);
+        self.events.send(HostEvent::VmModified {
+            name: name.to_string(),
+        });
+        Ok(info)
+    }
+
+    fn subscribe(&self) -> mpsc::Receiver<HostEvent> {
+        self.events.subscribe()
     }
 }
