@@ -13,6 +13,7 @@ use lockstep_devices::legacy::{
 use lockstep_devices::metrics::Counters;
 use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
+use lockstep_devices::virtio::net::{Net, NetConfig, NetMetrics};
 use lockstep_devices::virtio::rng::{Rng, RngMetrics};
 use lockstep_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use lockstep_devices::EventFdTrigger;
@@ -122,6 +123,15 @@ pub enum AttachedDevice {
         device: Arc<Mutex<Block>>,
         /// Its counters.
         metrics: Arc<BlockMetrics>,
+    },
+    /// A network interface.
+    Net {
+        /// The interface's id.
+        id: String,
+        /// The device.
+        device: Arc<Mutex<Net>>,
+        /// Its counters.
+        metrics: Arc<NetMetrics>,
     },
     /// The entropy device.
     Rng {
@@ -306,6 +316,28 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Adds a virtio-net interface on its tap; `field` names its config entry for errors.
+    pub fn add_net(&mut self, config: &NetConfig, field: &str) -> Result<VirtioSlot, DeviceError> {
+        let what = format!("network interface {}", config.iface_id);
+        let (device, slot, transport) = self.add_virtio(&what, |interrupt| {
+            Net::new(config, interrupt).map_err(|e| DeviceError::Backend {
+                field: format!("{field}.host_dev_name"),
+                message: e.to_string(),
+            })
+        })?;
+        let metrics = device.lock().unwrap_or_else(|p| p.into_inner()).metrics();
+        self.virtio.push(VirtioEntry {
+            slot,
+            transport,
+            device: AttachedDevice::Net {
+                id: config.iface_id.clone(),
+                device,
+                metrics,
+            },
+        });
+        Ok(slot)
+    }
+
     /// Adds the virtio-rng entropy device.
     pub fn add_rng(&mut self) -> Result<VirtioSlot, DeviceError> {
         let (device, slot, transport) = self.add_virtio("the entropy device", |interrupt| {
@@ -334,6 +366,9 @@ impl DeviceManager {
             all.push(match &e.device {
                 AttachedDevice::Block { id, metrics, .. } => {
                     ("block", Some(id.clone()), metrics.clone())
+                }
+                AttachedDevice::Net { id, metrics, .. } => {
+                    ("net", Some(id.clone()), metrics.clone())
                 }
                 AttachedDevice::Rng { metrics, .. } => ("rng", None, metrics.clone()),
             });

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use lockstep_devices::legacy::{I8042State, SerialState};
 use lockstep_devices::virtio::block::BlockState;
 use lockstep_devices::virtio::mmio::MmioTransportState;
+use lockstep_devices::virtio::net::NetState;
 use lockstep_devices::virtio::rng::RngState;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,8 @@ pub struct VirtioDeviceState {
 pub enum DeviceKindState {
     /// A drive.
     Block(BlockState),
+    /// A network interface.
+    Net(NetState),
     /// The entropy device.
     Rng(RngState),
 }
@@ -61,6 +64,9 @@ impl DeviceManager {
                 device: match &e.device {
                     AttachedDevice::Block { device, .. } => {
                         DeviceKindState::Block(lock(device).save_state())
+                    }
+                    AttachedDevice::Net { device, .. } => {
+                        DeviceKindState::Net(lock(device).save_state())
                     }
                     AttachedDevice::Rng { device, .. } => {
                         DeviceKindState::Rng(lock(device).save_state())
@@ -100,6 +106,9 @@ impl DeviceManager {
             }
             let result = match (&saved.device, &entry.device) {
                 (DeviceKindState::Block(s), AttachedDevice::Block { device, .. }) => {
+                    lock(device).restore_state(s, mem.clone())
+                }
+                (DeviceKindState::Net(s), AttachedDevice::Net { device, .. }) => {
                     lock(device).restore_state(s, mem.clone())
                 }
                 (DeviceKindState::Rng(s), AttachedDevice::Rng { device, .. }) => {

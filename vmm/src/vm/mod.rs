@@ -16,6 +16,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::VmFd;
 use lockstep_api::{ConfigError, VmConfig};
 use lockstep_devices::virtio::block::{BlockConfig, CacheType};
+use lockstep_devices::virtio::net::NetConfig;
 use thiserror::Error;
 
 use crate::boot::{self, BootError};
@@ -299,7 +300,8 @@ fn create_vcpus(
     Ok((vcpus, Arc::new(msr_list.as_slice().to_vec())))
 }
 
-/// Adds the config's drives (the root device first, so it is /dev/vda) and entropy device;
+/// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces and
+/// entropy device;
 /// returns the command-line parameters they need (`root=...`).
 fn attach_virtio_devices(
     devices: &mut DeviceManager,
@@ -328,6 +330,14 @@ fn attach_virtio_devices(
             params.push(root);
             params.push(if drive.is_read_only { "ro" } else { "rw" }.to_string());
         }
+    }
+    for (i, iface) in config.network_interfaces.iter().enumerate() {
+        let net = NetConfig {
+            iface_id: iface.iface_id.clone(),
+            host_dev_name: iface.host_dev_name.clone(),
+            guest_mac: iface.mac(),
+        };
+        devices.add_net(&net, &format!("network-interfaces[{i}]"))?;
     }
     if config.entropy.is_some() {
         devices.add_rng()?;

@@ -14,7 +14,8 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::frame::{
     buffers_available, check_tx_header, deliver_frame, next_chain, prepare_rx_header,
-    read_tx_frame, request_buffer_notification, Delivery, UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
+    read_tx_frame, request_buffer_notification, Delivery, FrameDrop, UsedBatch, MAX_FRAME_LEN,
+    VNET_HDR_LEN,
 };
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::virtio::device::read_config_bytes;
@@ -105,8 +106,57 @@ pub struct NetMetrics {
     pub tx_waits: AtomicU64,
 }
 
+crate::impl_counters!(NetMetrics {
+    rx_frames,
+    rx_bytes,
+    rx_drops,
+    rx_errors,
+    rx_bad_buffers,
+    tx_frames,
+    tx_bytes,
+    tx_drops,
+    tx_errors,
+    tx_waits
+});
+
 fn count(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Reads the next frame the guest can take from the tap into `buf`, dropping (and counting)
+/// frames it cannot; None when the tap has nothing more (or fails, which is counted).
+fn read_frame(
+    tap: &Tap,
+    buf: &mut [u8],
+    acked: u64,
+    metrics: &NetMetrics,
+    iface_id: &str,
+) -> Option<usize> {
+    loop {
+        let len = match tap.read(buf) {
+            Ok(len) => len,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) => {
+                if metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!("virtio-net {iface_id}: cannot read tap {}: {e}", tap.name());
+                }
+                return None;
+            }
+        };
+        // The tap reports a frame's full length even when it had to cut it to fit.
+        let outcome = if len > buf.len() {
+            Err(FrameDrop::TooBig)
+        } else {
+            prepare_rx_header(&mut buf[..len], acked)
+        };
+        match outcome {
+            Ok(()) => return Some(len),
+            Err(why) => {
+                log::debug!("virtio-net {iface_id}: dropped a received frame: {why}");
+                count(&metrics.rx_drops, 1);
+            }
+        }
+    }
 }
 
 /// Why the receive loop stopped.
@@ -255,7 +305,6 @@ impl Net {
         let acked = self.base.acked_features();
         let mergeable = acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let queue = &mut self.base.queues_mut()[RX_QUEUE];
-        let mut bad_buffers = 0;
         // While the guest has buffers the device does not need its notifications.
         queue.disable_notification(mem)?;
         let mut stop = RxStop::Budget;
@@ -272,39 +321,30 @@ impl Net {
                         stop = RxStop::NoBuffers;
                         break;
                     }
-                    match self.tap.read(&mut self.rx_frame) {
-                        Ok(len) => len,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            stop = RxStop::TapEmpty;
-                            break;
+                    let tap = &self.tap;
+                    match read_frame(
+                        tap,
+                        &mut self.rx_frame,
+                        acked,
+                        &self.metrics,
+                        &self.iface_id,
+                    ) {
+                        Some(len) => {
+                            self.rx_pending = Some(len);
+                            len
                         }
-                        Err(e) => {
-                            if self.metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                                log::warn!(
-                                    "virtio-net {}: cannot read tap {}: {e}",
-                                    self.iface_id,
-                                    self.tap.name()
-                                );
-                            }
+                        None => {
                             stop = RxStop::TapEmpty;
                             break;
                         }
                     }
                 }
             };
-            if self.rx_pending.is_none() {
-                if let Err(why) = prepare_rx_header(&mut self.rx_frame[..len], acked) {
-                    log::debug!(
-                        "virtio-net {}: dropped a received frame: {why}",
-                        self.iface_id
-                    );
-                    count(&self.metrics.rx_drops, 1);
-                    continue;
-                }
-                self.rx_pending = Some(len);
-            }
             let frame = &mut self.rx_frame[..len];
-            match deliver_frame(queue, mem, frame, mergeable, batch, &mut bad_buffers)? {
+            let mut bad_buffers = 0;
+            let delivery = deliver_frame(queue, mem, frame, mergeable, batch, &mut bad_buffers);
+            count(&self.metrics.rx_bad_buffers, bad_buffers);
+            match delivery? {
                 Delivery::Delivered(_) => {
                     self.rx_pending = None;
                     count(&self.metrics.rx_frames, 1);
@@ -328,7 +368,6 @@ impl Net {
                 }
             }
         }
-        count(&self.metrics.rx_bad_buffers, bad_buffers);
         Ok(stop)
     }
 

@@ -21,7 +21,8 @@ use crate::GuestMemoryMmap;
 
 /// Size of `struct virtio_net_hdr_v1` (virtio 1.x always has `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
-/// Largest frame, header included: a 64 KiB GSO packet with its Ethernet and VLAN headers.
+/// Largest frame, vnet header included: room for a 64 KiB GSO packet with its link-layer
+/// headers (the limit Firecracker uses too).
 pub const MAX_FRAME_LEN: usize = 65562;
 /// More descriptors than this in one chain is no buffer a driver needs (a direct chain cannot
 /// be longer than the queue anyway); it bounds the work one indirect table can cause.
@@ -68,8 +69,8 @@ pub enum FrameDrop {
     /// Needs an offload (partial checksum, segmentation) the driver cannot receive.
     #[error("uses an offload the driver did not accept")]
     Offload,
-    /// Larger than every buffer the driver can post.
-    #[error("larger than the driver's receive buffers")]
+    /// Larger than the driver's receive buffers can hold, or than [`MAX_FRAME_LEN`].
+    #[error("larger than the receive buffers")]
     TooBig,
 }
 

@@ -156,6 +156,25 @@ fn looping_and_dangling_tx_chains_are_refused() {
     let mut q = queue(&vq);
     let chain = next_chain(&mut q, &m).unwrap().unwrap();
     assert_eq!(read_tx_frame(chain, &m, &mut buf), Err(BadChain::Broken));
+    // An indirect table of 300 linked empty buffers: more than any frame needs.
+    let table = 0x8_0000u64;
+    for i in 0..300u16 {
+        let d = if i < 299 {
+            linked(BUF, 0, F_NEXT, i + 1)
+        } else {
+            desc(BUF, 12, 0)
+        };
+        m.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
+    }
+    let vq = MockSplitQueue::new(&m, SIZE);
+    vq.add_desc_chains(&[desc(table, 300 * 16, 4)], 0).unwrap();
+    let mut q = queue(&vq);
+    let chain = next_chain(&mut q, &m).unwrap().unwrap();
+    assert_eq!(
+        read_tx_frame(chain, &m, &mut buf),
+        Err(BadChain::TooManyDescriptors)
+    );
     // A head index beyond the table: no descriptor at all.
     let vq = MockSplitQueue::new(&m, SIZE);
     vq.add_desc_chains(&[desc(BUF, 20, 0)], 0).unwrap();
