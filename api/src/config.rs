@@ -55,6 +55,71 @@ pub struct VmConfig {
     /// lockstep: where the guest's serial console goes.
     #[serde(default, skip_serializing_if = "SerialConfig::is_default")]
     pub serial: SerialConfig,
+    /// Firecracker sections lockstep has no counterpart for. Accepted so that Firecracker's own
+    /// config files run unchanged; see [`FirecrackerExtras`].
+    #[serde(flatten)]
+    pub firecracker: FirecrackerExtras,
+}
+
+/// Firecracker top-level sections lockstep does not implement. `null` (as Firecracker writes
+/// them) is accepted; a balloon, MMDS or CPU template is refused by name; `logger` and `metrics`
+/// are accepted and ignored with a notice, since lockstep logs to stderr and serves metrics
+/// through its API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirecrackerExtras {
+    /// Firecracker's memory balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    /// Firecracker's log file settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<serde_json::Value>,
+    /// Firecracker's metrics file settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<serde_json::Value>,
+    /// Firecracker's microVM metadata service.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<serde_json::Value>,
+    /// Firecracker's CPU templates.
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<serde_json::Value>,
+}
+
+impl FirecrackerExtras {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("balloon", &self.balloon),
+            ("mmds-config", &self.mmds_config),
+            ("cpu-config", &self.cpu_config),
+        ] {
+            if value.is_some() {
+                return Err(ConfigError::invalid(
+                    field,
+                    "is not supported by lockstep; remove it or set it to null".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Notices about sections accepted but not acted on.
+    pub fn notices(&self) -> Vec<&'static str> {
+        let mut notes = Vec::new();
+        if self.logger.is_some() {
+            notes.push("logger: lockstep logs to stderr (LOCKSTEP_LOG sets the level); the section is ignored");
+        }
+        if self.metrics.is_some() {
+            notes.push("metrics: lockstep serves metrics through its API; the section is ignored");
+        }
+        notes
+    }
 }
 
 /// Firecracker's `boot-source` section.
@@ -190,6 +255,7 @@ impl VmConfig {
         if let Some(name) = &self.name {
             validate_name(name)?;
         }
+        self.firecracker.validate()?;
         self.machine_config.validate(host)?;
         self.boot_source.validate()?;
         devices::validate(self)?;
@@ -386,6 +452,33 @@ pub(crate) mod tests {
                 .to_string();
         assert!(err.contains("boot-source"), "{err}");
         assert!(err.contains("unknown field `bootargs`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_refused_and_firecracker_nulls_accepted() {
+        let err =
+            VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}, "bogus": 1}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "balloon": null, "logger": null, "metrics": null,
+                "mmds-config": null, "cpu-config": null}"#,
+        )
+        .unwrap();
+        assert_eq!(c.firecracker, FirecrackerExtras::default());
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "balloon": {"amount_mib": 1}}"#,
+        )
+        .unwrap();
+        let k = kernel_file();
+        let mut c = c;
+        c.boot_source.kernel_image_path = k.as_path().to_owned();
+        assert!(c
+            .validate(&HOST)
+            .unwrap_err()
+            .to_string()
+            .starts_with("balloon:"));
     }
 
     #[test]

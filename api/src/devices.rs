@@ -33,6 +33,9 @@ pub struct DriveConfig {
     /// Firecracker's rate limiter; not supported by lockstep (refused when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
+    /// Firecracker's vhost-user socket; not supported by lockstep (refused when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<serde_json::Value>,
 }
 
 /// Firecracker's `cache_type`.
@@ -228,6 +231,12 @@ fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
                 "rate limiting is not supported by lockstep".into(),
             ));
         }
+        if d.socket.is_some() {
+            return Err(ConfigError::invalid(
+                field("socket"),
+                "vhost-user drives are not supported by lockstep".into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -305,11 +314,11 @@ fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
 }
 
 fn validate_vsock(v: &VsockConfig) -> Result<(), ConfigError> {
-    if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+    if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
         return Err(ConfigError::invalid(
             "vsock.guest_cid",
             format!(
-                "{} is not a guest CID: 0-2 are reserved, and CIDs are 32-bit",
+                "{} is not a guest CID: 0-2 are reserved and CIDs are 32-bit, 4294967295 meaning any",
                 v.guest_cid
             ),
         ));

@@ -4,6 +4,7 @@
 
 pub mod images;
 pub mod kvm;
+pub mod netns;
 pub mod pattern;
 pub mod report;
 pub mod vm;

@@ -133,10 +133,23 @@ impl TestVm {
     /// Writes `config` to a fresh folder and starts `lockstep run` on it, with the serial
     /// console on pipes.
     pub fn start(config: &Value) -> TestVm {
+        Self::start_in(config, None)
+    }
+
+    /// [`TestVm::start`], with lockstep inside a network namespace (to reach its tap).
+    pub fn start_in(config: &Value, netns: Option<&str>) -> TestVm {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("vm.json");
         std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-        let mut child = Command::new(lockstep_bin())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(lockstep_bin());
+                c
+            }
+            None => Command::new(lockstep_bin()),
+        };
+        let mut child = command
             .arg("run")
             .arg(&path)
             .current_dir(dir.path())
@@ -200,6 +213,26 @@ impl TestVm {
             );
         }
         self.serial()
+    }
+
+    /// Waits for a whole line (ended by a newline) that contains `needle`, and returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        let complete = |t: &str| {
+            t.lines()
+                .zip(t.split_inclusive('\n'))
+                .any(|(l, raw)| l.contains(needle) && raw.ends_with('\n'))
+        };
+        if !self.serial.wait_until(timeout, complete) {
+            panic!(
+                "no whole line with {needle:?} on the serial console within {timeout:?}\n{}",
+                self.transcript()
+            );
+        }
+        let text = self.serial();
+        text.lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .unwrap_or_default()
     }
 
     /// Waits until `needle` appears in the serial output after byte offset `from`.

@@ -15,6 +15,7 @@ use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
 use lockstep_devices::virtio::net::{Net, NetConfig, NetMetrics};
 use lockstep_devices::virtio::rng::{Rng, RngMetrics};
+use lockstep_devices::virtio::vsock::{Vsock, VsockConfig, VsockMetrics};
 use lockstep_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use lockstep_devices::EventFdTrigger;
 use thiserror::Error;
@@ -132,6 +133,13 @@ pub enum AttachedDevice {
         device: Arc<Mutex<Net>>,
         /// Its counters.
         metrics: Arc<NetMetrics>,
+    },
+    /// The socket device.
+    Vsock {
+        /// The device.
+        device: Arc<Mutex<Vsock>>,
+        /// Its counters.
+        metrics: Arc<VsockMetrics>,
     },
     /// The entropy device.
     Rng {
@@ -338,6 +346,23 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Adds the virtio-vsock device, listening on its Unix socket.
+    pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<VirtioSlot, DeviceError> {
+        let (device, slot, transport) = self.add_virtio("the vsock device", |interrupt| {
+            Vsock::new(config, interrupt).map_err(|e| DeviceError::Backend {
+                field: "vsock.uds_path".into(),
+                message: e.to_string(),
+            })
+        })?;
+        let metrics = device.lock().unwrap_or_else(|p| p.into_inner()).metrics();
+        self.virtio.push(VirtioEntry {
+            slot,
+            transport,
+            device: AttachedDevice::Vsock { device, metrics },
+        });
+        Ok(slot)
+    }
+
     /// Adds the virtio-rng entropy device.
     pub fn add_rng(&mut self) -> Result<VirtioSlot, DeviceError> {
         let (device, slot, transport) = self.add_virtio("the entropy device", |interrupt| {
@@ -370,6 +395,7 @@ impl DeviceManager {
                 AttachedDevice::Net { id, metrics, .. } => {
                     ("net", Some(id.clone()), metrics.clone())
                 }
+                AttachedDevice::Vsock { metrics, .. } => ("vsock", None, metrics.clone()),
                 AttachedDevice::Rng { metrics, .. } => ("rng", None, metrics.clone()),
             });
         }

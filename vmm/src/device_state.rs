@@ -7,6 +7,7 @@ use lockstep_devices::virtio::block::BlockState;
 use lockstep_devices::virtio::mmio::MmioTransportState;
 use lockstep_devices::virtio::net::NetState;
 use lockstep_devices::virtio::rng::RngState;
+use lockstep_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 
 use crate::device_manager::{AttachedDevice, DeviceManager};
@@ -32,6 +33,8 @@ pub enum DeviceKindState {
     Block(BlockState),
     /// A network interface.
     Net(NetState),
+    /// The socket device.
+    Vsock(VsockState),
     /// The entropy device.
     Rng(RngState),
 }
@@ -67,6 +70,9 @@ impl DeviceManager {
                     }
                     AttachedDevice::Net { device, .. } => {
                         DeviceKindState::Net(lock(device).save_state())
+                    }
+                    AttachedDevice::Vsock { device, .. } => {
+                        DeviceKindState::Vsock(lock(device).save_state())
                     }
                     AttachedDevice::Rng { device, .. } => {
                         DeviceKindState::Rng(lock(device).save_state())
@@ -109,6 +115,9 @@ impl DeviceManager {
                     lock(device).restore_state(s, mem.clone())
                 }
                 (DeviceKindState::Net(s), AttachedDevice::Net { device, .. }) => {
+                    lock(device).restore_state(s, mem.clone())
+                }
+                (DeviceKindState::Vsock(s), AttachedDevice::Vsock { device, .. }) => {
                     lock(device).restore_state(s, mem.clone())
                 }
                 (DeviceKindState::Rng(s), AttachedDevice::Rng { device, .. }) => {

@@ -17,6 +17,7 @@ use kvm_ioctls::VmFd;
 use lockstep_api::{ConfigError, VmConfig};
 use lockstep_devices::virtio::block::{BlockConfig, CacheType};
 use lockstep_devices::virtio::net::NetConfig;
+use lockstep_devices::virtio::vsock::VsockConfig;
 use thiserror::Error;
 
 use crate::boot::{self, BootError};
@@ -138,6 +139,9 @@ impl Vm {
     /// check has passed; the last step opens the serial output file.
     pub fn create(hv: &Hypervisor, config: &VmConfig) -> Result<Vm, VmError> {
         config.validate(&hv.host_limits())?;
+        for notice in config.firecracker.notices() {
+            log::info!("{}: {notice}", config.display_name());
+        }
         let machine = &config.machine_config;
         let vm_fd = new_kvm_vm(hv)?;
         let mem_bytes = machine.mem_size_mib << 20;
@@ -300,8 +304,8 @@ fn create_vcpus(
     Ok((vcpus, Arc::new(msr_list.as_slice().to_vec())))
 }
 
-/// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces and
-/// entropy device;
+/// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces,
+/// vsock and entropy devices;
 /// returns the command-line parameters they need (`root=...`).
 fn attach_virtio_devices(
     devices: &mut DeviceManager,
@@ -338,6 +342,12 @@ fn attach_virtio_devices(
             guest_mac: iface.mac(),
         };
         devices.add_net(&net, &format!("network-interfaces[{i}]"))?;
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.add_vsock(&VsockConfig {
+            guest_cid: vsock.guest_cid,
+            uds_path: vsock.uds_path.clone(),
+        })?;
     }
     if config.entropy.is_some() {
         devices.add_rng()?;

@@ -27,6 +27,8 @@ pub const TX_BUF_SIZE: u32 = 256 << 10;
 /// When the guest's view of our free buffer drops below this and the real free space is at
 /// least this, a CREDIT_UPDATE is sent: one max-size packet's worth.
 const CREDIT_LOW_WATER: u32 = MAX_PAYLOAD as u32;
+/// What an emptied TX buffer keeps allocated.
+const IDLE_BUF_CAPACITY: usize = 4096;
 /// How long the guest has to answer a REQUEST.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the guest has to answer our SHUTDOWN (both directions) with a RST.
@@ -156,6 +158,8 @@ impl TxBuffer {
                 Err(e) => return Err(e),
             }
         }
+        // A burst is over: an idle connection should not keep its peak allocation.
+        self.data.shrink_to(IDLE_BUF_CAPACITY);
         Ok(())
     }
 
@@ -346,7 +350,7 @@ impl Connection {
     }
 
     /// Handles a packet the guest sent on this connection (its payload only for RW).
-    pub fn on_guest_packet(&mut self, h: &Header, payload: &[u8], now: Instant) -> Verdict {
+    pub fn on_guest_packet(&mut self, h: &Header, payload: &[u8]) -> Verdict {
         self.take_credit(h);
         let Some(op) = h.op() else {
             return Verdict::Reset("unknown operation");
@@ -359,7 +363,7 @@ impl Connection {
                 self.deadline = None;
                 let line = format!("OK {}\n", self.key.local_port);
                 self.tx.push_preamble(line.as_bytes());
-                self.flush_host(now);
+                self.flush_host();
                 Verdict::Keep
             }
             (Op::Request | Op::Response, _) => Verdict::Reset("unexpected handshake packet"),
@@ -378,7 +382,7 @@ impl Connection {
             (Op::CreditUpdate, Phase::Established) => Verdict::Keep,
         };
         if verdict == Verdict::Keep {
-            self.settle(now);
+            self.settle();
         }
         verdict
     }
@@ -418,7 +422,7 @@ impl Connection {
     }
 
     /// The host socket can take more: writes what is queued.
-    pub fn flush_host(&mut self, now: Instant) {
+    fn flush_host(&mut self) {
         if self.tx.is_empty() {
             return;
         }
@@ -427,11 +431,11 @@ impl Connection {
             self.host_stopped_receiving();
         }
         self.credit_after_forwarding();
-        self.settle(now);
+        self.settle();
     }
 
     /// The event loop reported the host socket: `readable`, `writable`, hung up, or in error.
-    pub fn on_host_event(&mut self, events: EventSet, now: Instant) {
+    pub fn on_host_event(&mut self, events: EventSet) {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             self.host.readable = true;
         }
@@ -443,9 +447,9 @@ impl Connection {
             self.host.readable = true;
         }
         if events.contains(EventSet::OUT) {
-            self.flush_host(now);
+            self.flush_host();
         }
-        self.settle(now);
+        self.settle();
     }
 
     /// Deadline handling: a guest that does not answer in time gets a RST.
@@ -458,7 +462,7 @@ impl Connection {
     }
 
     /// Applies the shutdowns both sides asked for, and decides whether the connection is over.
-    fn settle(&mut self, _now: Instant) {
+    fn settle(&mut self) {
         if self.phase != Phase::Established {
             return;
         }
@@ -577,7 +581,7 @@ impl Connection {
                 match (&self.stream).read(&mut scratch[..want]) {
                     Ok(0) => {
                         self.host.eof = true;
-                        self.settle(now);
+                        self.settle();
                     }
                     Ok(n) => {
                         self.credit.rx_cnt += Wrapping(n as u32);

@@ -93,6 +93,21 @@ pub struct VsockMetrics {
     pub events_sent: AtomicU64,
 }
 
+crate::impl_counters!(VsockMetrics {
+    tx_packets,
+    tx_bytes,
+    rx_packets,
+    rx_bytes,
+    connections_opened,
+    connections_closed,
+    connections_refused,
+    resets_sent,
+    unknown_connection,
+    protocol_errors,
+    malformed,
+    events_sent,
+});
+
 /// A virtio-vsock device whose host side is Unix sockets, in Firecracker's convention.
 pub struct Vsock {
     pub(super) base: DeviceBase,
@@ -187,7 +202,6 @@ impl Vsock {
         if !self.base.queues()[TX_QUEUE].ready() {
             return false;
         }
-        let now = Instant::now();
         let mut used = false;
         let mut stalled = false;
         let Vsock {
@@ -219,7 +233,7 @@ impl Vsock {
                         metrics
                             .tx_bytes
                             .fetch_add(tx_payload.len() as u64, Ordering::Relaxed);
-                        backend.on_guest_packet(&h, tx_payload, now);
+                        backend.on_guest_packet(&h, tx_payload);
                     }
                     Err(TxError::NoHeader(why)) => {
                         log::debug!("virtio-vsock: dropped a TX chain: {why}");

@@ -103,7 +103,7 @@ impl MutEventSubscriber for Vsock {
         } else if fd == self.backend.listener_fd() {
             self.backend.accept();
         } else if self.base().doorbell(fd).is_some()
-            || self.backend.on_socket_event(fd, events.event_set(), now)
+            || self.backend.on_socket_event(fd, events.event_set())
         {
             self.process_queues();
         } else {

@@ -654,6 +654,8 @@ fn restore_resets_the_guest_transport() {
     let state = g.dev.lock().unwrap().save_state();
     assert_eq!(state.guest_cid, GUEST_CID);
     assert!(state.base.activated);
+    let json = serde_json::to_string(&state).unwrap();
+    assert_eq!(serde_json::from_str::<VsockState>(&json).unwrap(), state);
 
     // The source goes away with its connections.
     let Harness {

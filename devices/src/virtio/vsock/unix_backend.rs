@@ -138,7 +138,7 @@ impl UnixBackend {
     }
 
     /// Handles a valid packet from the guest (`payload` only for RW).
-    pub fn on_guest_packet(&mut self, h: &Header, payload: &[u8], now: Instant) {
+    pub fn on_guest_packet(&mut self, h: &Header, payload: &[u8]) {
         if h.src_cid != self.guest_cid {
             // Not from the guest's address: there is nobody to answer.
             log::debug!("vsock: dropped a packet from cid {}", h.src_cid);
@@ -164,7 +164,7 @@ impl UnixBackend {
             }
             return;
         };
-        match conn.on_guest_packet(h, payload, now) {
+        match conn.on_guest_packet(h, payload) {
             Verdict::Keep => {}
             Verdict::Forget => self.close(key),
             Verdict::Reset(why) => {
@@ -299,7 +299,7 @@ impl UnixBackend {
     }
 
     /// A host socket is ready; false if `fd` is not one of ours.
-    pub fn on_socket_event(&mut self, fd: RawFd, events: EventSet, now: Instant) -> bool {
+    pub fn on_socket_event(&mut self, fd: RawFd, events: EventSet) -> bool {
         if self.handshakes.contains_key(&fd) {
             self.read_connect_line(fd);
             return true;
@@ -308,7 +308,7 @@ impl UnixBackend {
             return false;
         };
         if let Some(conn) = self.connections.get_mut(&key) {
-            conn.on_host_event(events, now);
+            conn.on_host_event(events);
             if conn.abandoned() {
                 self.close(key);
             }

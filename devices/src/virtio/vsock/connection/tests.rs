@@ -86,7 +86,7 @@ fn established(buf_alloc: u32) -> (Connection, UnixStream) {
 fn data(c: &mut Connection, bytes: &[u8], fwd_cnt: u32) -> Verdict {
     let mut h = from_guest(Op::Rw, 1 << 20, fwd_cnt);
     h.len = bytes.len() as u32;
-    c.on_guest_packet(&h, bytes, now())
+    c.on_guest_packet(&h, bytes)
 }
 
 fn read_all(host: &mut UnixStream) -> Vec<u8> {
@@ -111,7 +111,7 @@ fn guest_data_reaches_the_host_and_host_data_the_guest() {
 
     assert_eq!(c.interest(), EventSet::IN, "waits for host data");
     host.write_all(b"hello guest").unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     assert_eq!(
         c.interest(),
         EventSet::empty(),
@@ -145,12 +145,12 @@ fn host_initiated_connections_answer_ok_with_their_port() {
     assert!(next(&mut c, 4096).is_none(), "waits for the guest");
     // Data from the host program waits until the guest accepted.
     host.write_all(b"early").unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     assert!(!c.wants_rx());
 
     let mut resp = from_guest(Op::Response, 1 << 20, 0);
     (resp.src_port, resp.dst_port) = (HOST_PORT, 1 << 30);
-    assert_eq!(c.on_guest_packet(&resp, &[], now()), Verdict::Keep);
+    assert_eq!(c.on_guest_packet(&resp, &[]), Verdict::Keep);
     assert_eq!(c.deadline(), None);
     assert_eq!(read_all(&mut host), b"OK 1073741824\n");
     let (h, payload, _) = next(&mut c, 4096).unwrap();
@@ -169,7 +169,7 @@ fn host_initiated_refused_or_timed_out() {
     let mut c = Connection::host_initiated(dev, GUEST_CID, key);
     next(&mut c, 4096).unwrap();
     assert_eq!(
-        c.on_guest_packet(&from_guest(Op::Rst, 0, 0), &[], now()),
+        c.on_guest_packet(&from_guest(Op::Rst, 0, 0), &[]),
         Verdict::Forget
     );
 
@@ -186,7 +186,7 @@ fn host_initiated_refused_or_timed_out() {
     let (dev, host) = pair();
     let mut c = Connection::host_initiated(dev, GUEST_CID, key);
     drop(host);
-    c.on_host_event(EventSet::IN | EventSet::HANG_UP, now());
+    c.on_host_event(EventSet::IN | EventSet::HANG_UP);
     assert!(c.abandoned() && c.hung_up());
 }
 
@@ -194,7 +194,7 @@ fn host_initiated_refused_or_timed_out() {
 fn never_more_than_the_guest_credit() {
     let (mut c, mut host) = established(100);
     host.write_all(&[7u8; 300]).unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     let (h, p, _) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), p.len()), (Some(Op::Rw), 100));
     assert_eq!(c.peer_free(), 0);
@@ -204,14 +204,14 @@ fn never_more_than_the_guest_credit() {
     assert!(!c.wants_rx());
     assert_eq!(c.interest(), EventSet::empty());
     // A credit update that frees nothing changes nothing.
-    c.on_guest_packet(&from_guest(Op::CreditUpdate, 100, 0), &[], now());
+    c.on_guest_packet(&from_guest(Op::CreditUpdate, 100, 0), &[]);
     assert!(!c.wants_rx());
     // The guest consumed 60 bytes.
-    c.on_guest_packet(&from_guest(Op::CreditUpdate, 100, 60), &[], now());
+    c.on_guest_packet(&from_guest(Op::CreditUpdate, 100, 60), &[]);
     let (_, p, _) = next(&mut c, 4096).unwrap();
     assert_eq!(p.len(), 60);
     // The RX buffer's room limits too.
-    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 160), &[], now());
+    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 160), &[]);
     let (_, p, _) = next(&mut c, 30).unwrap();
     assert_eq!(p.len(), 30);
     let (_, p, _) = next(&mut c, 4096).unwrap();
@@ -225,14 +225,14 @@ fn credit_counters_wrap() {
     c.credit.rx_cnt = Wrapping(u32::MAX - 10);
     c.credit.peer_fwd_cnt = Wrapping(u32::MAX - 10);
     host.write_all(&[1u8; 2000]).unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     let (_, p, _) = next(&mut c, 4096).unwrap();
     assert_eq!(p.len(), 1000);
     assert_eq!(c.credit.rx_cnt.0, 1000 - 11);
-    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 1000 - 11), &[], now());
+    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 1000 - 11), &[]);
     assert_eq!(c.peer_free(), 1000);
     // A guest claiming to have consumed more than it got leaves no credit, not a huge one.
-    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 5000), &[], now());
+    c.on_guest_packet(&from_guest(Op::CreditUpdate, 1000, 5000), &[]);
     assert_eq!(c.peer_free(), 0);
 
     c.tx.fwd_cnt = Wrapping(u32::MAX - 1);
@@ -271,7 +271,7 @@ fn slow_host_buffers_up_to_the_credit_then_resets() {
     }
     let mut got = read_all(&mut host).len();
     while c.buffered() > 0 {
-        c.on_host_event(EventSet::OUT, now());
+        c.on_host_event(EventSet::OUT);
         got += read_all(&mut host).len();
     }
     got += read_all(&mut host).len();
@@ -292,13 +292,13 @@ fn guest_close_flushes_then_resets() {
     data(&mut c, &chunk, 0);
     assert!(c.buffered() > 0);
     assert_eq!(
-        c.on_guest_packet(&shutdown(SHUTDOWN_BOTH), &[], now()),
+        c.on_guest_packet(&shutdown(SHUTDOWN_BOTH), &[]),
         Verdict::Keep
     );
     assert!(!c.wants_rx(), "buffered data first");
     let mut got = read_all(&mut host).len();
     while c.buffered() > 0 {
-        c.on_host_event(EventSet::OUT, now());
+        c.on_host_event(EventSet::OUT);
         got += read_all(&mut host).len();
     }
     assert_eq!(got, 2 * MAX_PAYLOAD);
@@ -314,14 +314,14 @@ fn half_closes_both_ways() {
     // The guest stops sending; the host answers and closes.
     let (mut c, mut host) = established(1 << 20);
     data(&mut c, b"request", 0);
-    c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[], now());
+    c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[]);
     host.set_nonblocking(false).unwrap();
     let mut got = Vec::new();
     host.read_to_end(&mut got).unwrap();
     assert_eq!(got, b"request", "end of file after the data");
     host.write_all(b"reply").unwrap();
     drop(host);
-    c.on_host_event(EventSet::IN | EventSet::HANG_UP, now());
+    c.on_host_event(EventSet::IN | EventSet::HANG_UP);
     assert!(c.hung_up());
     let (h, p, _) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), p.as_slice()), (Some(Op::Rw), &b"reply"[..]));
@@ -333,30 +333,30 @@ fn half_closes_both_ways() {
     // Late data and credit updates are ignored; the RST ends it.
     assert_eq!(data(&mut c, b"late", 0), Verdict::Keep);
     assert_eq!(
-        c.on_guest_packet(&from_guest(Op::Rst, 0, 0), &[], now()),
+        c.on_guest_packet(&from_guest(Op::Rst, 0, 0), &[]),
         Verdict::Forget
     );
 
     // The host stops sending first (shutdown(SHUT_WR)); the guest still can.
     let (mut c, mut host) = established(1 << 20);
     host.shutdown(Shutdown::Write).unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     let (h, _, _) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), h.flags), (Some(Op::Shutdown), SHUTDOWN_SEND));
     assert_eq!(c.interest(), EventSet::empty(), "nothing more to read");
     assert_eq!(data(&mut c, b"more", 0), Verdict::Keep);
     assert_eq!(read_all(&mut host), b"more");
     // The guest closes too: the host sees end of file, the guest gets its RST.
-    c.on_guest_packet(&shutdown(SHUTDOWN_BOTH), &[], now());
+    c.on_guest_packet(&shutdown(SHUTDOWN_BOTH), &[]);
     let (h, _, last) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), last), (Some(Op::Rst), true));
 
     // Both stop sending, nobody said RCV: we close with SHUTDOWN both and wait for the RST,
     // and reset after the timeout.
     let (mut c, host) = established(1 << 20);
-    c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[], now());
+    c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[]);
     host.shutdown(Shutdown::Write).unwrap();
-    c.on_host_event(EventSet::IN, now());
+    c.on_host_event(EventSet::IN);
     let (h, _, _) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), h.flags), (Some(Op::Shutdown), SHUTDOWN_BOTH));
     c.on_timer(now() + SHUTDOWN_TIMEOUT + Duration::from_millis(1));
@@ -367,7 +367,7 @@ fn half_closes_both_ways() {
 #[test]
 fn guest_refusing_data_stops_the_host_writer() {
     let (mut c, mut host) = established(1 << 20);
-    c.on_guest_packet(&shutdown(SHUTDOWN_RCV), &[], now());
+    c.on_guest_packet(&shutdown(SHUTDOWN_RCV), &[]);
     assert_eq!(
         c.interest(),
         EventSet::empty(),
@@ -386,7 +386,7 @@ fn host_gone_while_guest_sends() {
     drop(host);
     // The write fails: the guest is told the host receives no more.
     assert_eq!(data(&mut c, b"lost", 0), Verdict::Keep);
-    c.on_host_event(EventSet::IN | EventSet::HANG_UP, now());
+    c.on_host_event(EventSet::IN | EventSet::HANG_UP);
     let (h, _, _) = next(&mut c, 4096).unwrap();
     assert_eq!((h.op(), h.flags), (Some(Op::Shutdown), SHUTDOWN_BOTH));
     assert_eq!(
@@ -401,24 +401,24 @@ fn protocol_violations_reset() {
     let cases: [(&str, Case); 5] = [
         (
             "second REQUEST",
-            Box::new(|c| c.on_guest_packet(&from_guest(Op::Request, 1, 0), &[], now())),
+            Box::new(|c| c.on_guest_packet(&from_guest(Op::Request, 1, 0), &[])),
         ),
         (
             "RESPONSE from the accepting side",
-            Box::new(|c| c.on_guest_packet(&from_guest(Op::Response, 1, 0), &[], now())),
+            Box::new(|c| c.on_guest_packet(&from_guest(Op::Response, 1, 0), &[])),
         ),
         (
             "unknown op",
             Box::new(|c| {
                 let mut h = from_guest(Op::Rw, 1, 0);
                 h.op = 42;
-                c.on_guest_packet(&h, &[], now())
+                c.on_guest_packet(&h, &[])
             }),
         ),
         (
             "data after SHUTDOWN SEND",
             Box::new(|c| {
-                c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[], now());
+                c.on_guest_packet(&shutdown(SHUTDOWN_SEND), &[]);
                 data(c, b"x", 0)
             }),
         ),

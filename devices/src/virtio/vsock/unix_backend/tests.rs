@@ -69,8 +69,7 @@ fn connecting_never_blocks() {
 fn guest_packets_for_nobody_get_a_reset() {
     let dir = TempDir::new().unwrap();
     let mut b = backend(&dir);
-    let now = Instant::now();
-    b.on_guest_packet(&guest(Op::Rw, 1000, 52), &[], now);
+    b.on_guest_packet(&guest(Op::Rw, 1000, 52), &[]);
     let r = next(&mut b).unwrap();
     assert_eq!(r.op(), Some(Op::Rst));
     assert_eq!(
@@ -78,25 +77,25 @@ fn guest_packets_for_nobody_get_a_reset() {
         (2, 3, 52, 1000)
     );
     // A RST is never answered.
-    b.on_guest_packet(&guest(Op::Rst, 1000, 52), &[], now);
+    b.on_guest_packet(&guest(Op::Rst, 1000, 52), &[]);
     assert!(next(&mut b).is_none());
     // Nobody listens on v.sock_52.
-    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[], now);
+    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[]);
     assert_eq!(next(&mut b).unwrap().op(), Some(Op::Rst));
     assert_eq!(b.metrics.connections_refused.load(Ordering::Relaxed), 1);
     // To another CID, or not a stream.
     let mut h = guest(Op::Request, 1000, 52);
     h.dst_cid = 7;
-    b.on_guest_packet(&h, &[], now);
+    b.on_guest_packet(&h, &[]);
     assert_eq!(next(&mut b).unwrap().op(), Some(Op::Rst));
     let mut h = guest(Op::Request, 1000, 52);
     h.kind = 2;
-    b.on_guest_packet(&h, &[], now);
+    b.on_guest_packet(&h, &[]);
     assert_eq!(next(&mut b).unwrap().op(), Some(Op::Rst));
     // Spoofed source: dropped, counted, not answered.
     let mut h = guest(Op::Rw, 1000, 52);
     h.src_cid = 9;
-    b.on_guest_packet(&h, &[], now);
+    b.on_guest_packet(&h, &[]);
     assert!(next(&mut b).is_none());
     assert_eq!(b.metrics.malformed.load(Ordering::Relaxed), 1);
 }
@@ -107,7 +106,7 @@ fn pending_resets_are_bounded() {
     let mut b = backend(&dir);
     for port in 0..MAX_PENDING_RESETS as u32 {
         assert!(!b.resets_full());
-        b.on_guest_packet(&guest(Op::Rw, port, 52), &[], Instant::now());
+        b.on_guest_packet(&guest(Op::Rw, port, 52), &[]);
     }
     assert!(b.resets_full());
     assert!(b.has_rx_work());
@@ -120,7 +119,7 @@ fn guest_connections_reach_the_port_socket() {
     let dir = TempDir::new().unwrap();
     let mut b = backend(&dir);
     let listener = UnixListener::bind(dir.as_path().join("v.sock_52")).unwrap();
-    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[], Instant::now());
+    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[]);
     let resp = next(&mut b).unwrap();
     assert_eq!(resp.op(), Some(Op::Response));
     let key = ConnKey {
@@ -129,15 +128,15 @@ fn guest_connections_reach_the_port_socket() {
     };
     assert!(b.connection(key).is_some());
     let (mut host, _) = listener.accept().unwrap();
-    b.on_guest_packet(&guest(Op::Rw, 1000, 52), b"", Instant::now());
+    b.on_guest_packet(&guest(Op::Rw, 1000, 52), b"");
     let mut h = guest(Op::Rw, 1000, 52);
     h.len = 2;
-    b.on_guest_packet(&h, b"hi", Instant::now());
+    b.on_guest_packet(&h, b"hi");
     let mut got = [0u8; 2];
     host.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hi");
     // A second REQUEST on the same ports resets the connection.
-    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[], Instant::now());
+    b.on_guest_packet(&guest(Op::Request, 1000, 52), &[]);
     assert_eq!(next(&mut b).unwrap().op(), Some(Op::Rst));
     assert!(b.connection(key).is_none());
     let closed: Vec<RawFd> = b.take_retired().iter().map(|s| s.as_raw_fd()).collect();
@@ -165,7 +164,7 @@ fn host_programs_say_connect_first() {
     bad.write_all(b"HELLO 52\n").unwrap();
     long.write_all(&[b'1'; 100]).unwrap();
     for &fd in &fds {
-        assert!(b.on_socket_event(fd, EventSet::IN, Instant::now()));
+        assert!(b.on_socket_event(fd, EventSet::IN));
     }
     assert_eq!(
         b.take_retired().len(),
@@ -174,13 +173,13 @@ fn host_programs_say_connect_first() {
     );
     good.write_all(b"ECT 52\nearly data").unwrap();
     for &fd in &fds {
-        b.on_socket_event(fd, EventSet::IN, Instant::now());
+        b.on_socket_event(fd, EventSet::IN);
     }
     let req = next(&mut b).unwrap();
     assert_eq!(req.op(), Some(Op::Request));
     assert_eq!((req.dst_port, req.src_port), (52, FIRST_LOCAL_PORT));
     assert_eq!(b.connection_count(), 1);
-    assert!(!b.on_socket_event(12345, EventSet::IN, Instant::now()));
+    assert!(!b.on_socket_event(12345, EventSet::IN));
 }
 
 #[test]
@@ -217,7 +216,7 @@ fn too_many_host_programs_are_turned_away() {
     assert_eq!(b.metrics.connections_refused.load(Ordering::Relaxed), 3);
     // The guest cannot open more either.
     let _l = UnixListener::bind(dir.as_path().join("v.sock_52")).unwrap();
-    b.on_guest_packet(&guest(Op::Request, 1, 52), &[], Instant::now());
+    b.on_guest_packet(&guest(Op::Request, 1, 52), &[]);
     assert_eq!(next(&mut b).unwrap().op(), Some(Op::Rst));
     b.close_all();
     assert_eq!(b.sockets().count(), 0);

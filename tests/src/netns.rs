@@ -1,0 +1,115 @@
+//! A network namespace of the test's own, with a tap device in it: lockstep runs inside the
+//! namespace and opens the tap, and the test's host-side programs run there too, so traffic never
+//! leaves the namespace.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A namespace with a tap `<name>` at `host_ip/24`; deleted on drop.
+pub struct NetNs {
+    name: String,
+    tap: String,
+    subnet: u8,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    /// Creates a namespace with a fresh name and a tap on 10.77.<n>.1/24 in it.
+    pub fn new() -> NetNs {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 100_000) * 100 + n;
+        let subnet = (id % 250 + 1) as u8;
+        let ns = NetNs {
+            name: format!("lkst{id}"),
+            tap: format!("lkstap{}", id % 100_000),
+            subnet,
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        ip(&["netns", "add", &ns.name]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns.exec(&[
+            "ip", "tuntap", "add", "dev", &ns.tap, "mode", "tap", "vnet_hdr",
+        ]);
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", ns.host_ip()),
+            "dev",
+            &ns.tap,
+        ]);
+        ns.exec(&["ip", "link", "set", &ns.tap, "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tap device's name.
+    pub fn tap(&self) -> &str {
+        &self.tap
+    }
+
+    /// The host side's address.
+    pub fn host_ip(&self) -> String {
+        format!("10.77.{}.1", self.subnet)
+    }
+
+    /// An address for the guest in the tap's subnet.
+    pub fn guest_ip(&self) -> String {
+        format!("10.77.{}.2", self.subnet)
+    }
+
+    /// Runs a command inside the namespace and checks that it succeeds.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open the namespace");
+            // SAFETY: setns only changes this thread's network namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
