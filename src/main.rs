@@ -15,6 +15,7 @@ use lockstep_api::VmConfig;
 use lockstep_vmm::console::{self, EscapedInput, RawTerminal};
 use lockstep_vmm::event_loop::termination_signalfd;
 use lockstep_vmm::exit::ExitSignal;
+use lockstep_vmm::vm::RunOptions;
 use lockstep_vmm::{ConsoleInput, ExitReason, Hypervisor, KvmBackend, Vm};
 
 /// Info from lockstep; nothing from virtio-queue, whose messages a guest can provoke at will
@@ -111,7 +112,11 @@ fn run(config_path: &std::path::Path) -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("console: {e}")),
     };
-    match vm.run(input, signals, None) {
+    match vm.run(RunOptions {
+        input,
+        signals,
+        ..Default::default()
+    }) {
         Ok(reason) => exit_code(&reason),
         Err(e) => fail(EXIT_VMM_ERROR, &e.to_string()),
     }
