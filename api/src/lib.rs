@@ -1,15 +1,19 @@
 //! lockstep's configuration types: the Firecracker-compatible VM config JSON and its validation.
-//! The HTTP control API will live here too.
+//! Also the control plane: the `HostControl` interface, lockstep's HTTP/JSON API and a
+//! Firecracker-compatible API on top of it, and Prometheus metrics.
 
 pub mod config;
 pub mod control;
 pub mod devices;
 mod error;
+pub mod firecracker;
 pub mod host_config;
+pub mod http;
+pub mod metrics;
 
 pub use config::{
-    BootProtocol, BootSource, HostLimits, HugePages, MachineConfig, SerialConfig, VmConfig,
-    MAX_CMDLINE_LEN, MAX_VCPUS, MIN_MEM_MIB,
+    BootProtocol, BootSource, FirecrackerExtras, HostLimits, HugePages, MachineConfig,
+    SerialConfig, VmConfig, MAX_CMDLINE_LEN, MAX_VCPUS, MIN_MEM_MIB,
 };
 pub use devices::{
     parse_mac, CacheType, DriveConfig, EntropyConfig, IoEngine, NetConfig, VsockConfig,

@@ -1,0 +1,395 @@
+//! The host's counters in Prometheus's text exposition format (version 0.0.4), for `GET /metrics`.
+//!
+//! The counters arrive as snapshots of name-to-value maps (their names come from the VMM and the
+//! devices), so this module writes the text itself rather than keeping a registry of live metric
+//! objects: each counter name becomes one family, `lockstep_vcpu_<name>_total` or
+//! `lockstep_device_<name>_total`, with the VM (and the device's kind and id) as labels.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::control::{HostControl, HostInfo, VmInfo, VmMetrics, VmState};
+
+/// Every VM state, for the state gauge (one series per state, 1 for the current one).
+const ALL_STATES: [VmState; 6] = [
+    VmState::Created,
+    VmState::Running,
+    VmState::Paused,
+    VmState::ShuttingDown,
+    VmState::Stopped,
+    VmState::Failed,
+];
+
+/// The state's name as the JSON API spells it.
+pub fn state_name(state: VmState) -> &'static str {
+    match state {
+        VmState::Created => "created",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::ShuttingDown => "shutting_down",
+        VmState::Stopped => "stopped",
+        VmState::Failed => "failed",
+    }
+}
+
+/// Asks the host for everything `GET /metrics` shows and renders it. VMs whose counters cannot
+/// be read (one deleted meanwhile) still show their state.
+pub fn collect(host: &dyn HostControl) -> String {
+    let info = host.host_info();
+    let vms = host.list_vms();
+    let metrics: Vec<VmMetrics> = vms
+        .iter()
+        .filter_map(|vm| match host.vm_metrics(&vm.name) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::debug!("metrics: {}: {e}", vm.name);
+                None
+            }
+        })
+        .collect();
+    render(&info, &vms, &metrics)
+}
+
+/// One metric family: its help, type and samples (label text, value).
+struct Family {
+    help: String,
+    kind: &'static str,
+    samples: Vec<(String, u64)>,
+}
+
+/// Families by name, written in name order; each family's samples stay together as the format
+/// requires.
+#[derive(Default)]
+struct Exposition {
+    families: BTreeMap<String, Family>,
+}
+
+impl Exposition {
+    fn add(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        help: &str,
+        labels: &[(&str, &str)],
+        value: u64,
+    ) {
+        let family = self
+            .families
+            .entry(name.to_string())
+            .or_insert_with(|| Family {
+                help: help.to_string(),
+                kind,
+                samples: Vec::new(),
+            });
+        let labels = label_text(labels);
+        if family.samples.iter().any(|(l, _)| *l == labels) {
+            // Two counter names that differ only in characters a metric name cannot hold.
+            log::debug!("metrics: {name}{labels} given twice; keeping the first");
+            return;
+        }
+        family.samples.push((labels, value));
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::new();
+        for (name, family) in &self.families {
+            // Writing to a String cannot fail.
+            let _ = writeln!(out, "# HELP {name} {}", escape_help(&family.help));
+            let _ = writeln!(out, "# TYPE {name} {}", family.kind);
+            for (labels, value) in &family.samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        }
+        out
+    }
+}
+
+/// `{a="x",b="y"}`, or nothing without labels.
+fn label_text(labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Help text escapes backslash and newline.
+fn escape_help(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// A counter's name as part of a metric name: `[a-zA-Z0-9_]`, not starting with a digit.
+fn metric_part(name: &str) -> String {
+    let mut part: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if part.is_empty() || part.starts_with(|c: char| c.is_ascii_digit()) {
+        part.insert(0, '_');
+    }
+    part
+}
+
+/// `prefix_<counter>_total`.
+fn counter_name(prefix: &str, counter: &str) -> String {
+    let part = metric_part(counter);
+    let part = part.strip_suffix("_total").unwrap_or(&part);
+    format!("{prefix}_{part}_total")
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Renders the host, its VMs and their counters.
+pub fn render(host: &HostInfo, vms: &[VmInfo], metrics: &[VmMetrics]) -> String {
+    let mut e = Exposition::default();
+    e.add(
+        "lockstep_host_info",
+        "gauge",
+        "The lockstep host: its version and KVM backend (always 1).",
+        &[
+            ("version", &host.version),
+            ("kvm_backend", &host.kvm_backend),
+        ],
+        1,
+    );
+    e.add(
+        "lockstep_host_cpus",
+        "gauge",
+        "Host CPUs.",
+        &[],
+        u64::from(host.cpus),
+    );
+    e.add(
+        "lockstep_host_memory_bytes",
+        "gauge",
+        "Host memory in bytes.",
+        &[],
+        host.mem_mib.saturating_mul(MIB),
+    );
+    e.add(
+        "lockstep_host_vms",
+        "gauge",
+        "VMs defined on the host.",
+        &[],
+        host.vm_count as u64,
+    );
+    for vm in vms {
+        let name = vm.name.as_str();
+        for state in ALL_STATES {
+            e.add(
+                "lockstep_vm_state",
+                "gauge",
+                "The VM's state: 1 for the state it is in, 0 for the others.",
+                &[("vm", name), ("state", state_name(state))],
+                u64::from(vm.state == state),
+            );
+        }
+        e.add(
+            "lockstep_vm_vcpus",
+            "gauge",
+            "The VM's vCPUs.",
+            &[("vm", name)],
+            u64::from(vm.vcpus),
+        );
+        e.add(
+            "lockstep_vm_memory_bytes",
+            "gauge",
+            "The VM's guest memory in bytes.",
+            &[("vm", name)],
+            vm.mem_size_mib.saturating_mul(MIB),
+        );
+        e.add(
+            "lockstep_vm_boots_total",
+            "counter",
+            "Times the VM has been started.",
+            &[("vm", name)],
+            vm.boot_count,
+        );
+    }
+    for vm in metrics {
+        for (counter, value) in &vm.vcpu {
+            let help = format!("vCPU counter {counter}, summed over the VM's vCPUs.");
+            e.add(
+                &counter_name("lockstep_vcpu", counter),
+                "counter",
+                &help,
+                &[("vm", &vm.name)],
+                *value,
+            );
+        }
+        for device in &vm.devices {
+            let mut labels = vec![("vm", vm.name.as_str()), ("kind", device.kind.as_str())];
+            if let Some(id) = &device.id {
+                labels.push(("id", id));
+            }
+            for (counter, value) in &device.counters {
+                let help = format!("Device counter {counter}, per device (kind and id).");
+                e.add(
+                    &counter_name("lockstep_device", counter),
+                    "counter",
+                    &help,
+                    &labels,
+                    *value,
+                );
+            }
+        }
+    }
+    e.text()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::DeviceMetrics;
+
+    fn host() -> HostInfo {
+        HostInfo {
+            version: "0.1.0".into(),
+            kvm_backend: "vmx".into(),
+            kvm_backend_description: "Intel VT-x".into(),
+            mem_mib: 2,
+            cpus: 4,
+            vm_count: 1,
+        }
+    }
+
+    fn vm(name: &str, state: VmState) -> VmInfo {
+        VmInfo {
+            name: name.into(),
+            state,
+            vcpus: 2,
+            mem_size_mib: 128,
+            exit_reason: None,
+            serial_log: None,
+            console_socket: None,
+            firecracker_socket: None,
+            boot_count: 3,
+        }
+    }
+
+    #[test]
+    fn renders_families_with_help_type_and_labels() {
+        let metrics = VmMetrics {
+            name: "web".into(),
+            vcpu: [("exits".to_string(), 10), ("pio_exits".to_string(), 4)].into(),
+            devices: vec![
+                DeviceMetrics {
+                    kind: "block".into(),
+                    id: Some("rootfs".into()),
+                    counters: [("read_bytes".to_string(), 512)].into(),
+                },
+                DeviceMetrics {
+                    kind: "rng".into(),
+                    id: None,
+                    counters: [("read_bytes".to_string(), 64)].into(),
+                },
+            ],
+        };
+        let text = render(&host(), &[vm("web", VmState::Running)], &[metrics]);
+        let expected_lines = [
+            "# HELP lockstep_device_read_bytes_total Device counter read_bytes, per device (kind and id).",
+            "# TYPE lockstep_device_read_bytes_total counter",
+            "lockstep_device_read_bytes_total{vm=\"web\",kind=\"block\",id=\"rootfs\"} 512",
+            "lockstep_device_read_bytes_total{vm=\"web\",kind=\"rng\"} 64",
+            "lockstep_host_info{version=\"0.1.0\",kvm_backend=\"vmx\"} 1",
+            "# TYPE lockstep_host_memory_bytes gauge",
+            "lockstep_host_memory_bytes 2097152",
+            "lockstep_vcpu_exits_total{vm=\"web\"} 10",
+            "lockstep_vcpu_pio_exits_total{vm=\"web\"} 4",
+            "lockstep_vm_state{vm=\"web\",state=\"running\"} 1",
+            "lockstep_vm_state{vm=\"web\",state=\"paused\"} 0",
+            "# TYPE lockstep_vm_boots_total counter",
+            "lockstep_vm_boots_total{vm=\"web\"} 3",
+        ];
+        for line in expected_lines {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        // Every family has exactly one HELP and one TYPE line, before its samples.
+        let mut seen = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(name.clone()), "{name} described twice");
+                current = name;
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                assert!(rest.starts_with(&format!("{current} ")), "{line}");
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(name, current, "sample outside its family: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_labels_and_help() {
+        assert_eq!(escape_label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert_eq!(escape_help("x\\y\nz \"q\""), "x\\\\y\\nz \"q\"");
+        let info = HostInfo {
+            version: "1.0\"beta\"\n".into(),
+            ..host()
+        };
+        let text = render(&info, &[], &[]);
+        assert!(
+            text.contains(
+                "lockstep_host_info{version=\"1.0\\\"beta\\\"\\n\",kvm_backend=\"vmx\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counter_names_become_metric_names() {
+        assert_eq!(
+            counter_name("lockstep_vcpu", "exits"),
+            "lockstep_vcpu_exits_total"
+        );
+        assert_eq!(
+            counter_name("lockstep_device", "rx-bytes"),
+            "lockstep_device_rx_bytes_total"
+        );
+        assert_eq!(
+            counter_name("lockstep_device", "errors_total"),
+            "lockstep_device_errors_total"
+        );
+        assert_eq!(
+            counter_name("lockstep_device", "9lives"),
+            "lockstep_device__9lives_total"
+        );
+    }
+
+    #[test]
+    fn every_state_has_a_series() {
+        let text = render(&host(), &[vm("a", VmState::ShuttingDown)], &[]);
+        let states: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("lockstep_vm_state{"))
+            .collect();
+        assert_eq!(states.len(), ALL_STATES.len());
+        assert!(states.contains(&"lockstep_vm_state{vm=\"a\",state=\"shutting_down\"} 1"));
+        // The names match the JSON API's.
+        for state in ALL_STATES {
+            assert_eq!(serde_json::to_value(state).unwrap(), state_name(state));
+        }
+    }
+}
