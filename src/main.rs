@@ -1,4 +1,4 @@
-//! The `lockstep` command: runs a microVM in the foreground from a JSON config.
+//! The `lockstep` command: runs a microVM in the foreground from a JSON config, or a whole host.
 //!
 //! Exit codes: 0 when the guest stopped itself (reset or power-off) or the console escape ended
 //! it; 1 on a VMM or host error; 2 on a bad command line or config; 128 + N when signal N
@@ -9,6 +9,8 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+
+mod host_mode;
 
 use clap::{Parser, Subcommand};
 use lockstep_api::VmConfig;
@@ -21,8 +23,8 @@ use lockstep_vmm::{ConsoleInput, ExitReason, Hypervisor, KvmBackend, Vm};
 /// Info from lockstep; nothing from virtio-queue, whose messages a guest can provoke at will
 /// (lockstep reports broken queues itself).
 const DEFAULT_LOG_FILTER: &str = "info,virtio_queue=off";
-const EXIT_VMM_ERROR: u8 = 1;
-const EXIT_CONFIG_ERROR: u8 = 2;
+pub(crate) const EXIT_VMM_ERROR: u8 = 1;
+pub(crate) const EXIT_CONFIG_ERROR: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -38,9 +40,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a microVM from a JSON config and attach its serial console to this terminal
-    /// (Ctrl-A x ends it).
+    /// (Ctrl-A x ends it). With --api-sock, serve Firecracker's API for it (and wait for its
+    /// configuration there when no config file is given).
     Run {
         /// The VM config (Firecracker's keys: boot-source, machine-config, ...).
+        config: Option<PathBuf>,
+        /// Serve Firecracker's API on this Unix socket.
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+        /// The VM's name behind --api-sock.
+        #[arg(long, default_value = "vm")]
+        id: String,
+    },
+    /// Run as a host: many VMs, managed through the control API (and CIM).
+    Host {
+        /// The host config (api_socket, state_dir, vms, ...).
+        #[arg(long)]
         config: PathBuf,
     },
     /// Print which KVM backend this host has: vmx, svm, pvm or unknown.
@@ -51,7 +66,32 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            api_sock: None,
+            ..
+        } => match config {
+            Some(config) => run(&config),
+            None => fail(
+                EXIT_CONFIG_ERROR,
+                "run needs a config file, or --api-sock to be configured through the API",
+            ),
+        },
+        Command::Run {
+            config,
+            api_sock: Some(sock),
+            id,
+        } => {
+            let config = match config
+                .map(|p| VmConfig::from_file(&p).map_err(|e| format!("{}: {e}", p.display())))
+                .transpose()
+            {
+                Ok(c) => c,
+                Err(e) => return fail(EXIT_CONFIG_ERROR, &e),
+            };
+            host_mode::firecracker(&sock, &id, config)
+        }
+        Command::Host { config } => host_mode::host(&config),
         Command::Backend => {
             let backend = KvmBackend::detect();
             println!("{}", backend.short_name());
@@ -154,7 +194,7 @@ fn exit_code(reason: &ExitReason) -> ExitCode {
     }
 }
 
-fn fail(code: u8, message: &str) -> ExitCode {
+pub(crate) fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("lockstep: error: {message}");
     ExitCode::from(code)
 }

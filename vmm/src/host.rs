@@ -17,9 +17,11 @@ use lockstep_api::VmConfig;
 
 use crate::exit::ExitReason;
 use crate::kvm::{host_memory_mib, Hypervisor};
+use std::os::fd::AsFd;
+
 use crate::vm::{
-    ControlError as VmControlError, RunOptions, RunState, SnapshotPaths, Vm, VmCommand, VmControl,
-    VmCounters, VmError, VmReply,
+    ConsoleInput, ControlError as VmControlError, RunOptions, RunState, SnapshotPaths, Vm,
+    VmCommand, VmControl, VmCounters, VmError, VmReply,
 };
 
 /// How long a VM's owner thread may take to answer a simple command.
@@ -109,9 +111,22 @@ impl Slot {
     }
 }
 
+/// How a host treats its VMs' consoles and sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostOptions {
+    /// Write each VM's serial console to `<state_dir>/<vm>/serial.log` unless its config says
+    /// otherwise (a multi-VM host); when false the consoles go to the process's stdout.
+    pub serial_logs: bool,
+    /// Feed the process's stdin to the VMs' serial consoles (a single-VM, foreground host).
+    pub stdin_console: bool,
+    /// Each VM has a Firecracker-compatible API socket at `<state_dir>/<vm>/firecracker.sock`.
+    pub firecracker_sockets: bool,
+}
+
 /// The host.
 pub struct Host {
     hv: Hypervisor,
+    options: HostOptions,
     state_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Arc<Slot>>>,
     events: Arc<Broadcaster>,
@@ -157,10 +172,11 @@ fn valid_name(name: &str) -> bool {
 
 impl Host {
     /// A host with no VMs, keeping its files under `state_dir`.
-    pub fn new(hv: Hypervisor, state_dir: &Path) -> std::io::Result<Host> {
+    pub fn new(hv: Hypervisor, state_dir: &Path, options: HostOptions) -> std::io::Result<Host> {
         std::fs::create_dir_all(state_dir)?;
         Ok(Host {
             hv,
+            options,
             state_dir: state_dir.to_owned(),
             vms: Mutex::new(BTreeMap::new()),
             events: Arc::default(),
@@ -178,11 +194,12 @@ impl Host {
             .ok_or_else(|| ControlError::NotFound(name.to_string()))
     }
 
-    fn vm_dir(&self, name: &str) -> PathBuf {
+    /// The folder holding a VM's files.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join(name)
     }
 
-    fn info(slot: &Slot, s: &SlotState) -> VmInfo {
+    fn info(&self, slot: &Slot, s: &SlotState) -> VmInfo {
         VmInfo {
             name: slot.name.clone(),
             state: s.state,
@@ -191,7 +208,10 @@ impl Host {
             exit_reason: s.exit_reason.clone(),
             serial_log: s.config.serial.output_path.clone(),
             console_socket: None,
-            firecracker_socket: None,
+            firecracker_socket: self
+                .options
+                .firecracker_sockets
+                .then(|| self.vm_dir(&slot.name).join("firecracker.sock")),
             boot_count: s.boot_count,
         }
     }
@@ -201,7 +221,7 @@ impl Host {
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
-        if config.serial.output_path.is_none() {
+        if config.serial.output_path.is_none() && self.options.serial_logs {
             config.serial.output_path = Some(dir.join("serial.log"));
         }
         config.name = Some(name.to_string());
@@ -218,6 +238,15 @@ impl Host {
     ) -> Result<(), ControlError> {
         let (control, receiver) = VmControl::new().map_err(internal)?;
         let counters = vm.counters();
+        let input = if self.options.stdin_console && s.config.serial.output_path.is_none() {
+            let stdin = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(internal)?;
+            Some(Box::new(std::fs::File::from(stdin)) as Box<dyn ConsoleInput>)
+        } else {
+            None
+        };
         let owner = slot.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", slot.name))
@@ -225,6 +254,7 @@ impl Host {
                 let options = RunOptions {
                     control: Some(receiver),
                     paused,
+                    input,
                     ..Default::default()
                 };
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| vm.run(options)));
@@ -340,7 +370,7 @@ impl Host {
         }
     }
 
-    fn apply_reply(slot: &Slot, reply: VmReply) -> VmInfo {
+    fn apply_reply(&self, slot: &Slot, reply: VmReply) -> VmInfo {
         let mut s = slot.lock();
         if let VmReply::State(run) = reply {
             if s.runtime.is_some() {
@@ -351,7 +381,7 @@ impl Host {
                 slot.set_state(&mut s, state);
             }
         }
-        Host::info(slot, &s)
+        self.info(slot, &s)
     }
 
     fn default_snapshot_paths(&self, name: &str) -> SnapshotPaths {
@@ -386,7 +416,7 @@ impl HostControl for Host {
         let slots: Vec<Arc<Slot>> = self.vms().values().cloned().collect();
         slots
             .iter()
-            .map(|slot| Host::info(slot, &slot.lock()))
+            .map(|slot| self.info(slot, &slot.lock()))
             .collect()
     }
 
@@ -426,14 +456,14 @@ impl HostControl for Host {
         if start {
             self.start_locked(&slot, &mut s)?;
         }
-        Ok(Host::info(&slot, &s))
+        Ok(self.info(&slot, &s))
     }
 
     fn get_vm(&self, name: &str) -> Result<VmDetails, ControlError> {
         let slot = self.slot(name)?;
         let s = slot.lock();
         Ok(VmDetails {
-            info: Host::info(&slot, &s),
+            info: self.info(&slot, &s),
             config: s.config.clone(),
         })
     }
@@ -442,19 +472,19 @@ impl HostControl for Host {
         let slot = self.slot(name)?;
         let mut s = slot.lock();
         self.start_locked(&slot, &mut s)?;
-        Ok(Host::info(&slot, &s))
+        Ok(self.info(&slot, &s))
     }
 
     fn pause_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
         let slot = self.slot(name)?;
         let reply = self.command(&slot, VmCommand::Pause, COMMAND_TIMEOUT)?;
-        Ok(Host::apply_reply(&slot, reply))
+        Ok(self.apply_reply(&slot, reply))
     }
 
     fn resume_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
         let slot = self.slot(name)?;
         let reply = self.command(&slot, VmCommand::Resume, COMMAND_TIMEOUT)?;
-        Ok(Host::apply_reply(&slot, reply))
+        Ok(self.apply_reply(&slot, reply))
     }
 
     fn shutdown_vm(&self, name: &str, request: ShutdownRequest) -> Result<VmInfo, ControlError> {
@@ -478,7 +508,7 @@ impl HostControl for Host {
                         }
                     }
                     if self.wait_stopped(&slot, Instant::now() + timeout) {
-                        let info = Host::info(&slot, &slot.lock());
+                        let info = self.info(&slot, &slot.lock());
                         return Ok(info);
                     }
                     log::info!("{name}: the guest did not stop within {timeout:?}; stopping it");
@@ -487,7 +517,7 @@ impl HostControl for Host {
             }
         }
         self.stop_and_wait(&slot)?;
-        let info = Host::info(&slot, &slot.lock());
+        let info = self.info(&slot, &slot.lock());
         Ok(info)
     }
 
@@ -496,7 +526,7 @@ impl HostControl for Host {
         self.stop_and_wait(&slot)?;
         let mut s = slot.lock();
         self.start_locked(&slot, &mut s)?;
-        Ok(Host::info(&slot, &s))
+        Ok(self.info(&slot, &s))
     }
 
     fn delete_vm(&self, name: &str) -> Result<(), ControlError> {
@@ -571,7 +601,7 @@ impl HostControl for Host {
         }
         let mut s = slot.lock();
         self.launch(&slot, &mut s, vm, !request.resume)?;
-        let info = Host::info(&slot, &s);
+        let info = self.info(&slot, &s);
         drop(s);
         vms.insert(name.clone(), slot);
         drop(vms);
@@ -628,7 +658,7 @@ impl HostControl for Host {
             )));
         }
         s.config = config;
-        let info = Host::info(&slot, &s);
+        let info = self.info(&slot, &s);
         drop(s);
         self.events.send(HostEvent::VmModified {
             name: name.to_string(),

@@ -118,7 +118,9 @@ struct Header {
 /// Everything a snapshot holds besides guest memory.
 #[derive(Serialize, Deserialize)]
 pub struct MachineSnapshot {
-    /// The VM's config, to rebuild its devices.
+    /// The VM's config, to rebuild its devices. Kept as its JSON text: it is the user-facing
+    /// format, and the binary encoding cannot carry its flattened sections.
+    #[serde(with = "config_as_json")]
     pub config: VmConfig,
     /// Guest memory regions (address, length), in memory-file order.
     pub regions: Vec<(u64, u64)>,
@@ -128,6 +130,21 @@ pub struct MachineSnapshot {
     pub vcpus: Vec<VcpuState>,
     /// Every device.
     pub devices: DevicesState,
+}
+
+mod config_as_json {
+    use lockstep_api::VmConfig;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(config: &VmConfig, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(config).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VmConfig, D::Error> {
+        let text = String::deserialize(d)?;
+        VmConfig::from_json(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Sizes of a written snapshot.

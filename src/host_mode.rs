@@ -1,0 +1,239 @@
+//! `lockstep host` (many VMs, managed through the control API) and `lockstep run --api-sock`
+//! (one VM driven through Firecracker's API, as Firecracker is).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use lockstep_api::control::{HostControl, HostEvent, VmState};
+use lockstep_api::firecracker::spawn_firecracker;
+use lockstep_api::http::{self, Listeners, ServerHandle};
+use lockstep_api::{HostConfig, VmConfig};
+use lockstep_vmm::event_loop::termination_signalfd;
+use lockstep_vmm::host::{Host, HostOptions};
+use lockstep_vmm::Hypervisor;
+
+use crate::{fail, EXIT_CONFIG_ERROR, EXIT_VMM_ERROR};
+
+/// Watches the termination signals on a thread of its own; the number of the last one received
+/// (0 for none) is in the returned cell.
+fn watch_signals() -> Arc<AtomicI32> {
+    let received = Arc::new(AtomicI32::new(0));
+    let fd = match termination_signalfd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("cannot catch termination signals: {e}");
+            return received;
+        }
+    };
+    let cell = received.clone();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: signalfd_siginfo is plain data, filled by read().
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, -1) };
+            // SAFETY: reads at most `size` bytes into `info`.
+            let n = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if n == size as isize {
+                cell.store(info.ssi_signo as i32, Ordering::SeqCst);
+            }
+        }
+    });
+    received
+}
+
+/// Per-VM Firecracker sockets, opened and closed as VMs come and go.
+fn manage_firecracker_sockets(host: Arc<Host>, events: mpsc::Receiver<HostEvent>) {
+    std::thread::spawn(move || {
+        let mut servers: HashMap<String, ServerHandle> = HashMap::new();
+        let open = |name: &str, servers: &mut HashMap<String, ServerHandle>| {
+            let socket = host.vm_dir(name).join("firecracker.sock");
+            match spawn_firecracker(host.clone(), name.to_string(), &socket) {
+                Ok(handle) => {
+                    servers.insert(name.to_string(), handle);
+                }
+                Err(e) => log::warn!(
+                    "{name}: cannot open its Firecracker API socket {}: {e}",
+                    socket.display()
+                ),
+            }
+        };
+        for vm in host.list_vms() {
+            open(&vm.name, &mut servers);
+        }
+        for event in events {
+            match event {
+                HostEvent::VmCreated { name } if !servers.contains_key(&name) => {
+                    open(&name, &mut servers)
+                }
+                HostEvent::VmDeleted { name } => {
+                    servers.remove(&name);
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+/// `lockstep host --config host.json`.
+pub fn host(config_path: &Path) -> ExitCode {
+    let config = match HostConfig::from_file(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                EXIT_CONFIG_ERROR,
+                &format!("{}: {e}", config_path.display()),
+            )
+        }
+    };
+    let vms = match config.vm_configs() {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(
+                EXIT_CONFIG_ERROR,
+                &format!("{}: {e}", config_path.display()),
+            )
+        }
+    };
+    let signals = watch_signals();
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
+    };
+    log::info!("host KVM backend: {}", hv.backend());
+    let options = HostOptions {
+        serial_logs: true,
+        stdin_console: false,
+        firecracker_sockets: config.firecracker_sockets,
+    };
+    let host = match Host::new(hv, &config.state_dir, options) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            return fail(
+                EXIT_VMM_ERROR,
+                &format!("state_dir {}: {e}", config.state_dir.display()),
+            )
+        }
+    };
+    if config.firecracker_sockets {
+        manage_firecracker_sockets(host.clone(), host.subscribe());
+    }
+    for (vm, autostart) in vms {
+        let name = vm.display_name().to_string();
+        // One VM that cannot be defined or booted does not stop the host.
+        if let Err(e) = host.create_vm(vm, autostart) {
+            log::error!("{name}: {e}");
+        }
+    }
+    if let Some(dir) = config.api_socket.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return fail(
+                EXIT_VMM_ERROR,
+                &format!("api_socket: cannot create {}: {e}", dir.display()),
+            );
+        }
+    }
+    let listeners = Listeners::new()
+        .bind_unix(&config.api_socket)
+        .and_then(|l| match config.api_tcp {
+            Some(addr) => l.bind_tcp(addr),
+            None => Ok(l),
+        });
+    let api = match listeners.and_then(|l| http::spawn(host.clone(), l)) {
+        Ok(api) => api,
+        Err(e) => return fail(EXIT_VMM_ERROR, &format!("control API: {e}")),
+    };
+    log::info!("control API on {}", config.api_socket.display());
+    while signals.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log::info!("stopping: signal {}", signals.load(Ordering::SeqCst));
+    if let Err(e) = api.stop() {
+        log::warn!("control API: {e}");
+    }
+    host.stop_all();
+    ExitCode::SUCCESS
+}
+
+/// `lockstep run --api-sock PATH [config]`: one VM, in the foreground, configured and driven
+/// through Firecracker's API (or booted at once from `config`); the process ends with the VM.
+pub fn firecracker(api_sock: &Path, id: &str, config: Option<VmConfig>) -> ExitCode {
+    let signals = watch_signals();
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
+    };
+    log::info!("host KVM backend: {}", hv.backend());
+    let state_dir: PathBuf = std::env::temp_dir().join(format!("lockstep-{}", std::process::id()));
+    let options = HostOptions {
+        serial_logs: false,
+        stdin_console: true,
+        firecracker_sockets: false,
+    };
+    let host = match Host::new(hv, &state_dir, options) {
+        Ok(h) => Arc::new(h),
+        Err(e) => return fail(EXIT_VMM_ERROR, &format!("{}: {e}", state_dir.display())),
+    };
+    let events = host.subscribe();
+    if let Some(mut config) = config {
+        config.name = Some(id.to_string());
+        if let Err(e) = host.create_vm(config, true) {
+            return fail(EXIT_CONFIG_ERROR, &e.to_string());
+        }
+    }
+    let api = match spawn_firecracker(host.clone(), id.to_string(), api_sock) {
+        Ok(api) => api,
+        Err(e) => {
+            return fail(
+                EXIT_VMM_ERROR,
+                &format!("--api-sock {}: {e}", api_sock.display()),
+            )
+        }
+    };
+    log::info!("Firecracker-compatible API on {}", api_sock.display());
+    let code = loop {
+        if signals.load(Ordering::SeqCst) != 0 {
+            break ExitCode::from(128u8.saturating_add(signals.load(Ordering::SeqCst) as u8));
+        }
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(HostEvent::VmStateChanged {
+                current: VmState::Stopped,
+                ..
+            }) => break ExitCode::SUCCESS,
+            Ok(HostEvent::VmStateChanged {
+                current: VmState::Failed,
+                name,
+                ..
+            }) => {
+                let reason = host
+                    .get_vm(&name)
+                    .ok()
+                    .and_then(|d| d.info.exit_reason)
+                    .unwrap_or_default();
+                break fail(EXIT_VMM_ERROR, &reason);
+            }
+            _ => {}
+        }
+    };
+    drop(api);
+    host.stop_all();
+    let _ = std::fs::remove_dir_all(&state_dir);
+    code
+}
