@@ -10,6 +10,8 @@ pub mod firecracker;
 pub mod host_config;
 pub mod http;
 pub mod metrics;
+#[cfg(any(test, feature = "openapi-check"))]
+pub mod openapi_check;
 
 pub use config::{
     BootProtocol, BootSource, FirecrackerExtras, HostLimits, HugePages, MachineConfig,

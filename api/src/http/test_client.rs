@@ -220,3 +220,17 @@ pub(crate) fn shell_words(command: &str) -> Vec<String> {
     }
     words
 }
+
+impl crate::openapi_check::Reply for RawReply {
+    fn status(&self) -> u16 {
+        self.status
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        RawReply::header(self, name)
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}

@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Host-side helpers for the test guest's workloads (reference implementations and manual checks).
 
-  lks_host.py pattern <image> <sector> <count> <seed>   check a disk image against the sector pattern
+  lks_host.py pattern <image> <sector> <count> <seed> [byte-offset]   check a disk image against the sector
+                                                        pattern (read from byte-offset instead of sector * 512:
+                                                        e.g. a `memfill` block in a snapshot's memory file)
   lks_host.py fnv <file> [offset] [length]              FNV-1a 64 of bytes, as the guest prints it
   lks_host.py udp-recv <bind-ip> <port> <count> [seconds]   receive `net udp-send`/`bench net-tx` datagrams,
                                                         check sequence and checksums
   lks_host.py udp-send <ip> <port> <count> <size> [src-port]   send numbered datagrams (for `net udp-echo`
                                                         and `bench net-rx`), check the echoes, then "stop"
+  lks_host.py udp-stream <bind-ip> <port> [idle-seconds] [guest-ip stop-after-seconds]
+                                                        receive a `net udp-stream` until it is idle (sending
+                                                        "stop" to the guest's port 40000 first if asked): count
+                                                        losses, duplicates, reordering, FNV-1a 64 of the payloads
 
 The formats are those of tests/guest/README.md ("Data formats").
 """
@@ -49,10 +55,10 @@ def udp_check(payload):
     return int.from_bytes(payload[4:8], "little")
 
 
-def cmd_pattern(image, first, count, seed):
+def cmd_pattern(image, first, count, seed, offset):
     bad = []
     with open(image, "rb") as f:
-        f.seek(first * 512)
+        f.seek(first * 512 if offset is None else offset)
         data = f.read(count * 512)
     for i in range(count):
         if data[i * 512:(i + 1) * 512] != sector_pattern(seed, first + i):
@@ -107,9 +113,46 @@ def cmd_udp_send(ip, port, count, size, src_port):
     return 0 if echoed == count else 1
 
 
+def cmd_udp_stream(bind, port, idle, guest, stop_after):
+    """Receives until `idle` seconds pass without a datagram; prints what a pause test compares with the
+    guest's `net udp-stream ... sent=<n> fnv1a64=<h>` line."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    s.bind((bind, port))
+    s.settimeout(0.2)
+    seen, bad, out_of_order, last, h = set(), 0, 0, -1, 0xCBF29CE484222325
+    received = duplicates = 0
+    start = last_rx = time.monotonic()
+    stop_sent = guest is None
+    while time.monotonic() - last_rx < idle:
+        if not stop_sent and time.monotonic() - start >= stop_after:
+            s.sendto(b"stop", (guest, 40000))
+            stop_sent = True
+        try:
+            payload, _ = s.recvfrom(65536)
+        except socket.timeout:
+            continue
+        last_rx = time.monotonic()
+        seq = udp_check(payload)
+        if seq is None:
+            bad += 1
+            continue
+        received += 1
+        h = fnv1a64(payload, h)
+        duplicates += seq in seen
+        out_of_order += seq < last
+        seen.add(seq)
+        last = max(last, seq)
+    missing = (last + 1) - len(seen)
+    print(f"udp-stream received={received} distinct={len(seen)} duplicates={duplicates} missing={missing} "
+          f"out_of_order={out_of_order} bad={bad} last_seq={last} fnv1a64={h:016x}")
+    return 0 if duplicates == missing == out_of_order == bad == 0 else 1
+
+
 def main(argv):
     if len(argv) >= 5 and argv[0] == "pattern":
-        return cmd_pattern(argv[1], int(argv[2], 0), int(argv[3], 0), int(argv[4], 0))
+        offset = int(argv[5], 0) if len(argv) > 5 else None
+        return cmd_pattern(argv[1], int(argv[2], 0), int(argv[3], 0), int(argv[4], 0), offset)
     if len(argv) >= 2 and argv[0] == "fnv":
         with open(argv[1], "rb") as f:
             f.seek(int(argv[2], 0) if len(argv) > 2 else 0)
@@ -121,6 +164,10 @@ def main(argv):
     if len(argv) >= 5 and argv[0] == "udp-send":
         src = int(argv[5]) if len(argv) > 5 else 0
         return cmd_udp_send(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), src)
+    if len(argv) >= 3 and argv[0] == "udp-stream":
+        idle = float(argv[3]) if len(argv) > 3 else 3
+        guest, stop_after = (argv[4], float(argv[5])) if len(argv) > 5 else (None, 0)
+        return cmd_udp_stream(argv[1], int(argv[2]), idle, guest, stop_after)
     print(__doc__)
     return 2
 

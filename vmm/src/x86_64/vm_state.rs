@@ -1,8 +1,8 @@
 //! VM-wide state KVM holds in the kernel: the two PICs, the IOAPIC, the PIT and the KVM clock.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -65,10 +65,11 @@ impl VmState {
             .map_err(kvm("set slave PIC"))?;
         vm.set_irqchip(&self.ioapic).map_err(kvm("set IOAPIC"))?;
         vm.set_pit2(&self.pit).map_err(kvm("set PIT"))?;
-        // KVM_SET_CLOCK takes only the clock value; the flags it reported are not inputs.
+        // The guest's clock carries on from the value it had when saved. No flags: with
+        // KVM_CLOCK_REALTIME (which KVM_GET_CLOCK reports) KVM would add the wall-clock time that
+        // passed since `realtime`, and a restored guest would see its clock leap forward.
         let clock = kvm_clock_data {
             clock: self.clock.clock,
-            flags: self.clock.flags & !KVM_CLOCK_TSC_STABLE,
             ..Default::default()
         };
         vm.set_clock(&clock).map_err(kvm("set clock"))

@@ -1,7 +1,7 @@
 //! ACPI: finds the RSDP and reads the MADT ("APIC" table) for CPUs, the IOAPIC and IRQ overrides.
 
 use crate::phys::{read_u16, read_u32, read_u64, read_u8};
-use crate::platform::{CpuSource, IsaRoute, Platform, SERIAL_ISA_IRQ};
+use crate::platform::{CpuSource, Platform};
 
 const RSDP_SIGNATURE: &[u8; 8] = b"RSD PTR ";
 const RSDP_V1_LENGTH: u64 = 20;
@@ -64,7 +64,7 @@ fn find_madt(rsdp: u64) -> Option<u64> {
         .find(|table| *table != 0 && signature(*table) == *b"APIC")
 }
 
-/// Reads the MADT: enabled local APICs and x2APICs, the IOAPICs, the override for IRQ 4.
+/// Reads the MADT: enabled local APICs and x2APICs, the IOAPICs, the overrides for IRQs 1 and 4.
 pub fn read_madt(rsdp: u64) -> Option<Platform> {
     let madt = find_madt(rsdp)?;
     let length = u64::from(read_u32(madt + 4));
@@ -82,12 +82,8 @@ pub fn read_madt(rsdp: u64) -> Option<Platform> {
             0 if read_u32(entry + 4) & 1 != 0 => platform.add_cpu(u32::from(read_u8(entry + 3))),
             9 if read_u32(entry + 8) & 1 != 0 => platform.add_cpu(read_u32(entry + 4)),
             1 => platform.add_ioapic(u64::from(read_u32(entry + 4)), Some(read_u32(entry + 8))),
-            2 if read_u8(entry + 3) == SERIAL_ISA_IRQ => {
-                platform.serial_route = IsaRoute {
-                    gsi: read_u32(entry + 4),
-                    ..IsaRoute::identity(SERIAL_ISA_IRQ)
-                }
-                .with_inti_flags(read_u16(entry + 8));
+            2 => {
+                platform.override_isa(read_u8(entry + 3), read_u32(entry + 4), read_u16(entry + 8))
             }
             _ => {}
         }

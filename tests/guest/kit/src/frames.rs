@@ -3,7 +3,8 @@
 //! address, so what it hands out is both a pointer and a DMA address.
 //!
 //! Drivers allocate once when a device is probed; a monitor command takes a [`Mark`] first and
-//! releases everything it allocated afterwards.
+//! releases everything it allocated afterwards. A block that must outlive commands (`memfill`'s) is
+//! taken from the top of a range instead.
 
 use crate::boot::{BootInfo, E820_RAM};
 
@@ -102,6 +103,26 @@ impl Frames {
         // (or released by their previous owner), identity-mapped below the end of the map.
         unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size as usize) };
         Some(DmaBuf { addr, len: bytes })
+    }
+
+    /// Takes `bytes` (rounded up to pages) from the top of the first range with room, not zeroed:
+    /// a block that outlives monitor commands, because [`Frames::release`] only moves the bump
+    /// cursors. Returns its address.
+    pub fn take_top(&mut self, bytes: u64) -> Option<u64> {
+        let size = bytes.max(1).next_multiple_of(PAGE);
+        let range = self.ranges[..self.count]
+            .iter_mut()
+            .find(|r| r.end - r.next >= size)?;
+        range.end -= size;
+        Some(range.end)
+    }
+
+    /// Gives back a block [`Frames::take_top`] returned, the last one taken from its range.
+    pub fn give_back_top(&mut self, addr: u64, bytes: u64) {
+        let size = bytes.max(1).next_multiple_of(PAGE);
+        if let Some(range) = self.ranges[..self.count].iter_mut().find(|r| r.end == addr) {
+            range.end += size;
+        }
     }
 
     /// Remembers the current allocation state.

@@ -5,7 +5,9 @@
 //! Rust code runs: on a PVM host CPL0 is emulated instruction by instruction, CPL3 runs natively.
 //! CPL3 reaches CPL0 only through the int3 service gate and exceptions (see [`cpu`]).
 //!
-//! A program declares its main with [`program!`] and receives the [`System`] the kit set up. Devices
+//! A program declares its main with [`program!`] and receives the [`System`] the kit set up. The
+//! [`keyboard`] turns a VMM's Ctrl-Alt-Del into a shutdown in every mode; [`kvmclock`] reads the
+//! KVM clock. Devices
 //! the command line announces (`virtio_mmio.device=`) are driven by [`virtio`], with a small network
 //! stack in [`net`], and exercised by the monitor's commands in [`workload`].
 
@@ -17,6 +19,8 @@ pub mod boot;
 pub mod cpu;
 pub mod frames;
 pub mod io;
+pub mod keyboard;
+pub mod kvmclock;
 mod mem;
 pub mod monitor;
 pub mod mptable;

@@ -1,12 +1,13 @@
 //! A small interactive monitor on the serial console: prompt `lks> `, typed characters echoed, one
 //! command per line. While idle it sleeps in CPL0 until COM1's receive interrupt or the network
 //! device's (or polls when the platform has no IOAPIC or `lks.virtio=poll`), and answers ARP and
-//! pings meanwhile. The same commands run non-interactively from `lks.run="cmd;cmd;..."`.
+//! pings meanwhile. The same commands run non-interactively from `lks.run="cmd;cmd;..."`. Waiting
+//! for input, and between script commands, it looks for Ctrl-Alt-Del on the keyboard.
 
 use crate::report::ConsoleGuard;
 use crate::serial::COM1;
 use crate::workload::{self, Args, Machine};
-use crate::{cpu, phys, report, smp};
+use crate::{cpu, keyboard, phys, report, smp};
 
 const PROMPT: &[u8] = b"lks> ";
 const LINE_MAX: usize = 256;
@@ -27,6 +28,7 @@ pub fn run(machine: &mut Machine) -> ! {
 pub fn run_script(machine: &mut Machine, script: &[u8]) {
     for command in script.split(|b| *b == b';') {
         let command = command.trim_ascii();
+        keyboard::check();
         if !command.is_empty() {
             report::line(format_args!("run {}", crate::boot::Printable(command)));
             execute(machine, command);
@@ -37,12 +39,13 @@ pub fn run_script(machine: &mut Machine, script: &[u8]) {
 fn read_byte(machine: &mut Machine) -> u8 {
     loop {
         cpu::take_pending_irqs();
+        keyboard::check();
         if let Some(byte) = COM1.try_read() {
             return byte;
         }
         machine.service_network();
         if machine.system.serial_irq && machine.ready_to_sleep() {
-            cpu::wait_for_interrupt();
+            keyboard::idle_wait();
         } else {
             core::hint::spin_loop();
         }

@@ -2,7 +2,7 @@
 //! configuration table with processor, bus, IOAPIC and I/O interrupt entries.
 
 use crate::phys::{read_u16, read_u32, read_u8};
-use crate::platform::{CpuSource, IsaRoute, Platform, SERIAL_ISA_IRQ};
+use crate::platform::{CpuSource, Platform};
 
 const FLOATING_SIGNATURE: u32 = u32::from_le_bytes(*b"_MP_");
 const TABLE_SIGNATURE: u32 = u32::from_le_bytes(*b"PCMP");
@@ -74,15 +74,14 @@ pub fn read(floating: u64) -> Option<Platform> {
                 8
             }
             3 => {
-                let is_serial = read_u8(entry + 1) == 0 // vectored interrupt
-                    && Some(read_u8(entry + 4)) == isa_bus
-                    && read_u8(entry + 5) == SERIAL_ISA_IRQ;
-                if is_serial {
-                    platform.serial_route = IsaRoute {
-                        gsi: u32::from(read_u8(entry + 7)),
-                        ..IsaRoute::identity(SERIAL_ISA_IRQ)
-                    }
-                    .with_inti_flags(read_u16(entry + 2));
+                let is_isa = read_u8(entry + 1) == 0 // vectored interrupt
+                    && Some(read_u8(entry + 4)) == isa_bus;
+                if is_isa {
+                    platform.override_isa(
+                        read_u8(entry + 5),
+                        u32::from(read_u8(entry + 7)),
+                        read_u16(entry + 2),
+                    );
                 }
                 8
             }

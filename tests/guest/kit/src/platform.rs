@@ -1,5 +1,6 @@
-//! What the VMM's firmware tables describe: the CPUs (by local APIC ID), the IOAPIC and how ISA IRQ 4
-//! (COM1) reaches it. Found in the ACPI MADT when there is an RSDP, else in the MP table.
+//! What the VMM's firmware tables describe: the CPUs (by local APIC ID), the IOAPIC and how ISA IRQs 1
+//! (the i8042 keyboard) and 4 (COM1) reach it. Found in the ACPI MADT when there is an RSDP, else in
+//! the MP table.
 
 use crate::boot::BootInfo;
 use crate::cpu::MAX_CPUS;
@@ -94,8 +95,12 @@ pub struct Platform {
     pub source: CpuSource,
     /// How COM1's IRQ 4 reaches the IOAPIC.
     pub serial_route: IsaRoute,
+    /// How the keyboard's IRQ 1 reaches the IOAPIC.
+    pub keyboard_route: IsaRoute,
 }
 
+/// ISA IRQ of the i8042 keyboard.
+pub const KEYBOARD_ISA_IRQ: u8 = 1;
 /// ISA IRQ of COM1.
 pub const SERIAL_ISA_IRQ: u8 = 4;
 
@@ -109,6 +114,22 @@ impl Platform {
             ioapic_count: 0,
             source,
             serial_route: IsaRoute::identity(SERIAL_ISA_IRQ),
+            keyboard_route: IsaRoute::identity(KEYBOARD_ISA_IRQ),
+        }
+    }
+
+    /// Records a table's interrupt source override (MPS INTI `flags`) for ISA IRQ `irq`; only the
+    /// IRQs the kit uses (the keyboard's and COM1's) are kept.
+    pub fn override_isa(&mut self, irq: u8, gsi: u32, flags: u16) {
+        let route = IsaRoute {
+            gsi,
+            ..IsaRoute::identity(irq)
+        }
+        .with_inti_flags(flags);
+        match irq {
+            KEYBOARD_ISA_IRQ => self.keyboard_route = route,
+            SERIAL_ISA_IRQ => self.serial_route = route,
+            _ => {}
         }
     }
 

@@ -108,7 +108,8 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Prints the boot report: boot path, command line, memory map, usable memory, initrd and CPUs.
+/// Prints the boot report: boot path, command line, memory map, usable memory, initrd, CPUs and
+/// keyboard.
 pub fn boot_report(system: &crate::System) {
     let boot = &system.boot;
     line(format_args!("boot={}", boot.kind.name()));
@@ -150,4 +151,5 @@ pub fn boot_report(system: &crate::System) {
         platform.cpu_count(),
         platform.source.name()
     ));
+    console.write(format_args!("LKS keyboard={}\n", crate::keyboard::Describe));
 }

@@ -3,7 +3,7 @@
 
 use crate::boot::{BootInfo, BootKind};
 use crate::platform::Platform;
-use crate::{apic, cpu, serial, smp};
+use crate::{apic, cpu, keyboard, serial, smp};
 
 /// The machine as the program sees it after start-up.
 pub struct System {
@@ -43,6 +43,7 @@ pub(crate) extern "C" fn bsp_main(kind: u32, info: u64) -> ! {
     if serial_irq {
         serial::COM1.enable_rx_interrupt();
     }
+    keyboard::init(&boot, &platform);
 
     let system = System {
         boot,

@@ -2,16 +2,25 @@
 //! else measured once against the PIT's channel 0 (about 20 ms), else assumed.
 //!
 //! Every timeout in the kit is approximate: a VMM without a PIT and without CPUID leaf 0x15 leaves the
-//! kit assuming [`ASSUMED_TSC_HZ`].
+//! kit assuming [`ASSUMED_TSC_HZ`]. Timeouts count only time the guest ran (see [`Deadline`]), and
+//! sleeps are bounded by the local APIC timer ([`nap_us`]).
 
 use core::arch::x86_64::__cpuid;
+use core::cell::Cell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::cpu::rdtsc;
+use crate::cpu::{self, rdtsc};
 use crate::io::{inb, outb};
 
 /// The TSC frequency assumed when it can be neither read nor measured.
 pub const ASSUMED_TSC_HZ: u64 = 2_000_000_000;
+
+/// The local APIC timer's vector, which bounds sleeps in `hlt`.
+const TIMER_VECTOR: u8 = cpu::IRQ_BASE + 31;
+/// Local APIC timer ticks per millisecond at divide 16: the timer counts a 1 GHz bus under KVM.
+const TIMER_TICKS_PER_MS: u64 = 62_500;
+/// A gap between two looks at a [`Deadline`] longer than this is time the guest did not run.
+const STALL_MS: u64 = 500;
 
 const PIT_HZ: u64 = 1_193_182;
 /// PIT ticks measured against: about 20 ms.
@@ -105,19 +114,58 @@ pub fn cycles_to_us(cycles: u64) -> u64 {
     (u128::from(cycles) * 1_000_000 / u128::from(tsc_hz())) as u64
 }
 
-/// A point in time (TSC) after which a wait gives up.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline(u64);
+/// Converts milliseconds to TSC cycles.
+pub fn ms_to_cycles(ms: u64) -> u64 {
+    (u128::from(tsc_hz()) * u128::from(ms) / 1000) as u64
+}
+
+/// Converts microseconds to TSC cycles.
+pub fn us_to_cycles(us: u64) -> u64 {
+    (u128::from(tsc_hz()) * u128::from(us) / 1_000_000) as u64
+}
+
+/// Sleeps in the CPL0 wait service until an interrupt, at most about `us` microseconds: the BSP's
+/// local APIC timer is armed one-shot to wake it (BSP only). Returns at once if a device interrupt
+/// is pending (see [`cpu::wait_for_interrupt`]).
+pub fn nap_us(us: u64) {
+    let ticks = (us * TIMER_TICKS_PER_MS / 1000).clamp(1, u64::from(u32::MAX));
+    crate::apic::arm_oneshot_timer(TIMER_VECTOR, ticks as u32);
+    cpu::wait_for_interrupt();
+}
+
+/// A point in time (TSC) after which a wait gives up. Only time the guest ran counts: when two
+/// looks at the deadline are more than [`STALL_MS`] apart, or the TSC went backwards, the VM was
+/// paused or saved and restored, and the deadline moves by the gap. A wait the VMM interrupted thus
+/// resumes with the time it had left, instead of failing at once because the TSC ran on.
+#[derive(Debug)]
+pub struct Deadline {
+    end: Cell<u64>,
+    last_look: Cell<u64>,
+    stall: u64,
+}
 
 impl Deadline {
     /// `ms` milliseconds from now.
     pub fn after_ms(ms: u64) -> Self {
-        let cycles = u128::from(tsc_hz()) * u128::from(ms) / 1000;
-        Deadline(rdtsc().saturating_add(cycles as u64))
+        let now = rdtsc();
+        Deadline {
+            end: Cell::new(now.saturating_add(ms_to_cycles(ms))),
+            last_look: Cell::new(now),
+            stall: ms_to_cycles(STALL_MS),
+        }
     }
 
-    /// Whether the deadline has passed.
+    /// Whether the deadline has passed (in time the guest ran).
     pub fn passed(&self) -> bool {
-        rdtsc() >= self.0
+        let now = rdtsc();
+        let last = self.last_look.replace(now);
+        let end = self.end.get();
+        if now < last {
+            // The TSC went backwards (a restored VM): the deadline moves back with it.
+            self.end.set(end.saturating_sub(last - now));
+        } else if now - last > self.stall {
+            self.end.set(end.saturating_add(now - last));
+        }
+        now >= self.end.get()
     }
 }

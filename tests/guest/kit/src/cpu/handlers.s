@@ -88,6 +88,8 @@ lks_service_entry:
     je lks_triple_fault
     cmp ${svc_uart_write}, %eax
     je 4f
+    cmp ${svc_kvmclock}, %eax
+    je 10f
     mov $-1, %rax
     iretq
 1:  /*
@@ -125,6 +127,31 @@ lks_service_entry:
     jnz 7b
     jmp 5b
 8:  iretq
+10: /*
+     * Point this CPU's KVM clock at RSI (a pvclock structure's address, bit 0 set to enable), if
+     * the VMM's CPUID (visible here, not at CPL3) says KVM with KVM_FEATURE_CLOCKSOURCE2: else the
+     * WRMSR would fault. EAX = 1 if done, else 0. CPUID clobbers EBX, which Rust cannot declare.
+     */
+    push %rbx
+    mov ${kvm_cpuid_base}, %eax
+    cpuid
+    cmp ${kvm_signature_ebx}, %ebx
+    jne 11f
+    mov ${kvm_cpuid_features}, %eax
+    cpuid
+    test ${kvm_feature_clocksource2}, %eax
+    jz 11f
+    mov ${msr_kvm_system_time}, %ecx
+    mov %esi, %eax
+    mov %rsi, %rdx
+    shr $32, %rdx
+    wrmsr
+    mov $1, %eax
+    pop %rbx
+    iretq
+11: xor %eax, %eax
+    pop %rbx
+    iretq
 
 /*
  * Reset by triple fault: with an empty IDT, the #GP from a non-canonical access cannot be delivered,

@@ -1,5 +1,6 @@
 //! CPU set-up shared by every CPU: the layout constants the start-up assembly is built with, the IDT
-//! (filled at CPL3), the int3 service gate into CPL0, and the CPL3 fault reporter.
+//! (filled at CPL3), the int3 service gate into CPL0 (wait, halt, reset, UART output, KVM clock),
+//! and the CPL3 fault reporter.
 //!
 //! The prebuilt tables live in `tables.s`, the CPL0 handlers in `handlers.s`.
 
@@ -59,6 +60,16 @@ const SVC_WAIT: u32 = 1;
 const SVC_HALT: u32 = 2;
 const SVC_TRIPLE_FAULT: u32 = 3;
 const SVC_UART_WRITE: u32 = 4;
+const SVC_KVMCLOCK: u32 = 5;
+
+/// CPUID leaf with the hypervisor's signature; KVM's starts "KVMK" in EBX.
+const KVM_CPUID_BASE: u32 = 0x4000_0000;
+const KVM_SIGNATURE_EBX: u32 = u32::from_le_bytes(*b"KVMK");
+/// CPUID leaf with KVM's paravirtual features (EAX).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+/// MSR_KVM_SYSTEM_TIME_NEW: where KVM keeps this CPU's pvclock structure up to date.
+const MSR_KVM_SYSTEM_TIME: u32 = 0x4b56_4d01;
 
 const PTE_TABLE: u64 = 0x7; // present, writable, user
 const PTE_LARGE: u64 = 0x87; // ... and 2 MiB page
@@ -127,6 +138,12 @@ global_asm!(
     svc_halt = const SVC_HALT,
     svc_triple_fault = const SVC_TRIPLE_FAULT,
     svc_uart_write = const SVC_UART_WRITE,
+    svc_kvmclock = const SVC_KVMCLOCK,
+    kvm_cpuid_base = const KVM_CPUID_BASE,
+    kvm_signature_ebx = const KVM_SIGNATURE_EBX,
+    kvm_cpuid_features = const KVM_CPUID_FEATURES,
+    kvm_feature_clocksource2 = const KVM_FEATURE_CLOCKSOURCE2,
+    msr_kvm_system_time = const MSR_KVM_SYSTEM_TIME,
     idt_entries = const IDT_ENTRIES,
     idt = sym IDT,
     options(att_syntax)
@@ -226,6 +243,27 @@ pub fn uart_write(base: u16, bytes: &[u8]) {
     };
 }
 
+/// Points this CPU's KVM clock (MSR_KVM_SYSTEM_TIME_NEW) at `value`: a pvclock structure's
+/// physical address with bit 0 set to enable it. The CPL0 service first asks the VMM's CPUID for KVM
+/// and its KVM_FEATURE_CLOCKSOURCE2; false (nothing written) without them.
+pub fn set_kvm_system_time(value: u64) -> bool {
+    let done: u32;
+    // SAFETY: the service writes one MSR, after which the hypervisor updates the 32-byte structure
+    // at `value & !1`; the caller passes memory that it reads only as externally modified. The
+    // service clobbers EAX (the result), ECX and EDX, declared here, and restores RBX.
+    unsafe {
+        asm!(
+            "int3",
+            inout("eax") SVC_KVMCLOCK => done,
+            in("rsi") value,
+            out("ecx") _,
+            out("edx") _,
+            options(nostack)
+        )
+    };
+    done == 1
+}
+
 /// Returns and clears the device-interrupt vectors taken so far (bit n = vector `IRQ_BASE + n`),
 /// counting each for [`irqs_seen`].
 pub fn take_pending_irqs() -> u32 {
@@ -236,6 +274,12 @@ pub fn take_pending_irqs() -> u32 {
         }
     }
     pending
+}
+
+/// Whether `vector` was taken since the pending mask was last taken (the mask is left alone).
+pub fn irq_pending(vector: u8) -> bool {
+    let bit = u32::from(vector.wrapping_sub(IRQ_BASE));
+    bit < 32 && IRQ_PENDING.load(Ordering::Acquire) & (1 << bit) != 0
 }
 
 /// How many times `vector` was found pending (several interrupts between two looks count once).

@@ -22,10 +22,8 @@ use queue::Virtqueue;
 pub const MAX_DEVICES: usize = 16;
 /// Device n interrupts on vector `VECTOR_BASE + n`.
 const VECTOR_BASE: u8 = cpu::IRQ_BASE + 8;
-/// The local APIC timer's vector, which bounds interrupt-driven waits.
-const TIMER_VECTOR: u8 = cpu::IRQ_BASE + 31;
-/// Timer ticks (16 bus cycles each) between wake-ups of an interrupt-driven wait: 1 ms under KVM.
-const TIMER_TICKS: u32 = 62_500;
+/// Longest sleep of an interrupt-driven wait between looks at the queue (microseconds).
+const WAKE_US: u64 = 1000;
 
 /// How a driver learns that the device used buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +90,7 @@ impl Waiter {
                     if queue.has_used() {
                         return true;
                     }
-                    apic::arm_oneshot_timer(TIMER_VECTOR, TIMER_TICKS);
-                    cpu::wait_for_interrupt();
+                    crate::time::nap_us(WAKE_US);
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! Block commands (`blk <n> ...`) and benchmarks (`bench blk-*`). Transfers are split into requests
-//! of at most 1 MiB (or the device's segment limits) with several in flight at once.
+//! of at most 1 MiB (or the device's segment limits) with several in flight at once; `blk stream`
+//! keeps 4 KiB requests in flight for as long as a pause test needs.
 
 use super::pattern::{check_sectors, fill_sectors, Fnv, XorShift, SECTOR};
-use super::{error, usage, Args, Machine};
+use super::{error, key_pressed, usage, Args, Machine};
 use crate::report;
 use crate::time::cycles_to_us;
 use crate::virtio::blk::{Blk, Status, ID_LEN, T_FLUSH, T_GET_ID, T_IN, T_OUT};
@@ -16,6 +17,8 @@ const REQUEST_MAX: u64 = 1 << 20;
 const DEPTH: usize = 4;
 /// Most requests in flight the pipeline tracks.
 const DEPTH_MAX: usize = 64;
+/// Sectors per request of `blk stream` (4 KiB).
+const STREAM_SECTORS: u64 = 8;
 
 /// One request of a pipelined transfer.
 struct Request {
@@ -88,7 +91,7 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
     let Some(n) = args.number().map(|n| n as usize) else {
         return usage(
             "blk",
-            "<n> info|id|flush|write <sector> <count> <seed>|read <sector> <count> [seed]",
+            "<n> info|id|flush|write <sector> <count> <seed>|read <sector> <count> [seed]|stream <sector> <count> <seed> <passes>",
         );
     };
     let page = machine.frames.alloc(4096).map(|page| page.addr());
@@ -143,7 +146,15 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
             }
             transfer(machine, n, write, sector, count, seed);
         }
-        _ => usage("blk", "<n> info|id|flush|write|read ..."),
+        Some(b"stream") => {
+            let (Some(sector), Some(count), Some(seed), Some(passes)) =
+                (args.number(), args.number(), args.number(), args.number())
+            else {
+                return usage("blk", "<n> stream <sector> <count> <seed> <passes>");
+            };
+            stream(machine, n, (sector, count), seed, passes);
+        }
+        _ => usage("blk", "<n> info|id|flush|write|read|stream ..."),
     }
 }
 
@@ -217,6 +228,91 @@ fn transfer(
         }
     }
     console.write(format_args!("\n"));
+}
+
+/// Runs 4 KiB requests of `kind` over `range` (first sector, count) from `buffer`, [`DEPTH`] in
+/// flight.
+fn stream_pass(blk: &mut Blk, kind: u32, range: (u64, u64), buffer: u64) -> Result<(), Status> {
+    let (sector, count) = range;
+    pipeline(blk, count.div_ceil(STREAM_SECTORS), DEPTH, |i, _| {
+        let first = i * STREAM_SECTORS;
+        Request {
+            kind,
+            sector: sector + first,
+            addr: buffer + first * SECTOR as u64,
+            len: STREAM_SECTORS.min(count - first) * SECTOR as u64,
+        }
+    })
+}
+
+/// `blk <n> stream <sector> <count> <seed> <passes>`: pass `p` writes the pattern of seed
+/// `seed + p` over the range in 4 KiB requests, [`DEPTH`] in flight, so that a pause or snapshot
+/// taken at any time catches requests in flight; each pass prints a line. A key on the console
+/// stops it between passes. Then the range is read back and compared with the last pass's pattern:
+/// a lost write leaves an older pass's data, a request the device replayed late puts one back.
+fn stream(machine: &mut Machine, n: usize, range: (u64, u64), seed: u64, passes: u64) {
+    let (sector, count) = range;
+    let Some(mut buffer) = machine.frames.alloc((count * SECTOR as u64) as usize) else {
+        return error("blk stream", "too-large");
+    };
+    let blk = machine.devices.blk(n).expect("the caller checked");
+    if count == 0
+        || sector
+            .checked_add(count)
+            .is_none_or(|end| end > blk.capacity)
+    {
+        return error("blk stream", "beyond-capacity");
+    }
+    let requests = count.div_ceil(STREAM_SECTORS);
+    let bogus_before = blk.queue_mut().bogus_used;
+    report::line(format_args!(
+        "blk stream start dev={n} sector={sector} count={count} passes={passes} requests_per_pass={requests}"
+    ));
+    let start = crate::cpu::rdtsc();
+    let (mut done, mut result, mut stopped_by) = (0, Ok(()), "count");
+    while done < passes {
+        if key_pressed() {
+            stopped_by = "key";
+            break;
+        }
+        let pass_seed = seed.wrapping_add(done);
+        fill_sectors(buffer.bytes_mut(), pass_seed, sector);
+        result = stream_pass(blk, T_OUT, range, buffer.addr());
+        report::line(format_args!(
+            "blk stream pass={done} dev={n} seed={pass_seed} status={}",
+            status_name(result)
+        ));
+        if result.is_err() {
+            stopped_by = "error";
+            break;
+        }
+        done += 1;
+    }
+    let us = cycles_to_us(crate::cpu::rdtsc() - start);
+    let readback = stream_pass(blk, T_IN, range, buffer.addr());
+    let bad_used = blk.queue_mut().bogus_used - bogus_before;
+    let mut fnv = Fnv::new();
+    fnv.update(buffer.bytes());
+    let mut console = report::ConsoleGuard::lock();
+    console.write(format_args!(
+        "LKS blk stream dev={n} sector={sector} count={count} passes={done} requests={} status={} stopped_by={stopped_by} bad_used={bad_used} us={us} fnv1a64={:016x}",
+        done * requests,
+        status_name(result),
+        fnv.value()
+    ));
+    match (done, readback) {
+        (0, _) => console.write(format_args!(" readback=none\n")),
+        (_, Err(status)) => console.write(format_args!(" readback={}\n", status.name())),
+        (_, Ok(())) => {
+            let last_seed = seed.wrapping_add(done - 1);
+            match check_sectors(buffer.bytes(), last_seed, sector) {
+                (_, None) => console.write(format_args!(" last_seed={last_seed} readback=match\n")),
+                (bad, Some(first)) => console.write(format_args!(
+                    " last_seed={last_seed} readback=mismatch bad_sectors={bad} first_bad={first}\n"
+                )),
+            }
+        }
+    }
 }
 
 /// Prints the end of a benchmark: `LKS bench done bytes=<n> ops=<n> ...`.

@@ -1,13 +1,16 @@
 //! Device commands for the monitor and for `lks.run` scripts: listing devices, block I/O with
-//! verifiable patterns, networking, entropy, vsock streams, benchmarks timed by the host, and
-//! hostile descriptor chains. Every command prints one or more machine-readable lines
-//! `LKS <command> ...` (see the README for each format).
+//! verifiable patterns, networking, entropy, vsock streams, benchmarks timed by the host, hostile
+//! descriptor chains, and the clock, counter and memory commands of pause and snapshot tests.
+//! Every command prints one or more machine-readable lines `LKS <command> ...` (see the README for
+//! each format).
 //!
 //! Memory a command allocates is released when it returns; device rings and buffers, allocated
-//! when the devices were probed, stay.
+//! when the devices were probed, stay, and so does `memfill`'s block.
 
 mod blk;
+mod clock;
 mod hostile;
+mod memory;
 mod net;
 pub mod pattern;
 mod rng;
@@ -25,6 +28,8 @@ pub struct Machine<'a> {
     pub frames: Frames,
     /// The virtio devices from the command line.
     pub devices: Devices,
+    /// The block `memfill` filled last.
+    fill: Option<memory::Fill>,
 }
 
 impl<'a> Machine<'a> {
@@ -36,6 +41,7 @@ impl<'a> Machine<'a> {
             system,
             frames,
             devices,
+            fill: None,
         }
     }
 
@@ -98,16 +104,21 @@ impl<'a> Args<'a> {
 }
 
 /// Help text for the device commands.
-pub const HELP: &str = "\
-  devices                          list virtio devices
+pub const HELP: &str = "  devices                          list virtio devices
   time                             the TSC frequency the kit uses, and where it came from
+  clock                            the KVM clock and the TSC
+  counter <interval_ms> [count]    a counter in guest memory, with both clocks, every interval
+  memfill <MiB> <seed>             fill a block of RAM kept across commands with the pattern
+  memcheck                         checksum that block again and compare it with the pattern
   blk <n> info|id|flush            block device facts, ID string, cache flush
   blk <n> write <sector> <count> <seed>   write the seeded pattern
   blk <n> read <sector> <count> [seed]    read, checksum, compare with the pattern
+  blk <n> stream <sector> <count> <seed> <passes>   rewrite a range pass after pass, then check it
   net info                         MAC, address, counters
   net ping <ip> [count]            ICMP echo
   net udp-echo <port> [count]      echo UDP datagrams until count, \"stop\" or a key
   net udp-send <ip> <port> <count> <size>   numbered, checksummed datagrams
+  net udp-stream <ip> <port> <size> [count] [interval_us]   paced numbered datagrams until stopped
   net serve <seconds>              answer ARP and ping for a while
   rng <nbytes>                     read entropy
   vsock info|connect <port> <text>|listen <port> [seconds]
@@ -131,6 +142,10 @@ pub fn execute(machine: &mut Machine, command: &[u8], args: &mut Args) -> bool {
             crate::time::tsc_hz(),
             crate::time::tsc_source()
         )),
+        b"clock" => clock::clock(),
+        b"counter" => clock::counter(args),
+        b"memfill" => memory::fill(machine, args),
+        b"memcheck" => memory::check(machine),
         b"blk" => blk::command(machine, args),
         b"net" => net::command(machine, args),
         b"rng" => rng::command(machine, args),
@@ -166,6 +181,8 @@ fn error(command: &str, reason: &str) {
 }
 
 /// Whether a key arrived on the serial console (consumed): how long-running commands are stopped.
+/// Also where they notice Ctrl-Alt-Del on the keyboard (see [`crate::keyboard::check`]).
 fn key_pressed() -> bool {
+    crate::keyboard::check();
     crate::serial::COM1.try_read().is_some()
 }

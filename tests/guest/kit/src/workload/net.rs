@@ -1,4 +1,5 @@
-//! Network commands (`net ...`) and benchmarks (`bench net-tx`, `bench net-rx`).
+//! Network commands (`net ...`) and benchmarks (`bench net-tx`, `bench net-rx`). `net udp-stream`
+//! sends paced, numbered datagrams for as long as a pause test needs.
 
 use super::blk::bench_done;
 use super::pattern::{check_udp, fill_udp, is_udp_test, Fnv, UDP_HEADER};
@@ -6,9 +7,9 @@ use super::{error, key_pressed, usage, Args, Machine};
 use crate::cpu::rdtsc;
 use crate::net::wire::{parse_ip_text, Ip, ShowIp, ShowMac, UDP_PAYLOAD_MAX};
 use crate::net::Interface;
-use crate::report;
-use crate::time::{cycles_to_us, Deadline};
+use crate::time::{cycles_to_us, us_to_cycles, Deadline};
 use crate::virtio::{Completion, Waiter};
+use crate::{keyboard, report};
 
 /// Source port of the datagrams the guest sends.
 pub const SOURCE_PORT: u16 = 40000;
@@ -20,8 +21,14 @@ const PING_PAYLOAD: usize = 56;
 const TX_BATCH: u64 = 32;
 /// `bench net-rx` and `net udp-echo` give up after this long without a datagram.
 const IDLE_LIMIT_MS: u64 = 30_000;
-/// The payload that ends `net udp-echo` and `bench net-rx`.
+/// The payload that ends `net udp-echo`, `bench net-rx` and `net udp-stream`.
 const STOP: &[u8] = b"stop";
+/// Default time between two datagrams of `net udp-stream` (microseconds).
+const STREAM_INTERVAL_US: u64 = 1000;
+/// Shorter waits between datagrams spin instead of sleeping (microseconds).
+const SPIN_BELOW_US: u64 = 100;
+/// `net udp-stream` gives up after this many sends in a row found no transmit slot (1 s each).
+const STREAM_TX_FAILURES: u32 = 10;
 
 fn interface<'m>(machine: &'m mut Machine, name: &str) -> Option<&'m mut Interface> {
     let net = machine.devices.net();
@@ -71,6 +78,23 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
                 send_datagrams(net, "net udp-send", (ip, port as u16), count, size as usize, 1);
             }
         }
+        Some(b"udp-stream") => {
+            let (Some(ip), Some(port), Some(size)) = (
+                args.word().and_then(parse_ip_text),
+                args.number(),
+                args.number(),
+            ) else {
+                return usage(
+                    "net udp-stream",
+                    "<ip> <port> <size> [count, 0 = until stopped] [interval_us]",
+                );
+            };
+            let count = args.number().filter(|count| *count != 0);
+            let interval_us = args.number().unwrap_or(STREAM_INTERVAL_US);
+            if let Some(net) = interface(machine, "net udp-stream") {
+                udp_stream(net, (ip, port as u16), size as usize, count, interval_us);
+            }
+        }
         Some(b"serve") => {
             let Some(seconds) = args.number() else {
                 return usage("net serve", "<seconds>");
@@ -79,7 +103,7 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
                 serve(net, seconds);
             }
         }
-        _ => usage("net", "info|ping <ip> [count]|udp-echo <port> [count]|udp-send <ip> <port> <count> <size>|serve <seconds>"),
+        _ => usage("net", "info|ping <ip> [count]|udp-echo <port> [count]|udp-send <ip> <port> <count> <size>|udp-stream <ip> <port> <size> [count] [interval_us]|serve <seconds>"),
     }
 }
 
@@ -250,6 +274,79 @@ fn send_datagrams(
         ));
     }
     (sent == count).then_some(cycles)
+}
+
+/// `net udp-stream`: test payloads with sequence numbers 0.. from [`SOURCE_PORT`], one every
+/// `interval_us` (a datagram that finds no transmit slot is retried with the same number), until
+/// `count`, a `stop` datagram to [`SOURCE_PORT`], or a key. Every datagram is notified at once, so
+/// the host sees the stream as it goes.
+fn udp_stream(
+    net: &mut Interface,
+    to: (Ip, u16),
+    size: usize,
+    count: Option<u64>,
+    interval_us: u64,
+) {
+    const NAME: &str = "net udp-stream";
+    if !(UDP_HEADER..=UDP_PAYLOAD_MAX).contains(&size) {
+        return error(NAME, "size-out-of-range min=16 max=1472");
+    }
+    let Some(mac) = net.resolve(to.0) else {
+        return error(NAME, "arp-timeout");
+    };
+    report::line(format_args!(
+        "{NAME} start ip={} port={} size={size} count={} interval_us={interval_us}",
+        ShowIp(to.0),
+        to.1,
+        count.unwrap_or(0)
+    ));
+    let interval = us_to_cycles(interval_us);
+    let (mut fnv, mut seq, mut failures) = (Fnv::new(), 0u64, 0u32);
+    let mut next = rdtsc();
+    let stopped_by = loop {
+        if count.is_some_and(|count| seq >= count) {
+            break "count";
+        }
+        if let Some(datagram) = net.poll(Some(SOURCE_PORT)) {
+            let stop = datagram.payload() == STOP;
+            net.release(datagram);
+            if stop {
+                break "stop";
+            }
+        }
+        if key_pressed() {
+            break "key";
+        }
+        let now = rdtsc();
+        if now < next {
+            let us = cycles_to_us(next - now);
+            if us >= SPIN_BELOW_US {
+                keyboard::nap_us(us);
+            }
+            continue;
+        }
+        let sent = net.send_udp((to.0, mac, to.1), SOURCE_PORT, size, true, |payload| {
+            fill_udp(payload, seq as u32);
+            fnv.update(payload);
+        });
+        if !sent {
+            failures += 1;
+            if failures == STREAM_TX_FAILURES {
+                break "tx-timeout";
+            }
+            continue;
+        }
+        failures = 0;
+        seq += 1;
+        next = super::clock::next_tick(next, interval, now);
+    };
+    net.dev.drain_tx(&Waiter::new(PING_WAIT_MS));
+    report::line(format_args!(
+        "{NAME} ip={} port={} size={size} sent={seq} fnv1a64={:016x} stopped_by={stopped_by}",
+        ShowIp(to.0),
+        to.1,
+        fnv.value()
+    ));
 }
 
 fn serve(net: &mut Interface, seconds: u64) {

@@ -1,12 +1,13 @@
 //! The standard test guest: reports what the VMM gave it on COM1, starts the APs, brings up the
 //! virtio devices the command line announces, runs the `lks.run` script if there is one, then does
-//! what `lks.mode` asks (report and reset, run and reset, interactive monitor, or halt).
+//! what `lks.mode` asks (report and reset, run and reset, interactive monitor, or halt). In every
+//! mode but `report`, Ctrl-Alt-Del on the keyboard shuts it down (see `lks_kit::keyboard`).
 
 #![no_std]
 #![no_main]
 
 use lks_kit::workload::Machine;
-use lks_kit::{cpu, monitor, report, reset, smp, System};
+use lks_kit::{keyboard, monitor, report, reset, smp, System};
 
 lks_kit::program!(main);
 
@@ -24,7 +25,7 @@ enum Mode {
     Run,
     /// Report, then the interactive monitor.
     Monitor,
-    /// Report, then halt for ever with interrupts on.
+    /// Report, then halt for ever with interrupts on (waking only for the keyboard).
     Halt,
 }
 
@@ -79,7 +80,7 @@ fn main(system: &System) -> ! {
         Mode::Monitor => monitor::run(&mut machine),
         Mode::Halt => {
             report::line(format_args!("halt"));
-            cpu::halt_forever()
+            keyboard::idle_forever()
         }
     }
 }

@@ -1,0 +1,267 @@
+//! A host under test: a real `lockstep host` process, driven with curl through its control API,
+//! every reply checked against the OpenAPI document.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockstep_api::openapi_check::{self, Reply};
+use serde_json::{json, Value};
+
+use crate::images::lockstep_bin;
+
+/// A reply as curl saw it.
+#[derive(Debug, Clone)]
+pub struct CurlReply {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl CurlReply {
+    /// The body as JSON (panics with the body if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Reply for CurlReply {
+    fn status(&self) -> u16 {
+        self.status
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// Runs curl against a Unix socket and parses what it printed.
+pub fn curl_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> CurlReply {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-i",
+        "--max-time",
+        "300",
+        "-H",
+        "Expect:",
+        "--unix-socket",
+    ])
+    .arg(socket)
+    .args(["-X", method])
+    .arg(format!("http://localhost{path}"));
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = cmd.output().expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {method} {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_reply(&out.stdout)
+}
+
+fn parse_reply(raw: &[u8]) -> CurlReply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers end");
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    CurlReply {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// A running `lockstep host`, stopped (SIGTERM) when dropped.
+pub struct TestHost {
+    child: Child,
+    dir: tempfile::TempDir,
+    api: PathBuf,
+    log: PathBuf,
+}
+
+impl TestHost {
+    /// Starts a host whose config has `vms` (VM configs with names, booted at start).
+    pub fn start(vms: Vec<Value>) -> TestHost {
+        Self::start_with(vms, json!({}))
+    }
+
+    /// [`TestHost::start`] with more host config keys merged in.
+    pub fn start_with(vms: Vec<Value>, extra: Value) -> TestHost {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let api = dir.path().join("api.sock");
+        let mut config = json!({
+            "api_socket": api,
+            "state_dir": dir.path().join("state"),
+            "vms": vms.into_iter().map(|c| json!({ "config": c, "autostart": true })).collect::<Vec<_>>(),
+        });
+        if let (Some(cfg), Some(more)) = (config.as_object_mut(), extra.as_object()) {
+            cfg.extend(more.clone());
+        }
+        let path = dir.path().join("host.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let log = dir.path().join("host.log");
+        let child = Command::new(lockstep_bin())
+            .args(["host", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep host");
+        let host = TestHost {
+            child,
+            dir,
+            api,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !host.api.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the control API never came up:\n{}",
+                host.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        host
+    }
+
+    /// The control API's socket.
+    pub fn api_socket(&self) -> &Path {
+        &self.api
+    }
+
+    /// The host's folder (its state folder is `state/` in it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// lockstep's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A VM's serial log so far.
+    pub fn serial(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("state").join(vm).join("serial.log"))
+            .unwrap_or_default()
+    }
+
+    /// Waits for `needle` in a VM's serial log.
+    pub fn wait_serial(&self, vm: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.serial(vm);
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} from {vm} within {timeout:?}:\n{text}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Calls the API: `template` is the documented path (e.g. `/v1/vms/{name}`), `path` the real
+    /// one. The reply is checked against the OpenAPI document before it is returned.
+    pub fn call(
+        &self,
+        method: &str,
+        template: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> CurlReply {
+        let text = body.map(|b| b.to_string());
+        let reply = curl_unix(&self.api, method, path, text.as_deref());
+        let doc = openapi_check::document();
+        if let Err(e) = openapi_check::check_reply(&doc, method, template, &reply) {
+            panic!("reply breaks the OpenAPI document: {e}\n{}", reply.text());
+        }
+        reply
+    }
+
+    /// The state of a VM, as `GET /v1/vms/{name}` reports it.
+    pub fn state(&self, vm: &str) -> String {
+        let reply = self.call("GET", "/v1/vms/{name}", &format!("/v1/vms/{vm}"), None);
+        reply.json()["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until a VM reaches `state`.
+    pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.state(vm) != state {
+            assert!(
+                Instant::now() < deadline,
+                "{vm} never became {state}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the host with SIGTERM and returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("lockstep host did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
