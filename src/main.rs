@@ -187,7 +187,9 @@ fn console_input(config: &VmConfig, exit: &Arc<ExitSignal>) -> std::io::Result<C
 
 fn exit_code(reason: &ExitReason) -> ExitCode {
     match reason {
-        ExitReason::GuestReset | ExitReason::GuestShutdown => ExitCode::SUCCESS,
+        ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::TripleFault => {
+            ExitCode::SUCCESS
+        }
         ExitReason::Requested { signal: None } => ExitCode::SUCCESS,
         ExitReason::Requested { signal: Some(s) } => ExitCode::from(128u8.saturating_add(*s as u8)),
         ExitReason::VcpuError(msg) => fail(EXIT_VMM_ERROR, msg),

@@ -7,8 +7,11 @@ use vmm_sys_util::eventfd::EventFd;
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest asked for a reset (i8042 reset line, triple fault or KVM reset event).
+    /// The guest asked for a reset (i8042 reset line or KVM reset event).
     GuestReset,
+    /// The guest triple-faulted: a crash, or the last-resort reset of a guest with no reset
+    /// device.
+    TripleFault,
     /// The guest powered itself off.
     GuestShutdown,
     /// The operator asked the VMM to stop the VM: the console escape, or a signal.
@@ -23,7 +26,10 @@ pub enum ExitReason {
 impl ExitReason {
     /// True when the guest ended itself, which lockstep reports as success.
     pub fn is_guest_initiated(&self) -> bool {
-        matches!(self, ExitReason::GuestReset | ExitReason::GuestShutdown)
+        matches!(
+            self,
+            ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::TripleFault
+        )
     }
 }
 

@@ -156,6 +156,7 @@ fn ended(reason: &ExitReason) -> (VmState, String) {
     match reason {
         ExitReason::GuestReset => (VmState::Stopped, "the guest reset itself".into()),
         ExitReason::GuestShutdown => (VmState::Stopped, "the guest powered off".into()),
+        ExitReason::TripleFault => (VmState::Stopped, "the guest triple-faulted".into()),
         ExitReason::Requested { .. } => (VmState::Stopped, "stopped by request".into()),
         ExitReason::VcpuError(msg) => (VmState::Failed, msg.clone()),
     }

@@ -306,7 +306,7 @@ impl Vcpu {
             }
             VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
             // A triple fault: what a guest does when it resets itself without a reset device.
-            VcpuExit::Shutdown => Some(ExitReason::GuestReset),
+            VcpuExit::Shutdown => Some(ExitReason::TripleFault),
             VcpuExit::SystemEvent(kind, _) => Some(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestShutdown,

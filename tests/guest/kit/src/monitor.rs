@@ -157,6 +157,11 @@ fn execute(machine: &mut Machine, line: &[u8]) {
             report::line(format_args!("reset"));
             crate::reset::reset();
         }
+        // A guest crash as the VMM sees one: a triple fault, no reset request.
+        b"crash" => {
+            report::line(format_args!("crash triple-fault"));
+            crate::cpu::triple_fault();
+        }
         _ if workload::execute(machine, command, &mut Args::new(argument)) => {}
         _ => {
             let mut console = ConsoleGuard::lock();
