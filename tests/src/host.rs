@@ -122,6 +122,12 @@ impl TestHost {
 
     /// [`TestHost::start`] with more host config keys merged in.
     pub fn start_with(vms: Vec<Value>, extra: Value) -> TestHost {
+        Self::start_in(vms, extra, None)
+    }
+
+    /// [`TestHost::start_with`], the host process inside a network namespace (to reach its
+    /// taps).
+    pub fn start_in(vms: Vec<Value>, extra: Value, netns: Option<&str>) -> TestHost {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = dir.path().join("api.sock");
         let mut config = json!({
@@ -135,7 +141,15 @@ impl TestHost {
         let path = dir.path().join("host.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let log = dir.path().join("host.log");
-        let child = Command::new(lockstep_bin())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(lockstep_bin());
+                c
+            }
+            None => Command::new(lockstep_bin()),
+        };
+        let child = command
             .args(["host", "--config"])
             .arg(&path)
             .stdin(Stdio::null())
