@@ -38,7 +38,9 @@ impl FcProcess {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let deadline = Instant::now() + WAIT;
@@ -56,7 +58,10 @@ impl FcProcess {
             if text.contains(needle) {
                 return text;
             }
-            assert!(Instant::now() < deadline, "no {needle:?} on the console:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the console:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(30));
         }
     }
@@ -84,7 +89,12 @@ impl Drop for FcProcess {
 /// returns the status.
 fn fc(socket: &Path, method: &str, path: &str, body: Option<&str>) -> u16 {
     let reply = curl_unix(socket, method, path, body);
-    assert!(reply.status < 300, "{method} {path}: {} {}", reply.status, reply.text());
+    assert!(
+        reply.status < 300,
+        "{method} {path}: {} {}",
+        reply.status,
+        reply.text()
+    );
     reply.status
 }
 
@@ -96,30 +106,69 @@ fn firecracker_guide_calls_then_snapshot_and_load_in_a_new_process() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("firecracker.socket");
     let rootfs = dir.path().join("rootfs.ext4");
-    std::fs::File::create(&rootfs).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
     let kernel = guest_images().elf.display().to_string();
     let mut first = FcProcess::start(&socket);
 
     // Getting started: boot source, root drive, machine config, start.
-    let boot = format!(r#"{{"kernel_image_path": "{kernel}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off lks.mode=run lks.run=\"counter 100 60\""}}"#);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{kernel}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off lks.mode=run lks.run=\"counter 100 60\""}}"#
+    );
     assert_eq!(fc(&socket, "PUT", "/boot-source", Some(&boot)), 204);
-    let drive = format!(r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#, rootfs.display());
+    let drive = format!(
+        r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+        rootfs.display()
+    );
     assert_eq!(fc(&socket, "PUT", "/drives/rootfs", Some(&drive)), 204);
-    assert_eq!(fc(&socket, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 128}"#)), 204);
-    assert_eq!(fc(&socket, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 204);
+    assert_eq!(
+        fc(
+            &socket,
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 128}"#)
+        ),
+        204
+    );
+    assert_eq!(
+        fc(
+            &socket,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        ),
+        204
+    );
     first.wait_for("LKS counter=5 ");
     let config = curl_unix(&socket, "GET", "/vm/config", None).json();
     assert_eq!(config["machine-config"]["vcpu_count"], 2);
     assert_eq!(config["drives"][0]["drive_id"], "rootfs");
-    let late = curl_unix(&socket, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#));
-    assert_eq!(late.status, 400, "pre-boot settings are refused after start");
+    let late = curl_unix(
+        &socket,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#),
+    );
+    assert_eq!(
+        late.status, 400,
+        "pre-boot settings are refused after start"
+    );
     assert!(late.json()["fault_message"].as_str().is_some());
 
     // Snapshotting: pause, create, and the snapshot is written while paused.
-    assert_eq!(fc(&socket, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 204);
+    assert_eq!(
+        fc(&socket, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+        204
+    );
     let state = dir.path().join("snapshot_file");
     let memory = dir.path().join("mem_file");
-    let create = format!(r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), memory.display());
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        memory.display()
+    );
     assert_eq!(fc(&socket, "PUT", "/snapshot/create", Some(&create)), 204);
     let last_before = first.out.lock().unwrap().matches("LKS counter=").count();
     drop(first);
@@ -131,13 +180,23 @@ fn firecracker_guide_calls_then_snapshot_and_load_in_a_new_process() {
         state.display(),
         memory.display()
     );
-    assert_eq!(fc(&second_socket, "PUT", "/snapshot/load", Some(&load)), 204);
+    assert_eq!(
+        fc(&second_socket, "PUT", "/snapshot/load", Some(&load)),
+        204
+    );
     let out = second.wait_for("LKS counter-end");
     let first_after: u64 = out
         .lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix("LKS counter="))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("the restored guest counts");
-    assert!(first_after as usize >= last_before, "carries on from {last_before}, got {first_after}");
-    assert_eq!(second.wait_exit(), Some(0), "the guest's reset ends the process with 0");
+    assert!(
+        first_after as usize >= last_before,
+        "carries on from {last_before}, got {first_after}"
+    );
+    assert_eq!(
+        second.wait_exit(),
+        Some(0),
+        "the guest's reset ends the process with 0"
+    );
 }

@@ -314,3 +314,66 @@ fn pause_in_the_middle_of_disk_and_network_transfers_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn a_restored_vm_can_be_snapshotted_and_restored_again() {
+    if !require_kvm("a_restored_vm_can_be_snapshotted_and_restored_again") {
+        return;
+    }
+    // The restored VM's memory maps the first snapshot file, so its second snapshot must carry
+    // pages the guest never touched since.
+    let vm = VmConfigBuilder::new(&guest_images().elf)
+        .boot_args("lks.mode=run lks.run=\"memfill 32 5;counter 100 50;memcheck\"")
+        .set("name", json!("gen0"))
+        .build();
+    let host = TestHost::start(vec![vm]);
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = |vm: &str, n: u32| -> Value {
+        json!({ "state_path": dir.path().join(format!("{n}.state")), "memory_path": dir.path().join(format!("{n}.mem")) })
+    };
+    host.wait_serial("gen0", "LKS counter=3 ", WAIT);
+    let first = snapshot("gen0", 1);
+    assert_eq!(
+        host.call(
+            "POST",
+            "/v1/vms/{name}/snapshot",
+            "/v1/vms/gen0/snapshot",
+            Some(&first)
+        )
+        .status,
+        200
+    );
+    let mut restore = first.clone();
+    restore["name"] = json!("gen1");
+    assert_eq!(
+        host.call("POST", "/v1/restore", "/v1/restore", Some(&restore))
+            .status,
+        201
+    );
+    host.wait_serial("gen1", "LKS counter=", WAIT);
+    let second = snapshot("gen1", 2);
+    assert_eq!(
+        host.call(
+            "POST",
+            "/v1/vms/{name}/snapshot",
+            "/v1/vms/gen1/snapshot",
+            Some(&second)
+        )
+        .status,
+        200
+    );
+    let mut restore = second.clone();
+    restore["name"] = json!("gen2");
+    assert_eq!(
+        host.call("POST", "/v1/restore", "/v1/restore", Some(&restore))
+            .status,
+        201
+    );
+    let serial = host.wait_serial("gen2", "LKS memcheck", WAIT);
+    assert!(
+        GuestReport::parse(&serial)
+            .require("memcheck")
+            .contains("status=match"),
+        "{serial}"
+    );
+}

@@ -103,10 +103,13 @@ impl fmt::Display for KvmBackend {
     }
 }
 
-/// An open `/dev/kvm` that has everything lockstep needs.
+/// An open `/dev/kvm` that has everything lockstep needs, with the host-wide facts every VM
+/// asks for read once.
 pub struct Hypervisor {
     kvm: Kvm,
     backend: KvmBackend,
+    supported_cpuid: kvm_bindings::CpuId,
+    msr_list: Vec<u32>,
 }
 
 impl Hypervisor {
@@ -122,15 +125,41 @@ impl Hypervisor {
                 return Err(KvmError::MissingCap(name));
             }
         }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| KvmError::Query {
+                what: "supported CPUID",
+                source,
+            })?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|source| KvmError::Query {
+                what: "MSR index list",
+                source,
+            })?
+            .as_slice()
+            .to_vec();
         Ok(Hypervisor {
             kvm,
             backend: KvmBackend::detect(),
+            supported_cpuid,
+            msr_list,
         })
     }
 
     /// The kvm-ioctls handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// The CPUID entries KVM can give a guest.
+    pub fn supported_cpuid(&self) -> &kvm_bindings::CpuId {
+        &self.supported_cpuid
+    }
+
+    /// The MSRs KVM saves and restores for a vCPU.
+    pub fn msr_list(&self) -> &[u32] {
+        &self.msr_list
     }
 
     /// Which backend runs this host's KVM.

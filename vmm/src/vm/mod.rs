@@ -12,7 +12,7 @@ pub use snapshot::{SnapshotError, SnapshotPaths, SnapshotStats};
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use lockstep_api::{ConfigError, VmConfig};
 use lockstep_devices::virtio::block::{BlockConfig, CacheType};
@@ -272,20 +272,11 @@ fn create_vcpus(
     devices: &DeviceManager,
     config: &VmConfig,
 ) -> Result<(Vec<Vcpu>, Arc<Vec<u32>>), VmError> {
-    let kvm = hv.kvm();
     let machine = &config.machine_config;
     let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Query {
-            what: "supported CPUID",
-            source,
-        })?;
-    let msr_list = kvm.get_msr_index_list().map_err(|source| KvmError::Query {
-        what: "MSR index list",
-        source,
-    })?;
-    let msrs = boot_msrs(msr_list.as_slice());
+    let supported_cpuid = hv.supported_cpuid();
+    let msr_list = hv.msr_list();
+    let msrs = boot_msrs(msr_list);
     let buses = Arc::new(devices.buses().clone());
     let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
     for index in 0..machine.vcpu_count {
@@ -297,11 +288,11 @@ fn create_vcpus(
                 source,
             })?;
         let vcpu = Vcpu::new(index, fd, buses.clone());
-        vcpu.configure(&vcpu_cpuid(&supported_cpuid, index, &topology), &msrs)?;
+        vcpu.configure(&vcpu_cpuid(supported_cpuid, index, &topology), &msrs)?;
         setup_lapic(vcpu.fd())?;
         vcpus.push(vcpu);
     }
-    Ok((vcpus, Arc::new(msr_list.as_slice().to_vec())))
+    Ok((vcpus, Arc::new(msr_list.to_vec())))
 }
 
 /// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use lockstep_api::VmConfig;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{attach_virtio_devices, create_vcpus, new_kvm_vm, open_serial_output, Vm, VmError};
 use crate::device_manager::DeviceManager;
@@ -181,15 +181,7 @@ pub fn write(
     let header =
         serde_json::to_vec(&header).map_err(|e| SnapshotError::Capture(format!("header: {e}")))?;
 
-    let mut mem_file = File::create(&paths.memory).map_err(io_err(&paths.memory))?;
-    for region in mem.iter() {
-        mem.write_all_volatile_to(region.start_addr(), &mut mem_file, region.len() as usize)
-            .map_err(|e| SnapshotError::Io {
-                path: paths.memory.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-    }
-    mem_file.sync_data().map_err(io_err(&paths.memory))?;
+    write_memory(&paths.memory, mem, memory_bytes).map_err(io_err(&paths.memory))?;
 
     // The state file goes last: a snapshot whose state file exists is complete.
     let file = File::create(&paths.state).map_err(io_err(&paths.state))?;
@@ -210,6 +202,76 @@ pub fn write(
         state_bytes: state.len() as u64,
         memory_bytes,
     })
+}
+
+/// Writes guest memory, regions back to back. Pages of anonymous memory that were never touched
+/// (neither in memory nor swapped out) read as zero: they are left as holes in a sparse file
+/// instead of being written, so a big, mostly idle guest snapshots quickly.
+fn write_memory(path: &Path, mem: &GuestMemoryMmap, total: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let file = File::create(path)?;
+    file.set_len(total)?;
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let slice = region
+            .get_slice(vm_memory::MemoryRegionAddress(0), len)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let base = slice.ptr_guard().as_ptr();
+        // A restored VM's memory maps the old snapshot: untouched pages hold data, so all of it
+        // is written; fresh anonymous memory can be asked which pages exist.
+        let resident = if region.file_offset().is_none() {
+            resident_pages(base, len)
+        } else {
+            None
+        };
+        let mut page = 0;
+        let pages = len / PAGE;
+        while page < pages {
+            if resident.as_ref().is_some_and(|r| r[page] & 1 == 0) {
+                page += 1;
+                continue;
+            }
+            let mut end = page + 1;
+            while end < pages
+                && end - page < 512
+                && resident.as_ref().is_none_or(|r| r[end] & 1 == 1)
+            {
+                end += 1;
+            }
+            // SAFETY: the range lies inside this region's mapping, which `mem` keeps alive; the
+            // VM is paused, so nothing writes it while it is read.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(base.add(page * PAGE), (end - page) * PAGE) };
+            file.write_all_at(bytes, offset + (page * PAGE) as u64)?;
+            page = end;
+        }
+        offset += len as u64;
+    }
+    file.sync_data()
+}
+
+/// One byte per page, 1 when the page holds data (in memory or swapped out), from
+/// /proc/self/pagemap; None if the kernel will not say.
+fn resident_pages(base: *const u8, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = File::open("/proc/self/pagemap").ok()?;
+    let pages = len.div_ceil(4096);
+    let mut raw = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut raw, (base as u64 / 4096) * 8)
+        .ok()?;
+    Some(
+        raw.chunks_exact(8)
+            .map(|e| {
+                let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                u8::from(entry & (PRESENT | SWAPPED) != 0)
+            })
+            .collect(),
+    )
 }
 
 /// Reads and checks a state file, and checks that the memory file has the size it names.
@@ -339,19 +401,44 @@ impl Vm {
             }
             .into());
         }
+        let started = std::time::Instant::now();
         let vm_fd = new_kvm_vm(hv)?;
         let memory = memory::map_memory_file(&mem_file, &snapshot.regions)?;
-        memory::register_memory_slots(&vm_fd, &memory, config.machine_config.track_dirty_pages)?;
-
-        let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
-        attach_virtio_devices(&mut devices, config)?;
-        devices.add_serial(open_serial_output(config)?)?;
-        devices
-            .restore_state(&snapshot.devices, &memory)
-            .map_err(|why| SnapshotError::Incompatible {
-                path: paths.state.clone(),
-                why,
-            })?;
+        // Handing the memory to KVM costs milliseconds on some backends (it sets up per-page
+        // metadata); the devices are built meanwhile.
+        let (slots, devices) = std::thread::scope(|scope| {
+            let slots = scope.spawn(|| {
+                memory::register_memory_slots(
+                    &vm_fd,
+                    &memory,
+                    config.machine_config.track_dirty_pages,
+                )
+            });
+            let devices = (|| -> Result<DeviceManager, VmError> {
+                let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+                attach_virtio_devices(&mut devices, config)?;
+                devices.add_serial(open_serial_output(config)?)?;
+                devices
+                    .restore_state(&snapshot.devices, &memory)
+                    .map_err(|why| SnapshotError::Incompatible {
+                        path: paths.state.clone(),
+                        why,
+                    })?;
+                Ok(devices)
+            })();
+            (
+                slots
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                devices,
+            )
+        });
+        slots?;
+        let devices = devices?;
+        log::debug!(
+            "restore: memory and devices ready after {:?}",
+            started.elapsed()
+        );
 
         let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
         for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
@@ -370,9 +457,10 @@ impl Vm {
                 why: e.to_string(),
             })?;
         log::info!(
-            "{}: restored from {}",
+            "{}: restored from {} in {:?}",
             config.display_name(),
-            paths.state.display()
+            paths.state.display(),
+            started.elapsed()
         );
         Ok(Vm {
             name: config.display_name().to_string(),
