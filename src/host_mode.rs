@@ -122,6 +122,7 @@ pub fn host(config_path: &Path) -> ExitCode {
         serial_logs: true,
         stdin_console: false,
         firecracker_sockets: config.firecracker_sockets,
+        console_sockets: config.console_sockets,
     };
     let host = match Host::new(hv, &config.state_dir, options) {
         Ok(h) => Arc::new(h),
@@ -185,7 +186,7 @@ pub fn firecracker(api_sock: &Path, id: &str, config: Option<VmConfig>) -> ExitC
     let options = HostOptions {
         serial_logs: false,
         stdin_console: true,
-        firecracker_sockets: false,
+        ..Default::default()
     };
     let host = match Host::new(hv, &state_dir, options) {
         Ok(h) => Arc::new(h),

@@ -212,6 +212,11 @@ pub struct SerialConfig {
     /// the console takes no input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_path: Option<PathBuf>,
+    /// An interactive console on this Unix socket: a client that connects sees the output from
+    /// then on and types into the guest (one client at a time; a new one takes over). The output
+    /// still goes to `output_path` (or stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_socket: Option<PathBuf>,
 }
 
 impl SerialConfig {
@@ -261,6 +266,9 @@ impl VmConfig {
         devices::validate(self)?;
         if let Some(path) = &self.serial.output_path {
             validate_output_path("serial.output_path", path)?;
+        }
+        if let Some(path) = &self.serial.console_socket {
+            validate_output_path("serial.console_socket", path)?;
         }
         Ok(())
     }

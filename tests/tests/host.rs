@@ -262,3 +262,54 @@ fn graceful_shutdown_asks_the_guest_then_forces() {
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert!(host.serial("stubborn").contains("LKS ctrl-alt-del ignored"));
 }
+
+#[test]
+fn interactive_console_and_firecracker_socket_per_vm() {
+    if !require_kvm("interactive_console_and_firecracker_socket_per_vm") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let host = TestHost::start_with(
+        vec![guest("chat", "lks.mode=monitor")],
+        json!({ "console_sockets": true, "firecracker_sockets": true }),
+    );
+    host.wait_serial("chat", "lks> ", WAIT);
+    let info = host
+        .call("GET", "/v1/vms/{name}", "/v1/vms/chat", None)
+        .json();
+    let console = info["console_socket"]
+        .as_str()
+        .expect("a console socket")
+        .to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(&console).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"echo typed-through-the-socket\r")
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while !seen.contains("\ntyped-through-the-socket") {
+        let n = stream.read(&mut buf).expect("console output");
+        assert!(n > 0, "console closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        host.serial("chat").contains("typed-through-the-socket"),
+        "the log keeps everything too"
+    );
+
+    // The VM's own Firecracker socket drives it too.
+    let fc = std::path::PathBuf::from(
+        info["firecracker_socket"]
+            .as_str()
+            .expect("a Firecracker socket"),
+    );
+    let reply = lockstep_tests::host::curl_unix(&fc, "GET", "/", None);
+    assert_eq!(reply.json()["state"], "Running");
+    let reply =
+        lockstep_tests::host::curl_unix(&fc, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(reply.status, 204);
+    assert_eq!(host.state("chat"), "paused");
+}

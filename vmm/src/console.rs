@@ -1,11 +1,18 @@
 //! The host side of the serial console: where guest output goes, the terminal's raw mode while
-//! a VM owns it, and the escape sequence (Ctrl-A x) that ends the VM from the keyboard.
+//! a VM owns it, the escape sequence (Ctrl-A x) that ends the VM from the keyboard, and the
+//! interactive console on a Unix socket.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::Path;
-use std::sync::Arc;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use lockstep_devices::legacy::{InputPump, SerialDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitReason, ExitSignal};
 
@@ -174,5 +181,141 @@ mod tests {
     #[test]
     fn doubled_escape_sends_one_and_other_keys_pass() {
         assert_eq!(filter(b"\x01\x01\x01q").0, b"\x01\x01q");
+    }
+}
+
+/// The connected interactive console client, if any, shared by the serial output and the socket
+/// that accepts clients.
+pub type ConsoleClient = Arc<Mutex<Option<UnixStream>>>;
+
+/// Serial output that goes to its sink (file or stdout) and, as well, to the interactive console
+/// client when one is connected. A client too slow to take the output misses some of it; the
+/// sink never does, and the guest is never held up by a client.
+pub struct ConsoleTee {
+    sink: Box<dyn Write + Send>,
+    client: ConsoleClient,
+}
+
+impl ConsoleTee {
+    /// Output to `sink`, and to whoever connects to the console socket.
+    pub fn new(sink: Box<dyn Write + Send>) -> (ConsoleTee, ConsoleClient) {
+        let client: ConsoleClient = Arc::default();
+        (
+            ConsoleTee {
+                sink,
+                client: client.clone(),
+            },
+            client,
+        )
+    }
+}
+
+impl Write for ConsoleTee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.sink.write(buf)?;
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stream) = client.as_mut() {
+            match stream.write(&buf[..n]) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => *client = None,
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+/// The interactive console's Unix socket: accepts a client (a new one replaces the old), feeds
+/// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output.
+pub struct ConsoleSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    serial: Arc<Mutex<SerialDevice>>,
+    rx_ready: EventFd,
+    client: ConsoleClient,
+    input: Option<InputPump<UnixStream>>,
+}
+
+impl ConsoleSocket {
+    /// Listens on `path` (replacing a stale socket file). `rx_ready` is the UART's "FIFO
+    /// drained" eventfd; `client` comes from [`ConsoleTee::new`].
+    pub fn bind(
+        path: &Path,
+        serial: Arc<Mutex<SerialDevice>>,
+        rx_ready: EventFd,
+        client: ConsoleClient,
+    ) -> io::Result<Self> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(ConsoleSocket {
+            listener,
+            path: path.to_owned(),
+            serial,
+            rx_ready,
+            client,
+            input: None,
+        })
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Ok((stream, _)) = self.listener.accept() else {
+            return;
+        };
+        if let Some(mut old) = self.input.take() {
+            old.stop(ops);
+        }
+        let Ok(reader) = stream.try_clone() else {
+            return;
+        };
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        let mut pump = InputPump::new(reader, self.serial.clone());
+        pump.start(ops);
+        self.input = Some(pump);
+        log::info!("console client connected on {}", self.path.display());
+    }
+}
+
+impl MutEventSubscriber for ConsoleSocket {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            log::warn!("console socket {}: {e}", self.path.display());
+        }
+        if let Err(e) = ops.add(Events::new(&self.rx_ready, EventSet::IN)) {
+            log::warn!("console socket: cannot watch the receive FIFO: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.listener.as_raw_fd() {
+            self.accept(ops);
+        } else if events.fd() == self.rx_ready.as_raw_fd() {
+            let _ = self.rx_ready.read();
+            if let Some(pump) = self.input.as_mut() {
+                pump.on_room(ops);
+            }
+        } else if let Some(pump) = self.input.as_mut().filter(|p| p.fd() == events.fd()) {
+            pump.on_input(&events, ops);
+            if pump.is_closed() {
+                self.input = None;
+                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                log::info!("console client left {}", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

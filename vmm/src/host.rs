@@ -121,6 +121,9 @@ pub struct HostOptions {
     pub stdin_console: bool,
     /// Each VM has a Firecracker-compatible API socket at `<state_dir>/<vm>/firecracker.sock`.
     pub firecracker_sockets: bool,
+    /// Each VM has an interactive console at `<state_dir>/<vm>/console.sock` unless its config
+    /// names one.
+    pub console_sockets: bool,
 }
 
 /// The host.
@@ -208,7 +211,7 @@ impl Host {
             mem_size_mib: s.config.machine_config.mem_size_mib,
             exit_reason: s.exit_reason.clone(),
             serial_log: s.config.serial.output_path.clone(),
-            console_socket: None,
+            console_socket: s.config.serial.console_socket.clone(),
             firecracker_socket: self
                 .options
                 .firecracker_sockets
@@ -224,6 +227,9 @@ impl Host {
             .map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
         if config.serial.output_path.is_none() && self.options.serial_logs {
             config.serial.output_path = Some(dir.join("serial.log"));
+        }
+        if config.serial.console_socket.is_none() && self.options.console_sockets {
+            config.serial.console_socket = Some(dir.join("console.sock"));
         }
         config.name = Some(name.to_string());
         Ok(())
@@ -584,8 +590,9 @@ impl HostControl for Host {
                 return Err(format!("a VM named {name:?} exists already, or the name is invalid; choose another with \"name\""));
             }
             if request.name.is_some() || config.name.is_none() {
-                // A new name gets a serial log of its own.
+                // A new name gets a serial log and console of its own.
                 config.serial.output_path = None;
+                config.serial.console_socket = None;
             }
             self.place(config, &name).map_err(|e| e.to_string())?;
             chosen = Some(name);

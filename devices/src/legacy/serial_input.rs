@@ -12,27 +12,60 @@ use super::SerialDevice;
 /// Most bytes moved from the host to the UART in one go (the 16550A FIFO is 64 bytes).
 const CHUNK: usize = 64;
 
-/// Moves bytes from a host file descriptor (usually stdin) into COM1's receive FIFO.
-///
-/// When the FIFO is full it stops watching the input and waits for the UART's "FIFO drained"
-/// eventfd instead, so a fast writer is paced by the guest and no byte is dropped.
-pub struct SerialInput<R: Read + AsRawFd + Send> {
+/// Moves bytes from one host file descriptor into COM1's receive FIFO, watching the descriptor
+/// only while the FIFO has room: a fast writer is paced by the guest and no byte is dropped.
+/// The owner watches the UART's "FIFO drained" eventfd and calls [`InputPump::on_room`].
+pub struct InputPump<R: Read + AsRawFd + Send> {
     input: R,
     serial: Arc<Mutex<SerialDevice>>,
-    rx_ready: EventFd,
     watching_input: bool,
     input_closed: bool,
 }
 
-impl<R: Read + AsRawFd + Send> SerialInput<R> {
-    /// `rx_ready` must be the eventfd given to [`SerialDevice::new`] for this UART.
-    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>, rx_ready: EventFd) -> Self {
-        SerialInput {
+impl<R: Read + AsRawFd + Send> InputPump<R> {
+    /// A pump from `input` into `serial`; call [`InputPump::start`] to begin.
+    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>) -> Self {
+        InputPump {
             input,
             serial,
-            rx_ready,
             watching_input: false,
             input_closed: false,
+        }
+    }
+
+    /// The input descriptor.
+    pub fn fd(&self) -> RawFd {
+        self.input.as_raw_fd()
+    }
+
+    /// True once the input has ended (EOF, hang-up or error).
+    pub fn is_closed(&self) -> bool {
+        self.input_closed
+    }
+
+    /// Starts watching the input.
+    pub fn start(&mut self, ops: &mut EventOps) {
+        self.watch_input(ops, true);
+    }
+
+    /// Stops watching the input for good.
+    pub fn stop(&mut self, ops: &mut EventOps) {
+        self.watch_input(ops, false);
+        self.input_closed = true;
+    }
+
+    /// The FIFO has room again.
+    pub fn on_room(&mut self, ops: &mut EventOps) {
+        self.watch_input(ops, true);
+    }
+
+    /// An event on the input descriptor.
+    pub fn on_input(&mut self, events: &Events, ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            self.pump(ops);
+        } else {
+            // Hang-up or error with nothing left to read.
+            self.stop(ops);
         }
     }
 
@@ -60,7 +93,7 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
         self.serial.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads what fits in the FIFO; returns false when the FIFO is full.
+    /// Reads what fits in the FIFO; stops watching the input while the FIFO is full.
     fn pump(&mut self, ops: &mut EventOps) {
         let room = self.lock_serial().input_capacity().min(CHUNK);
         if room == 0 {
@@ -71,8 +104,7 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
         match self.input.read(&mut buf[..room]) {
             Ok(0) => {
                 log::debug!("serial: console input closed");
-                self.watch_input(ops, false);
-                self.input_closed = true;
+                self.stop(ops);
             }
             Ok(n) => {
                 self.lock_serial().enqueue_input(&buf[..n]);
@@ -80,14 +112,25 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => {
                 log::warn!("serial: reading console input: {e}");
-                self.watch_input(ops, false);
-                self.input_closed = true;
+                self.stop(ops);
             }
         }
     }
+}
 
-    fn input_fd(&self) -> RawFd {
-        self.input.as_raw_fd()
+/// Console input from one descriptor for the life of the VM (stdin, in `lockstep run`).
+pub struct SerialInput<R: Read + AsRawFd + Send> {
+    pump: InputPump<R>,
+    rx_ready: EventFd,
+}
+
+impl<R: Read + AsRawFd + Send> SerialInput<R> {
+    /// `rx_ready` must be the eventfd given to [`SerialDevice::new`] for this UART.
+    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>, rx_ready: EventFd) -> Self {
+        SerialInput {
+            pump: InputPump::new(input, serial),
+            rx_ready,
+        }
     }
 }
 
@@ -96,21 +139,15 @@ impl<R: Read + AsRawFd + Send> MutEventSubscriber for SerialInput<R> {
         if let Err(e) = ops.add(Events::new(&self.rx_ready, EventSet::IN)) {
             log::warn!("serial: cannot watch the receive FIFO: {e}");
         }
-        self.watch_input(ops, true);
+        self.pump.start(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.rx_ready.as_raw_fd() {
             let _ = self.rx_ready.read();
-            self.watch_input(ops, true);
-        } else if events.fd() == self.input_fd() {
-            if events.event_set().contains(EventSet::IN) {
-                self.pump(ops);
-            } else {
-                // Hang-up or error with nothing left to read.
-                self.watch_input(ops, false);
-                self.input_closed = true;
-            }
+            self.pump.on_room(ops);
+        } else if events.fd() == self.pump.fd() {
+            self.pump.on_input(&events, ops);
         }
     }
 }

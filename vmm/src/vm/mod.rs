@@ -21,7 +21,7 @@ use lockstep_devices::virtio::vsock::VsockConfig;
 use thiserror::Error;
 
 use crate::boot::{self, BootError};
-use crate::console;
+use crate::console::{self, ConsoleClient, ConsoleTee};
 use crate::device_manager::{DeviceCounters, DeviceError, DeviceManager};
 use crate::exit::ExitSignal;
 use crate::kvm::{Hypervisor, KvmError};
@@ -131,6 +131,7 @@ pub struct Vm {
     entry: Option<BootEntry>,
     exit: Arc<ExitSignal>,
     msr_list: Arc<Vec<u32>>,
+    console_client: Option<ConsoleClient>,
 }
 
 impl Vm {
@@ -174,7 +175,8 @@ impl Vm {
         write_mptable(&memory, &topology, machine.vcpu_count)?;
 
         // Last, once every check has passed: the serial output file.
-        devices.add_serial(open_serial_output(config)?)?;
+        let (serial_out, console_client) = open_serial_output(config)?;
+        devices.add_serial(serial_out)?;
 
         let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
         // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
@@ -190,6 +192,7 @@ impl Vm {
             entry: Some(kernel.entry),
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
             msr_list,
+            console_client,
         })
     }
 
@@ -253,14 +256,25 @@ fn new_kvm_vm(hv: &Hypervisor) -> Result<Arc<VmFd>, VmError> {
     Ok(Arc::new(vm_fd))
 }
 
+/// The serial output and, with a console socket, the handle through which its client gets the
+/// output too.
+type SerialOutput = (Box<dyn std::io::Write + Send>, Option<ConsoleClient>);
+
 /// Opens the serial output named by the config (stdout when none).
-fn open_serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, VmError> {
+fn open_serial_output(config: &VmConfig) -> Result<SerialOutput, VmError> {
     let out_path = config.serial.output_path.as_deref();
-    console::open_output(out_path).map_err(|source| VmError::SerialOutput {
+    let sink = console::open_output(out_path).map_err(|source| VmError::SerialOutput {
         path: out_path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "stdout".into()),
         source,
+    })?;
+    Ok(match config.serial.console_socket {
+        Some(_) => {
+            let (tee, client) = ConsoleTee::new(sink);
+            (Box::new(tee), Some(client))
+        }
+        None => (sink, None),
     })
 }
 

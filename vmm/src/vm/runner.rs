@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::snapshot::{self, SnapshotPaths, SnapshotStats};
 use super::{Vm, VmError};
+use crate::console::ConsoleSocket;
 use crate::event_loop::ExitWatcher;
 use crate::exit::ExitReason;
 use crate::vcpu::{VcpuHandle, VcpuReply, VcpuRequest};
@@ -290,6 +291,19 @@ impl Vm {
         }
         for subscriber in self.devices.event_subscribers() {
             devices_loop.add_subscriber(subscriber.clone());
+        }
+        if let (Some(path), Some(client), Some(serial)) = (
+            self.config.serial.console_socket.clone(),
+            self.console_client.clone(),
+            self.devices.serial(),
+        ) {
+            let rx_ready = self.devices.serial_rx_ready().try_clone().map_err(io_err)?;
+            match ConsoleSocket::bind(&path, serial.clone(), rx_ready, client) {
+                Ok(socket) => {
+                    devices_loop.add_subscriber(Arc::new(Mutex::new(socket)));
+                }
+                Err(e) => log::warn!("{}: console socket {}: {e}", self.name, path.display()),
+            }
         }
         if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
             let rx_ready = self.devices.serial_rx_ready().try_clone().map_err(io_err)?;

@@ -18,6 +18,7 @@ use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{attach_virtio_devices, create_vcpus, new_kvm_vm, open_serial_output, Vm, VmError};
+use crate::console::ConsoleClient;
 use crate::device_manager::DeviceManager;
 use crate::device_state::DevicesState;
 use crate::exit::ExitSignal;
@@ -414,17 +415,18 @@ impl Vm {
                     config.machine_config.track_dirty_pages,
                 )
             });
-            let devices = (|| -> Result<DeviceManager, VmError> {
+            let devices = (|| -> Result<(DeviceManager, Option<ConsoleClient>), VmError> {
                 let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
                 attach_virtio_devices(&mut devices, config)?;
-                devices.add_serial(open_serial_output(config)?)?;
+                let (serial_out, console_client) = open_serial_output(config)?;
+                devices.add_serial(serial_out)?;
                 devices
                     .restore_state(&snapshot.devices, &memory)
                     .map_err(|why| SnapshotError::Incompatible {
                         path: paths.state.clone(),
                         why,
                     })?;
-                Ok(devices)
+                Ok((devices, console_client))
             })();
             (
                 slots
@@ -434,7 +436,7 @@ impl Vm {
             )
         });
         slots?;
-        let devices = devices?;
+        let (devices, console_client) = devices?;
         log::debug!(
             "restore: memory and devices ready after {:?}",
             started.elapsed()
@@ -472,6 +474,7 @@ impl Vm {
             entry: None,
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
             msr_list,
+            console_client,
         })
     }
 
