@@ -9,7 +9,7 @@
 
 mod device;
 mod event_handler;
-mod frame;
+pub mod frame;
 mod state;
 mod tap;
 
