@@ -19,6 +19,9 @@ const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const QUEUE_SIZE: u16 = 256;
+/// How long the device keeps looking for the next request once the queue runs dry (QEMU's
+/// iothreads poll for up to 32 us for the same reason).
+const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 /// Data segments per request the driver may use (the chain also holds header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
@@ -130,8 +133,8 @@ impl Block {
     pub fn process_queue(&mut self) {
         let (disk, id, metrics, drive_id) = (&self.disk, &self.id, &self.metrics, &self.drive_id);
         let sectors = disk.sectors();
-        self.base
-            .serve_queue(0, |chain, mem| match Request::parse(chain, mem, sectors) {
+        self.base.serve_queue_polling(0, POLL, |chain, mem| {
+            match Request::parse(chain, mem, sectors) {
                 Ok(req) => {
                     let outcome = req.execute(disk, id, mem);
                     record(
@@ -148,7 +151,8 @@ impl Block {
                     metrics.dropped.fetch_add(1, Ordering::Relaxed);
                     0
                 }
-            });
+            }
+        });
     }
 
     /// The drive's guest-visible state.
