@@ -101,15 +101,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr: `[lockstep LEVEL] message` for people, or with LOCKSTEP_LOG_FORMAT=json
+/// one JSON object a line (`ts` in seconds since the epoch, `level`, `target`, `msg`) for log
+/// collectors. LOCKSTEP_LOG filters, as RUST_LOG does.
 fn init_logging() {
-    env_logger::Builder::from_env(
+    let json = std::env::var("LOCKSTEP_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let mut builder = env_logger::Builder::from_env(
         env_logger::Env::new().filter_or("LOCKSTEP_LOG", DEFAULT_LOG_FILTER),
-    )
-    .format(|buf, record| {
-        use std::io::Write;
-        writeln!(buf, "[lockstep {}] {}", record.level(), record.args())
-    })
-    .init();
+    );
+    if json {
+        builder.format(|buf, record| {
+            use std::io::Write;
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let line = serde_json::json!({
+                "ts": ts,
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    } else {
+        builder.format(|buf, record| {
+            use std::io::Write;
+            writeln!(buf, "[lockstep {}] {}", record.level(), record.args())
+        });
+    }
+    builder.init();
 }
 
 fn run(config_path: &std::path::Path) -> ExitCode {
@@ -137,7 +158,9 @@ fn run(config_path: &std::path::Path) -> ExitCode {
         }
         Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
     };
-    log::info!("{}: booting {:?}", vm.name(), vm.boot_entry());
+    if let Some(entry) = vm.boot_entry() {
+        log::info!("{}: booting {entry:?}", vm.name());
+    }
 
     // Block termination signals before any vCPU thread exists so that they all inherit the
     // mask and the signals arrive on the event loop instead.
