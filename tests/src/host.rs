@@ -279,3 +279,63 @@ impl Drop for TestHost {
         }
     }
 }
+
+/// A connection to a VM's interactive console socket.
+pub struct Console {
+    stream: std::os::unix::net::UnixStream,
+    seen: String,
+}
+
+impl Console {
+    /// Connects to the console socket at `path`.
+    pub fn connect(path: &Path) -> Console {
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Console {
+            stream,
+            seen: String::new(),
+        }
+    }
+
+    /// Types `line` and a newline, then waits for `expect` in what the guest prints after it.
+    pub fn run(&mut self, line: &str, expect: &str, timeout: Duration) -> String {
+        use std::io::Write;
+        let from = self.seen.len();
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to the console");
+        self.wait_from(from, expect, timeout)
+    }
+
+    /// Waits for `expect` in the output from byte `from` on; returns that output.
+    pub fn wait_from(&mut self, from: usize, expect: &str, timeout: Duration) -> String {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(rest) = self.seen.get(from..) {
+                if rest.contains(expect) {
+                    return rest.to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {expect:?} on the console within {timeout:?}; it showed:\n{}",
+                &self.seen[from.min(self.seen.len())..]
+            );
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("the console closed; it showed:\n{}", self.seen),
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("console: {e}"),
+            }
+        }
+    }
+}

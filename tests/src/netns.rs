@@ -26,7 +26,7 @@ fn ip(args: &[&str]) {
 
 impl NetNs {
     /// Creates a namespace with a fresh name and a tap on 10.77.<n>.1/24 in it.
-    pub fn new() -> NetNs {
+    pub fn create() -> NetNs {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = (std::process::id() % 100_000) * 100 + n;

@@ -111,7 +111,7 @@ fn firecracker_guide_calls_then_snapshot_and_load_in_a_new_process() {
         .set_len(4 << 20)
         .unwrap();
     let kernel = guest_images().elf.display().to_string();
-    let mut first = FcProcess::start(&socket);
+    let first = FcProcess::start(&socket);
 
     // Getting started: boot source, root drive, machine config, start.
     let boot = format!(

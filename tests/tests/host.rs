@@ -66,8 +66,8 @@ fn life_cycle_with_curl() {
     assert_eq!(info["state"], "running");
     let last = frozen
         .lines()
-        .filter_map(|l| l.strip_prefix("LKS counter="))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("LKS counter="))
         .unwrap();
     let last: u64 = last.split_whitespace().next().unwrap().parse().unwrap();
     host.wait_serial("life", &format!("LKS counter={} ", last + 2), WAIT);

@@ -59,7 +59,7 @@ fn ping_from_the_namespace_is_answered() {
     if !require_kvm("ping_from_the_namespace_is_answered") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let vm = start_guest(&ns, "net info");
     vm.wait_for("lks> ", WAIT);
     let out = ns.output(&["ping", "-c", "5", "-i", "0.2", "-W", "2", &ns.guest_ip()]);
@@ -83,7 +83,7 @@ fn udp_from_guest_to_host_arrives_in_order_and_intact() {
     if !require_kvm("udp_from_guest_to_host_arrives_in_order_and_intact") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let host_ip = ns.host_ip();
     let receiver = ns.run(move || {
         let sock = UdpSocket::bind((host_ip.as_str(), 9000)).unwrap();
@@ -116,7 +116,7 @@ fn udp_from_host_to_guest_is_echoed_intact() {
     if !require_kvm("udp_from_host_to_guest_is_echoed_intact") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let vm = start_guest(&ns, "net udp-echo 7000 300");
     vm.wait_for("LKS net udp-echo listening", WAIT);
     let guest = format!("{}:7000", ns.guest_ip());
@@ -153,7 +153,7 @@ fn firecracker_config_with_every_device_section_runs_unchanged() {
     if !require_kvm("firecracker_config_with_every_device_section_runs_unchanged") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs.ext4");
     std::fs::File::create(&rootfs)

@@ -29,7 +29,7 @@ fn snapshot_restores_into_a_new_host_process_and_carries_on() {
     if !require_kvm("snapshot_restores_into_a_new_host_process_and_carries_on") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk)
@@ -160,7 +160,9 @@ fn corrupt_truncated_or_foreign_snapshots_are_refused() {
         let reply = host.call("POST", "/v1/restore", "/v1/restore", Some(&body));
         (reply.status, reply.json())
     };
-    let mut cases: Vec<(&str, Box<dyn Fn()>, &str)> = Vec::new();
+    // What is wrong, how to damage the files, what the error must say.
+    type Case<'a> = (&'a str, Box<dyn Fn()>, &'a str);
+    let mut cases: Vec<Case> = Vec::new();
     let (s1, g1) = (state.clone(), good_state.clone());
     cases.push((
         "flipped state byte",
@@ -231,7 +233,7 @@ fn pause_in_the_middle_of_disk_and_network_transfers_loses_nothing() {
     if !require_kvm("pause_in_the_middle_of_disk_and_network_transfers_loses_nothing") {
         return;
     }
-    let ns = NetNs::new();
+    let ns = NetNs::create();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk)
@@ -328,11 +330,11 @@ fn a_restored_vm_can_be_snapshotted_and_restored_again() {
         .build();
     let host = TestHost::start(vec![vm]);
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = |vm: &str, n: u32| -> Value {
+    let snapshot = |n: u32| -> Value {
         json!({ "state_path": dir.path().join(format!("{n}.state")), "memory_path": dir.path().join(format!("{n}.mem")) })
     };
     host.wait_serial("gen0", "LKS counter=3 ", WAIT);
-    let first = snapshot("gen0", 1);
+    let first = snapshot(1);
     assert_eq!(
         host.call(
             "POST",
@@ -351,7 +353,7 @@ fn a_restored_vm_can_be_snapshotted_and_restored_again() {
         201
     );
     host.wait_serial("gen1", "LKS counter=", WAIT);
-    let second = snapshot("gen1", 2);
+    let second = snapshot(2);
     assert_eq!(
         host.call(
             "POST",
