@@ -146,44 +146,6 @@ impl<R: AsRawFd> AsRawFd for EscapedInput<R> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn filter(input: &[u8]) -> (Vec<u8>, Option<ExitReason>) {
-        let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut f = EscapedInput::new(input, exit.clone());
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-        (out, exit.reason())
-    }
-
-    #[test]
-    fn plain_bytes_pass() {
-        assert_eq!(filter(b"ls -l\r"), (b"ls -l\r".to_vec(), None));
-    }
-
-    #[test]
-    fn escape_x_ends_and_drops_the_rest() {
-        let (out, reason) = filter(b"ab\x01xcd");
-        assert_eq!(out, b"ab");
-        assert_eq!(reason, Some(ExitReason::Requested { signal: None }));
-    }
-
-    #[test]
-    fn doubled_escape_sends_one_and_other_keys_pass() {
-        assert_eq!(filter(b"\x01\x01\x01q").0, b"\x01\x01q");
-    }
-}
-
 /// The connected interactive console client, if any, shared by the serial output and the socket
 /// that accepts clients.
 pub type ConsoleClient = Arc<Mutex<Option<UnixStream>>>;
@@ -317,5 +279,43 @@ impl MutEventSubscriber for ConsoleSocket {
 impl Drop for ConsoleSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(input: &[u8]) -> (Vec<u8>, Option<ExitReason>) {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut f = EscapedInput::new(input, exit.clone());
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (out, exit.reason())
+    }
+
+    #[test]
+    fn plain_bytes_pass() {
+        assert_eq!(filter(b"ls -l\r"), (b"ls -l\r".to_vec(), None));
+    }
+
+    #[test]
+    fn escape_x_ends_and_drops_the_rest() {
+        let (out, reason) = filter(b"ab\x01xcd");
+        assert_eq!(out, b"ab");
+        assert_eq!(reason, Some(ExitReason::Requested { signal: None }));
+    }
+
+    #[test]
+    fn doubled_escape_sends_one_and_other_keys_pass() {
+        assert_eq!(filter(b"\x01\x01\x01q").0, b"\x01\x01q");
     }
 }
