@@ -112,6 +112,15 @@ pub fn host(config_path: &Path) -> ExitCode {
             )
         }
     };
+    let cim_config = match cim_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                EXIT_CONFIG_ERROR,
+                &format!("{}: {e}", config_path.display()),
+            )
+        }
+    };
     let signals = watch_signals();
     let hv = match Hypervisor::open() {
         Ok(hv) => hv,
@@ -157,6 +166,11 @@ pub fn host(config_path: &Path) -> ExitCode {
             Some(addr) => l.bind_tcp(addr),
             None => Ok(l),
         });
+    let cim = match cim_config.map(|c| start_cim(c, &config.state_dir, &host)) {
+        None => None,
+        Some(Ok(server)) => Some(server),
+        Some(Err(e)) => return fail(EXIT_VMM_ERROR, &e),
+    };
     let api = match listeners.and_then(|l| http::spawn(host.clone(), l)) {
         Ok(api) => api,
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("control API: {e}")),
@@ -169,8 +183,37 @@ pub fn host(config_path: &Path) -> ExitCode {
     if let Err(e) = api.stop() {
         log::warn!("control API: {e}");
     }
+    drop(cim);
     host.stop_all();
     ExitCode::SUCCESS
+}
+
+/// The host config's `cim` section, parsed and checked before anything on the host is touched.
+fn cim_config(config: &HostConfig) -> Result<Option<lockstep_cim::CimConfig>, String> {
+    let Some(section) = &config.cim else {
+        return Ok(None);
+    };
+    let cim: lockstep_cim::CimConfig = serde_path_to_error::deserialize(section)
+        .map_err(|e| format!("cim.{}: {}", e.path(), e.inner()))?;
+    cim.check().map_err(|e| format!("cim: {e}"))?;
+    Ok(Some(cim))
+}
+
+/// Starts the CIM endpoint.
+fn start_cim(
+    cim: lockstep_cim::CimConfig,
+    state_dir: &Path,
+    host: &Arc<Host>,
+) -> Result<lockstep_cim::CimServer, String> {
+    let server =
+        lockstep_cim::start(host.clone(), cim, state_dir).map_err(|e| format!("cim: {e}"))?;
+    if let Some(addr) = server.https_addr() {
+        log::info!("CIM endpoint on https://{addr}/cimom");
+    }
+    if let Some(addr) = server.http_addr() {
+        log::info!("CIM endpoint on http://{addr}/cimom");
+    }
+    Ok(server)
 }
 
 /// `lockstep run --api-sock PATH [config]`: one VM, in the foreground, configured and driven

@@ -60,6 +60,8 @@ enum Command {
     },
     /// Print which KVM backend this host has: vmx, svm, pvm or unknown.
     Backend,
+    /// Hash a password (read from stdin) for the host config's CIM users.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +94,19 @@ fn main() -> ExitCode {
             host_mode::firecracker(&sock, &id, config)
         }
         Command::Host { config } => host_mode::host(&config),
+        Command::HashPassword => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                return fail(EXIT_VMM_ERROR, &format!("reading the password: {e}"));
+            }
+            match lockstep_cim::hash_password(password.trim_end_matches(['\r', '\n'])) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_VMM_ERROR, &e),
+            }
+        }
         Command::Backend => {
             let backend = KvmBackend::detect();
             println!("{}", backend.short_name());

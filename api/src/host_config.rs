@@ -30,6 +30,9 @@ pub struct HostConfig {
     /// VMs defined when the host starts.
     #[serde(default)]
     pub vms: Vec<HostVm>,
+    /// The CIM/WBEM endpoint (off when absent); its keys are the `cim` crate's `CimConfig`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cim: Option<serde_json::Value>,
 }
 
 /// A VM the host defines at start.

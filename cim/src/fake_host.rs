@@ -1,0 +1,321 @@
+//! An in-memory `HostControl` for tests and benchmarks: VMs that change state on command and
+//! report it to subscribers, with no KVM behind them. A graceful shut down takes a little while,
+//! as a guest's would.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lockstep_api::control::{
+    ControlError, DeviceMetrics, HostControl, HostEvent, HostInfo, RestoreRequest, ShutdownRequest,
+    SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
+};
+use lockstep_api::VmConfig;
+
+/// A fake host.
+pub struct FakeHost {
+    vms: Mutex<BTreeMap<String, VmDetails>>,
+    subscribers: Mutex<Vec<Sender<HostEvent>>>,
+    /// How long a graceful shut down takes.
+    pub guest_shutdown: Duration,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        FakeHost {
+            vms: Mutex::new(BTreeMap::new()),
+            subscribers: Mutex::new(Vec::new()),
+            guest_shutdown: Duration::from_millis(300),
+        }
+    }
+}
+
+/// A small VM config named `name`.
+pub fn sample_config(name: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
+    let mut c = VmConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "/boot/vmlinux-{name}"}}, "name": "{name}",
+            "drives": [{{"drive_id": "rootfs", "path_on_host": "/var/lib/images/{name}.ext4", "is_root_device": true}}],
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap-{name}", "guest_mac": "06:00:ac:10:00:02"}}]}}"#
+    ))
+    .unwrap_or_else(|e| panic!("sample config: {e}"));
+    c.machine_config.vcpu_count = vcpus;
+    c.machine_config.mem_size_mib = mem_mib;
+    c
+}
+
+impl FakeHost {
+    /// A host with `n` stopped VMs, `vm000`, `vm001`, ...
+    pub fn with_vms(n: usize) -> FakeHost {
+        let host = FakeHost::default();
+        for i in 0..n {
+            let name = format!("vm{i:03}");
+            let _ = host.create_vm(
+                sample_config(&name, 1 + (i % 4) as u32, 128 * (1 + (i % 4) as u64)),
+                false,
+            );
+        }
+        host
+    }
+
+    fn emit(&self, event: HostEvent) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subs.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    fn set_state(
+        &self,
+        name: &str,
+        allowed: &[VmState],
+        to: VmState,
+    ) -> Result<VmInfo, ControlError> {
+        let (previous, info) = {
+            let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            let vm = vms
+                .get_mut(name)
+                .ok_or_else(|| ControlError::NotFound(name.into()))?;
+            let previous = vm.info.state;
+            if !allowed.contains(&previous) {
+                return Err(ControlError::Conflict(format!("{name} is {previous:?}")));
+            }
+            vm.info.state = to;
+            if to == VmState::Running && previous != VmState::Paused {
+                vm.info.boot_count += 1;
+            }
+            (previous, vm.info.clone())
+        };
+        if previous != to {
+            self.emit(HostEvent::VmStateChanged {
+                name: name.into(),
+                previous,
+                current: to,
+            });
+        }
+        Ok(info)
+    }
+}
+
+fn validate(config: &VmConfig) -> Result<String, ControlError> {
+    let name = config
+        .name
+        .clone()
+        .ok_or_else(|| ControlError::BadRequest("a VM on a host needs a name".into()))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ControlError::BadRequest(format!(
+            "{name:?} is not a valid VM name"
+        )));
+    }
+    let m = &config.machine_config;
+    if m.vcpu_count == 0 || m.vcpu_count > 32 {
+        return Err(ControlError::BadRequest(format!(
+            "machine-config.vcpu_count: {} is out of range",
+            m.vcpu_count
+        )));
+    }
+    if m.mem_size_mib < 16 {
+        return Err(ControlError::BadRequest(format!(
+            "machine-config.mem_size_mib: {} is too small",
+            m.mem_size_mib
+        )));
+    }
+    Ok(name)
+}
+
+impl HostControl for FakeHost {
+    fn host_info(&self) -> HostInfo {
+        HostInfo {
+            version: "0.1.0-fake".into(),
+            kvm_backend: "unknown".into(),
+            kvm_backend_description: "fake host for tests".into(),
+            mem_mib: 24 * 1024,
+            cpus: 2,
+            vm_count: self.vms.lock().map(|v| v.len()).unwrap_or(0),
+        }
+    }
+
+    fn list_vms(&self) -> Vec<VmInfo> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.values().map(|d| d.info.clone()).collect()
+    }
+
+    fn create_vm(&self, config: VmConfig, start: bool) -> Result<VmInfo, ControlError> {
+        let name = validate(&config)?;
+        {
+            let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            if vms.contains_key(&name) {
+                return Err(ControlError::Conflict(format!(
+                    "a VM named {name:?} exists"
+                )));
+            }
+            let info = VmInfo {
+                name: name.clone(),
+                state: VmState::Created,
+                vcpus: config.machine_config.vcpu_count,
+                mem_size_mib: config.machine_config.mem_size_mib,
+                exit_reason: None,
+                serial_log: Some(PathBuf::from(format!(
+                    "/var/lib/lockstep/{name}/serial.log"
+                ))),
+                console_socket: None,
+                firecracker_socket: None,
+                boot_count: 0,
+            };
+            vms.insert(name.clone(), VmDetails { info, config });
+        }
+        self.emit(HostEvent::VmCreated { name: name.clone() });
+        if start {
+            return self.start_vm(&name);
+        }
+        self.get_vm(&name).map(|d| d.info)
+    }
+
+    fn get_vm(&self, name: &str) -> Result<VmDetails, ControlError> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(name.into()))
+    }
+
+    fn start_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        self.set_state(
+            name,
+            &[VmState::Created, VmState::Stopped, VmState::Failed],
+            VmState::Running,
+        )
+    }
+
+    fn pause_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        self.set_state(name, &[VmState::Running], VmState::Paused)
+    }
+
+    fn resume_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        self.set_state(name, &[VmState::Paused], VmState::Running)
+    }
+
+    fn shutdown_vm(&self, name: &str, request: ShutdownRequest) -> Result<VmInfo, ControlError> {
+        if request.force {
+            return self.set_state(
+                name,
+                &[VmState::Running, VmState::Paused, VmState::ShuttingDown],
+                VmState::Stopped,
+            );
+        }
+        self.set_state(name, &[VmState::Running], VmState::ShuttingDown)?;
+        std::thread::sleep(self.guest_shutdown);
+        self.set_state(name, &[VmState::ShuttingDown], VmState::Stopped)
+    }
+
+    fn reset_vm(&self, name: &str) -> Result<VmInfo, ControlError> {
+        self.set_state(name, &[VmState::Running, VmState::Paused], VmState::Running)
+    }
+
+    fn delete_vm(&self, name: &str) -> Result<(), ControlError> {
+        let removed = self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if removed.is_none() {
+            return Err(ControlError::NotFound(name.into()));
+        }
+        self.emit(HostEvent::VmDeleted { name: name.into() });
+        Ok(())
+    }
+
+    fn snapshot_vm(
+        &self,
+        name: &str,
+        _request: SnapshotRequest,
+    ) -> Result<SnapshotInfo, ControlError> {
+        Err(ControlError::Internal(format!(
+            "{name}: the fake host takes no snapshots"
+        )))
+    }
+
+    fn restore_vm(&self, _request: RestoreRequest) -> Result<VmInfo, ControlError> {
+        Err(ControlError::Internal(
+            "the fake host restores no snapshots".into(),
+        ))
+    }
+
+    fn vm_metrics(&self, name: &str) -> Result<VmMetrics, ControlError> {
+        let d = self.get_vm(name)?;
+        let boots = d.info.boot_count;
+        let mut devices = Vec::new();
+        for drive in &d.config.drives {
+            devices.push(DeviceMetrics {
+                kind: "block".into(),
+                id: Some(drive.drive_id.clone()),
+                counters: [
+                    ("reads", 10 * boots),
+                    ("writes", 3 * boots),
+                    ("bytes_read", 40960 * boots),
+                    ("bytes_written", 12288 * boots),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            });
+        }
+        for nic in &d.config.network_interfaces {
+            devices.push(DeviceMetrics {
+                kind: "net".into(),
+                id: Some(nic.iface_id.clone()),
+                counters: [
+                    ("rx_frames", 5 * boots),
+                    ("tx_frames", 7 * boots),
+                    ("rx_bytes", 500 * boots),
+                    ("tx_bytes", 700 * boots),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            });
+        }
+        Ok(VmMetrics {
+            name: name.into(),
+            vcpu: BTreeMap::new(),
+            devices,
+        })
+    }
+
+    fn update_vm(&self, name: &str, config: VmConfig) -> Result<VmInfo, ControlError> {
+        let new_name = validate(&config)?;
+        if new_name != name {
+            return Err(ControlError::BadRequest("a VM's name cannot change".into()));
+        }
+        {
+            let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            let vm = vms
+                .get_mut(name)
+                .ok_or_else(|| ControlError::NotFound(name.into()))?;
+            if matches!(
+                vm.info.state,
+                VmState::Running | VmState::Paused | VmState::ShuttingDown
+            ) {
+                return Err(ControlError::Conflict(format!(
+                    "{name} is running; stop it first"
+                )));
+            }
+            vm.info.vcpus = config.machine_config.vcpu_count;
+            vm.info.mem_size_mib = config.machine_config.mem_size_mib;
+            vm.config = config;
+        }
+        self.emit(HostEvent::VmModified { name: name.into() });
+        self.get_vm(name).map(|d| d.info)
+    }
+
+    fn subscribe(&self) -> Receiver<HostEvent> {
+        let (tx, rx) = mpsc::channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+}
