@@ -11,7 +11,7 @@ Runs alternate between the VMMs so that machine noise hits both alike. Prints a 
 and writes JSON.
 
 Usage: bench/boot.py [--runs N] [--json FILE]   (after `cargo build --release` and
-tests/guest/build.sh; `bench/run-boot.sh` does both)
+tests/guest/build.sh; `bench/run.sh boot` does both)
 """
 
 import argparse

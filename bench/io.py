@@ -11,7 +11,7 @@ Rows: block sequential read and write (MiB/s, 1 MiB requests), 4 KiB random read
 1 and 32 (requests/s), and the host's own read of the same file (the block ceiling); network
 frames/s (64-byte payloads) and Gbit/s (1400-byte payloads), guest to host and host to guest.
 
-Usage: bench/io.py [--runs N] [--json FILE] [--only block|net]   (bench/run-io.sh builds first)
+Usage: bench/io.py [--runs N] [--json FILE] [--only block|net]   (bench/run.sh io builds first)
 """
 
 import argparse

@@ -8,7 +8,7 @@ control API's Unix socket, request sent to response received; snapshot creation 
 POST /v1/vms/{name}/snapshot, restore-to-running is POST /v1/restore with "resume": true (the
 VM is running when the response arrives). Medians of --runs (default 10) each.
 
-Usage: bench/snapshot.py [--runs N] [--json FILE]   (bench/run-snapshot.sh builds first)
+Usage: bench/snapshot.py [--runs N] [--json FILE]   (bench/run.sh snapshot builds first)
 """
 
 import argparse

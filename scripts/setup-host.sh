@@ -17,5 +17,3 @@ fi
 
 command -v cargo >/dev/null || { echo "setup-host: cargo (Rust stable) is required: https://rustup.rs" >&2; exit 1; }
 
-# The WBEM clients the CIM tests drive (pywbem, pywbemcli, wbemcli) and wrk for its benchmark.
-sh "$(dirname "$0")/../cim/tests/install-clients.sh"

@@ -32,8 +32,11 @@ fn target_and_profile() -> (PathBuf, String) {
     (target, profile)
 }
 
+/// Runs a build step; its output (paths, progress) goes to stderr, which the test harness
+/// captures, rather than to the terminal.
 fn run_checked(cmd: &mut Command, what: &str) {
     let status = cmd
+        .stdout(std::io::stderr())
         .status()
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(status.success(), "{what} failed: {status}");

@@ -261,3 +261,64 @@ fn missing_config_file() {
     assert_eq!(out.code, Some(2));
     assert!(out.logs.contains("cannot read config file"), "{}", out.logs);
 }
+
+#[test]
+fn bad_devices_name_the_entry() {
+    if !require_kvm("bad_devices_name_the_entry") {
+        return;
+    }
+    let c = Case::new();
+    let disk = c.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 16]).unwrap();
+    let drive = |id: &str, path: &Path| json!({ "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": false });
+    let with = |key: &str, value: Value| {
+        let mut cfg = c.config(kernel());
+        cfg[key] = value;
+        cfg
+    };
+    c.refused_json(
+        &with("drives", json!([drive("a", &disk), drive("a", &disk)])),
+        &["drives[1].drive_id", "used by another drive"],
+    );
+    c.refused_json(
+        &with("drives", json!([drive("a", &c.path("absent.img"))])),
+        &["drives[0].path_on_host"],
+    );
+    c.refused_json(
+        &with("drives", json!([drive("a", c.dir.path())])),
+        &["drives[0].path_on_host"],
+    );
+    let mut limited = drive("a", &disk);
+    limited["rate_limiter"] = json!({ "bandwidth": { "size": 1, "refill_time": 1 } });
+    c.refused_json(
+        &with("drives", json!([limited])),
+        &["drives[0].rate_limiter"],
+    );
+    c.refused_json(
+        &with(
+            "network-interfaces",
+            json!([{ "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:zz:00:00:01" }]),
+        ),
+        &["network-interfaces[0].guest_mac"],
+    );
+    c.refused_json(
+        &with(
+            "vsock",
+            json!({ "guest_cid": 2, "uds_path": c.path("v.sock") }),
+        ),
+        &["vsock.guest_cid"],
+    );
+    c.refused_json(
+        &with("balloon", json!({ "amount_mib": 1 })),
+        &["balloon", "not supported"],
+    );
+    assert!(
+        !c.path("v.sock").exists(),
+        "a refused config created its vsock socket"
+    );
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        vec![0u8; 1 << 16],
+        "a refused config touched a disk"
+    );
+}

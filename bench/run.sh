@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds what the benchmarks need (release lockstep, the test guest, QEMU) and runs one of them.
+#   bench/run.sh boot|io|snapshot [args...]     e.g. bench/run.sh io --runs 5 --only block
+# (bench/cim.sh builds what it needs itself.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bench="${1:?usage: bench/run.sh boot|io|snapshot [args...]}"
+shift
+case "$bench" in boot | io | snapshot) ;; *) echo "bench/run.sh: no benchmark $bench" >&2; exit 2 ;; esac
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get -o 'DPkg::Post-Invoke::=' install -y -qq qemu-system-x86 >/dev/null
+fi
+cargo build --release --quiet --bin lockstep
+bash tests/guest/build.sh target/guest-images >/dev/null
+exec python3 "bench/$bench.py" "$@"
