@@ -116,10 +116,9 @@ pub fn associator_paths(
             {
                 continue;
             }
-            let mut path = (**r).clone();
-            if path.namespace.is_empty() {
-                path.namespace = model::canonical_namespace(namespace).into();
-            }
+            let path = (**r)
+                .clone()
+                .or_namespace(model::canonical_namespace(namespace));
             if !out.iter().any(|p| p.same_instance(&path)) {
                 out.push(path);
             }

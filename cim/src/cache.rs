@@ -37,21 +37,7 @@ pub struct ResponseCache {
 impl ResponseCache {
     /// The cache key of a read operation; `None` for operations that are never cached.
     pub fn key(name: &str, namespace: &str, params: &[(String, Param)]) -> Option<String> {
-        let cacheable = matches!(
-            name,
-            "GetClass"
-                | "EnumerateClasses"
-                | "EnumerateClassNames"
-                | "GetInstance"
-                | "EnumerateInstances"
-                | "EnumerateInstanceNames"
-                | "Associators"
-                | "AssociatorNames"
-                | "References"
-                | "ReferenceNames"
-                | "ExecQuery"
-        );
-        if !cacheable {
+        if !crate::ops::is_cacheable(name) {
             return None;
         }
         let key = format!("{name}\u{0}{namespace}\u{0}{params:?}");

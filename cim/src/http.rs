@@ -273,7 +273,7 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
     // Reads are answered on this worker thread: they only ask the host for reports, which it
     // gives without waiting on a VM. Extrinsic methods, which may wait on a guest, go to the
     // blocking pool.
-    let read_only = method.as_deref().is_some_and(is_read_operation);
+    let read_only = method.as_deref().is_some_and(crate::ops::is_read);
     let outcome = if read_only {
         Ok(cimom.handle(&body, method.as_deref(), object.as_deref()))
     } else {
@@ -320,36 +320,6 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
             )
         }
     }
-}
-
-/// Intrinsic operations that only read.
-fn is_read_operation(method: &str) -> bool {
-    matches!(
-        method,
-        "GetClass"
-            | "EnumerateClasses"
-            | "EnumerateClassNames"
-            | "GetInstance"
-            | "EnumerateInstances"
-            | "EnumerateInstanceNames"
-            | "Associators"
-            | "AssociatorNames"
-            | "References"
-            | "ReferenceNames"
-            | "ExecQuery"
-            | "GetProperty"
-            | "OpenEnumerateInstances"
-            | "OpenEnumerateInstancePaths"
-            | "OpenAssociatorInstances"
-            | "OpenAssociatorInstancePaths"
-            | "OpenReferenceInstances"
-            | "OpenReferenceInstancePaths"
-            | "OpenQueryInstances"
-            | "PullInstancesWithPath"
-            | "PullInstancePaths"
-            | "PullInstances"
-            | "CloseEnumeration"
-    )
 }
 
 /// Serves HTTP/1.1 on one connection until the client leaves, it idles, or the server stops.

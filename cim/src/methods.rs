@@ -345,55 +345,12 @@ fn request_state_change(cimom: &Cimom, inst: &Instance, params: Params<'_>) -> M
         ),
         // Shut Down: ask the guest and wait for it in a job.
         4 if stopped => done(Ok(())),
-        4 if state == Running => {
-            let timeout_s = timeout.map(|t| t.as_secs());
-            let name = vm.clone();
-            let id = cimom.jobs.start(
-                "RequestStateChange(4)".into(),
-                format!("graceful shut down of {vm}"),
-                Some(vm.clone()),
-                move || {
-                    host.shutdown_vm(
-                        &name,
-                        ShutdownRequest {
-                            timeout_s,
-                            force: false,
-                        },
-                    )
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-                },
-            )?;
-            cimom.set_requested_state(&vm, requested);
-            Ok((4096, vec![("Job", crate::model::job_ref(id))]))
-        }
+        4 if state == Running => shutdown_job(cimom, &vm, requested, timeout, false),
         // Quiesce: pause.
         9 if state == Paused => done(Ok(())),
         9 if state == Running => done(host.pause_vm(&vm).map(|_| ())),
         // Reboot: a graceful shut down, then boot again.
-        10 if state == Running => {
-            let timeout_s = timeout.map(|t| t.as_secs());
-            let name = vm.clone();
-            let id = cimom.jobs.start(
-                "RequestStateChange(10)".into(),
-                format!("reboot of {vm}"),
-                Some(vm.clone()),
-                move || {
-                    host.shutdown_vm(
-                        &name,
-                        ShutdownRequest {
-                            timeout_s,
-                            force: false,
-                        },
-                    )
-                    .and_then(|_| host.start_vm(&name))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-                },
-            )?;
-            cimom.set_requested_state(&vm, requested);
-            Ok((4096, vec![("Job", crate::model::job_ref(id))]))
-        }
+        10 if state == Running => shutdown_job(cimom, &vm, requested, timeout, true),
         // Reset: hard reset.
         11 if matches!(state, Running | Paused) => done(host.reset_vm(&vm).map(|_| ())),
         // The rest of the value map (offline, test, defer, transitions from the wrong state).
@@ -401,6 +358,45 @@ fn request_state_change(cimom: &Cimom, inst: &Instance, params: Params<'_>) -> M
         32768..=65535 => Ok((INVALID_TRANSITION, vec![])),
         _ => Ok((5, vec![])),
     }
+}
+
+/// Starts a job that asks `vm`'s guest to shut down within `timeout` and waits for it; for a
+/// reboot, the job then boots the VM again. Returns Method Parameters Checked - Job Started.
+fn shutdown_job(
+    cimom: &Cimom,
+    vm: &str,
+    requested: u16,
+    timeout: Option<Duration>,
+    reboot: bool,
+) -> MethodResult {
+    let host = Arc::clone(&cimom.host);
+    let name = vm.to_string();
+    let timeout_s = timeout.map(|t| t.as_secs());
+    let description = if reboot {
+        format!("reboot of {vm}")
+    } else {
+        format!("graceful shut down of {vm}")
+    };
+    let id = cimom.jobs.start(
+        format!("RequestStateChange({requested})"),
+        description,
+        Some(vm.to_string()),
+        move || {
+            let request = ShutdownRequest {
+                timeout_s,
+                force: false,
+            };
+            let shut_down = host.shutdown_vm(&name, request).map(|_| ());
+            let done = if reboot {
+                shut_down.and_then(|()| host.start_vm(&name).map(|_| ()))
+            } else {
+                shut_down
+            };
+            done.map_err(|e| e.to_string())
+        },
+    )?;
+    cimom.set_requested_state(vm, requested);
+    Ok((4096, vec![("Job", crate::model::job_ref(id))]))
 }
 
 /// An embedded instance parameter (sent as an embedded object or as its XML text).
@@ -654,5 +650,34 @@ mod tests {
             Some(Duration::from_secs(86_400))
         );
         assert_eq!(parse_interval("20261118072640.000000+000"), None);
+    }
+
+    #[test]
+    fn reboot_is_a_job_that_shuts_down_and_boots_again() {
+        let host = Arc::new(crate::fake_host::FakeHost::with_vms(1));
+        let cimom = Cimom::new(host, "h".into(), None, Default::default()).unwrap();
+        cimom.host.start_vm("vm000").unwrap();
+        let vm = Instance::new("LKS_VirtualComputerSystem").with("Name", "vm000");
+        let params = [(
+            "RequestedState".to_string(),
+            Param::Value(Value::from(10u16)),
+        )];
+        let (rc, out) = request_state_change(&cimom, &vm, Params(&params)).unwrap();
+        assert_eq!((rc, out[0].0), (4096, "Job"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cimom.jobs.list()[0].state.finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let job = &cimom.jobs.list()[0];
+        assert_eq!(job.state, JobState::Completed);
+        assert_eq!(job.operation, "RequestStateChange(10)");
+        assert_eq!(job.description, "reboot of vm000");
+        let info = cimom.host.get_vm("vm000").unwrap().info;
+        assert_eq!((info.state, info.boot_count), (VmState::Running, 2));
+        assert_eq!(cimom.requested_states().get("vm000"), Some(&10));
     }
 }

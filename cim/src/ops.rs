@@ -11,6 +11,51 @@ use crate::schema::Class;
 use crate::value::{Instance, ObjectPath, Value};
 use crate::xml::{Param, Shape, XmlWriter};
 
+/// Intrinsic operations whose responses depend only on the inputs `cache` compares (the host's
+/// VM list and report, and the state kept here), so that a response may be reused.
+const CACHEABLE: &[&str] = &[
+    "GetClass",
+    "EnumerateClasses",
+    "EnumerateClassNames",
+    "GetInstance",
+    "EnumerateInstances",
+    "EnumerateInstanceNames",
+    "Associators",
+    "AssociatorNames",
+    "References",
+    "ReferenceNames",
+    "ExecQuery",
+];
+
+/// The pull operations, all answered by `pull::operation`.
+const PULL: &[&str] = &[
+    "OpenEnumerateInstances",
+    "OpenEnumerateInstancePaths",
+    "OpenAssociatorInstances",
+    "OpenAssociatorInstancePaths",
+    "OpenReferenceInstances",
+    "OpenReferenceInstancePaths",
+    "OpenQueryInstances",
+    "PullInstancesWithPath",
+    "PullInstancePaths",
+    "PullInstances",
+    "CloseEnumeration",
+    "EnumerationCount",
+];
+
+/// Whether a response to intrinsic operation `name` may be reused while its inputs are unchanged.
+pub fn is_cacheable(name: &str) -> bool {
+    CACHEABLE.contains(&name)
+}
+
+/// Whether intrinsic operation `name` only reads: it asks the host for reports and never waits
+/// on a VM. (EnumerationCount, which is refused, is not counted.)
+pub fn is_read(name: &str) -> bool {
+    is_cacheable(name)
+        || name == "GetProperty"
+        || (PULL.contains(&name) && name != "EnumerationCount")
+}
+
 /// Runs an intrinsic operation, writing its IRETURNVALUE (and output parameters) into `w`.
 pub fn intrinsic(
     cimom: &Cimom,
@@ -45,18 +90,7 @@ pub fn intrinsic(
         "CreateInstance" => create_instance(cimom, ns, params, w),
         "DeleteInstance" => delete_instance(cimom, ns, params),
         "ModifyInstance" => modify_instance(cimom, snap, ns, params),
-        "OpenEnumerateInstances"
-        | "OpenEnumerateInstancePaths"
-        | "OpenAssociatorInstances"
-        | "OpenAssociatorInstancePaths"
-        | "OpenReferenceInstances"
-        | "OpenReferenceInstancePaths"
-        | "OpenQueryInstances"
-        | "PullInstancesWithPath"
-        | "PullInstancePaths"
-        | "PullInstances"
-        | "CloseEnumeration"
-        | "EnumerationCount" => crate::pull::operation(cimom, snap, ns, name, params, w),
+        _ if PULL.contains(&name) => crate::pull::operation(cimom, snap, ns, name, params, w),
         "GetProperty" => get_property(cimom, snap, ns, params, w),
         "CreateClass"
         | "ModifyClass"
@@ -79,8 +113,21 @@ pub fn intrinsic(
     }
 }
 
-/// The class a parameter names, or CIM_ERR_INVALID_CLASS / NOT_FOUND.
-fn class_param<'s>(
+/// The class named `name`, or a fault with status `not_found`.
+fn class_named<'s>(cimom: &'s Cimom, name: &str, not_found: CimStatus) -> CimResult<&'s Class> {
+    cimom.schema.class(name).ok_or_else(|| {
+        CimFault::new(
+            not_found,
+            format!(
+                "no class named {}",
+                name.chars().take(256).collect::<String>()
+            ),
+        )
+    })
+}
+
+/// The class a required parameter names, or CIM_ERR_INVALID_CLASS / NOT_FOUND.
+pub fn class_param<'s>(
     cimom: &'s Cimom,
     params: Params<'_>,
     name: &str,
@@ -89,15 +136,33 @@ fn class_param<'s>(
     let class = params
         .class_name(name)?
         .ok_or_else(|| CimFault::new(CimStatus::InvalidParameter, format!("{name} is required")))?;
-    cimom.schema.class(class).ok_or_else(|| {
-        CimFault::new(
-            not_found,
-            format!(
-                "no class named {}",
-                class.chars().take(256).collect::<String>()
-            ),
-        )
-    })
+    class_named(cimom, class, not_found)
+}
+
+/// The PropertyList and IncludeClassOrigin parameters that shape the instances an operation
+/// returns, owned so that an enumeration context can keep them between pulls.
+pub struct InstanceShape {
+    property_list: Option<Vec<String>>,
+    class_origin: bool,
+}
+
+impl InstanceShape {
+    /// Reads both parameters (IncludeClassOrigin is false when absent).
+    pub fn from_params(params: Params<'_>) -> CimResult<InstanceShape> {
+        Ok(InstanceShape {
+            property_list: params.property_list()?,
+            class_origin: params.bool("IncludeClassOrigin", false)?,
+        })
+    }
+
+    /// The writer's view of it.
+    pub fn shape(&self) -> Shape<'_> {
+        Shape {
+            property_list: self.property_list.as_deref(),
+            class_origin: self.class_origin,
+            ..Shape::default()
+        }
+    }
 }
 
 fn get_class(cimom: &Cimom, params: Params<'_>, w: &mut XmlWriter) -> CimResult<()> {
@@ -137,15 +202,7 @@ fn enumerate_classes(
     ])?;
     let root = match params.class_name("ClassName")? {
         Some(c) => Some(
-            cimom
-                .schema
-                .class(c)
-                .ok_or_else(|| {
-                    CimFault::new(
-                        CimStatus::InvalidClass,
-                        format!("no class named {}", c.chars().take(256).collect::<String>()),
-                    )
-                })?
+            class_named(cimom, c, CimStatus::InvalidClass)?
                 .name
                 .as_str(),
         ),
@@ -176,16 +233,10 @@ fn enumerate_classes(
 }
 
 /// The instance path a parameter names, with the namespace filled in.
-fn path_param(params: Params<'_>, name: &str, ns: &'static str) -> CimResult<ObjectPath> {
-    let mut path = match params.get(name) {
+pub fn instance_param(params: Params<'_>, name: &str, ns: &'static str) -> CimResult<ObjectPath> {
+    let path = match params.get(name) {
         Some(Param::InstanceName(p)) => p.clone(),
         Some(Param::Value(Value::Ref(p))) => (**p).clone(),
-        Some(Param::ClassName(_)) => {
-            return Err(CimFault::new(
-                CimStatus::NotSupported,
-                format!("{name}: operations on classes (rather than instances) are not supported"),
-            ))
-        }
         _ => {
             return Err(CimFault::new(
                 CimStatus::InvalidParameter,
@@ -193,10 +244,19 @@ fn path_param(params: Params<'_>, name: &str, ns: &'static str) -> CimResult<Obj
             ))
         }
     };
-    if path.namespace.is_empty() {
-        path.namespace = ns.into();
+    Ok(path.or_namespace(ns))
+}
+
+/// As `instance_param`, for the operations that DSP0200 also allows on a class: a class name
+/// is refused as not supported rather than as invalid.
+fn path_param(params: Params<'_>, name: &str, ns: &'static str) -> CimResult<ObjectPath> {
+    if let Some(Param::ClassName(_)) = params.get(name) {
+        return Err(CimFault::new(
+            CimStatus::NotSupported,
+            format!("{name}: operations on classes (rather than instances) are not supported"),
+        ));
     }
-    Ok(path)
+    instance_param(params, name, ns)
 }
 
 fn get_instance(
@@ -222,21 +282,15 @@ fn get_instance(
     })?;
     let inst = model::get(cimom, snap, &path)
         .ok_or_else(|| CimFault::new(CimStatus::NotFound, format!("no instance {path}")))?;
-    let list = params.property_list()?;
+    let shape = InstanceShape::from_params(params)?;
     let local_only = params.bool("LocalOnly", false)?;
     let inst = if local_only {
         local_properties(cimom, &class.name, inst)
     } else {
         inst
     };
-    let shape = Shape {
-        property_list: list.as_deref(),
-        class_origin: params.bool("IncludeClassOrigin", false)?,
-        ..Shape::default()
-    };
-    let own = Some(&cimom.schema);
     w.raw("<IRETURNVALUE>");
-    w.instance(&inst, &shape, own);
+    w.instance(&inst, &shape.shape(), Some(&cimom.schema));
     w.raw("</IRETURNVALUE>");
     Ok(())
 }
@@ -315,12 +369,8 @@ fn enumerate_instances(
         let local_only = matches!(params.get("LocalOnly"), Some(Param::Value(_)))
             && params.bool("LocalOnly", false)?;
         let deep = params.bool("DeepInheritance", true)?;
-        let list = params.property_list()?;
-        let shape = Shape {
-            property_list: list.as_deref(),
-            class_origin: params.bool("IncludeClassOrigin", false)?,
-            ..Shape::default()
-        };
+        let requested = InstanceShape::from_params(params)?;
+        let shape = requested.shape();
         for inst in enumerate(cimom, snap, ns, class, deep, local_only) {
             let Some(path) = &inst.path else { continue };
             w.raw("<VALUE.NAMEDINSTANCE>");
@@ -391,19 +441,12 @@ fn associators(
     w.raw("<IRETURNVALUE>");
     if names_only {
         for p in &paths {
-            w.raw("<OBJECTPATH>");
-            w.instance_path(p);
-            w.raw("</OBJECTPATH>");
+            w.object_path(p);
         }
     } else {
-        let list = params.property_list()?;
-        let shape = Shape {
-            property_list: list.as_deref(),
-            class_origin: params.bool("IncludeClassOrigin", false)?,
-            ..Shape::default()
-        };
+        let shape = InstanceShape::from_params(params)?;
         let insts = assoc::fetch(cimom, snap, &paths);
-        write_objects_with_path(cimom, w, &insts, &shape);
+        write_objects_with_path(cimom, w, &insts, &shape.shape());
     }
     w.raw("</IRETURNVALUE>");
     Ok(())
@@ -430,21 +473,12 @@ fn references(
     let insts = assoc::references(cimom, snap, ns, &object, &f)?;
     w.raw("<IRETURNVALUE>");
     if names_only {
-        for inst in &insts {
-            if let Some(p) = &inst.path {
-                w.raw("<OBJECTPATH>");
-                w.instance_path(p);
-                w.raw("</OBJECTPATH>");
-            }
+        for p in insts.iter().filter_map(|i| i.path.as_ref()) {
+            w.object_path(p);
         }
     } else {
-        let list = params.property_list()?;
-        let shape = Shape {
-            property_list: list.as_deref(),
-            class_origin: params.bool("IncludeClassOrigin", false)?,
-            ..Shape::default()
-        };
-        write_objects_with_path(cimom, w, &insts, &shape);
+        let shape = InstanceShape::from_params(params)?;
+        write_objects_with_path(cimom, w, &insts, &shape.shape());
     }
     w.raw("</IRETURNVALUE>");
     Ok(())
@@ -460,15 +494,7 @@ pub fn run_query(
 ) -> CimResult<Vec<Instance>> {
     let language = Language::parse(language)?;
     let query = Query::parse(language, text)?;
-    let class = cimom.schema.class(&query.class).ok_or_else(|| {
-        CimFault::new(
-            CimStatus::InvalidQuery,
-            format!(
-                "no class named {}",
-                query.class.chars().take(256).collect::<String>()
-            ),
-        )
-    })?;
+    let class = class_named(cimom, &query.class, CimStatus::InvalidQuery)?;
     let is_a = |c: &str, a: &str| cimom.schema.is_a(c, a);
     Ok(model::enumerate(cimom, snap, ns, &class.name)
         .into_iter()
@@ -569,10 +595,7 @@ fn modify_instance(
                 .is_none_or(|l| l.iter().any(|p| p.eq_ignore_ascii_case(n)))
         })
         .collect();
-    let mut full = path.clone();
-    if full.namespace.is_empty() {
-        full.namespace = ns.into();
-    }
+    let full = path.or_namespace(ns);
     let current = model::get(cimom, snap, &full)
         .ok_or_else(|| CimFault::new(CimStatus::NotFound, format!("no instance {full}")))?;
     if !current

@@ -10,9 +10,9 @@ use crate::assoc;
 use crate::cimom::{Cimom, Params};
 use crate::error::{CimFault, CimResult, CimStatus};
 use crate::model::Snapshot;
-use crate::ops;
-use crate::value::{Instance, ObjectPath, Value};
-use crate::xml::{Param, Shape, XmlWriter};
+use crate::ops::{self, InstanceShape};
+use crate::value::{Instance, ObjectPath};
+use crate::xml::XmlWriter;
 
 /// Inactivity allowed when the client gives no OperationTimeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,8 +35,7 @@ struct Context {
     namespace: String,
     kind: Kind,
     items: VecDeque<Item>,
-    property_list: Option<Vec<String>>,
-    class_origin: bool,
+    shape: InstanceShape,
     timeout: Duration,
     expires: Instant,
 }
@@ -137,21 +136,14 @@ fn common_checks(params: Params<'_>, filter_allowed: bool) -> CimResult<(Duratio
     Ok((timeout, max))
 }
 
-fn instance_param(params: Params<'_>, ns: &'static str) -> CimResult<ObjectPath> {
-    let mut p = match params.get("InstanceName") {
-        Some(Param::InstanceName(p)) => p.clone(),
-        Some(Param::Value(Value::Ref(p))) => (**p).clone(),
-        _ => {
-            return Err(CimFault::new(
-                CimStatus::InvalidParameter,
-                "InstanceName must be an instance name",
-            ))
-        }
-    };
-    if p.namespace.is_empty() {
-        p.namespace = ns.into();
+/// The items of an Open*Instances result, or of an Open*InstancePaths one (`paths`).
+fn instance_items(insts: Vec<Instance>, paths: bool) -> (Vec<Item>, Kind) {
+    if paths {
+        let paths = insts.into_iter().filter_map(|i| i.path).map(Item::Path);
+        (paths.collect(), Kind::Paths)
+    } else {
+        (insts.into_iter().map(Item::Inst).collect(), Kind::WithPath)
     }
-    Ok(p)
 }
 
 fn open(
@@ -162,7 +154,7 @@ fn open(
     params: Params<'_>,
     w: &mut XmlWriter,
 ) -> CimResult<()> {
-    let (items, kind, filter_allowed): (Vec<Item>, Kind, bool) = match name {
+    let (items, kind): (Vec<Item>, Kind) = match name {
         "OpenEnumerateInstances" | "OpenEnumerateInstancePaths" => {
             params.only(&[
                 "ClassName",
@@ -177,37 +169,10 @@ fn open(
                 "LocalOnly",
                 "IncludeQualifiers",
             ])?;
-            let class_name = params.class_name("ClassName")?.ok_or_else(|| {
-                CimFault::new(CimStatus::InvalidParameter, "ClassName is required")
-            })?;
-            let class = cimom.schema.class(class_name).ok_or_else(|| {
-                CimFault::new(
-                    CimStatus::InvalidClass,
-                    format!(
-                        "no class named {}",
-                        class_name.chars().take(256).collect::<String>()
-                    ),
-                )
-            })?;
+            let class = ops::class_param(cimom, params, "ClassName", CimStatus::InvalidClass)?;
             let deep = params.bool("DeepInheritance", true)?;
             let insts = ops::enumerate(cimom, snap, ns, class, deep, false);
-            if name == "OpenEnumerateInstances" {
-                (
-                    insts.into_iter().map(Item::Inst).collect(),
-                    Kind::WithPath,
-                    false,
-                )
-            } else {
-                (
-                    insts
-                        .into_iter()
-                        .filter_map(|i| i.path)
-                        .map(Item::Path)
-                        .collect(),
-                    Kind::Paths,
-                    false,
-                )
-            }
+            instance_items(insts, name == "OpenEnumerateInstancePaths")
         }
         "OpenAssociatorInstances" | "OpenAssociatorInstancePaths" => {
             params.only(&[
@@ -224,24 +189,13 @@ fn open(
                 "ContinueOnError",
                 "MaxObjectCount",
             ])?;
-            let object = instance_param(params, ns)?;
+            let object = ops::instance_param(params, "InstanceName", ns)?;
             let f = ops::filters(params, true)?;
             let paths = assoc::associator_paths(cimom, snap, ns, &object, &f)?;
             if name == "OpenAssociatorInstances" {
-                (
-                    assoc::fetch(cimom, snap, &paths)
-                        .into_iter()
-                        .map(Item::Inst)
-                        .collect(),
-                    Kind::WithPath,
-                    false,
-                )
+                instance_items(assoc::fetch(cimom, snap, &paths), false)
             } else {
-                (
-                    paths.into_iter().map(Item::Path).collect(),
-                    Kind::Paths,
-                    false,
-                )
+                (paths.into_iter().map(Item::Path).collect(), Kind::Paths)
             }
         }
         "OpenReferenceInstances" | "OpenReferenceInstancePaths" => {
@@ -257,26 +211,10 @@ fn open(
                 "ContinueOnError",
                 "MaxObjectCount",
             ])?;
-            let object = instance_param(params, ns)?;
+            let object = ops::instance_param(params, "InstanceName", ns)?;
             let f = ops::filters(params, false)?;
             let insts = assoc::references(cimom, snap, ns, &object, &f)?;
-            if name == "OpenReferenceInstances" {
-                (
-                    insts.into_iter().map(Item::Inst).collect(),
-                    Kind::WithPath,
-                    false,
-                )
-            } else {
-                (
-                    insts
-                        .into_iter()
-                        .filter_map(|i| i.path)
-                        .map(Item::Path)
-                        .collect(),
-                    Kind::Paths,
-                    false,
-                )
-            }
+            instance_items(insts, name == "OpenReferenceInstancePaths")
         }
         "OpenQueryInstances" => {
             params.only(&[
@@ -303,11 +241,7 @@ fn open(
                 CimFault::new(CimStatus::InvalidParameter, "FilterQuery is required")
             })?;
             let insts = ops::run_query(cimom, snap, ns, language, query)?;
-            (
-                insts.into_iter().map(Item::Inst).collect(),
-                Kind::Plain,
-                true,
-            )
+            (insts.into_iter().map(Item::Inst).collect(), Kind::Plain)
         }
         other => {
             return Err(CimFault::new(
@@ -316,13 +250,13 @@ fn open(
             ))
         }
     };
-    let (timeout, max) = common_checks(params, filter_allowed)?;
+    // OpenQueryInstances carries its query in FilterQuery; the other Open operations refuse one.
+    let (timeout, max) = common_checks(params, kind == Kind::Plain)?;
     let mut ctx = Context {
         namespace: ns.to_string(),
         kind,
         items: items.into(),
-        property_list: params.property_list()?,
-        class_origin: params.bool("IncludeClassOrigin", false)?,
+        shape: InstanceShape::from_params(params)?,
         timeout,
         expires: Instant::now() + timeout,
     };
@@ -333,36 +267,23 @@ fn open(
 /// Writes up to `max` items of the context as IRETURNVALUE.
 fn write_batch(cimom: &Cimom, w: &mut XmlWriter, ctx: &mut Context, max: usize) {
     let n = max.min(MAX_PER_RESPONSE).min(ctx.items.len());
-    let list = ctx.property_list.clone();
-    let shape = Shape {
-        property_list: list.as_deref(),
-        class_origin: ctx.class_origin,
-        ..Shape::default()
-    };
+    let shape = ctx.shape.shape();
     w.raw("<IRETURNVALUE>");
     for item in ctx.items.drain(..n) {
         match (ctx.kind, item) {
-            (Kind::WithPath, Item::Inst(inst)) => {
-                let Some(path) = &inst.path else { continue };
-                w.raw("<VALUE.INSTANCEWITHPATH>");
-                w.instance_path(path);
-                w.instance(&inst, &shape, Some(&cimom.schema));
-                w.raw("</VALUE.INSTANCEWITHPATH>");
-            }
-            (Kind::Plain, Item::Inst(inst)) => {
-                // Query results here come from whole instances, so each still has the path of
-                // the instance it was selected from; sending it (as ExecQuery does) lets
-                // clients such as pywbemcli sort and show them.
-                match &inst.path {
-                    Some(path) => {
-                        w.raw("<VALUE.INSTANCEWITHPATH>");
-                        w.instance_path(path);
-                        w.instance(&inst, &shape, Some(&cimom.schema));
-                        w.raw("</VALUE.INSTANCEWITHPATH>");
-                    }
-                    None => w.instance(&inst, &shape, Some(&cimom.schema)),
+            // Query results (Plain) come from whole instances, so each still has the path of the
+            // instance it was selected from; sending it (as ExecQuery does) lets clients such as
+            // pywbemcli sort and show them.
+            (Kind::WithPath | Kind::Plain, Item::Inst(inst)) => match &inst.path {
+                Some(path) => {
+                    w.raw("<VALUE.INSTANCEWITHPATH>");
+                    w.instance_path(path);
+                    w.instance(&inst, &shape, Some(&cimom.schema));
+                    w.raw("</VALUE.INSTANCEWITHPATH>");
                 }
-            }
+                None if ctx.kind == Kind::Plain => w.instance(&inst, &shape, Some(&cimom.schema)),
+                None => {}
+            },
             (_, Item::Path(p)) => w.instance_path(&p),
             (Kind::Paths, Item::Inst(inst)) => {
                 if let Some(p) = &inst.path {

@@ -171,6 +171,14 @@ impl ObjectPath {
         self.get_key(name).and_then(Value::as_str)
     }
 
+    /// The path, placed in `namespace` when it names none (paths in requests may leave it out).
+    pub fn or_namespace(mut self, namespace: &'static str) -> Self {
+        if self.namespace.is_empty() {
+            self.namespace = namespace.into();
+        }
+        self
+    }
+
     /// Whether two paths name the same instance: class names and key names compare without
     /// case, key order does not matter, and an empty namespace matches any.
     pub fn same_instance(&self, other: &ObjectPath) -> bool {

@@ -103,6 +103,15 @@ fn class_param(class: &str) -> String {
     format!("<IPARAMVALUE NAME=\"ClassName\"><CLASSNAME NAME=\"{class}\"/></IPARAMVALUE>")
 }
 
+/// The request most tests send: EnumerateInstanceNames of CIM_ComputerSystem in root/cimv2.
+fn computer_system_names() -> String {
+    intrinsic(
+        "EnumerateInstanceNames",
+        "root/cimv2",
+        &class_param("CIM_ComputerSystem"),
+    )
+}
+
 fn post(s: &TestServer, method: &str, body: &str) -> Reply {
     let a = auth(s);
     send(
@@ -117,15 +126,7 @@ fn post(s: &TestServer, method: &str, body: &str) -> Reply {
 #[test]
 fn a_plain_request_and_its_headers() {
     let s = TestServer::fake(3);
-    let r = post(
-        &s,
-        "EnumerateInstanceNames",
-        &intrinsic(
-            "EnumerateInstanceNames",
-            "root/cimv2",
-            &class_param("CIM_ComputerSystem"),
-        ),
-    );
+    let r = post(&s, "EnumerateInstanceNames", &computer_system_names());
     assert_eq!(r.status, 200);
     assert!(r
         .header("Content-Type")
@@ -143,12 +144,7 @@ fn a_plain_request_and_its_headers() {
         "POST",
         "/cimom",
         &h,
-        intrinsic(
-            "EnumerateInstanceNames",
-            "root/cimv2",
-            &class_param("CIM_ComputerSystem"),
-        )
-        .as_bytes(),
+        computer_system_names().as_bytes(),
     );
     assert_eq!(r.status, 200);
     // CIMObject naming another namespace than the body.
@@ -158,12 +154,7 @@ fn a_plain_request_and_its_headers() {
         "POST",
         "/cimom",
         &h,
-        intrinsic(
-            "EnumerateInstanceNames",
-            "root/cimv2",
-            &class_param("CIM_ComputerSystem"),
-        )
-        .as_bytes(),
+        computer_system_names().as_bytes(),
     );
     assert_eq!(
         (r.status, r.header("CIMError")),
@@ -188,12 +179,7 @@ fn m_post_with_a_man_header() {
         "M-POST",
         "/cimom",
         &headers,
-        intrinsic(
-            "EnumerateInstanceNames",
-            "root/cimv2",
-            &class_param("CIM_ComputerSystem"),
-        )
-        .as_bytes(),
+        computer_system_names().as_bytes(),
     );
     assert_eq!(r.status, 200);
     assert!(r.header("Ext").is_some());
@@ -204,11 +190,7 @@ fn m_post_with_a_man_header() {
 fn protocol_errors_get_http_status_and_cim_error_header() {
     let s = TestServer::fake(1);
     let a = auth(&s);
-    let body = intrinsic(
-        "EnumerateInstanceNames",
-        "root/cimv2",
-        &class_param("CIM_ComputerSystem"),
-    );
+    let body = computer_system_names();
     let r = send(addr(&s), "GET", "/cimom", &[("Authorization", &a)], b"");
     assert_eq!(r.status, 405);
     let r = send(
@@ -386,16 +368,7 @@ fn huge_names_and_queries_inside_an_allowed_body() {
     let r = post(&s, "GetClass", &deep_xml);
     assert_eq!(r.status, 400);
     assert_eq!(
-        post(
-            &s,
-            "EnumerateInstanceNames",
-            &intrinsic(
-                "EnumerateInstanceNames",
-                "root/cimv2",
-                &class_param("CIM_ComputerSystem")
-            )
-        )
-        .status,
+        post(&s, "EnumerateInstanceNames", &computer_system_names()).status,
         200
     );
 }
@@ -447,11 +420,7 @@ fn cim_errors_in_the_body() {
 #[test]
 fn authentication_is_required_and_failures_are_slowed() {
     let s = TestServer::fake(1);
-    let body = intrinsic(
-        "EnumerateInstanceNames",
-        "root/cimv2",
-        &class_param("CIM_ComputerSystem"),
-    );
+    let body = computer_system_names();
     let mut h = cim_headers("", "EnumerateInstanceNames");
     h.remove(0);
     let r = send(addr(&s), "POST", "/cimom", &h, body.as_bytes());
@@ -497,11 +466,7 @@ fn stalled_clients_do_not_hold_up_the_others() {
     slow_body
         .write_all(format!("POST /cimom HTTP/1.1\r\nHost: x\r\nAuthorization: {a}\r\nCIMOperation: MethodCall\r\nContent-Length: 1000\r\n\r\n<CIM>").as_bytes())
         .unwrap();
-    let body = intrinsic(
-        "EnumerateInstanceNames",
-        "root/cimv2",
-        &class_param("CIM_ComputerSystem"),
-    );
+    let body = computer_system_names();
     for _ in 0..5 {
         assert_eq!(post(&s, "EnumerateInstanceNames", &body).status, 200);
     }
@@ -592,11 +557,7 @@ fn the_https_port_survives_garbage() {
             "CIMMethod: EnumerateInstanceNames",
             "--data-binary",
         ])
-        .arg(intrinsic(
-            "EnumerateInstanceNames",
-            "root/cimv2",
-            &class_param("CIM_ComputerSystem"),
-        ))
+        .arg(computer_system_names())
         .arg(format!("https://localhost:{}/cimom", https.port()))
         .output();
     if let Ok(out) = curl {

@@ -63,6 +63,18 @@ pub(super) fn system_settings(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) ->
         .collect()
 }
 
+/// An association of class `class` between a VM and its virtual system settings.
+fn vm_to_settings(class: &'static str, vm: &str) -> Instance {
+    keyed(
+        CIMV2_NS,
+        class,
+        vec![
+            ("ManagedElement", vm_path(vm).into()),
+            ("SettingData", vssd_path(vm).into()),
+        ],
+    )
+}
+
 pub(super) fn settings_define_state(
     _cimom: &Cimom,
     snap: &Snapshot<'_>,
@@ -70,16 +82,7 @@ pub(super) fn settings_define_state(
 ) -> Vec<Instance> {
     snap.vms()
         .iter()
-        .map(|vm| {
-            keyed(
-                CIMV2_NS,
-                "LKS_SettingsDefineState",
-                vec![
-                    ("ManagedElement", vm_path(&vm.name).into()),
-                    ("SettingData", vssd_path(&vm.name).into()),
-                ],
-            )
-        })
+        .map(|vm| vm_to_settings("LKS_SettingsDefineState", &vm.name))
         .collect()
 }
 
@@ -91,16 +94,9 @@ pub(super) fn element_setting_data(
     snap.vms()
         .iter()
         .map(|vm| {
-            keyed(
-                CIMV2_NS,
-                "LKS_ElementSettingData",
-                vec![
-                    ("ManagedElement", vm_path(&vm.name).into()),
-                    ("SettingData", vssd_path(&vm.name).into()),
-                ],
-            )
-            .with("IsDefault", 1u16)
-            .with("IsCurrent", 1u16)
+            vm_to_settings("LKS_ElementSettingData", &vm.name)
+                .with("IsDefault", 1u16)
+                .with("IsCurrent", 1u16)
         })
         .collect()
 }

@@ -145,30 +145,18 @@ pub fn parse_request(body: &[u8]) -> Result<Request, RequestError> {
         let name = call
             .attr("NAME")
             .ok_or_else(|| invalid("IMETHODCALL without NAME"))?;
-        let fault = |fault| RequestError::Cim {
-            message_id: message_id.clone(),
-            method: name.chars().take(64).collect(),
+        let site = CallSite {
+            message_id: &message_id,
+            method: name,
             intrinsic: true,
-            fault,
         };
-        check_name("method name", name).map_err(fault)?;
+        check_name("method name", name).map_err(|f| site.fault(f))?;
         let ns_el = call
             .child("LOCALNAMESPACEPATH")
             .ok_or_else(|| invalid("IMETHODCALL without LOCALNAMESPACEPATH"))?;
         let namespace = local_namespace(ns_el)?;
-        check_name("namespace", &namespace).map_err(fault)?;
-        let mut params = Vec::new();
-        for p in call.children_named("IPARAMVALUE") {
-            let pname = p
-                .attr("NAME")
-                .ok_or_else(|| invalid("IPARAMVALUE without NAME"))?;
-            check_name("parameter name", pname).map_err(fault)?;
-            let value = iparam_value(p).map_err(|e| match e {
-                ValueError::Invalid(m) => invalid(m),
-                ValueError::Cim(f) => fault(f),
-            })?;
-            params.push((pname.to_string(), value));
-        }
+        check_name("namespace", &namespace).map_err(|f| site.fault(f))?;
+        let params = site.params(call, "IPARAMVALUE", iparam_value)?;
         return Ok(Request {
             message_id,
             call: Call::Intrinsic {
@@ -182,13 +170,12 @@ pub fn parse_request(body: &[u8]) -> Result<Request, RequestError> {
         let name = call
             .attr("NAME")
             .ok_or_else(|| invalid("METHODCALL without NAME"))?;
-        let fault = |fault| RequestError::Cim {
-            message_id: message_id.clone(),
-            method: name.chars().take(64).collect(),
+        let site = CallSite {
+            message_id: &message_id,
+            method: name,
             intrinsic: false,
-            fault,
         };
-        check_name("method name", name).map_err(fault)?;
+        check_name("method name", name).map_err(|f| site.fault(f))?;
         let (namespace, target) = if let Some(p) = call.child("LOCALINSTANCEPATH") {
             let ns = local_namespace(
                 p.child("LOCALNAMESPACEPATH")
@@ -199,10 +186,7 @@ pub fn parse_request(body: &[u8]) -> Result<Request, RequestError> {
                     .ok_or_else(|| invalid("LOCALINSTANCEPATH without INSTANCENAME"))?,
                 &ns,
             )
-            .map_err(|e| match e {
-                ValueError::Invalid(m) => invalid(m),
-                ValueError::Cim(f) => fault(f),
-            })?;
+            .map_err(|e| site.value_error(e))?;
             (ns, Target::Instance(path))
         } else if let Some(p) = call.child("LOCALCLASSPATH") {
             let ns = local_namespace(
@@ -219,19 +203,8 @@ pub fn parse_request(body: &[u8]) -> Result<Request, RequestError> {
                 "METHODCALL without LOCALINSTANCEPATH or LOCALCLASSPATH",
             ));
         };
-        check_name("namespace", &namespace).map_err(fault)?;
-        let mut params = Vec::new();
-        for p in call.children_named("PARAMVALUE") {
-            let pname = p
-                .attr("NAME")
-                .ok_or_else(|| invalid("PARAMVALUE without NAME"))?;
-            check_name("parameter name", pname).map_err(fault)?;
-            let value = param_value(p).map_err(|e| match e {
-                ValueError::Invalid(m) => invalid(m),
-                ValueError::Cim(f) => fault(f),
-            })?;
-            params.push((pname.to_string(), value));
-        }
+        check_name("namespace", &namespace).map_err(|f| site.fault(f))?;
+        let params = site.params(call, "PARAMVALUE", param_value)?;
         return Ok(Request {
             message_id,
             call: Call::Method {
@@ -245,6 +218,52 @@ pub fn parse_request(body: &[u8]) -> Result<Request, RequestError> {
     Err(invalid(
         "SIMPLEREQ holds neither IMETHODCALL nor METHODCALL",
     ))
+}
+
+/// The call being read, which CIM errors about its parameters answer.
+struct CallSite<'a> {
+    message_id: &'a str,
+    method: &'a str,
+    intrinsic: bool,
+}
+
+impl CallSite<'_> {
+    /// A CIM error answered to this call.
+    fn fault(&self, fault: CimFault) -> RequestError {
+        RequestError::Cim {
+            message_id: self.message_id.to_string(),
+            method: self.method.chars().take(64).collect(),
+            intrinsic: self.intrinsic,
+            fault,
+        }
+    }
+
+    /// A value problem: invalid CIM-XML, or a CIM error answered to this call.
+    fn value_error(&self, e: ValueError) -> RequestError {
+        match e {
+            ValueError::Invalid(m) => invalid(m),
+            ValueError::Cim(f) => self.fault(f),
+        }
+    }
+
+    /// The call's `tag` children (IPARAMVALUE or PARAMVALUE), each read by `read`.
+    fn params(
+        &self,
+        call: &Element,
+        tag: &str,
+        read: fn(&Element) -> Result<Param, ValueError>,
+    ) -> Result<Vec<(String, Param)>, RequestError> {
+        let mut params = Vec::new();
+        for p in call.children_named(tag) {
+            let name = p
+                .attr("NAME")
+                .ok_or_else(|| invalid(format!("{tag} without NAME")))?;
+            check_name("parameter name", name).map_err(|f| self.fault(f))?;
+            let value = read(p).map_err(|e| self.value_error(e))?;
+            params.push((name.to_string(), value));
+        }
+        Ok(params)
+    }
 }
 
 /// A value-level problem: invalid CIM-XML, or a CIM error for the client.

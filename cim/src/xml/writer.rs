@@ -2,7 +2,7 @@
 //! and the export request that carries an indication.
 
 use crate::schema::{Class, PropertyDecl, QualValue, Qualifier, Schema};
-use crate::value::{Instance, ObjectPath, Value};
+use crate::value::{CimType, Instance, ObjectPath, Value};
 
 /// Which parts of an instance or class to write.
 #[derive(Debug, Clone, Default)]
@@ -198,6 +198,13 @@ impl XmlWriter {
         self.raw("</INSTANCEPATH>");
     }
 
+    /// `OBJECTPATH` (an instance path as an association operation returns it).
+    pub fn object_path(&mut self, path: &ObjectPath) {
+        self.raw("<OBJECTPATH>");
+        self.instance_path(path);
+        self.raw("</OBJECTPATH>");
+    }
+
     /// `VALUE.REFERENCE`: a local instance path when the reference has a namespace (so that
     /// references across namespaces keep theirs), otherwise an instance name.
     pub fn value_reference(&mut self, path: &ObjectPath, _context_ns: &str) {
@@ -211,6 +218,15 @@ impl XmlWriter {
             self.raw("</LOCALINSTANCEPATH>");
         }
         self.raw("</VALUE.REFERENCE>");
+    }
+
+    /// `VALUE.ARRAY` of scalars.
+    fn value_array(&mut self, items: &[Value]) {
+        self.raw("<VALUE.ARRAY>");
+        for item in items {
+            self.scalar_value(item);
+        }
+        self.raw("</VALUE.ARRAY>");
     }
 
     fn scalar_value(&mut self, v: &Value) {
@@ -262,11 +278,9 @@ impl XmlWriter {
                     self.raw(" EmbeddedObject=\"instance\"");
                 }
                 origin(self);
-                self.raw("><VALUE.ARRAY>");
-                for item in items {
-                    self.scalar_value(item);
-                }
-                self.raw("</VALUE.ARRAY></PROPERTY.ARRAY>");
+                self.raw(">");
+                self.value_array(items);
+                self.raw("</PROPERTY.ARRAY>");
             }
             v => {
                 self.raw("<PROPERTY")
@@ -350,6 +364,16 @@ impl XmlWriter {
         self.raw("</QUALIFIER>");
     }
 
+    /// Opens a property or parameter declaration: `<tag NAME=".."` with its REFERENCECLASS for
+    /// references, its TYPE otherwise.
+    fn open_declaration(&mut self, tag: &str, name: &str, ref_class: Option<&str>, ty: CimType) {
+        self.raw("<").raw(tag).attr("NAME", name);
+        match ref_class {
+            Some(rc) => self.attr("REFERENCECLASS", rc),
+            None => self.attr("TYPE", ty.name()),
+        };
+    }
+
     /// `CLASS` with the elements `shape` asks for.
     pub fn class(&mut self, class: &Class, shape: &Shape<'_>) {
         self.raw("<CLASS").attr("NAME", &class.name);
@@ -367,19 +391,11 @@ impl XmlWriter {
                 continue;
             }
             let tag = match (p.ty, p.array) {
-                (crate::value::CimType::Reference, _) => "PROPERTY.REFERENCE",
+                (CimType::Reference, _) => "PROPERTY.REFERENCE",
                 (_, true) => "PROPERTY.ARRAY",
                 _ => "PROPERTY",
             };
-            self.raw("<").raw(tag).attr("NAME", &p.name);
-            match &p.ref_class {
-                Some(rc) => {
-                    self.attr("REFERENCECLASS", rc);
-                }
-                None => {
-                    self.attr("TYPE", p.ty.name());
-                }
-            }
+            self.open_declaration(tag, &p.name, p.ref_class.as_deref(), p.ty);
             if crate::schema::qualifier_str(&p.qualifiers, "EmbeddedInstance").is_some() {
                 self.raw(" EmbeddedObject=\"instance\"");
             }
@@ -396,13 +412,7 @@ impl XmlWriter {
                 }
             }
             match &p.default {
-                Some(Value::Array(_, items)) => {
-                    self.raw("<VALUE.ARRAY>");
-                    for v in items {
-                        self.scalar_value(v);
-                    }
-                    self.raw("</VALUE.ARRAY>");
-                }
+                Some(Value::Array(_, items)) => self.value_array(items),
                 Some(v) => self.scalar_value(v),
                 None => {}
             }
@@ -429,20 +439,12 @@ impl XmlWriter {
             }
             for p in &m.params {
                 let tag = match (p.ty, p.array) {
-                    (crate::value::CimType::Reference, true) => "PARAMETER.REFARRAY",
-                    (crate::value::CimType::Reference, false) => "PARAMETER.REFERENCE",
+                    (CimType::Reference, true) => "PARAMETER.REFARRAY",
+                    (CimType::Reference, false) => "PARAMETER.REFERENCE",
                     (_, true) => "PARAMETER.ARRAY",
                     _ => "PARAMETER",
                 };
-                self.raw("<").raw(tag).attr("NAME", &p.name);
-                match &p.ref_class {
-                    Some(rc) => {
-                        self.attr("REFERENCECLASS", rc);
-                    }
-                    None => {
-                        self.attr("TYPE", p.ty.name());
-                    }
-                }
+                self.open_declaration(tag, &p.name, p.ref_class.as_deref(), p.ty);
                 self.raw(">");
                 // Parameter qualifiers (IN, OUT) are always written: clients need them to call.
                 for q in &p.qualifiers {
@@ -479,7 +481,7 @@ impl XmlWriter {
         self.raw(">");
         match value {
             Value::Ref(p) => self.value_reference(p, ns),
-            Value::Array(crate::value::CimType::Reference, items) => {
+            Value::Array(CimType::Reference, items) => {
                 self.raw("<VALUE.REFARRAY>");
                 for v in items {
                     if let Value::Ref(p) = v {
@@ -488,13 +490,7 @@ impl XmlWriter {
                 }
                 self.raw("</VALUE.REFARRAY>");
             }
-            Value::Array(_, items) => {
-                self.raw("<VALUE.ARRAY>");
-                for v in items {
-                    self.scalar_value(v);
-                }
-                self.raw("</VALUE.ARRAY>");
-            }
+            Value::Array(_, items) => self.value_array(items),
             v => self.scalar_value(v),
         }
         self.raw(close);
