@@ -8,6 +8,7 @@
 #                              development/CI hosts; see resources/README.md
 #   initramfs.cpio             busybox initramfs (uncompressed)
 #   rootfs.ext4                busybox ext4 root file system
+# (both with /bin/lks-vsock, compiled from linux/tools/lks-vsock.c)
 # into ${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}/linux/<key>/ and writes
 # manifest.env (KEY=path lines) there. <key> is a sha256 over every file in
 # resources/linux, this script and the versions of the Debian packages used.
@@ -32,8 +33,11 @@ KERNEL_TARBALL=/usr/src/$KERNEL_PKG.tar.xz
 BACKPORTS_LINE='deb http://deb.debian.org/debian bookworm-backports main'
 # Everything the build needs.
 BUILD_PKGS=("$KERNEL_PKG" build-essential bc bison flex libelf-dev libssl-dev
-	cpio busybox-static e2fsprogs xz-utils lz4 patch)
+	cpio busybox-static e2fsprogs xz-utils lz4 patch linux-libc-dev)
 # Packages whose versions change the output: part of the cache key.
+# (Not linux-libc-dev/libc6-dev: lks-vsock takes only ABI constants and
+# struct layouts from their headers, which do not change, and keying them
+# would rebuild everything at each of their frequent updates.)
 KEY_PKGS=("$KERNEL_PKG" busybox-static e2fsprogs gcc-12 binutils lz4)
 # Fixed time stamps for reproducible images (2000-01-01T00:00:00Z).
 EPOCH=946684800
@@ -174,12 +178,15 @@ build_kernel() {
 	log "[$variant] unpacking $KERNEL_TARBALL"
 	mkdir -p "$src"
 	tar -xf "$KERNEL_TARBALL" -C "$src" --strip-components=1
+	# patches-common: both variants; patches-pvm: the pvm variant only.
+	local patches=("$LINUX_SRC_DIR"/patches-common/*.patch)
 	if [ "$variant" = pvm ]; then
-		for p in "$LINUX_SRC_DIR"/patches-pvm/*.patch; do
-			log "[$variant] patch $(basename "$p")"
-			patch -d "$src" -p1 --batch --forward --quiet <"$p"
-		done
+		patches+=("$LINUX_SRC_DIR"/patches-pvm/*.patch)
 	fi
+	for p in "${patches[@]}"; do
+		log "[$variant] patch $(basename "$(dirname "$p")")/$(basename "$p")"
+		patch -d "$src" -p1 --batch --forward --quiet <"$p"
+	done
 	log "[$variant] configuring: tinyconfig + ${frags[*]##*/}"
 	make -C "$src" -s tinyconfig >/dev/null
 	(cd "$src" && scripts/kconfig/merge_config.sh -m .config "${frags[@]}" >/dev/null)
@@ -196,6 +203,27 @@ build_kernel() {
 	cp "$src/arch/x86/boot/bzImage" "$STAGE/bzImage-$variant"
 	cp "$src/.config" "$STAGE/config-$variant"
 	KERNEL_RELEASE[$variant]=$(make -C "$src" -s kernelrelease)
+}
+
+# ---------------------------------------------------------------------------
+# Guest tools
+# ---------------------------------------------------------------------------
+
+# lks-vsock: static and freestanding (no C library, raw system calls): a
+# few KB instead of ~700 KB of static glibc, which the PVM hosts would pay
+# for in emulated initramfs unpacking and page faults. Deterministic output
+# (no build id, stripped).
+build_tools() {
+	log "[tools] gcc -static -Os lks-vsock.c"
+	gcc -static -Os -nostdlib -ffreestanding -fno-pie -no-pie \
+		-fno-stack-protector -fno-asynchronous-unwind-tables -fno-ident \
+		-Wall -Wextra -Werror \
+		-Wl,--gc-sections -Wl,--build-id=none -Wl,-z,noseparate-code \
+		-Wl,-z,norelro -s \
+		-o "$GEN/lks-vsock" "$LINUX_SRC_DIR/tools/lks-vsock.c"
+	if readelf -l "$GEN/lks-vsock" | grep -q INTERP; then
+		die "lks-vsock is not statically linked"
+	fi
 }
 
 # ---------------------------------------------------------------------------
@@ -307,6 +335,7 @@ main() {
 
 	declare -gA KERNEL_RELEASE
 	T0=$SECONDS
+	build_tools
 	build_kernel kvm
 	build_kernel pvm
 	build_initramfs

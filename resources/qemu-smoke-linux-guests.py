@@ -6,21 +6,30 @@ python3-pexpect, and about 25-40 s per boot on the PVM hosts. It reads the
 manifest written by build-linux-guests.sh (argument, or the `current` one).
 
 Checks: the LKS-LINUX report (nproc with -smp 1 and 2, cmdline, kernel,
-image id), the interactive shell on the serial console (commands, job
-control), that `reboot`, `exit` and `poweroff` end the VM through the i8042
-reset (QEMU -no-reboot exits), the ext4 root both as root=/dev/vda and
-through the initramfs lks.root= hook, the built-in command line of the PVM
-kernel, the bzImage, and the triple-fault reset path (reboot=t).
+image id, keyboard), the interactive shell on the serial console (commands,
+job control), that `reboot`, `exit` and `poweroff` end the VM through the
+i8042 reset (QEMU -no-reboot exits), Ctrl-Alt-Del from QEMU's keyboard
+(monitor `sendkey ctrl-alt-delete`) at the shell and during the boot
+report, virtio-rng (/dev/hwrng) and virtio-net (ip, udhcpc, ping, nc with
+QEMU's user-mode network), the ext4 root both as root=/dev/vda and through
+the initramfs lks.root= hook, the built-in command line of the PVM kernel,
+the bzImage, and the triple-fault reset path (reboot=t). (vsock needs a VMM
+with a vsock device of its own: QEMU's needs /dev/vhost-vsock, which these
+hosts lack; lks-vsock is checked with lockstep, see resources/README.md.)
 """
 import os
 import re
+import socket
 import sys
+import threading
 import time
 
 import pexpect
 
 CPU_FLAGS = "host,-smap,-xsave,-popcnt,-arch-capabilities"
 CMDLINE = "console=ttyS0 reboot=k panic=-1"
+# CONFIG_CMDLINE of the pvm kernel (resources/linux/config/pvm.config).
+BUILTIN_CMDLINE = "noxsave clearcpuid=popcnt,smap i8042.noaux i8042.dumbkbd"
 PROMPT = "lks# "
 BOOT_TIMEOUT = 150
 
@@ -45,7 +54,7 @@ RESULTS = []
 
 class Guest:
     def __init__(self, name, kernel, initrd=None, disk=None, smp=1, cpu=CPU_FLAGS,
-                 append=CMDLINE, i8042=True, trace=None):
+                 append=CMDLINE, i8042=True, trace=None, monitor=False, extra=()):
         self.name = name
         # acpi=off: this kernel has no ACPI, and only without ACPI does
         # microvm put its virtio-mmio devices on the kernel command line.
@@ -61,6 +70,14 @@ class Guest:
         if disk:
             args += ["-drive", f"id=d0,file={disk},format=raw,if=none,snapshot=on",
                      "-device", "virtio-blk-device,drive=d0"]
+        self.monitor = None
+        if monitor:
+            # The QEMU monitor on a Unix socket, for `sendkey`.
+            self.monitor = f"/tmp/lks-smoke-{name}.monitor"
+            if os.path.exists(self.monitor):
+                os.unlink(self.monitor)
+            args += ["-monitor", f"unix:{self.monitor},server,nowait"]
+        args += list(extra)
         self.trace = f"/tmp/lks-smoke-{name}.trace"
         if trace:
             # Trace lines go to a file: on the console they would split
@@ -92,6 +109,14 @@ class Guest:
         self.p.sendline(line)
         self.p.expect(expect, timeout=timeout)
         self.p.expect_exact(PROMPT, timeout=timeout)
+
+    def monitor_cmd(self, line):
+        """One command to the QEMU monitor."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(self.monitor)
+            s.recv(4096)  # the banner and prompt
+            s.sendall(line.encode() + b"\n")
+            time.sleep(0.5)
 
     def traced(self, pattern):
         with open(self.trace) as f:
@@ -193,7 +218,7 @@ def test_builtin_cmdline():
               cpu="host,-arch-capabilities", append=CMDLINE + " lks.exit")
     rep, t = g.report()
     cl = rep.get("cmdline", "")
-    check("builtin-cmdline.boots", cl.startswith("noxsave clearcpuid=popcnt,smap ")
+    check("builtin-cmdline.boots", cl.startswith(BUILTIN_CMDLINE + " ")
           and cl.endswith("lks.exit"), f"cmdline={cl!r} ready after {t:.1f} s")
     rc, _ = g.wait_exit()
     check("builtin-cmdline.lks.exit", rc == 0, f"qemu exit {rc}")
@@ -219,6 +244,99 @@ def test_triple_fault():
           f"qemu exit {rc}, KVM_EXIT_SHUTDOWN seen: {shutdown}")
 
 
+def test_ctrl_alt_del():
+    g = Guest("ctrl-alt-del", M["LINUX_VMLINUX_PVM"], initrd=M["LINUX_INITRAMFS"], smp=1,
+              trace="pckbd_kbd_write_command", monitor=True)
+    rep, t = g.report()
+    check("cad.keyboard", rep.get("keyboard") == "AT Raw Set 2 keyboard",
+          f"keyboard={rep.get('keyboard')!r}")
+    g.p.expect_exact(PROMPT)
+    t0 = time.monotonic()
+    g.monitor_cmd("sendkey ctrl-alt-delete")
+    g.p.expect_exact("LKS-LINUX ctrl-alt-del", timeout=60)
+    t1 = time.monotonic() - t0
+    g.p.expect_exact("LKS-LINUX reboot", timeout=60)
+    rc, _ = g.wait_exit()
+    kbd = g.traced(r"pckbd_kbd_write_command (cmd )?0xfe")
+    check("cad.at-the-shell", rc == 0 and kbd,
+          f"marker {t1:.1f} s after sendkey, qemu exit {rc} {time.monotonic() - t0:.1f} s "
+          f"after it, i8042 reset 0xfe seen: {kbd}")
+
+
+def test_ctrl_alt_del_during_report():
+    # The /init script is PID 1 here (busybox init has not started): its
+    # SIGINT trap does the same as busybox init's ctrlaltdel action.
+    g = Guest("ctrl-alt-del-early", M["LINUX_VMLINUX_PVM"], initrd=M["LINUX_INITRAMFS"],
+              smp=1, monitor=True)
+    g.expect("LKS-LINUX nproc=")
+    g.monitor_cmd("sendkey ctrl-alt-delete")
+    g.p.expect_exact("LKS-LINUX ctrl-alt-del", timeout=60)
+    g.p.expect_exact("LKS-LINUX reboot", timeout=60)
+    rc, _ = g.wait_exit()
+    check("cad.during-report", rc == 0, f"qemu exit {rc}")
+
+
+def test_rng_and_network():
+    # QEMU's user-mode network: DHCP server, gateway 10.0.2.2 (answers
+    # ping itself), which forwards TCP to the host's loopback.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(120)
+    port = srv.getsockname()[1]
+    got = []
+
+    def accept():
+        try:
+            c, _ = srv.accept()
+            c.settimeout(60)
+            data = b""
+            while True:
+                b = c.recv(4096)
+                if not b:
+                    break
+                data += b
+            got.append(data)
+            c.close()
+        except OSError:
+            pass
+
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    g = Guest("rng-net", M["LINUX_VMLINUX_PVM"], initrd=M["LINUX_INITRAMFS"], smp=1,
+              extra=["-object", "rng-random,filename=/dev/urandom,id=rng0",
+                     "-device", "virtio-rng-device,rng=rng0",
+                     "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"])
+    rep, t = g.report()
+    check("rng-net.report", rep.get("hwrng") == "virtio_rng.0" and rep.get("net") == "eth0",
+          f"hwrng={rep.get('hwrng')} net={rep.get('net')}")
+    g.p.expect_exact(PROMPT)
+    g.cmd("head -c 16 /dev/hwrng | od -An -tx1", r"( [0-9a-f]{2}){16}")
+    check("rng-net.hwrng", True, "16 bytes from /dev/hwrng")
+    g.cmd("lks-vsock; echo rc=$?", "rc=2")
+    check("rng-net.lks-vsock-present", True, "usage, exit 2")
+    g.cmd("udhcpc -i eth0 -n -q -t 5 -T 2; echo dhcp=$?", r"dhcp=0", timeout=120)
+    g.cmd("ip -4 addr show dev eth0", r"inet 10\.0\.2\.15/24")
+    g.cmd("ip route", r"default via 10\.0\.2\.2")
+    check("rng-net.udhcpc", True, "lease 10.0.2.15/24, default route")
+    g.cmd("ping -c 2 -W 10 10.0.2.2", r"2 packets received", timeout=60)
+    check("rng-net.ping", True, "2 replies from 10.0.2.2")
+    g.cmd(f"echo from-the-guest | nc 10.0.2.2 {port}; echo nc=$?", r"nc=0", timeout=60)
+    th.join(30)
+    check("rng-net.nc", got == [b"from-the-guest\n"], f"host got {got}")
+    # A static address as the tests on lockstep set one (here on a second
+    # run of `ip`, after the lease).
+    g.cmd("ip addr flush dev eth0; ip addr add 10.0.2.16/24 dev eth0; ip link set eth0 up; "
+          "echo ip=$?", r"ip=0")
+    g.cmd("ping -c 1 -W 10 10.0.2.2", r"1 packets received", timeout=60)
+    check("rng-net.static-address", True, "ip addr add, ip link set up, ping")
+    g.p.sendline("reboot")
+    g.p.expect_exact("LKS-LINUX reboot", timeout=60)
+    rc, _ = g.wait_exit()
+    check("rng-net.reboot", rc == 0, f"qemu exit {rc}")
+    srv.close()
+
+
 TESTS = {
     "smp2": test_initramfs_smp2,
     "smp1": test_initramfs_smp1,
@@ -227,6 +345,9 @@ TESTS = {
     "builtin": test_builtin_cmdline,
     "bzimage": test_bzimage,
     "triple": test_triple_fault,
+    "cad": test_ctrl_alt_del,
+    "cad-early": test_ctrl_alt_del_during_report,
+    "rng-net": test_rng_and_network,
 }
 
 if __name__ == "__main__":

@@ -300,14 +300,16 @@ impl Console {
         }
     }
 
-    /// Types `line` and a newline, then waits for `expect` in what the guest prints after it.
+    /// Types `line` and a newline, then waits for a line of output that starts with `expect`.
+    /// Only the start of a line counts, because the terminal echoes `line` itself: a command
+    /// like `ping ...; echo ping-done` must not match its own echo.
     pub fn run(&mut self, line: &str, expect: &str, timeout: Duration) -> String {
         use std::io::Write;
         let from = self.seen.len();
         self.stream
             .write_all(format!("{line}\n").as_bytes())
             .expect("write to the console");
-        self.wait_from(from, expect, timeout)
+        self.wait_from(from, &format!("\n{expect}"), timeout)
     }
 
     /// Waits for `expect` in the output from byte `from` on; returns that output.

@@ -4,7 +4,7 @@
 #
 # Console protocol (read by lockstep's tests): every machine-readable line
 # starts with "LKS-LINUX " and is either "key=value" or a single word
-# ("ready", "reboot").
+# ("ready", "ctrl-alt-del", "reboot").
 #
 # Written to fork as little as possible: on the PVM hosts every fork/exec
 # costs emulated kernel work (page faults, page clearing), so values are
@@ -41,6 +41,31 @@ lks_mount_basics() {
 	# (DEVTMPFS_MOUNT), but not inside an initramfs.
 	lks_is_mounted /dev || mount -t devtmpfs devtmpfs /dev
 	lks_read LKS_CMDLINE /proc/cmdline
+	lks_catch_ctrlaltdel
+}
+
+# Ctrl-Alt-Del on the keyboard: until PID 1 turns the kernel's immediate
+# reboot off, the kernel resets at once; afterwards it sends PID 1 SIGINT.
+# Busybox init does that and runs /lib/lks/ctrlaltdel; the shell script
+# before it (this /init or /sbin/init) does the same with a trap, so that
+# Ctrl-Alt-Del is an orderly shutdown from the moment PID 1 runs.
+# Builtins only: no fork.
+lks_catch_ctrlaltdel() {
+	echo 0 >/proc/sys/kernel/ctrl-alt-del 2>/dev/null
+	trap lks_ctrlaltdel INT
+}
+
+# Before PID 1 execs another program: the trap does not survive the exec,
+# and PID 1 without a handler ignores SIGINT, so give Ctrl-Alt-Del back to
+# the kernel (immediate reset) until the next init takes it over.
+lks_release_ctrlaltdel() {
+	trap - INT
+	echo 1 >/proc/sys/kernel/ctrl-alt-del 2>/dev/null
+}
+
+lks_ctrlaltdel() {
+	lks_say ctrl-alt-del
+	lks_reset
 }
 
 # Number of online CPUs into LKS_NPROC, counted from the kernel's list
@@ -111,6 +136,11 @@ lks_report() {
 	lks_read v /sys/class/misc/hw_random/rng_current
 	lks_say "hwrng=$v"
 	if [ -e /dev/vsock ]; then lks_say "vsock=yes"; else lks_say "vsock=no"; fi
+	v=none
+	for d in /sys/class/input/input*; do
+		[ -e "$d/name" ] && lks_read v "$d/name" && break
+	done
+	lks_say "keyboard=$v"
 	read -r v rest </proc/uptime
 	lks_say "uptime=$v"
 	lks_say ready
@@ -136,5 +166,6 @@ lks_reset() {
 # that job itself: it only runs a trap once its foreground command has
 # ended, and a shell it starts in the background has ^C (SIGINT) ignored.
 lks_start_console() {
+	lks_release_ctrlaltdel
 	exec /bin/busybox init
 }
