@@ -155,10 +155,15 @@ class Blaster(threading.Thread):
 
     def run(self):
         # The sender lives in the benchmark's namespace through setns by way of `ip netns exec`.
+        # One payload in the test guest's UDP test format (magic, sequence number, FNV-1a 64 of
+        # the data), so that the guest checks every datagram it counts.
         code = (
-            "import socket,sys,time\n"
+            "import socket,struct,sys,time\n"
             "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"p=b'LKS1'+bytes({self.size - 4})\n"
+            f"d=bytes(i % 256 for i in range({self.size - 16}))\n"
+            "h=0xcbf29ce484222325\n"
+            "for b in d: h=((h^b)*0x100000001b3)&0xffffffffffffffff\n"
+            "p=b'LKS1'+struct.pack('<IQ',0,h)+d\n"
             f"a=('{GUEST_IP}',7000)\n"
             "end=time.monotonic()+60\n"
             "while time.monotonic()<end:\n"
@@ -203,9 +208,15 @@ def net_rows(vmms):
             rows.setdefault(f"g2h_{tag}_gbps", {}).setdefault(name, []).append(min(got, sent) * size * 8 / secs / 1e9)
             # Host to guest: the guest counts what arrives in its window.
             blaster = Blaster(size)
-            start, done, line = run_guest(make(None, True, f"bench net-rx 7000 {frames}"), in_netns=True,
-                                          on_start=None)
-            blaster.stop.set()
+            try:
+                start, done, line = run_guest(make(None, True, f"bench net-rx 7000 {frames}"), in_netns=True,
+                                              on_start=blaster.start)
+            finally:
+                blaster.stop.set()
+                if blaster.is_alive():
+                    blaster.join()
+            if field(line, "status") != "ok" or int(field(line, "ops")) == 0 or field(line, "bad") != "0":
+                raise RuntimeError(f"{name} host-to-guest {tag}: {line}")
             count, us = int(field(line, "ops")), int(field(line, "us"))
             rows.setdefault(f"h2g_{tag}_fps", {}).setdefault(name, []).append(count / (us / 1e6))
             rows.setdefault(f"h2g_{tag}_gbps", {}).setdefault(name, []).append(count * size * 8 / (us / 1e6) / 1e9)

@@ -52,7 +52,9 @@ pub struct DeviceBase {
     queue_evts: Vec<EventFd>,
     interrupt: Arc<VirtioInterrupt>,
     activate_evt: EventFd,
-    mem: Option<GuestMemoryMmap>,
+    /// Shared so that the queue handlers' per-event handle is a reference count, not a copy
+    /// of the region list.
+    mem: Option<Arc<GuestMemoryMmap>>,
     broken: bool,
     watching_queues: bool,
     warned: bool,
@@ -141,7 +143,7 @@ impl DeviceBase {
 
     /// Guest memory, once the driver has activated the device.
     pub fn memory(&self) -> Option<&GuestMemoryMmap> {
-        self.mem.as_ref()
+        self.mem.as_deref()
     }
 
     /// True between DRIVER_OK and reset.
@@ -150,7 +152,7 @@ impl DeviceBase {
     }
 
     /// Guest memory while the device may process its queues: activated and not broken.
-    pub fn running_memory(&self) -> Option<GuestMemoryMmap> {
+    pub fn running_memory(&self) -> Option<Arc<GuestMemoryMmap>> {
         if self.broken {
             None
         } else {
@@ -227,7 +229,7 @@ impl DeviceBase {
             }
             q.set_event_idx(event_idx);
         }
-        self.mem = Some(mem);
+        self.mem = Some(Arc::new(mem));
         self.activate_evt
             .write(1)
             .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))
@@ -271,29 +273,30 @@ impl DeviceBase {
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32,
     {
-        let Some(mem) = self.running_memory() else {
+        let Some(memory) = self.running_memory() else {
             return 0;
         };
+        let mem: &GuestMemoryMmap = &memory;
         let Some(q) = self.queues.get_mut(queue) else {
             return 0;
         };
         let mut served = 0;
         let broken = loop {
-            if let Err(e) = q.iter(&mem) {
+            if let Err(e) = q.iter(mem) {
                 break Some(e);
             }
-            let _ = q.disable_notification(&mem);
-            while let Some(chain) = q.pop_descriptor_chain(&mem) {
+            let _ = q.disable_notification(mem);
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let used_len = handle(chain, &mem);
-                if let Err(e) = q.add_used(&mem, head, used_len) {
+                let used_len = handle(chain, mem);
+                if let Err(e) = q.add_used(mem, head, used_len) {
                     log::debug!("virtio: cannot return descriptor {head}: {e}");
                 }
                 served += 1;
             }
-            match q.enable_notification(&mem) {
+            match q.enable_notification(mem) {
                 Ok(true) => {}
-                Ok(false) if served > 0 && !poll.is_zero() && more_within(q, &mem, poll) => {}
+                Ok(false) if served > 0 && !poll.is_zero() && more_within(q, mem, poll) => {}
                 Ok(false) => break None,
                 Err(e) => break Some(e),
             }
@@ -311,7 +314,7 @@ impl DeviceBase {
 
     /// Raises the used-ring interrupt for `queue` unless the driver suppressed it.
     pub fn notify_used(&mut self, queue: usize) {
-        let Some(mem) = self.mem.as_ref() else { return };
+        let Some(mem) = self.mem.as_deref() else { return };
         let needed = match self.queues.get_mut(queue) {
             Some(q) => q.needs_notification(mem).unwrap_or(true),
             None => false,
@@ -354,7 +357,7 @@ impl DeviceBase {
         }
         self.set_acked_features(state.acked_features);
         if state.activated {
-            self.mem = Some(mem);
+            self.mem = Some(Arc::new(mem));
             self.activate_evt
                 .write(1)
                 .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))?;
@@ -363,8 +366,10 @@ impl DeviceBase {
     }
 }
 
-/// Watches the available ring for up to `poll`; true as soon as the driver adds a chain.
-fn more_within(q: &Queue, mem: &GuestMemoryMmap, poll: std::time::Duration) -> bool {
+/// Spins for up to `poll` waiting for the driver to make another chain available; true when
+/// one arrived. Devices poll briefly after a burst instead of asking for a notification at
+/// once, which would cost the driver a VM exit for its next request.
+pub(crate) fn more_within(q: &Queue, mem: &GuestMemoryMmap, poll: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + poll;
     loop {
         match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {

@@ -18,7 +18,7 @@ use super::frame::{
     VNET_HDR_LEN,
 };
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use crate::virtio::device::read_config_bytes;
+use crate::virtio::device::{more_within, read_config_bytes};
 use crate::virtio::{
     types, ActivateError, DeviceBase, VirtioDevice, VirtioInterrupt, INTERRUPT_USED_RING,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -33,6 +33,10 @@ const QUEUE_SIZE: u16 = 256;
 /// Frames (or chains) handled per event before the loop yields to the VM's other devices; the
 /// device then rings its own doorbell to carry on.
 const BUDGET: usize = 256;
+/// How long the transmit queue is polled for more frames after a burst before the device asks
+/// the driver for a notification (as virtio-blk does). Reception does not poll: while it waits
+/// for buffers, the vCPU that would post them needs the CPU more.
+const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 fn feature(bit: u32) -> u64 {
     1 << bit
@@ -274,13 +278,14 @@ impl Net {
     /// guest has no room. A frame that does not fit yet stays pending (the only one read
     /// ahead); the tap is not read again until it is delivered, so the kernel keeps the rest.
     pub fn process_rx(&mut self) {
-        let Some(mem) = self.base.running_memory() else {
+        let Some(memory) = self.base.running_memory() else {
             return;
         };
+        let mem: &GuestMemoryMmap = &memory;
         let mut batch = UsedBatch::default();
-        let stop = self.rx_loop(&mem, &mut batch);
+        let stop = self.rx_loop(mem, &mut batch);
         let queue = &mut self.base.queues_mut()[RX_QUEUE];
-        let published = batch.finish(queue, &mem);
+        let published = batch.finish(queue, mem);
         match (stop, published) {
             (Ok(stop), Ok(notify)) => {
                 if notify {
@@ -349,6 +354,10 @@ impl Net {
                     self.rx_pending = None;
                     count(&self.metrics.rx_frames, 1);
                     count(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                    // Publish each whole frame at once (the interrupt still waits for the end
+                    // of the burst): a polling driver takes it and recycles its buffer while
+                    // the burst goes on, instead of finding the ring empty and the tap filling.
+                    batch.flush(queue, mem)?;
                 }
                 Delivery::NoBuffers => {
                     if request_buffer_notification(queue, mem)? {
@@ -377,13 +386,14 @@ impl Net {
         if self.tx_blocked {
             return;
         }
-        let Some(mem) = self.base.running_memory() else {
+        let Some(memory) = self.base.running_memory() else {
             return;
         };
+        let mem: &GuestMemoryMmap = &memory;
         let mut batch = UsedBatch::default();
-        let stop = self.tx_loop(&mem, &mut batch);
+        let stop = self.tx_loop(mem, &mut batch);
         let queue = &mut self.base.queues_mut()[TX_QUEUE];
-        let published = batch.finish(queue, &mem);
+        let published = batch.finish(queue, mem);
         match (stop, published) {
             (Ok(stop), Ok(notify)) => {
                 if notify {
@@ -459,11 +469,16 @@ impl Net {
                         }
                     }
                 }
-                // Transmit buffers are only read: the used length is 0.
+                // Transmit buffers are only read: the used length is 0. Returned at once, so
+                // that a driver short of transmit buffers can reuse this one during the burst.
                 batch.push(queue, mem, head, 0)?;
+                batch.flush(queue, mem)?;
             }
             if handled == BUDGET {
                 return Ok(TxStop::Budget);
+            }
+            if handled > 0 && more_within(queue, mem, POLL) {
+                continue;
             }
             if !queue.enable_notification(mem)? {
                 return Ok(TxStop::Drained);

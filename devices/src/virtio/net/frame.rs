@@ -7,6 +7,7 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
 
+use smallvec::SmallVec;
 use thiserror::Error;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -190,11 +191,14 @@ pub fn prepare_rx_header(frame: &mut [u8], acked: u64) -> Result<(), FrameDrop> 
     }
 }
 
+/// The chains one frame goes into: usually one, so kept inline (no allocation per frame).
+type Buffers = SmallVec<[RxBuffer; 2]>;
+
 /// A receive chain the device may fill: its device-writable buffers, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RxBuffer {
     head: u16,
-    segments: Vec<(GuestAddress, u32)>,
+    segments: SmallVec<[(GuestAddress, u32); 4]>,
     capacity: usize,
 }
 
@@ -210,7 +214,7 @@ impl RxBuffer {
         M::Target: GuestMemory,
     {
         let head = chain.head_index();
-        let mut segments = Vec::new();
+        let mut segments = SmallVec::new();
         let mut capacity = 0usize;
         walk(chain, true, |addr, len| {
             if !mem.check_range(addr, len as usize, Permissions::Write) {
@@ -331,7 +335,7 @@ pub fn deliver_frame(
         let count = buffers.len() as u16;
         frame[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
         let mut rest: &[u8] = frame;
-        let mut written = Vec::with_capacity(buffers.len());
+        let mut written: SmallVec<[u32; 4]> = SmallVec::new();
         for buffer in &buffers {
             match buffer.fill(mem, rest) {
                 Ok(n) => {
@@ -349,7 +353,7 @@ pub fn deliver_frame(
             *bad_buffers += u64::from(count);
             continue;
         }
-        for (buffer, len) in buffers.iter().zip(written) {
+        for (buffer, &len) in buffers.iter().zip(written.iter()) {
             batch.push(queue, mem, buffer.head(), len)?;
         }
         return Ok(Delivery::Delivered(count));
@@ -365,8 +369,8 @@ fn gather(
     mergeable: bool,
     batch: &mut UsedBatch,
     bad_buffers: &mut u64,
-) -> Result<Result<Vec<RxBuffer>, Delivery>, virtio_queue::Error> {
-    let mut gathered: Vec<RxBuffer> = Vec::new();
+) -> Result<Result<Buffers, Delivery>, virtio_queue::Error> {
+    let mut gathered = Buffers::new();
     let mut room = 0usize;
     let mut descriptors = 0usize;
     while room < len {

@@ -196,9 +196,10 @@ impl Vsock {
     /// Takes every packet the guest sent; returns true if it stopped early because too many
     /// RSTs wait for RX buffers (the rest stay in the queue).
     fn process_tx(&mut self) -> bool {
-        let Some(mem) = self.base.running_memory() else {
+        let Some(memory) = self.base.running_memory() else {
             return false;
         };
+        let mem: &GuestMemoryMmap = &memory;
         if !self.base.queues()[TX_QUEUE].ready() {
             return false;
         }
@@ -214,16 +215,16 @@ impl Vsock {
         let queue = &mut base.queues_mut()[TX_QUEUE];
         let mut broken = None;
         loop {
-            let _ = queue.disable_notification(&mem);
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            let _ = queue.disable_notification(mem);
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 if backend.resets_full() {
                     queue.go_to_previous_position();
                     stalled = true;
                     break;
                 }
                 let head = chain.head_index();
-                let packet = read_tx(chain, &mem, tx_payload);
-                if let Err(e) = queue.add_used(&mem, head, 0) {
+                let packet = read_tx(chain, mem, tx_payload);
+                if let Err(e) = queue.add_used(mem, head, 0) {
                     log::warn!("virtio-vsock: cannot return TX descriptor {head}: {e}");
                 }
                 used = true;
@@ -242,7 +243,7 @@ impl Vsock {
                     Err(TxError::Invalid { header, why }) => backend.on_bad_packet(&header, why),
                 }
             }
-            match queue.enable_notification(&mem) {
+            match queue.enable_notification(mem) {
                 Ok(true) if !stalled => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -255,7 +256,7 @@ impl Vsock {
             self.base.mark_broken(&why);
             return false;
         }
-        self.check_avail_index(TX_QUEUE, &mem);
+        self.check_avail_index(TX_QUEUE, mem);
         if used {
             self.base.notify_used(TX_QUEUE);
         }
@@ -266,9 +267,10 @@ impl Vsock {
     /// read only here, into buffers the guest already gave, so without RX buffers nothing is
     /// read.
     fn process_rx(&mut self) {
-        let Some(mem) = self.base.running_memory() else {
+        let Some(memory) = self.base.running_memory() else {
             return;
         };
+        let mem: &GuestMemoryMmap = &memory;
         if !self.base.queues()[RX_QUEUE].ready() {
             return;
         }
@@ -284,9 +286,9 @@ impl Vsock {
         let queue = &mut base.queues_mut()[RX_QUEUE];
         let mut broken = None;
         while backend.has_rx_work() {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 // Ask the driver to notify when it adds buffers, unless it just did.
-                match queue.enable_notification(&mem) {
+                match queue.enable_notification(mem) {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
@@ -296,7 +298,7 @@ impl Vsock {
                 }
             };
             let head = chain.head_index();
-            let len = match RxBuffer::new(chain, &mem) {
+            let len = match RxBuffer::new(chain, mem) {
                 Err(why) => {
                     log::debug!("virtio-vsock: dropped an RX chain: {why}");
                     metrics.malformed.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +312,7 @@ impl Vsock {
                     }
                     Some(h) => {
                         let payload = &rx_scratch[..h.len as usize];
-                        match buf.write(&h, payload, &mem) {
+                        match buf.write(&h, payload, mem) {
                             Some(n) => {
                                 metrics.rx_packets.fetch_add(1, Ordering::Relaxed);
                                 metrics
@@ -330,7 +332,7 @@ impl Vsock {
                     }
                 },
             };
-            if let Err(e) = queue.add_used(&mem, head, len) {
+            if let Err(e) = queue.add_used(mem, head, len) {
                 log::warn!("virtio-vsock: cannot return RX descriptor {head}: {e}");
             }
             used = true;
@@ -339,7 +341,7 @@ impl Vsock {
             self.base.mark_broken(&why);
             return;
         }
-        self.check_avail_index(RX_QUEUE, &mem);
+        self.check_avail_index(RX_QUEUE, mem);
         if used {
             self.base.notify_used(RX_QUEUE);
         }
@@ -350,24 +352,25 @@ impl Vsock {
         if !self.reset_event_pending {
             return;
         }
-        let Some(mem) = self.base.running_memory() else {
+        let Some(memory) = self.base.running_memory() else {
             return;
         };
+        let mem: &GuestMemoryMmap = &memory;
         if !self.base.queues()[EVENT_QUEUE].ready() {
             return;
         }
         let mut used = false;
         let queue = &mut self.base.queues_mut()[EVENT_QUEUE];
         loop {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
-                match queue.enable_notification(&mem) {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                match queue.enable_notification(mem) {
                     Ok(true) => continue,
                     _ => break,
                 }
             };
             let head = chain.head_index();
-            let len = write_event(chain, &mem, EVENT_TRANSPORT_RESET);
-            if let Err(e) = queue.add_used(&mem, head, len.unwrap_or(0)) {
+            let len = write_event(chain, mem, EVENT_TRANSPORT_RESET);
+            if let Err(e) = queue.add_used(mem, head, len.unwrap_or(0)) {
                 log::warn!("virtio-vsock: cannot return event descriptor {head}: {e}");
             }
             used = true;
@@ -378,7 +381,7 @@ impl Vsock {
             }
             self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
         }
-        self.check_avail_index(EVENT_QUEUE, &mem);
+        self.check_avail_index(EVENT_QUEUE, mem);
         if used {
             self.base.notify_used(EVENT_QUEUE);
         }
