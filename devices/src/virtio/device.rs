@@ -314,7 +314,9 @@ impl DeviceBase {
 
     /// Raises the used-ring interrupt for `queue` unless the driver suppressed it.
     pub fn notify_used(&mut self, queue: usize) {
-        let Some(mem) = self.mem.as_deref() else { return };
+        let Some(mem) = self.mem.as_deref() else {
+            return;
+        };
         let needed = match self.queues.get_mut(queue) {
             Some(q) => q.needs_notification(mem).unwrap_or(true),
             None => false,

@@ -14,8 +14,8 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::frame::{
     buffers_available, check_tx_header, deliver_frame, next_chain, prepare_rx_header,
-    read_tx_frame, request_buffer_notification, Delivery, FrameDrop, UsedBatch, MAX_FRAME_LEN,
-    VNET_HDR_LEN,
+    read_tx_frame, receive_direct, request_buffer_notification, Delivery, Direct, FrameDrop,
+    UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
 };
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::virtio::device::{more_within, read_config_bytes};
@@ -314,6 +314,53 @@ impl Net {
         queue.disable_notification(mem)?;
         let mut stop = RxStop::Budget;
         for _ in 0..BUDGET {
+            if !mergeable && self.rx_pending.is_none() {
+                match receive_direct(queue, mem, &self.tap, acked, batch)? {
+                    Direct::Delivered(len) => {
+                        count(&self.metrics.rx_frames, 1);
+                        count(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                        batch.flush(queue, mem)?;
+                        continue;
+                    }
+                    Direct::NoBuffers => {
+                        if request_buffer_notification(queue, mem)? {
+                            queue.disable_notification(mem)?;
+                            continue;
+                        }
+                        stop = RxStop::NoBuffers;
+                        break;
+                    }
+                    Direct::TapEmpty => {
+                        stop = RxStop::TapEmpty;
+                        break;
+                    }
+                    Direct::TapFailed(e) => {
+                        if self.metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            log::warn!(
+                                "virtio-net {}: cannot read tap {}: {e}",
+                                self.iface_id,
+                                self.tap.name()
+                            );
+                        }
+                        stop = RxStop::TapEmpty;
+                        break;
+                    }
+                    Direct::Dropped(why) => {
+                        log::debug!(
+                            "virtio-net {}: dropped a received frame: {why}",
+                            self.iface_id
+                        );
+                        count(&self.metrics.rx_drops, 1);
+                        continue;
+                    }
+                    Direct::BadChain => {
+                        count(&self.metrics.rx_bad_buffers, 1);
+                        continue;
+                    }
+                    // The copying path below takes this frame.
+                    Direct::Indirect => {}
+                }
+            }
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => {

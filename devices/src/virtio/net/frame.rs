@@ -16,8 +16,10 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::tap::Tap;
 use crate::GuestMemoryMmap;
 
 /// Size of `struct virtio_net_hdr_v1` (virtio 1.x always has `num_buffers`).
@@ -245,6 +247,25 @@ impl RxBuffer {
         self.capacity
     }
 
+    /// Reads the first `out.len()` bytes of the buffer.
+    fn read_start(&self, mem: &GuestMemoryMmap, out: &mut [u8]) -> Result<(), BadChain> {
+        let mut done = 0;
+        for &(addr, len) in &self.segments {
+            if done == out.len() {
+                break;
+            }
+            let n = (len as usize).min(out.len() - done);
+            mem.read_slice(&mut out[done..done + n], addr)
+                .map_err(|_| BadChain::OutsideMemory)?;
+            done += n;
+        }
+        if done == out.len() {
+            Ok(())
+        } else {
+            Err(BadChain::TooShort)
+        }
+    }
+
     /// Writes the start of `data` into the buffer; returns how much it took.
     fn fill(&self, mem: &GuestMemoryMmap, data: &[u8]) -> Result<usize, BadChain> {
         let mut done = 0;
@@ -283,6 +304,120 @@ pub fn next_chain<'m>(
         Err(virtio_queue::Error::QueueNotReady) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// What became of [`receive_direct`]'s attempt.
+#[derive(Debug)]
+pub enum Direct {
+    /// A frame of this length (vnet header included) is in the chain, pushed to `batch`.
+    Delivered(usize),
+    /// The driver has no chain available.
+    NoBuffers,
+    /// The tap has no frame; the chain stays available.
+    TapEmpty,
+    /// The tap failed; the chain stays available.
+    TapFailed(std::io::Error),
+    /// The frame was read and dropped; the chain stays available.
+    Dropped(FrameDrop),
+    /// The next chain was malformed and went back to the driver empty; try the next one.
+    BadChain,
+    /// The chain cannot be read into directly (a buffer spans two memory regions); it stays
+    /// available, for the copying path.
+    Indirect,
+}
+
+/// Reads the tap's next frame straight into the driver's next receive chain, for drivers
+/// without MRG_RXBUF (each chain holds a whole frame): one copy, by the kernel, instead of two.
+/// Marks the written guest pages dirty, fixes up the vnet header in place and returns the chain
+/// to the used ring through `batch`. Whenever no frame is delivered the chain stays available.
+pub fn receive_direct(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    acked: u64,
+    batch: &mut UsedBatch,
+) -> Result<Direct, virtio_queue::Error> {
+    let Some(chain) = next_chain(queue, mem)? else {
+        return Ok(Direct::NoBuffers);
+    };
+    let buffer = match RxBuffer::parse(chain, mem) {
+        Ok(buffer) => buffer,
+        Err((head, why)) => {
+            log::debug!("virtio-net: receive buffer {head} returned unused: {why}");
+            batch.push(queue, mem, head, 0)?;
+            return Ok(Direct::BadChain);
+        }
+    };
+    let mut slices: SmallVec<[_; 4]> = SmallVec::new();
+    for &(addr, len) in &buffer.segments {
+        match vm_memory::GuestMemoryBackend::get_slice(mem, addr, len as usize) {
+            Ok(slice) => slices.push(slice),
+            Err(_) => {
+                queue.go_to_previous_position();
+                return Ok(Direct::Indirect);
+            }
+        }
+    }
+    // One byte past the chain catches a frame that does not fit even where the reader reports
+    // only what it copied (the tap reports the frame's full length anyway).
+    let mut overflow = [0u8; 1];
+    let mut iovecs: SmallVec<[libc::iovec; 5]> = slices
+        .iter()
+        .map(|slice| libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        })
+        .collect();
+    iovecs.push(libc::iovec {
+        iov_base: overflow.as_mut_ptr().cast(),
+        iov_len: overflow.len(),
+    });
+    // SAFETY: each iovec but the last is a checked, device-writable range of mapped guest
+    // memory (`mem` keeps it mapped for the call), which Rust code only reaches through
+    // volatile accesses; the last is `overflow`, alive until the call returns.
+    let read = unsafe { tap.read_into(&iovecs) };
+    let len = match read {
+        Ok(len) => len,
+        Err(e) => {
+            queue.go_to_previous_position();
+            return Ok(if e.kind() == std::io::ErrorKind::WouldBlock {
+                Direct::TapEmpty
+            } else {
+                Direct::TapFailed(e)
+            });
+        }
+    };
+    // Dirty after the write, so that a migration pass that clears the bits in between cannot
+    // miss it.
+    let mut left = len.min(buffer.capacity);
+    for slice in &slices {
+        let n = left.min(slice.len());
+        slice.bitmap().mark_dirty(0, n);
+        left -= n;
+    }
+    let drop = |queue: &mut Queue, why| {
+        queue.go_to_previous_position();
+        Ok(Direct::Dropped(why))
+    };
+    if len > buffer.capacity {
+        return drop(queue, FrameDrop::TooBig);
+    }
+    if len < VNET_HDR_LEN {
+        return drop(queue, FrameDrop::Runt);
+    }
+    let mut header = [0u8; VNET_HDR_LEN];
+    if buffer.read_start(mem, &mut header).is_err() {
+        return drop(queue, FrameDrop::Runt);
+    }
+    if let Err(why) = prepare_rx_header(&mut header, acked) {
+        return drop(queue, why);
+    }
+    header[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+    if buffer.fill(mem, &header).is_err() {
+        return drop(queue, FrameDrop::Runt);
+    }
+    batch.push(queue, mem, buffer.head(), len as u32)?;
+    Ok(Direct::Delivered(len))
 }
 
 /// True when the driver has made at least one chain available that the device has not taken.

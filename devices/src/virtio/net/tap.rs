@@ -166,6 +166,29 @@ impl Tap {
         retry_interrupted(|| (&self.file).read(buf))
     }
 
+    /// Reads one frame (vnet header first) into the buffers `iovecs` describe, in order;
+    /// `WouldBlock` when there is none. Returns the frame's full length, which is larger than
+    /// the buffers when the frame was cut to fit.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that is valid for writes for the whole call and that
+    /// nothing else treats as initialised Rust data (guest memory qualifies: the guest owns it).
+    pub unsafe fn read_into(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
+        let count = libc::c_int::try_from(iovecs.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        retry_interrupted(|| {
+            // SAFETY: the caller vouches for the buffers; the pointer and count describe the
+            // iovec array, which outlives the call.
+            let n = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })
+    }
+
     /// Sends one frame (header included); `WouldBlock` when the tap cannot take it now.
     pub fn write(&self, frame: &[u8]) -> std::io::Result<usize> {
         retry_interrupted(|| (&self.file).write(frame))

@@ -438,6 +438,46 @@ fn received_frames_mark_guest_pages_dirty() {
 }
 
 #[test]
+fn frames_read_straight_into_guest_buffers_mark_their_pages_dirty() {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    // Without MRG_RXBUF the tap is read straight into the guest's chain.
+    let m = mem();
+    let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
+    let tx = Ring::new(&m, TX_RING, TX_BUFS);
+    let (tap, host) = socket_tap();
+    let mut net = started(
+        tap,
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX,
+        &m,
+        &rx,
+        &tx,
+    );
+    rx.post_rx(2, 9000);
+    let region = m.find_region(GuestAddress(0)).unwrap();
+    // Three pages: the header's, and two that only the kernel's copy writes.
+    let frame = ethernet(7, 8500);
+    host.send(&with_header(&frame)).unwrap();
+    net.process_rx();
+    assert_eq!(rx.received(), vec![frame]);
+    for page in 0..3 {
+        let addr = rx.addr(0) + page * 4096;
+        assert!(region.bitmap().dirty_at(addr as usize), "{addr:#x}");
+    }
+    assert!(!region.bitmap().dirty_at(rx.addr(1) as usize));
+    // A frame asking for a checksum offload the driver did not accept is dropped, and the
+    // buffer it was read into stays with the device for the next frame.
+    let mut offload = with_header(&ethernet(8, 300));
+    offload[0] = virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    host.send(&offload).unwrap();
+    let next = ethernet(9, 300);
+    host.send(&with_header(&next)).unwrap();
+    net.process_rx();
+    assert_eq!(rx.received(), vec![next]);
+    assert_eq!(net.metrics().rx_drops.load(Ordering::Relaxed), 1);
+}
+
+#[test]
 fn without_mrg_rxbuf_each_frame_takes_one_buffer() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
