@@ -5,6 +5,7 @@
 pub mod mof;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::value::{CimType, Value};
 
@@ -59,8 +60,9 @@ pub struct PropertyDecl {
     pub ref_class: Option<String>,
     /// Default value.
     pub default: Option<Value>,
-    /// Its qualifiers (inherited ones included once resolved).
-    pub qualifiers: Vec<Qualifier>,
+    /// Its qualifiers (inherited ones included once resolved). Shared: every subclass that
+    /// inherits the property unchanged points at the same list (DMTF's descriptions are long).
+    pub qualifiers: Arc<[Qualifier]>,
     /// The class that declared it first (set when resolved).
     pub class_origin: String,
     /// Whether it comes unchanged from a superclass.
@@ -89,10 +91,10 @@ pub struct MethodDecl {
     pub name: String,
     /// Return type.
     pub return_type: CimType,
-    /// Parameters in order.
-    pub params: Vec<ParamDecl>,
-    /// Qualifiers.
-    pub qualifiers: Vec<Qualifier>,
+    /// Parameters in order (shared with the subclasses that inherit the method).
+    pub params: Arc<[ParamDecl]>,
+    /// Qualifiers (shared likewise).
+    pub qualifiers: Arc<[Qualifier]>,
     /// The class that declared it first.
     pub class_origin: String,
     /// Whether it comes unchanged from a superclass.
@@ -323,6 +325,15 @@ impl Schema {
 }
 
 /// Builds a class from its declaration and its resolved superclass.
+/// `qualifiers` less `Override`, which only says how a declaration relates to its superclass.
+fn without_override(qualifiers: &[Qualifier]) -> Arc<[Qualifier]> {
+    qualifiers
+        .iter()
+        .filter(|q| !q.name.eq_ignore_ascii_case("Override"))
+        .cloned()
+        .collect()
+}
+
 fn resolve(decl: ClassDecl, parent: Option<&Class>) -> Class {
     let mut properties: Vec<PropertyDecl> = Vec::new();
     let mut methods: Vec<MethodDecl> = Vec::new();
@@ -362,8 +373,8 @@ fn resolve(decl: ClassDecl, parent: Option<&Class>) -> Class {
         {
             Some(slot) => {
                 // An override keeps the origin and inherited qualifiers it does not restate.
-                let mut quals = slot.qualifiers.clone();
-                for q in prop.qualifiers.drain(..) {
+                let mut quals = slot.qualifiers.to_vec();
+                for q in prop.qualifiers.iter().cloned() {
                     if q.name.eq_ignore_ascii_case("Override") {
                         continue;
                     }
@@ -375,7 +386,7 @@ fn resolve(decl: ClassDecl, parent: Option<&Class>) -> Class {
                         None => quals.push(q),
                     }
                 }
-                prop.qualifiers = quals;
+                prop.qualifiers = quals.into();
                 prop.class_origin = slot.class_origin.clone();
                 if prop.default.is_none() {
                     prop.default = slot.default.clone();
@@ -384,16 +395,13 @@ fn resolve(decl: ClassDecl, parent: Option<&Class>) -> Class {
             }
             None => {
                 prop.class_origin = decl.name.clone();
-                prop.qualifiers
-                    .retain(|q| !q.name.eq_ignore_ascii_case("Override"));
+                prop.qualifiers = without_override(&prop.qualifiers);
                 properties.push(prop);
             }
         }
     }
     for mut method in decl.methods {
-        method
-            .qualifiers
-            .retain(|q| !q.name.eq_ignore_ascii_case("Override"));
+        method.qualifiers = without_override(&method.qualifiers);
         match methods
             .iter_mut()
             .find(|m| m.name.eq_ignore_ascii_case(&method.name))

@@ -355,8 +355,8 @@ impl Parser {
             class.methods.push(MethodDecl {
                 name,
                 return_type: ty,
-                params,
-                qualifiers,
+                params: params.into(),
+                qualifiers: qualifiers.into(),
                 class_origin: String::new(),
                 propagated: false,
             });
@@ -381,7 +381,7 @@ impl Parser {
             array,
             ref_class,
             default,
-            qualifiers,
+            qualifiers: qualifiers.into(),
             class_origin: String::new(),
             propagated: false,
         });

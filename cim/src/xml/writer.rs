@@ -407,7 +407,7 @@ impl XmlWriter {
             }
             self.raw(">");
             if shape.qualifiers {
-                for q in &p.qualifiers {
+                for q in p.qualifiers.iter() {
                     self.qualifier(q, p.propagated);
                 }
             }
@@ -433,11 +433,11 @@ impl XmlWriter {
             }
             self.raw(">");
             if shape.qualifiers {
-                for q in &m.qualifiers {
+                for q in m.qualifiers.iter() {
                     self.qualifier(q, m.propagated);
                 }
             }
-            for p in &m.params {
+            for p in m.params.iter() {
                 let tag = match (p.ty, p.array) {
                     (CimType::Reference, true) => "PARAMETER.REFARRAY",
                     (CimType::Reference, false) => "PARAMETER.REFERENCE",
