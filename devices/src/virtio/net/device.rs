@@ -10,7 +10,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::frame::{
     buffers_available, check_tx_header, deliver_frame, next_chain, prepare_rx_header,
@@ -141,9 +141,7 @@ fn read_frame(
             Ok(len) => len,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
             Err(e) => {
-                if metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    log::warn!("virtio-net {iface_id}: cannot read tap {}: {e}", tap.name());
-                }
+                tap_read_failed(tap, &e, metrics, iface_id);
                 return None;
             }
         };
@@ -161,6 +159,71 @@ fn read_frame(
             }
         }
     }
+}
+
+/// Counts a failed tap read; logs only the first.
+fn tap_read_failed(tap: &Tap, e: &std::io::Error, metrics: &NetMetrics, iface_id: &str) {
+    if metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+        log::warn!("virtio-net {iface_id}: cannot read tap {}: {e}", tap.name());
+    }
+}
+
+/// What the receive loop does next.
+enum RxNext {
+    /// Take the next frame.
+    Again,
+    /// Stop for this reason.
+    Stop(RxStop),
+    /// Take this frame through the copying path.
+    Copy,
+}
+
+/// The driver has no receive buffer: asks to be told of the next one, or goes on if one
+/// arrived meanwhile.
+fn out_of_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<RxNext, virtio_queue::Error> {
+    if request_buffer_notification(queue, mem)? {
+        queue.disable_notification(mem)?;
+        Ok(RxNext::Again)
+    } else {
+        Ok(RxNext::Stop(RxStop::NoBuffers))
+    }
+}
+
+/// One frame through [`receive_direct`], with its counters.
+fn receive_direct_step(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    acked: u64,
+    batch: &mut UsedBatch,
+    metrics: &NetMetrics,
+    iface_id: &str,
+) -> Result<RxNext, virtio_queue::Error> {
+    Ok(match receive_direct(queue, mem, tap, acked, batch)? {
+        Direct::Delivered(len) => {
+            count(&metrics.rx_frames, 1);
+            count(&metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+            // Published at once, as in the copying path.
+            batch.flush(queue, mem)?;
+            RxNext::Again
+        }
+        Direct::NoBuffers => out_of_buffers(queue, mem)?,
+        Direct::TapEmpty => RxNext::Stop(RxStop::TapEmpty),
+        Direct::TapFailed(e) => {
+            tap_read_failed(tap, &e, metrics, iface_id);
+            RxNext::Stop(RxStop::TapEmpty)
+        }
+        Direct::Dropped(why) => {
+            log::debug!("virtio-net {iface_id}: dropped a received frame: {why}");
+            count(&metrics.rx_drops, 1);
+            RxNext::Again
+        }
+        Direct::BadChain => {
+            count(&metrics.rx_bad_buffers, 1);
+            RxNext::Again
+        }
+        Direct::Indirect => RxNext::Copy,
+    })
 }
 
 /// Why the receive loop stopped.
@@ -315,50 +378,22 @@ impl Net {
         let mut stop = RxStop::Budget;
         for _ in 0..BUDGET {
             if !mergeable && self.rx_pending.is_none() {
-                match receive_direct(queue, mem, &self.tap, acked, batch)? {
-                    Direct::Delivered(len) => {
-                        count(&self.metrics.rx_frames, 1);
-                        count(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
-                        batch.flush(queue, mem)?;
-                        continue;
-                    }
-                    Direct::NoBuffers => {
-                        if request_buffer_notification(queue, mem)? {
-                            queue.disable_notification(mem)?;
-                            continue;
-                        }
-                        stop = RxStop::NoBuffers;
+                let tap = &self.tap;
+                match receive_direct_step(
+                    queue,
+                    mem,
+                    tap,
+                    acked,
+                    batch,
+                    &self.metrics,
+                    &self.iface_id,
+                )? {
+                    RxNext::Again => continue,
+                    RxNext::Stop(why) => {
+                        stop = why;
                         break;
                     }
-                    Direct::TapEmpty => {
-                        stop = RxStop::TapEmpty;
-                        break;
-                    }
-                    Direct::TapFailed(e) => {
-                        if self.metrics.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            log::warn!(
-                                "virtio-net {}: cannot read tap {}: {e}",
-                                self.iface_id,
-                                self.tap.name()
-                            );
-                        }
-                        stop = RxStop::TapEmpty;
-                        break;
-                    }
-                    Direct::Dropped(why) => {
-                        log::debug!(
-                            "virtio-net {}: dropped a received frame: {why}",
-                            self.iface_id
-                        );
-                        count(&self.metrics.rx_drops, 1);
-                        continue;
-                    }
-                    Direct::BadChain => {
-                        count(&self.metrics.rx_bad_buffers, 1);
-                        continue;
-                    }
-                    // The copying path below takes this frame.
-                    Direct::Indirect => {}
+                    RxNext::Copy => {}
                 }
             }
             let len = match self.rx_pending {
@@ -366,12 +401,13 @@ impl Net {
                 None => {
                     // Read a frame only when there is somewhere to put it.
                     if !buffers_available(queue, mem)? {
-                        if request_buffer_notification(queue, mem)? {
-                            queue.disable_notification(mem)?;
-                            continue;
+                        match out_of_buffers(queue, mem)? {
+                            RxNext::Stop(why) => {
+                                stop = why;
+                                break;
+                            }
+                            _ => continue,
                         }
-                        stop = RxStop::NoBuffers;
-                        break;
                     }
                     let tap = &self.tap;
                     match read_frame(
@@ -406,14 +442,13 @@ impl Net {
                     // the burst goes on, instead of finding the ring empty and the tap filling.
                     batch.flush(queue, mem)?;
                 }
-                Delivery::NoBuffers => {
-                    if request_buffer_notification(queue, mem)? {
-                        queue.disable_notification(mem)?;
-                        continue;
+                Delivery::NoBuffers => match out_of_buffers(queue, mem)? {
+                    RxNext::Stop(why) => {
+                        stop = why;
+                        break;
                     }
-                    stop = RxStop::NoBuffers;
-                    break;
-                }
+                    _ => continue,
+                },
                 Delivery::Dropped(why) => {
                     log::debug!(
                         "virtio-net {}: dropped a received frame: {why}",
