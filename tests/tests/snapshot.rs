@@ -333,44 +333,31 @@ fn a_restored_vm_can_be_snapshotted_and_restored_again() {
     let snapshot = |n: u32| -> Value {
         json!({ "state_path": dir.path().join(format!("{n}.state")), "memory_path": dir.path().join(format!("{n}.mem")) })
     };
+    // Snapshot VM `from` as snapshot `n` and restore it as VM `to`.
+    let pass_on = |from: &str, n: u32, to: &str| {
+        let taken = snapshot(n);
+        assert_eq!(
+            host.call(
+                "POST",
+                "/v1/vms/{name}/snapshot",
+                &format!("/v1/vms/{from}/snapshot"),
+                Some(&taken)
+            )
+            .status,
+            200
+        );
+        let mut restore = taken;
+        restore["name"] = json!(to);
+        assert_eq!(
+            host.call("POST", "/v1/restore", "/v1/restore", Some(&restore))
+                .status,
+            201
+        );
+    };
     host.wait_serial("gen0", "LKS counter=3 ", WAIT);
-    let first = snapshot(1);
-    assert_eq!(
-        host.call(
-            "POST",
-            "/v1/vms/{name}/snapshot",
-            "/v1/vms/gen0/snapshot",
-            Some(&first)
-        )
-        .status,
-        200
-    );
-    let mut restore = first.clone();
-    restore["name"] = json!("gen1");
-    assert_eq!(
-        host.call("POST", "/v1/restore", "/v1/restore", Some(&restore))
-            .status,
-        201
-    );
+    pass_on("gen0", 1, "gen1");
     host.wait_serial("gen1", "LKS counter=", WAIT);
-    let second = snapshot(2);
-    assert_eq!(
-        host.call(
-            "POST",
-            "/v1/vms/{name}/snapshot",
-            "/v1/vms/gen1/snapshot",
-            Some(&second)
-        )
-        .status,
-        200
-    );
-    let mut restore = second.clone();
-    restore["name"] = json!("gen2");
-    assert_eq!(
-        host.call("POST", "/v1/restore", "/v1/restore", Some(&restore))
-            .status,
-        201
-    );
+    pass_on("gen1", 2, "gen2");
     let serial = host.wait_serial("gen2", "LKS memcheck", WAIT);
     assert!(
         GuestReport::parse(&serial)
