@@ -777,26 +777,32 @@ impl HostWire {
     }
 }
 
+/// A device on a new tap (inside the test's namespace) with every offload, activated for real
+/// (TUNSETOFFLOAD with checksum and TSO), and the host's end of the wire.
+fn started_on_real_tap(m: &GuestMemoryMmap, rx: &Ring, tx: &Ring) -> (NetConfig, Net, HostWire) {
+    let name = tap_name();
+    let config = NetConfig {
+        iface_id: "eth0".into(),
+        host_dev_name: name.clone(),
+        guest_mac: Some(MAC),
+    };
+    let mut net = Net::new(&config, irq()).unwrap();
+    link_up(&name);
+    let wire = HostWire::open(&name);
+    net.base_mut().set_acked_features(offload_features());
+    rx.attach(&mut net.base_mut().queues_mut()[RX_QUEUE]);
+    tx.attach(&mut net.base_mut().queues_mut()[TX_QUEUE]);
+    net.activate(m.clone()).unwrap();
+    (config, net, wire)
+}
+
 #[test]
 fn frames_cross_a_real_tap_both_ways_without_loss() {
     in_private_netns(|| {
-        let name = tap_name();
-        let config = NetConfig {
-            iface_id: "eth0".into(),
-            host_dev_name: name.clone(),
-            guest_mac: Some(MAC),
-        };
-        let mut net = Net::new(&config, irq()).unwrap();
-        link_up(&name);
-        let wire = HostWire::open(&name);
         let m = mem();
         let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
         let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-        net.base_mut().set_acked_features(offload_features());
-        rx.attach(&mut net.base_mut().queues_mut()[RX_QUEUE]);
-        tx.attach(&mut net.base_mut().queues_mut()[TX_QUEUE]);
-        // The real activation: TUNSETOFFLOAD with checksum and TSO.
-        net.activate(m.clone()).unwrap();
+        let (_, mut net, wire) = started_on_real_tap(&m, &rx, &tx);
 
         // Host to guest, with too few buffers at first: the kernel keeps what we cannot take.
         let frames: Vec<Vec<u8>> = sizes(60).map(|(s, l)| ethernet(s, l)).collect();
@@ -855,22 +861,10 @@ fn frames_cross_a_real_tap_both_ways_without_loss() {
 #[test]
 fn a_snapshot_keeps_the_frame_read_ahead() {
     in_private_netns(|| {
-        let name = tap_name();
-        let config = NetConfig {
-            iface_id: "eth0".into(),
-            host_dev_name: name.clone(),
-            guest_mac: Some(MAC),
-        };
-        let mut net = Net::new(&config, irq()).unwrap();
-        link_up(&name);
-        let wire = HostWire::open(&name);
         let m = mem();
         let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
         let tx = Ring::new(&m, TX_RING, TX_BUFS);
-        net.base_mut().set_acked_features(offload_features());
-        rx.attach(&mut net.base_mut().queues_mut()[RX_QUEUE]);
-        tx.attach(&mut net.base_mut().queues_mut()[TX_QUEUE]);
-        net.activate(m.clone()).unwrap();
+        let (config, mut net, wire) = started_on_real_tap(&m, &rx, &tx);
         let frame = ethernet(5, 1400);
         wire.send(&frame);
         rx.post_rx(1, 512);
