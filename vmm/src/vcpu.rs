@@ -248,10 +248,6 @@ impl Vcpu {
                         Err(e) => VcpuReply::Failed(format!("vCPU {}: {e}", self.index)),
                     }
                 }
-                VcpuRequest::RestoreState(state) => match state.restore(&self.fd) {
-                    Ok(()) => VcpuReply::Done,
-                    Err(e) => VcpuReply::Failed(format!("vCPU {}: {e}", self.index)),
-                },
             };
             if control.replies.send(reply).is_err() {
                 return false;
@@ -356,8 +352,6 @@ pub enum VcpuRequest {
     Resume,
     /// Read the vCPU's state (only while paused).
     SaveState,
-    /// Replace the vCPU's state (only while paused).
-    RestoreState(Box<VcpuState>),
     /// End the thread.
     Stop,
 }
@@ -396,11 +390,6 @@ impl VcpuHandle {
     /// The vCPU's counters.
     pub fn metrics(&self) -> &Arc<VcpuMetrics> {
         &self.metrics
-    }
-
-    /// The vCPU's index.
-    pub fn index(&self) -> u32 {
-        self.index
     }
 
     /// Interrupts a KVM_RUN in progress so the thread looks at its requests.

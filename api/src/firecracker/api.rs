@@ -60,37 +60,29 @@ enum Op {
     SnapshotLoad,
 }
 
-const fn route(method: Method, template: &'static str, op: Op) -> Route<Op> {
-    Route {
-        method,
-        template,
-        op,
-    }
-}
-
 const ROUTES: &[Route<Op>] = &[
-    route(Method::GET, "/", Op::Describe),
-    route(Method::GET, "/version", Op::Version),
-    route(Method::PUT, "/actions", Op::Action),
-    route(Method::GET, "/machine-config", Op::GetMachineConfig),
-    route(Method::PUT, "/machine-config", Op::PutMachineConfig),
-    route(Method::PATCH, "/machine-config", Op::PatchMachineConfig),
-    route(Method::PUT, "/boot-source", Op::BootSource),
-    route(Method::PUT, "/drives/{drive_id}", Op::Drive),
-    route(
+    Route::new(Method::GET, "/", Op::Describe),
+    Route::new(Method::GET, "/version", Op::Version),
+    Route::new(Method::PUT, "/actions", Op::Action),
+    Route::new(Method::GET, "/machine-config", Op::GetMachineConfig),
+    Route::new(Method::PUT, "/machine-config", Op::PutMachineConfig),
+    Route::new(Method::PATCH, "/machine-config", Op::PatchMachineConfig),
+    Route::new(Method::PUT, "/boot-source", Op::BootSource),
+    Route::new(Method::PUT, "/drives/{drive_id}", Op::Drive),
+    Route::new(
         Method::PUT,
         "/network-interfaces/{iface_id}",
         Op::NetworkInterface,
     ),
-    route(Method::PUT, "/vsock", Op::Vsock),
-    route(Method::PUT, "/entropy", Op::Entropy),
-    route(Method::PUT, "/serial", Op::Serial),
-    route(Method::PUT, "/logger", Op::Logger),
-    route(Method::PUT, "/metrics", Op::Metrics),
-    route(Method::PATCH, "/vm", Op::PatchVm),
-    route(Method::GET, "/vm/config", Op::VmConfig),
-    route(Method::PUT, "/snapshot/create", Op::SnapshotCreate),
-    route(Method::PUT, "/snapshot/load", Op::SnapshotLoad),
+    Route::new(Method::PUT, "/vsock", Op::Vsock),
+    Route::new(Method::PUT, "/entropy", Op::Entropy),
+    Route::new(Method::PUT, "/serial", Op::Serial),
+    Route::new(Method::PUT, "/logger", Op::Logger),
+    Route::new(Method::PUT, "/metrics", Op::Metrics),
+    Route::new(Method::PATCH, "/vm", Op::PatchVm),
+    Route::new(Method::GET, "/vm/config", Op::VmConfig),
+    Route::new(Method::PUT, "/snapshot/create", Op::SnapshotCreate),
+    Route::new(Method::PUT, "/snapshot/load", Op::SnapshotLoad),
 ];
 
 /// A refused request: 400 with Firecracker's `fault_message`, or 500 for host failures.

@@ -39,7 +39,6 @@ mod pending;
 #[cfg(test)]
 mod tests;
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,18 +46,6 @@ pub use api::{CTRL_ALT_DEL_GRACE_S, FIRECRACKER_API_VERSION};
 
 use crate::control::HostControl;
 use crate::http::{server, HttpError, Listeners, ServerHandle};
-
-/// Serves Firecracker's API for the host's VM `vm_name` on `listeners` until `shutdown`
-/// completes. Must run inside a tokio runtime with I/O and time enabled.
-pub async fn serve_firecracker(
-    host: Arc<dyn HostControl>,
-    vm_name: String,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), HttpError> {
-    let handler = Arc::new(api::FirecrackerApi::new(host, vm_name));
-    server::run(handler, listeners, shutdown).await
-}
 
 /// Starts Firecracker's API for the host's VM `vm_name` on a Unix socket at `socket`, on its
 /// own thread and tokio runtime. The socket is bound when this returns; dropping or stopping

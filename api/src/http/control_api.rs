@@ -37,31 +37,23 @@ pub(crate) enum Op {
     Prometheus,
 }
 
-const fn route(method: Method, template: &'static str, op: Op) -> Route<Op> {
-    Route {
-        method,
-        template,
-        op,
-    }
-}
-
 /// Every route of the control API.
 pub(crate) const ROUTES: &[Route<Op>] = &[
-    route(Method::GET, "/v1/host", Op::HostInfo),
-    route(Method::GET, "/v1/vms", Op::ListVms),
-    route(Method::POST, "/v1/vms", Op::CreateVm),
-    route(Method::GET, "/v1/vms/{name}", Op::GetVm),
-    route(Method::PUT, "/v1/vms/{name}", Op::UpdateVm),
-    route(Method::DELETE, "/v1/vms/{name}", Op::DeleteVm),
-    route(Method::POST, "/v1/vms/{name}/start", Op::StartVm),
-    route(Method::POST, "/v1/vms/{name}/pause", Op::PauseVm),
-    route(Method::POST, "/v1/vms/{name}/resume", Op::ResumeVm),
-    route(Method::POST, "/v1/vms/{name}/shutdown", Op::ShutdownVm),
-    route(Method::POST, "/v1/vms/{name}/reset", Op::ResetVm),
-    route(Method::POST, "/v1/vms/{name}/snapshot", Op::SnapshotVm),
-    route(Method::GET, "/v1/vms/{name}/metrics", Op::VmMetrics),
-    route(Method::POST, "/v1/restore", Op::RestoreVm),
-    route(Method::GET, "/metrics", Op::Prometheus),
+    Route::new(Method::GET, "/v1/host", Op::HostInfo),
+    Route::new(Method::GET, "/v1/vms", Op::ListVms),
+    Route::new(Method::POST, "/v1/vms", Op::CreateVm),
+    Route::new(Method::GET, "/v1/vms/{name}", Op::GetVm),
+    Route::new(Method::PUT, "/v1/vms/{name}", Op::UpdateVm),
+    Route::new(Method::DELETE, "/v1/vms/{name}", Op::DeleteVm),
+    Route::new(Method::POST, "/v1/vms/{name}/start", Op::StartVm),
+    Route::new(Method::POST, "/v1/vms/{name}/pause", Op::PauseVm),
+    Route::new(Method::POST, "/v1/vms/{name}/resume", Op::ResumeVm),
+    Route::new(Method::POST, "/v1/vms/{name}/shutdown", Op::ShutdownVm),
+    Route::new(Method::POST, "/v1/vms/{name}/reset", Op::ResetVm),
+    Route::new(Method::POST, "/v1/vms/{name}/snapshot", Op::SnapshotVm),
+    Route::new(Method::GET, "/v1/vms/{name}/metrics", Op::VmMetrics),
+    Route::new(Method::POST, "/v1/restore", Op::RestoreVm),
+    Route::new(Method::GET, "/metrics", Op::Prometheus),
 ];
 
 /// The body of every error reply.

@@ -15,6 +15,17 @@ pub(crate) struct Route<Op> {
     pub op: Op,
 }
 
+impl<Op> Route<Op> {
+    /// A route, for the `const` route tables.
+    pub(crate) const fn new(method: Method, template: &'static str, op: Op) -> Route<Op> {
+        Route {
+            method,
+            template,
+            op,
+        }
+    }
+}
+
 /// What a request's method and path matched.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum RouteMatch<'p, Op> {

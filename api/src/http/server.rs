@@ -259,16 +259,10 @@ where
 pub struct ServerHandle {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), HttpError>>>,
-    unix_path: Option<std::path::PathBuf>,
     tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl ServerHandle {
-    /// The Unix socket it listens on.
-    pub fn unix_path(&self) -> Option<&std::path::Path> {
-        self.unix_path.as_deref()
-    }
-
     /// The TCP address it listens on.
     pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
         self.tcp_addr
@@ -316,7 +310,6 @@ pub(crate) fn spawn<H: Handler>(
         .thread_name(format!("{name}-worker"))
         .build()
         .map_err(HttpError::Runtime)?;
-    let unix_path = listeners.unix_path().map(|p| p.to_path_buf());
     let tcp_addr = listeners.tcp_addr();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -335,7 +328,6 @@ pub(crate) fn spawn<H: Handler>(
     Ok(ServerHandle {
         stop: Some(stop_tx),
         thread: Some(thread),
-        unix_path,
         tcp_addr,
     })
 }

@@ -179,6 +179,7 @@ impl Vm {
         devices.add_serial(serial_out)?;
 
         let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
+        configure_vcpus_for_boot(hv, &vcpus, config, &msr_list)?;
         // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
         setup_boot_vcpu(vcpus[0].fd(), &memory, kernel.entry)?;
 
@@ -278,22 +279,17 @@ fn open_serial_output(config: &VmConfig) -> Result<SerialOutput, VmError> {
     })
 }
 
-/// Creates the vCPUs with CPUID (this VM's topology), boot MSRs and LAPIC wiring; returns them
-/// with KVM's MSR index list.
+/// Creates the vCPUs, wired to the device buses; returns them with KVM's MSR index list. A boot
+/// then configures them ([`configure_vcpus_for_boot`]); a restore sets their saved state.
 fn create_vcpus(
     hv: &Hypervisor,
     vm_fd: &VmFd,
     devices: &DeviceManager,
     config: &VmConfig,
 ) -> Result<(Vec<Vcpu>, Arc<Vec<u32>>), VmError> {
-    let machine = &config.machine_config;
-    let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
-    let supported_cpuid = hv.supported_cpuid();
-    let msr_list = hv.msr_list();
-    let msrs = boot_msrs(msr_list);
     let buses = Arc::new(devices.buses().clone());
-    let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
-    for index in 0..machine.vcpu_count {
+    let mut vcpus = Vec::with_capacity(config.machine_config.vcpu_count as usize);
+    for index in 0..config.machine_config.vcpu_count {
         let fd = vm_fd
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Kvm {
@@ -301,12 +297,27 @@ fn create_vcpus(
                 what: "create vCPU",
                 source,
             })?;
-        let vcpu = Vcpu::new(index, fd, buses.clone());
-        vcpu.configure(&vcpu_cpuid(supported_cpuid, index, &topology), &msrs)?;
-        setup_lapic(vcpu.fd())?;
-        vcpus.push(vcpu);
+        vcpus.push(Vcpu::new(index, fd, buses.clone()));
     }
-    Ok((vcpus, Arc::new(msr_list.to_vec())))
+    Ok((vcpus, Arc::new(hv.msr_list().to_vec())))
+}
+
+/// Gives fresh vCPUs their CPUID (this VM's topology), boot MSRs and LAPIC wiring.
+fn configure_vcpus_for_boot(
+    hv: &Hypervisor,
+    vcpus: &[Vcpu],
+    config: &VmConfig,
+    msr_list: &[u32],
+) -> Result<(), VmError> {
+    let machine = &config.machine_config;
+    let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
+    let msrs = boot_msrs(msr_list);
+    for vcpu in vcpus {
+        let cpuid = vcpu_cpuid(hv.supported_cpuid(), vcpu.index(), &topology);
+        vcpu.configure(&cpuid, &msrs)?;
+        setup_lapic(vcpu.fd())?;
+    }
+    Ok(())
 }
 
 /// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces,
