@@ -368,6 +368,20 @@ impl DeviceBase {
     }
 }
 
+/// The next chain the driver made available, if any. A queue the driver left unready has none;
+/// an available index that ran more than the queue size ahead is an error (the device must
+/// stop, not spin on a ring it cannot take chains from).
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    match queue.iter(mem) {
+        Ok(mut chains) => Ok(chains.next()),
+        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Spins for up to `poll` waiting for the driver to make another chain available; true when
 /// one arrived. Devices poll briefly after a burst instead of asking for a notification at
 /// once, which would cost the driver a VM exit for its next request.

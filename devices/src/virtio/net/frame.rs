@@ -294,17 +294,7 @@ pub enum Delivery {
     Dropped(FrameDrop),
 }
 
-/// The next chain the driver made available, if any. A queue the driver left unready has none.
-pub fn next_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
-    match queue.iter(mem) {
-        Ok(mut chains) => Ok(chains.next()),
-        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
+pub use crate::virtio::device::next_chain;
 
 /// What became of [`receive_direct`]'s attempt.
 #[derive(Debug)]

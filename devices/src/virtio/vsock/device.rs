@@ -17,7 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::packet::{read_tx, write_event, Op, RxBuffer, TxError, MAX_PAYLOAD};
 use super::state::VsockState;
 use super::unix_backend::UnixBackend;
-use crate::virtio::device::read_config_bytes;
+use crate::virtio::device::{next_chain, read_config_bytes};
 use crate::virtio::{
     types, ActivateError, DeviceBase, VirtioDevice, VirtioInterrupt, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_VERSION_1,
@@ -214,9 +214,17 @@ impl Vsock {
         } = self;
         let queue = &mut base.queues_mut()[TX_QUEUE];
         let mut broken = None;
-        loop {
+        'rounds: loop {
             let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            loop {
+                let chain = match next_chain(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        broken = Some(format!("virtio-vsock TX: {e}"));
+                        break 'rounds;
+                    }
+                };
                 if backend.resets_full() {
                     queue.go_to_previous_position();
                     stalled = true;
@@ -256,7 +264,6 @@ impl Vsock {
             self.base.mark_broken(&why);
             return false;
         }
-        self.check_avail_index(TX_QUEUE, mem);
         if used {
             self.base.notify_used(TX_QUEUE);
         }
@@ -286,7 +293,14 @@ impl Vsock {
         let queue = &mut base.queues_mut()[RX_QUEUE];
         let mut broken = None;
         while backend.has_rx_work() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let chain = match next_chain(queue, mem) {
+                Ok(chain) => chain,
+                Err(e) => {
+                    broken = Some(format!("virtio-vsock RX: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
                 // Ask the driver to notify when it adds buffers, unless it just did.
                 match queue.enable_notification(mem) {
                     Ok(true) => continue,
@@ -341,7 +355,6 @@ impl Vsock {
             self.base.mark_broken(&why);
             return;
         }
-        self.check_avail_index(RX_QUEUE, mem);
         if used {
             self.base.notify_used(RX_QUEUE);
         }
@@ -361,8 +374,16 @@ impl Vsock {
         }
         let mut used = false;
         let queue = &mut self.base.queues_mut()[EVENT_QUEUE];
+        let mut broken = None;
         loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let chain = match next_chain(queue, mem) {
+                Ok(chain) => chain,
+                Err(e) => {
+                    broken = Some(format!("virtio-vsock events: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
                 match queue.enable_notification(mem) {
                     Ok(true) => continue,
                     _ => break,
@@ -381,19 +402,12 @@ impl Vsock {
             }
             self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
         }
-        self.check_avail_index(EVENT_QUEUE, mem);
+        if let Some(why) = broken {
+            self.base.mark_broken(&why);
+            return;
+        }
         if used {
             self.base.notify_used(EVENT_QUEUE);
-        }
-    }
-
-    fn check_avail_index(&mut self, index: usize, mem: &GuestMemoryMmap) {
-        if let Err(virtio_queue::Error::InvalidAvailRingIndex) =
-            self.base.queues_mut()[index].iter(mem).map(|_| ())
-        {
-            self.base.mark_broken(&format!(
-                "virtio-vsock: queue {index}'s available ring index jumped past the queue size"
-            ));
         }
     }
 

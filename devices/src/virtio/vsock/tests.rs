@@ -706,3 +706,22 @@ fn device_reset_closes_host_sockets_and_stops_listening() {
     assert!(g.inbox.is_empty(), "nothing reaches a reset device");
     assert_eq!(g.events.run_with_timeout(50).unwrap(), 0);
 }
+
+#[test]
+fn a_runaway_available_index_breaks_the_device_instead_of_hanging_the_loop() {
+    for queue in [TX_QUEUE, RX_QUEUE] {
+        let mem = memory();
+        let mut g = Harness::new(&mem);
+        // RX work that waits for buffers: the reset answering a connection to nobody.
+        g.queue_tx(&from_guest(Op::Request, 7, 9999), &[]);
+        g.kick(TX_QUEUE);
+        g.pump();
+        g.rings[queue].vq.avail().idx().store(u16::to_le(500));
+        g.kick(queue);
+        g.pump();
+        assert!(
+            g.dev.lock().unwrap().base().is_broken(),
+            "queue {queue}: the device stops"
+        );
+    }
+}
