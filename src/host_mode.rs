@@ -12,7 +12,7 @@ use lockstep_api::control::{HostControl, HostEvent, VmState};
 use lockstep_api::firecracker::spawn_firecracker;
 use lockstep_api::http::{self, Listeners, ServerHandle};
 use lockstep_api::{HostConfig, VmConfig};
-use lockstep_vmm::event_loop::termination_signalfd;
+use lockstep_vmm::event_loop::{read_signal, termination_signalfd};
 use lockstep_vmm::host::{Host, HostOptions};
 use lockstep_vmm::Hypervisor;
 
@@ -33,9 +33,6 @@ fn watch_signals() -> Arc<AtomicI32> {
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         loop {
-            // SAFETY: signalfd_siginfo is plain data, filled by read().
-            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            let size = std::mem::size_of::<libc::signalfd_siginfo>();
             let mut pfd = libc::pollfd {
                 fd: fd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -43,16 +40,8 @@ fn watch_signals() -> Arc<AtomicI32> {
             };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, -1) };
-            // SAFETY: reads at most `size` bytes into `info`.
-            let n = unsafe {
-                libc::read(
-                    fd.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    size,
-                )
-            };
-            if n == size as isize {
-                cell.store(info.ssi_signo as i32, Ordering::SeqCst);
+            if let Some(signal) = read_signal(&fd) {
+                cell.store(signal, Ordering::SeqCst);
             }
         }
     });

@@ -246,12 +246,7 @@ impl VmConfig {
 
     /// Parses a config from JSON text.
     pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let config: VmConfig =
-            serde_path_to_error::deserialize(&mut de).map_err(ConfigError::from_serde)?;
-        de.end()
-            .map_err(|e| ConfigError::from_serde_json(String::new(), e))?;
-        Ok(config)
+        crate::error::parse_json(text.as_bytes())
     }
 
     /// Checks every value against lockstep's and the host's limits, and that the files it names
@@ -355,7 +350,8 @@ impl BootSource {
     }
 }
 
-fn validate_name(name: &str) -> Result<(), ConfigError> {
+/// A VM name: 1 to 64 of A-Z a-z 0-9 - _ .
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));

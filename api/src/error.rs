@@ -48,6 +48,16 @@ pub enum ConfigError {
     },
 }
 
+/// Parses JSON strictly (nothing after the value); errors name the field at fault, or the line
+/// and column of a syntax error. Every JSON input lockstep takes goes through here.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(ConfigError::from_serde)?;
+    de.end()
+        .map_err(|e| ConfigError::from_serde_json(String::new(), e))?;
+    Ok(value)
+}
+
 impl ConfigError {
     /// A value that parsed but is not acceptable.
     pub fn invalid(field: impl Into<String>, message: String) -> Self {

@@ -65,11 +65,7 @@ impl HostConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut de = serde_json::Deserializer::from_str(&text);
-        let config: HostConfig =
-            serde_path_to_error::deserialize(&mut de).map_err(ConfigError::from_serde)?;
-        de.end()
-            .map_err(|e| ConfigError::from_serde_json(String::new(), e))?;
+        let config: HostConfig = crate::error::parse_json(text.as_bytes())?;
         config.check()?;
         Ok(config)
     }

@@ -60,21 +60,22 @@ impl ExitWatcher {
             signals,
         }
     }
+}
 
-    fn read_signal(&self, fd: &OwnedFd) -> Option<i32> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as i32)
-    }
+/// Reads one signal from a signalfd (from [`termination_signalfd`]); None if none was pending.
+pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
 impl MutEventSubscriber for ExitWatcher {
@@ -102,7 +103,7 @@ impl MutEventSubscriber for ExitWatcher {
             self.exit.signal(ExitReason::GuestReset);
         } else if let Some(fd) = &self.signals {
             if events.fd() == fd.as_raw_fd() {
-                if let Some(signal) = self.read_signal(fd) {
+                if let Some(signal) = read_signal(fd) {
                     log::info!("stopping the VM on signal {signal}");
                     self.exit.signal(ExitReason::Requested {
                         signal: Some(signal),

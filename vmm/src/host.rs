@@ -165,13 +165,10 @@ fn ended(reason: &ExitReason) -> (VmState, String) {
     }
 }
 
+/// A name for a VM on a host: a valid VM name that is also a plain directory name under the
+/// state directory (no leading dot).
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with('.')
+    lockstep_api::config::validate_name(name).is_ok() && !name.starts_with('.')
 }
 
 impl Host {

@@ -90,13 +90,4 @@ pub fn spawn(host: Arc<dyn HostControl>, listeners: Listeners) -> Result<ServerH
 }
 
 /// Parses a JSON request body; errors name the field, line and column, as config errors do.
-pub(crate) fn parse_json_body<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-) -> Result<T, crate::ConfigError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value: T =
-        serde_path_to_error::deserialize(&mut de).map_err(crate::ConfigError::from_serde)?;
-    de.end()
-        .map_err(|e| crate::ConfigError::from_serde_json(String::new(), e))?;
-    Ok(value)
-}
+pub(crate) use crate::error::parse_json as parse_json_body;
