@@ -59,14 +59,6 @@ impl Contexts {
             max,
         }
     }
-
-    /// How many are open (expired ones are dropped first).
-    pub fn open_count(&self) -> usize {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        map.retain(|_, c| c.expires > now);
-        map.len()
-    }
 }
 
 fn new_context_id() -> String {

@@ -85,21 +85,6 @@ impl CimType {
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
-    /// Whether values of this type are whole numbers.
-    pub fn is_integer(self) -> bool {
-        matches!(
-            self,
-            CimType::UInt8
-                | CimType::UInt16
-                | CimType::UInt32
-                | CimType::UInt64
-                | CimType::SInt8
-                | CimType::SInt16
-                | CimType::SInt32
-                | CimType::SInt64
-        )
-    }
-
     /// The range of an integer type, as i128 so every CIM integer fits.
     fn range(self) -> Option<(i128, i128)> {
         Some(match self {
@@ -287,11 +272,6 @@ impl Value {
     /// A string constant (no copy).
     pub const fn from_static(s: &'static str) -> Value {
         Value::Str(Cow::Borrowed(s))
-    }
-
-    /// A uint8 value.
-    pub fn u8(n: u8) -> Value {
-        Value::UInt(n.into(), CimType::UInt8)
     }
 
     /// A uint16 array.

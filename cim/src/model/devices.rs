@@ -132,11 +132,7 @@ pub(super) fn ethernet_ports(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
                 device("LKS_EthernetPort", vm, id, enabled)
                     .with("ElementName", id)
                     .with("Name", nic.host_dev_name.as_str())
-                    .with_opt(
-                        "PermanentAddress",
-                        nic.mac()
-                            .map(|m| m.iter().map(|b| format!("{b:02X}")).collect::<String>()),
-                    )
+                    .with_opt("PermanentAddress", nic.mac().map(super::settings::mac_text))
                     .with("LinkTechnology", 2u16)
                     .with("PortType", 0u16)
                     .with("PacketsReceived", counter(snap, vm, "net", id, "rx_frames"))
@@ -152,8 +148,18 @@ pub(super) fn ethernet_ports(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
     out
 }
 
-/// Every device of every VM: (vm, class, device id, pool id).
-fn all_devices(snap: &Snapshot<'_>) -> Vec<(String, &'static str, String, &'static str)> {
+/// A device of a VM: (vm, class, device id, pool id).
+type DeviceRow = (String, &'static str, String, &'static str);
+
+/// Every device of every VM.
+fn all_devices(snap: &Snapshot<'_>) -> Vec<DeviceRow> {
+    let mut out = vm_devices(snap);
+    out.extend(config_devices(snap));
+    out
+}
+
+/// The processors and memory of every VM: from the VM list alone.
+fn vm_devices(snap: &Snapshot<'_>) -> Vec<DeviceRow> {
     let mut out = Vec::new();
     for vm in snap.vms() {
         for i in 0..vm.vcpus {
@@ -171,6 +177,12 @@ fn all_devices(snap: &Snapshot<'_>) -> Vec<(String, &'static str, String, &'stat
             "memory",
         ));
     }
+    out
+}
+
+/// The disks and NICs of every VM: these need each VM's config.
+fn config_devices(snap: &Snapshot<'_>) -> Vec<DeviceRow> {
+    let mut out = Vec::new();
     for d in snap.details() {
         for drive in &d.config.drives {
             out.push((
@@ -216,7 +228,7 @@ const POOLS: [(&str, u16, &str); 4] = [
     ("ethernet", 10, "count"),
 ];
 
-fn pool_path(kind: &str) -> ObjectPath {
+pub(super) fn pool_path(kind: &str) -> ObjectPath {
     ObjectPath::new(CIMV2_NS, "LKS_ResourcePool").key("InstanceID", format!("LKS:pool:{kind}"))
 }
 
@@ -282,14 +294,10 @@ pub(super) fn allocated_from_pool(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str
         .collect()
 }
 
-/// The central instances of a resource-allocation profile: the pool of `kind`.
-pub(super) fn pool_for_profile(kind: &str) -> ObjectPath {
-    pool_path(kind)
-}
-
-/// The paths of every device of `class` (for profile conformance).
+/// The paths of every processor or memory device (`class`), for profile conformance. Only
+/// the VM list is read, so the answer stays cacheable.
 pub(super) fn device_paths(snap: &Snapshot<'_>, class: &str) -> Vec<ObjectPath> {
-    all_devices(snap)
+    vm_devices(snap)
         .into_iter()
         .filter(|(_, c, _, _)| *c == class)
         .map(|(vm, c, id, _)| device_path(c, &vm, &id))

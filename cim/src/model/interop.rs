@@ -2,7 +2,7 @@
 //! the registered profiles and which instances conform to each, so that a client such as
 //! pywbem's `WBEMServer` finds every profile's central instances.
 
-use super::devices::{device_paths, pool_for_profile};
+use super::devices::{device_paths, pool_path};
 use super::systems::{host_path, vm_path};
 use super::{keyed, Snapshot, CIMV2_NS};
 use crate::cimom::Cimom;
@@ -259,12 +259,12 @@ fn central_instances(cimom: &Cimom, snap: &Snapshot<'_>, id: &str) -> Vec<Object
         "DSP1026" => device_paths(snap, "LKS_Memory"),
         "DSP1041" => ["processor", "memory", "storage", "ethernet"]
             .into_iter()
-            .map(pool_for_profile)
+            .map(pool_path)
             .collect(),
-        "DSP1044" => vec![pool_for_profile("processor")],
-        "DSP1045" => vec![pool_for_profile("memory")],
-        "DSP1047" => vec![pool_for_profile("storage")],
-        "DSP1050" => vec![pool_for_profile("ethernet")],
+        "DSP1044" => vec![pool_path("processor")],
+        "DSP1045" => vec![pool_path("memory")],
+        "DSP1047" => vec![pool_path("storage")],
+        "DSP1050" => vec![pool_path("ethernet")],
         _ => Vec::new(),
     }
 }

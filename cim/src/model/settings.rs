@@ -212,7 +212,7 @@ pub(super) fn ethernet_rasds(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
 }
 
 /// A MAC as DSP1050's Address: twelve hex digits.
-fn mac_text(mac: [u8; 6]) -> String {
+pub(super) fn mac_text(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02X}")).collect()
 }
 

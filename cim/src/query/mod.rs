@@ -56,7 +56,6 @@ pub struct Query {
     /// The WHERE condition.
     pub condition: Option<Expr>,
     alias: Option<String>,
-    language: Language,
 }
 
 /// A WHERE expression.
@@ -523,13 +522,7 @@ impl Query {
             properties,
             condition,
             alias,
-            language,
         })
-    }
-
-    /// The query's language.
-    pub fn language(&self) -> Language {
-        self.language
     }
 
     /// Whether an instance satisfies the WHERE clause; `is_a(class, ancestor)` answers ISA.
