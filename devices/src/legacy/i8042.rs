@@ -54,7 +54,7 @@ pub struct I8042State {
     /// Whether the last write went to the command port.
     pub last_was_command: bool,
     /// Bytes queued for the guest to read on port 0x60.
-    pub output: Vec<u8>,
+    pub output: VecDeque<u8>,
 }
 
 impl Default for I8042State {
@@ -64,7 +64,7 @@ impl Default for I8042State {
             output_port: 0x01,
             pending_command: None,
             last_was_command: false,
-            output: Vec::new(),
+            output: VecDeque::new(),
         }
     }
 }
@@ -74,7 +74,6 @@ pub struct I8042 {
     reset: EventFdTrigger,
     irq: EventFdTrigger,
     state: I8042State,
-    output: VecDeque<u8>,
 }
 
 impl I8042 {
@@ -85,24 +84,23 @@ impl I8042 {
             reset,
             irq,
             state: I8042State::default(),
-            output: VecDeque::new(),
         }
     }
 
     /// Presses and releases Ctrl-Alt-Del. Fails if the guest has not read earlier keys.
     pub fn send_ctrl_alt_del(&mut self) -> Result<(), String> {
-        if self.output.len() + CTRL_ALT_DEL.len() > MAX_PENDING {
+        if self.state.output.len() + CTRL_ALT_DEL.len() > MAX_PENDING {
             return Err("the guest is not reading its keyboard".into());
         }
         for code in CTRL_ALT_DEL {
-            self.output.push_back(code);
+            self.state.output.push_back(code);
         }
         self.raise_keyboard_interrupt();
         Ok(())
     }
 
     fn raise_keyboard_interrupt(&self) {
-        if self.state.command_byte & CB_KBD_INTERRUPT != 0 && !self.output.is_empty() {
+        if self.state.command_byte & CB_KBD_INTERRUPT != 0 && !self.state.output.is_empty() {
             if let Err(e) = self.irq.trigger() {
                 log::warn!("i8042: cannot raise IRQ 1: {e}");
             }
@@ -111,14 +109,14 @@ impl I8042 {
 
     /// Queues a byte for the guest (answers to commands come first, in order).
     fn respond(&mut self, byte: u8) {
-        if self.output.len() < MAX_PENDING {
-            self.output.push_back(byte);
+        if self.state.output.len() < MAX_PENDING {
+            self.state.output.push_back(byte);
         }
     }
 
     fn status(&self) -> u8 {
         let mut status = SR_KEYBOARD_UNLOCKED;
-        if !self.output.is_empty() {
+        if !self.state.output.is_empty() {
             status |= SR_OUTPUT_FULL;
         }
         if self.state.command_byte & CB_SYSTEM_FLAG != 0 {
@@ -183,16 +181,13 @@ impl I8042 {
 
     /// The guest-visible state.
     pub fn save_state(&self) -> I8042State {
-        I8042State {
-            output: self.output.iter().copied().collect(),
-            ..self.state.clone()
-        }
+        self.state.clone()
     }
 
     /// Restores a saved state.
     pub fn restore_state(&mut self, state: &I8042State) {
         self.state = state.clone();
-        self.output = state.output.iter().copied().take(MAX_PENDING).collect();
+        self.state.output.truncate(MAX_PENDING);
         self.raise_keyboard_interrupt();
     }
 }
@@ -205,7 +200,7 @@ impl BusDevice for I8042 {
         };
         *first = match offset {
             DATA_PORT_OFFSET => {
-                let byte = self.output.pop_front().unwrap_or(0);
+                let byte = self.state.output.pop_front().unwrap_or(0);
                 self.raise_keyboard_interrupt();
                 byte
             }
@@ -298,11 +293,11 @@ mod tests {
         while dev.send_ctrl_alt_del().is_ok() {
             sent += 1;
         }
-        assert!(sent >= 1 && dev.output.len() <= MAX_PENDING);
+        assert!(sent >= 1 && dev.state.output.len() <= MAX_PENDING);
         for _ in 0..1000 {
             dev.write(0, &[0xff]);
         }
-        assert!(dev.output.len() <= MAX_PENDING);
+        assert!(dev.state.output.len() <= MAX_PENDING);
     }
 
     #[test]

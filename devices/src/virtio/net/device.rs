@@ -124,7 +124,9 @@ crate::impl_counters!(NetMetrics {
 });
 
 fn count(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+    if n != 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Reads the next frame the guest can take from the tap into `buf`, dropping (and counting)

@@ -112,7 +112,6 @@ crate::impl_counters!(VsockMetrics {
 pub struct Vsock {
     pub(super) base: DeviceBase,
     guest_cid: u64,
-    config_space: [u8; 8],
     pub(super) backend: UnixBackend,
     metrics: Arc<VsockMetrics>,
     tx_payload: Vec<u8>,
@@ -157,7 +156,6 @@ impl Vsock {
             )
             .map_err(VsockError::Io)?,
             guest_cid: config.guest_cid,
-            config_space: config.guest_cid.to_le_bytes(),
             backend,
             metrics,
             tx_payload: Vec::with_capacity(MAX_PAYLOAD),
@@ -449,7 +447,6 @@ impl Vsock {
             );
         }
         self.guest_cid = state.guest_cid;
-        self.config_space = state.guest_cid.to_le_bytes();
         self.backend.set_guest_cid(state.guest_cid);
         self.drop_connections();
         self.reset_event_pending = state.base.activated;
@@ -471,7 +468,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn reset(&mut self) {
