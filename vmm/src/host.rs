@@ -16,7 +16,7 @@ use lockstep_api::control::{
 use lockstep_api::VmConfig;
 
 use crate::exit::ExitReason;
-use crate::kvm::{host_memory_mib, Hypervisor};
+use crate::kvm::Hypervisor;
 use std::os::fd::AsFd;
 
 use crate::vm::{
@@ -408,7 +408,7 @@ impl HostControl for Host {
             version: env!("CARGO_PKG_VERSION").to_string(),
             kvm_backend: backend.short_name().to_string(),
             kvm_backend_description: backend.to_string(),
-            mem_mib: host_memory_mib().unwrap_or(0),
+            mem_mib: self.hv.memory_mib().unwrap_or(0),
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),

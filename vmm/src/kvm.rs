@@ -110,6 +110,9 @@ pub struct Hypervisor {
     backend: KvmBackend,
     supported_cpuid: kvm_bindings::CpuId,
     msr_list: Vec<u32>,
+    /// MemTotal, read once: every VM start and metrics scrape needs it.
+    memory_mib: Option<u64>,
+    max_vcpus: u32,
 }
 
 impl Hypervisor {
@@ -139,11 +142,14 @@ impl Hypervisor {
             })?
             .as_slice()
             .to_vec();
+        let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
         Ok(Hypervisor {
             kvm,
             backend: KvmBackend::detect(),
             supported_cpuid,
             msr_list,
+            memory_mib: host_memory_mib(),
+            max_vcpus,
         })
     }
 
@@ -170,9 +176,14 @@ impl Hypervisor {
     /// What this host can give a VM: its memory and KVM's vCPU limit.
     pub fn host_limits(&self) -> HostLimits {
         HostLimits {
-            mem_mib: host_memory_mib().unwrap_or(u64::MAX),
-            max_vcpus: u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX),
+            mem_mib: self.memory_mib.unwrap_or(u64::MAX),
+            max_vcpus: self.max_vcpus,
         }
+    }
+
+    /// The host's physical memory in MiB, if /proc/meminfo said.
+    pub fn memory_mib(&self) -> Option<u64> {
+        self.memory_mib
     }
 }
 

@@ -121,7 +121,6 @@ pub struct VmCounters {
 
 /// A VM built from a config and ready to run.
 pub struct Vm {
-    name: String,
     config: VmConfig,
     // Declared before `memory` so KVM lets go of the memory slots before they are unmapped.
     vcpus: Vec<Vcpu>,
@@ -184,7 +183,6 @@ impl Vm {
         setup_boot_vcpu(vcpus[0].fd(), &memory, kernel.entry)?;
 
         Ok(Vm {
-            name: config.display_name().to_string(),
             config: config.clone(),
             vcpus,
             vm_fd,
@@ -199,7 +197,7 @@ impl Vm {
 
     /// The VM's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.config.display_name()
     }
 
     /// How the boot vCPU enters the kernel (none for a restored VM).

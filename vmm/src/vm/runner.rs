@@ -172,7 +172,7 @@ impl Running {
         if self.state == RunState::Running {
             self.all_vcpus(|| VcpuRequest::Pause)?;
             self.state = RunState::Paused;
-            log::info!("{}: paused", self.vm.name);
+            log::info!("{}: paused", self.vm.name());
         }
         Ok(VmReply::State(self.state))
     }
@@ -181,7 +181,7 @@ impl Running {
         if self.state == RunState::Paused {
             self.all_vcpus(|| VcpuRequest::Resume)?;
             self.state = RunState::Running;
-            log::info!("{}: resumed", self.vm.name);
+            log::info!("{}: resumed", self.vm.name());
         }
         Ok(VmReply::State(self.state))
     }
@@ -216,7 +216,7 @@ impl Running {
             .map_err(|e| ControlError::Failed(e.to_string()))?;
         log::info!(
             "{}: snapshot {} written in {:?}",
-            self.vm.name,
+            self.vm.name(),
             paths.state.display(),
             started.elapsed()
         );
@@ -302,7 +302,7 @@ impl Vm {
                 Ok(socket) => {
                     devices_loop.add_subscriber(Arc::new(Mutex::new(socket)));
                 }
-                Err(e) => log::warn!("{}: console socket {}: {e}", self.name, path.display()),
+                Err(e) => log::warn!("{}: console socket {}: {e}", self.name(), path.display()),
             }
         }
         if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
@@ -319,7 +319,7 @@ impl Vm {
         } else {
             RunState::Running
         };
-        log::info!("{}: {state:?} with {} vCPUs", self.name, vcpus.len());
+        log::info!("{}: {state:?} with {} vCPUs", self.name(), vcpus.len());
         let mut running = Running {
             vm: self,
             vcpus,
@@ -349,7 +349,7 @@ impl Vm {
         for v in running.vcpus.iter_mut() {
             v.stop_and_join();
         }
-        log::info!("{}: stopped: {reason:?}", running.vm.name);
+        log::info!("{}: stopped: {reason:?}", running.vm.name());
         Ok(reason)
     }
 }

@@ -465,7 +465,6 @@ impl Vm {
             started.elapsed()
         );
         Ok(Vm {
-            name: config.display_name().to_string(),
             config: config.clone(),
             vcpus,
             vm_fd,
