@@ -6,6 +6,7 @@
 
 use std::ops::Deref;
 
+use smallvec::SmallVec;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
@@ -243,7 +244,7 @@ where
 /// together at least a header long.
 #[derive(Debug)]
 pub struct RxBuffer {
-    bufs: Vec<(GuestAddress, usize)>,
+    bufs: SmallVec<[(GuestAddress, usize); 4]>,
     room: usize,
 }
 
@@ -258,7 +259,7 @@ impl RxBuffer {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let mut bufs = Vec::new();
+        let mut bufs = SmallVec::new();
         let mut room = 0usize;
         for desc in chain.writable() {
             let len = desc.len() as usize;

@@ -234,34 +234,36 @@ impl UnixBackend {
         if let Some(h) = self.resets.pop_front() {
             return Some(h);
         }
-        let order: Vec<ConnKey> = match self.rr_cursor {
-            Some(c) => self
-                .connections
-                .range((Bound::Excluded(c), Bound::Unbounded))
-                .chain(self.connections.range(..=c))
-                .filter(|(_, conn)| conn.wants_rx())
-                .map(|(k, _)| *k)
-                .collect(),
-            None => self
-                .connections
-                .iter()
-                .filter(|(_, conn)| conn.wants_rx())
-                .map(|(k, _)| *k)
-                .collect(),
+        // Connections after the last one served first, then the rest up to and including it.
+        let (after, wrap) = match self.rr_cursor {
+            Some(c) => ((Bound::Excluded(c), Bound::Unbounded), Some(c)),
+            None => ((Bound::Unbounded, Bound::Unbounded), None),
         };
-        for key in order {
-            let Some(conn) = self.connections.get_mut(&key) else {
-                continue;
-            };
-            if let Some(out) = conn.next_packet(room, scratch, now) {
-                self.rr_cursor = Some(key);
-                if out.last {
-                    self.close(key);
+        let mut served = None;
+        for (key, conn) in self.connections.range_mut(after) {
+            if conn.wants_rx() {
+                if let Some(out) = conn.next_packet(room, scratch, now) {
+                    served = Some((*key, out));
+                    break;
                 }
-                return Some(out.header);
             }
         }
-        None
+        if let (None, Some(c)) = (&served, wrap) {
+            for (key, conn) in self.connections.range_mut(..=c) {
+                if conn.wants_rx() {
+                    if let Some(out) = conn.next_packet(room, scratch, now) {
+                        served = Some((*key, out));
+                        break;
+                    }
+                }
+            }
+        }
+        let (key, out) = served?;
+        self.rr_cursor = Some(key);
+        if out.last {
+            self.close(key);
+        }
+        Some(out.header)
     }
 
     /// The listening socket is readable: takes every waiting host program.
