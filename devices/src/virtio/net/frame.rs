@@ -543,12 +543,13 @@ fn gather(
 
 /// Used-ring entries written but not yet visible to the driver. [`UsedBatch::flush`] moves
 /// `used.idx` once for all of them, so a frame spread over several buffers never shows up
-/// half-written (the driver would drop it), and a burst costs one index update and at most
-/// one interrupt.
+/// half-written (the driver would drop it); [`UsedBatch::finish`] decides once, for everything
+/// published since the batch began, whether the driver wants an interrupt.
 #[derive(Debug, Default)]
 pub struct UsedBatch {
     pending: u16,
-    notify: bool,
+    /// `next_used` when the first entry was published.
+    start: Option<Wrapping<u16>>,
 }
 
 impl UsedBatch {
@@ -602,9 +603,7 @@ impl UsedBatch {
             .map_err(virtio_queue::Error::GuestMemory)?;
         queue.set_next_used(new.0);
         self.pending = 0;
-        // The index must be visible before the driver's suppression state is read.
-        fence(Ordering::SeqCst);
-        self.notify |= driver_wants_interrupt(queue, mem, old, new)?;
+        self.start.get_or_insert(old);
         Ok(())
     }
 
@@ -615,7 +614,12 @@ impl UsedBatch {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, virtio_queue::Error> {
         self.flush(queue, mem)?;
-        Ok(self.notify)
+        let Some(start) = self.start else {
+            return Ok(false);
+        };
+        // The index must be visible before the driver's suppression state is read.
+        fence(Ordering::SeqCst);
+        driver_wants_interrupt(queue, mem, start, Wrapping(queue.next_used()))
     }
 }
 
