@@ -343,26 +343,40 @@ impl Net {
     /// guest has no room. A frame that does not fit yet stays pending (the only one read
     /// ahead); the tap is not read again until it is delivered, so the kernel keeps the rest.
     pub fn process_rx(&mut self) {
-        let Some(memory) = self.base.running_memory() else {
-            return;
-        };
+        if let Some(RxStop::Budget) = self.run_queue(RX_QUEUE, "receive", Self::rx_loop) {
+            self.ring_own_doorbell(RX_QUEUE);
+        }
+    }
+
+    /// Runs one queue's loop with a fresh used batch, publishes what it returned and raises the
+    /// interrupt if the driver wants one; a queue error breaks the device. Returns why the loop
+    /// stopped (None when the device is not running or broke).
+    fn run_queue<S>(
+        &mut self,
+        index: usize,
+        what: &str,
+        queue_loop: impl FnOnce(
+            &mut Self,
+            &GuestMemoryMmap,
+            &mut UsedBatch,
+        ) -> Result<S, virtio_queue::Error>,
+    ) -> Option<S> {
+        let memory = self.base.running_memory()?;
         let mem: &GuestMemoryMmap = &memory;
         let mut batch = UsedBatch::default();
-        let stop = self.rx_loop(mem, &mut batch);
-        let queue = &mut self.base.queues_mut()[RX_QUEUE];
-        let published = batch.finish(queue, mem);
+        let stop = queue_loop(self, mem, &mut batch);
+        let published = batch.finish(&mut self.base.queues_mut()[index], mem);
         match (stop, published) {
             (Ok(stop), Ok(notify)) => {
                 if notify {
                     self.base.interrupt().trigger(INTERRUPT_USED_RING);
                 }
-                if let RxStop::Budget = stop {
-                    self.ring_own_doorbell(RX_QUEUE);
-                }
+                Some(stop)
             }
             (Err(e), _) | (_, Err(e)) => {
-                let why = format!("virtio-net {}: receive queue: {e}", self.iface_id);
+                let why = format!("virtio-net {}: {what} queue: {e}", self.iface_id);
                 self.base.mark_broken(&why);
+                None
             }
         }
     }
@@ -470,29 +484,10 @@ impl Net {
         if self.tx_blocked {
             return;
         }
-        let Some(memory) = self.base.running_memory() else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = &memory;
-        let mut batch = UsedBatch::default();
-        let stop = self.tx_loop(mem, &mut batch);
-        let queue = &mut self.base.queues_mut()[TX_QUEUE];
-        let published = batch.finish(queue, mem);
-        match (stop, published) {
-            (Ok(stop), Ok(notify)) => {
-                if notify {
-                    self.base.interrupt().trigger(INTERRUPT_USED_RING);
-                }
-                match stop {
-                    TxStop::Drained => {}
-                    TxStop::TapFull => self.tx_blocked = true,
-                    TxStop::Budget => self.ring_own_doorbell(TX_QUEUE),
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                let why = format!("virtio-net {}: transmit queue: {e}", self.iface_id);
-                self.base.mark_broken(&why);
-            }
+        match self.run_queue(TX_QUEUE, "transmit", Self::tx_loop) {
+            Some(TxStop::TapFull) => self.tx_blocked = true,
+            Some(TxStop::Budget) => self.ring_own_doorbell(TX_QUEUE),
+            Some(TxStop::Drained) | None => {}
         }
     }
 
