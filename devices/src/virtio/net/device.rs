@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::frame::{
-    buffers_available, check_tx_header, deliver_frame, next_chain, prepare_rx_header,
+    buffers_available, check_tx_header, deliver_frame, feature, next_chain, prepare_rx_header,
     read_tx_frame, receive_direct, request_buffer_notification, Delivery, Direct, FrameDrop,
     UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
 };
@@ -37,10 +37,6 @@ const BUDGET: usize = 256;
 /// the driver for a notification (as virtio-blk does). Reception does not poll: while it waits
 /// for buffers, the vCPU that would post them needs the CPU more.
 const POLL: std::time::Duration = std::time::Duration::from_micros(50);
-
-fn feature(bit: u32) -> u64 {
-    1 << bit
-}
 
 /// Features every interface offers; VIRTIO_NET_F_MAC is added when the config sets a MAC.
 /// UDP fragmentation (UFO) and ECN are left out: current kernels produce neither, and the

@@ -77,7 +77,8 @@ pub enum FrameDrop {
     TooBig,
 }
 
-fn feature(bit: u32) -> u64 {
+/// The mask of feature bit `bit`.
+pub(super) fn feature(bit: u32) -> u64 {
     1 << bit
 }
 
