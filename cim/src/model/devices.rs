@@ -2,11 +2,9 @@
 //! counters, and the host's primordial resource pools they are allocated from (DSP1041).
 
 use super::systems::{host_path, vm_path};
-use super::{keyed, Snapshot, CIMV2_NS};
+use super::{keyed, keyed_at, Snapshot, CIMV2_NS, VM_CLASS};
 use crate::cimom::Cimom;
 use crate::value::{Instance, ObjectPath, Value};
-
-const VM_CLASS: &str = "LKS_VirtualComputerSystem";
 
 fn device_path(class: &'static str, vm: &str, id: &str) -> ObjectPath {
     ObjectPath::new(CIMV2_NS, class)
@@ -17,19 +15,10 @@ fn device_path(class: &'static str, vm: &str, id: &str) -> ObjectPath {
 }
 
 fn device(class: &'static str, vm: &str, id: &str, enabled: u16) -> Instance {
-    keyed(
-        CIMV2_NS,
-        class,
-        vec![
-            ("CreationClassName", class.into()),
-            ("DeviceID", id.into()),
-            ("SystemCreationClassName", VM_CLASS.into()),
-            ("SystemName", vm.into()),
-        ],
-    )
-    .with("EnabledState", enabled)
-    .with("HealthState", 5u16)
-    .with("OperationalStatus", Value::u16_array(&[2]))
+    keyed_at(device_path(class, vm, id))
+        .with("EnabledState", enabled)
+        .with("HealthState", 5u16)
+        .with("OperationalStatus", Value::u16_array(&[2]))
 }
 
 fn vm_enabled(snap: &Snapshot<'_>, vm: &str) -> u16 {
@@ -244,20 +233,16 @@ pub(super) fn pools(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<Insta
                 "memory" => (Some(info.mem_mib), Some(mem)),
                 _ => (None, None),
             };
-            keyed(
-                CIMV2_NS,
-                "LKS_ResourcePool",
-                vec![("InstanceID", format!("LKS:pool:{kind}").into())],
-            )
-            .with("ElementName", format!("host {kind} pool"))
-            .with("PoolID", format!("LKS:pool:{kind}"))
-            .with("Primordial", true)
-            .with("ResourceType", rt)
-            .with("AllocationUnits", units)
-            .with_opt("Capacity", capacity)
-            .with_opt("Reserved", reserved)
-            .with("HealthState", 5u16)
-            .with("OperationalStatus", Value::u16_array(&[2]))
+            keyed_at(pool_path(kind))
+                .with("ElementName", format!("host {kind} pool"))
+                .with("PoolID", format!("LKS:pool:{kind}"))
+                .with("Primordial", true)
+                .with("ResourceType", rt)
+                .with("AllocationUnits", units)
+                .with_opt("Capacity", capacity)
+                .with_opt("Reserved", reserved)
+                .with("HealthState", 5u16)
+                .with("OperationalStatus", Value::u16_array(&[2]))
         })
         .collect()
 }

@@ -4,13 +4,12 @@
 
 use super::devices::{device_paths, pool_path};
 use super::systems::{host_path, vm_path};
-use super::{keyed, Snapshot, CIMV2_NS};
+use super::{keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS};
 use crate::cimom::Cimom;
 use crate::value::{Instance, ObjectPath, Value};
 
 /// The interop namespace.
 pub const INTEROP_NS: &str = "root/interop";
-const HOST_CLASS: &str = "LKS_HostComputerSystem";
 const OM_CLASS: &str = "LKS_ObjectManager";
 const OM_NAME: &str = "lockstep-cimom";
 
@@ -110,28 +109,19 @@ fn om_path(cimom: &Cimom) -> ObjectPath {
 }
 
 pub(super) fn object_manager(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
-    vec![keyed(
-        INTEROP_NS,
-        OM_CLASS,
-        vec![
-            ("CreationClassName", OM_CLASS.into()),
-            ("Name", OM_NAME.into()),
-            ("SystemCreationClassName", HOST_CLASS.into()),
-            ("SystemName", cimom.hostname.as_str().into()),
-        ],
-    )
-    .with("ElementName", "lockstep")
-    .with(
-        "Description",
-        format!("lockstep CIM object manager {}", env!("CARGO_PKG_VERSION")),
-    )
-    .with("GatherStatisticalData", false)
-    .with("EnabledState", 2u16)
-    .with("RequestedState", 12u16)
-    .with("EnabledDefault", 2u16)
-    .with("HealthState", 5u16)
-    .with("OperationalStatus", Value::u16_array(&[2]))
-    .with("Started", true)]
+    vec![keyed_at(om_path(cimom))
+        .with("ElementName", "lockstep")
+        .with(
+            "Description",
+            format!("lockstep CIM object manager {}", env!("CARGO_PKG_VERSION")),
+        )
+        .with("GatherStatisticalData", false)
+        .with("EnabledState", 2u16)
+        .with("RequestedState", 12u16)
+        .with("EnabledDefault", 2u16)
+        .with("HealthState", 5u16)
+        .with("OperationalStatus", Value::u16_array(&[2]))
+        .with("Started", true)]
 }
 
 fn namespace_path(cimom: &Cimom, name: &str) -> ObjectPath {
@@ -148,23 +138,12 @@ pub(super) fn namespaces(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<
     [INTEROP_NS, CIMV2_NS]
         .into_iter()
         .map(|name| {
-            keyed(
-                INTEROP_NS,
-                "LKS_Namespace",
-                vec![
-                    ("CreationClassName", "LKS_Namespace".into()),
-                    ("Name", name.into()),
-                    ("ObjectManagerCreationClassName", OM_CLASS.into()),
-                    ("ObjectManagerName", OM_NAME.into()),
-                    ("SystemCreationClassName", HOST_CLASS.into()),
-                    ("SystemName", cimom.hostname.as_str().into()),
-                ],
-            )
-            .with("ElementName", name)
-            // ClassInfo 2: CIM; ClassType 2: CIM.
-            .with("ClassInfo", 2u16)
-            .with("ClassType", 2u16)
-            .with("ClassTypeVersion", "2.41.0")
+            keyed_at(namespace_path(cimom, name))
+                .with("ElementName", name)
+                // ClassInfo 2: CIM; ClassType 2: CIM.
+                .with("ClassInfo", 2u16)
+                .with("ClassType", 2u16)
+                .with("ClassTypeVersion", "2.41.0")
         })
         .collect()
 }
@@ -197,20 +176,16 @@ pub(super) fn registered_profiles(
     PROFILES
         .iter()
         .map(|p| {
-            keyed(
-                INTEROP_NS,
-                "LKS_RegisteredProfile",
-                vec![("InstanceID", format!("LKS:profile:{}", p.id).into())],
-            )
-            .with("ElementName", p.name)
-            .with("Caption", format!("{} ({})", p.name, p.id))
-            // RegisteredOrganization 2: DMTF.
-            .with("RegisteredOrganization", 2u16)
-            .with("RegisteredName", p.name)
-            .with("RegisteredVersion", p.version)
-            // AdvertiseTypes 2: Not Advertised (no SLP).
-            .with("AdvertiseTypes", Value::u16_array(&[2]))
-            .with("SpecificationType", 4u16)
+            keyed_at(profile_path(p.id))
+                .with("ElementName", p.name)
+                .with("Caption", format!("{} ({})", p.name, p.id))
+                // RegisteredOrganization 2: DMTF.
+                .with("RegisteredOrganization", 2u16)
+                .with("RegisteredName", p.name)
+                .with("RegisteredVersion", p.version)
+                // AdvertiseTypes 2: Not Advertised (no SLP).
+                .with("AdvertiseTypes", Value::u16_array(&[2]))
+                .with("SpecificationType", 4u16)
         })
         .collect()
 }

@@ -27,6 +27,10 @@ use crate::value::{Instance, ObjectPath, Value};
 
 /// The namespace of the host's model.
 pub const CIMV2_NS: &str = "root/cimv2";
+/// The host's computer system class.
+pub(crate) const HOST_CLASS: &str = "LKS_HostComputerSystem";
+/// A VM's computer system class.
+pub(crate) const VM_CLASS: &str = "LKS_VirtualComputerSystem";
 
 /// The host's data for one request, each part fetched the first time a provider needs it.
 pub struct Snapshot<'a> {
@@ -370,6 +374,15 @@ pub(crate) fn keyed(
         });
         inst.props.push((Cow::Borrowed(name), value));
     }
+    inst.path = Some(path);
+    inst
+}
+
+/// Starts the instance at `path`: its keys, in order, are also its first properties.
+pub(crate) fn keyed_at(path: ObjectPath) -> Instance {
+    let mut inst = Instance::new(path.class.clone());
+    inst.props
+        .extend(path.keys.iter().map(|k| (k.name.clone(), k.value.clone())));
     inst.path = Some(path);
     inst
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lockstep_api::{DriveConfig, NetConfig, VmConfig};
 
 use super::systems::vm_path;
-use super::{keyed, Snapshot, CIMV2_NS};
+use super::{keyed, keyed_at, Snapshot, CIMV2_NS};
 use crate::cimom::Cimom;
 use crate::error::{CimFault, CimResult, CimStatus};
 use crate::value::{Instance, ObjectPath, Value};
@@ -35,30 +35,26 @@ pub(super) fn system_settings(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) ->
         .iter()
         .map(|d| {
             let c = &d.config;
-            keyed(
-                CIMV2_NS,
-                "LKS_VirtualSystemSettingData",
-                vec![("InstanceID", format!("LKS:{}", d.info.name).into())],
-            )
-            .with("ElementName", d.info.name.as_str())
-            .with("VirtualSystemIdentifier", d.info.name.as_str())
-            .with("VirtualSystemType", "lockstep-microvm")
-            .with(
-                "KernelImagePath",
-                c.boot_source.kernel_image_path.display().to_string(),
-            )
-            .with_opt("KernelCommandLine", c.boot_source.boot_args.as_deref())
-            .with_opt(
-                "InitrdPath",
-                c.boot_source
-                    .initrd_path
-                    .as_ref()
-                    .map(|p| p.display().to_string()),
-            )
-            .with_opt(
-                "LogDataRoot",
-                d.info.serial_log.as_ref().map(|p| p.display().to_string()),
-            )
+            keyed_at(vssd_path(&d.info.name))
+                .with("ElementName", d.info.name.as_str())
+                .with("VirtualSystemIdentifier", d.info.name.as_str())
+                .with("VirtualSystemType", "lockstep-microvm")
+                .with(
+                    "KernelImagePath",
+                    c.boot_source.kernel_image_path.display().to_string(),
+                )
+                .with_opt("KernelCommandLine", c.boot_source.boot_args.as_deref())
+                .with_opt(
+                    "InitrdPath",
+                    c.boot_source
+                        .initrd_path
+                        .as_ref()
+                        .map(|p| p.display().to_string()),
+                )
+                .with_opt(
+                    "LogDataRoot",
+                    d.info.serial_log.as_ref().map(|p| p.display().to_string()),
+                )
         })
         .collect()
 }

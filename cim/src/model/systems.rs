@@ -1,14 +1,12 @@
 //! The host and its VMs as computer systems (DSP1052, DSP1057), their capabilities, the
 //! virtual system management service (DSP1042) and its jobs.
 
-use super::{enabled_state, keyed, Snapshot, CIMV2_NS};
+use super::{enabled_state, keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS, VM_CLASS};
 use crate::cimom::Cimom;
 use crate::value::{Instance, ObjectPath, Value};
 
 /// Name of the one management service.
 pub const VSMS_NAME: &str = "lockstep-vsms";
-const HOST_CLASS: &str = "LKS_HostComputerSystem";
-const VM_CLASS: &str = "LKS_VirtualComputerSystem";
 
 /// The host system's path.
 pub fn host_path(cimom: &Cimom) -> ObjectPath {
@@ -50,30 +48,23 @@ pub fn job_path(id: u64) -> ObjectPath {
 
 pub(super) fn host_system(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
     let info = snap.info();
-    let inst = keyed(
-        CIMV2_NS,
-        HOST_CLASS,
-        vec![
-            ("CreationClassName", HOST_CLASS.into()),
-            ("Name", cimom.hostname.as_str().into()),
-        ],
-    )
-    .with("ElementName", cimom.hostname.as_str())
-    .with("Caption", "lockstep host")
-    .with(
-        "Description",
-        format!(
-            "lockstep {} on KVM ({})",
-            info.version, info.kvm_backend_description
-        ),
-    )
-    .with("NameFormat", "IP")
-    .with("EnabledState", 2u16)
-    .with("RequestedState", 12u16)
-    .with("EnabledDefault", 2u16)
-    .with("HealthState", 5u16)
-    .with("OperationalStatus", Value::u16_array(&[2]))
-    .with("Dedicated", Value::u16_array(&[0]));
+    let inst = keyed_at(host_path(cimom))
+        .with("ElementName", cimom.hostname.as_str())
+        .with("Caption", "lockstep host")
+        .with(
+            "Description",
+            format!(
+                "lockstep {} on KVM ({})",
+                info.version, info.kvm_backend_description
+            ),
+        )
+        .with("NameFormat", "IP")
+        .with("EnabledState", 2u16)
+        .with("RequestedState", 12u16)
+        .with("EnabledDefault", 2u16)
+        .with("HealthState", 5u16)
+        .with("OperationalStatus", Value::u16_array(&[2]))
+        .with("Dedicated", Value::u16_array(&[0]));
     vec![inst]
 }
 
@@ -88,30 +79,23 @@ pub(super) fn virtual_systems(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
                 .get(&vm.name)
                 .cloned()
                 .unwrap_or_else(|| vm.name.clone());
-            keyed(
-                CIMV2_NS,
-                VM_CLASS,
-                vec![
-                    ("CreationClassName", Value::from_static(VM_CLASS)),
-                    ("Name", vm.name.as_str().into()),
-                ],
-            )
-            .with("ElementName", element_name)
-            .with("Caption", Value::from_static("lockstep microVM"))
-            .with("NameFormat", Value::from_static("Other"))
-            .with("EnabledState", enabled)
-            .with(
-                "RequestedState",
-                requested.get(&vm.name).copied().unwrap_or(12),
-            )
-            .with("EnabledDefault", 3u16)
-            .with("HealthState", health)
-            .with("OperationalStatus", Value::u16_array(&[op]))
-            .with("Dedicated", Value::u16_array(&[0]))
-            .with_opt(
-                "StatusDescriptions",
-                vm.exit_reason.as_ref().map(|r| Value::str_array(&[r])),
-            )
+            keyed_at(vm_path(&vm.name))
+                .with("ElementName", element_name)
+                .with("Caption", Value::from_static("lockstep microVM"))
+                .with("NameFormat", Value::from_static("Other"))
+                .with("EnabledState", enabled)
+                .with(
+                    "RequestedState",
+                    requested.get(&vm.name).copied().unwrap_or(12),
+                )
+                .with("EnabledDefault", 3u16)
+                .with("HealthState", health)
+                .with("OperationalStatus", Value::u16_array(&[op]))
+                .with("Dedicated", Value::u16_array(&[0]))
+                .with_opt(
+                    "StatusDescriptions",
+                    vm.exit_reason.as_ref().map(|r| Value::str_array(&[r])),
+                )
         })
         .collect()
 }
@@ -137,18 +121,14 @@ pub(super) fn vm_capabilities(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) ->
     snap.vms()
         .iter()
         .map(|vm| {
-            keyed(
-                CIMV2_NS,
-                "LKS_EnabledLogicalElementCapabilities",
-                vec![("InstanceID", format!("LKS:{}:capabilities", vm.name).into())],
-            )
-            .with("ElementName", format!("{} capabilities", vm.name))
-            .with(
-                "RequestedStatesSupported",
-                Value::u16_array(&[2, 3, 4, 9, 10, 11]),
-            )
-            .with("ElementNameEditSupported", true)
-            .with("MaxElementNameLen", 256u16)
+            keyed_at(vm_caps_path(&vm.name))
+                .with("ElementName", format!("{} capabilities", vm.name))
+                .with(
+                    "RequestedStatesSupported",
+                    Value::u16_array(&[2, 3, 4, 9, 10, 11]),
+                )
+                .with("ElementNameEditSupported", true)
+                .with("MaxElementNameLen", 256u16)
         })
         .collect()
 }
@@ -184,26 +164,14 @@ pub(super) fn element_capabilities(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str
 }
 
 pub(super) fn management_service(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
-    vec![keyed(
-        CIMV2_NS,
-        "LKS_VirtualSystemManagementService",
-        vec![
-            (
-                "CreationClassName",
-                "LKS_VirtualSystemManagementService".into(),
-            ),
-            ("Name", VSMS_NAME.into()),
-            ("SystemCreationClassName", HOST_CLASS.into()),
-            ("SystemName", cimom.hostname.as_str().into()),
-        ],
-    )
-    .with("ElementName", "lockstep virtual system management service")
-    .with("EnabledState", 2u16)
-    .with("RequestedState", 12u16)
-    .with("EnabledDefault", 2u16)
-    .with("HealthState", 5u16)
-    .with("OperationalStatus", Value::u16_array(&[2]))
-    .with("Started", true)]
+    vec![keyed_at(vsms_path(cimom))
+        .with("ElementName", "lockstep virtual system management service")
+        .with("EnabledState", 2u16)
+        .with("RequestedState", 12u16)
+        .with("EnabledDefault", 2u16)
+        .with("HealthState", 5u16)
+        .with("OperationalStatus", Value::u16_array(&[2]))
+        .with("Started", true)]
 }
 
 pub(super) fn management_capabilities(
@@ -211,33 +179,23 @@ pub(super) fn management_capabilities(
     _snap: &Snapshot<'_>,
     _ns: &str,
 ) -> Vec<Instance> {
-    vec![keyed(
-        CIMV2_NS,
-        "LKS_VirtualSystemManagementCapabilities",
-        vec![(
-            "InstanceID",
-            vsms_caps_path()
-                .key_str("InstanceID")
-                .unwrap_or_default()
-                .into(),
-        )],
-    )
-    .with(
-        "ElementName",
-        "lockstep virtual system management capabilities",
-    )
-    .with(
-        "VirtualSystemTypesSupported",
-        Value::str_array(&["lockstep-microvm"]),
-    )
-    // DefineSystem, DestroySystem, ModifyResourceSettings, ModifySystemSettings, AddResourceSettings.
-    .with(
-        "SynchronousMethodsSupported",
-        Value::u16_array(&[2, 3, 5, 6, 10]),
-    )
-    .with("AsynchronousMethodsSupported", Value::u16_array(&[]))
-    // Virtual system state changes (CIM_InstModification of EnabledState).
-    .with("IndicationsSupported", Value::u16_array(&[4]))]
+    vec![keyed_at(vsms_caps_path())
+        .with(
+            "ElementName",
+            "lockstep virtual system management capabilities",
+        )
+        .with(
+            "VirtualSystemTypesSupported",
+            Value::str_array(&["lockstep-microvm"]),
+        )
+        // DefineSystem, DestroySystem, ModifyResourceSettings, ModifySystemSettings, AddResourceSettings.
+        .with(
+            "SynchronousMethodsSupported",
+            Value::u16_array(&[2, 3, 5, 6, 10]),
+        )
+        .with("AsynchronousMethodsSupported", Value::u16_array(&[]))
+        // Virtual system state changes (CIM_InstModification of EnabledState).
+        .with("IndicationsSupported", Value::u16_array(&[4]))]
 }
 
 pub(super) fn hosted_service(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
@@ -257,36 +215,32 @@ pub(super) fn jobs(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instan
         .list()
         .into_iter()
         .map(|job| {
-            let mut inst = keyed(
-                CIMV2_NS,
-                "LKS_ConcreteJob",
-                vec![("InstanceID", format!("LKS:job:{}", job.id).into())],
-            )
-            .with("Name", job.operation.clone())
-            .with("ElementName", job.operation.clone())
-            .with("Description", job.description.clone())
-            .with("JobState", job.state.code())
-            .with(
-                "PercentComplete",
-                if job.state.finished() { 100u16 } else { 0u16 },
-            )
-            .with("DeleteOnCompletion", false)
-            .with(
-                "TimeSubmitted",
-                Value::DateTime(super::cim_datetime(job.submitted)),
-            )
-            .with(
-                "StartTime",
-                Value::DateTime(super::cim_datetime(job.submitted)),
-            )
-            .with(
-                "TimeBeforeRemoval",
-                Value::DateTime(super::cim_interval(crate::methods::JOB_KEEP)),
-            )
-            .with(
-                "OperationalStatus",
-                Value::u16_array(job.state.operational_status()),
-            );
+            let mut inst = keyed_at(job_path(job.id))
+                .with("Name", job.operation.clone())
+                .with("ElementName", job.operation.clone())
+                .with("Description", job.description.clone())
+                .with("JobState", job.state.code())
+                .with(
+                    "PercentComplete",
+                    if job.state.finished() { 100u16 } else { 0u16 },
+                )
+                .with("DeleteOnCompletion", false)
+                .with(
+                    "TimeSubmitted",
+                    Value::DateTime(super::cim_datetime(job.submitted)),
+                )
+                .with(
+                    "StartTime",
+                    Value::DateTime(super::cim_datetime(job.submitted)),
+                )
+                .with(
+                    "TimeBeforeRemoval",
+                    Value::DateTime(super::cim_interval(crate::methods::JOB_KEEP)),
+                )
+                .with(
+                    "OperationalStatus",
+                    Value::u16_array(job.state.operational_status()),
+                );
             if let Some(end) = job.finished {
                 inst = inst
                     .with(
