@@ -566,25 +566,12 @@ fn modify_system_settings(cimom: &Cimom, params: Params<'_>) -> MethodResult {
 }
 
 fn rasd_path(vm: &str, change: &ConfigChange) -> ObjectPath {
-    let (class, id) = match change {
-        ConfigChange::Vcpus(_) => (
-            "LKS_ProcessorAllocationSettingData",
-            format!("LKS:{vm}:processor"),
-        ),
-        ConfigChange::MemoryMib(_) => (
-            "LKS_MemoryAllocationSettingData",
-            format!("LKS:{vm}:memory"),
-        ),
-        ConfigChange::Drive(d) => (
-            "LKS_StorageAllocationSettingData",
-            format!("LKS:{vm}:disk:{}", d.drive_id),
-        ),
-        ConfigChange::Nic(n) => (
-            "LKS_EthernetPortAllocationSettingData",
-            format!("LKS:{vm}:nic:{}", n.iface_id),
-        ),
-    };
-    ObjectPath::new(model::CIMV2_NS, class).key("InstanceID", id)
+    match change {
+        ConfigChange::Vcpus(_) => model::processor_rasd_path(vm),
+        ConfigChange::MemoryMib(_) => model::memory_rasd_path(vm),
+        ConfigChange::Drive(d) => model::disk_rasd_path(vm, &d.drive_id),
+        ConfigChange::Nic(n) => model::nic_rasd_path(vm, &n.iface_id),
+    }
 }
 
 fn modify_resource_settings(

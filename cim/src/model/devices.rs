@@ -210,7 +210,7 @@ pub(super) fn system_devices(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
 }
 
 /// The pools: id suffix, ResourceType, allocation units.
-const POOLS: [(&str, u16, &str); 4] = [
+pub(super) const POOLS: [(&str, u16, &str); 4] = [
     ("processor", 3, "count"),
     ("memory", 4, "byte*2^20"),
     ("storage", 31, "count"),

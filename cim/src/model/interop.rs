@@ -2,7 +2,7 @@
 //! the registered profiles and which instances conform to each, so that a client such as
 //! pywbem's `WBEMServer` finds every profile's central instances.
 
-use super::devices::{device_paths, pool_path};
+use super::devices::{device_paths, pool_path, POOLS};
 use super::systems::{host_path, vm_path};
 use super::{keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS};
 use crate::cimom::Cimom;
@@ -232,10 +232,7 @@ fn central_instances(cimom: &Cimom, snap: &Snapshot<'_>, id: &str) -> Vec<Object
         }
         "DSP1022" => device_paths(snap, "LKS_Processor"),
         "DSP1026" => device_paths(snap, "LKS_Memory"),
-        "DSP1041" => ["processor", "memory", "storage", "ethernet"]
-            .into_iter()
-            .map(pool_path)
-            .collect(),
+        "DSP1041" => POOLS.iter().map(|&(kind, _, _)| pool_path(kind)).collect(),
         "DSP1044" => vec![pool_path("processor")],
         "DSP1045" => vec![pool_path("memory")],
         "DSP1047" => vec![pool_path("storage")],

@@ -15,6 +15,7 @@ use lockstep_api::control::{HostControl, HostInfo, VmDetails, VmInfo, VmMetrics,
 
 pub use interop::{INTEROP_NS, PROFILES};
 pub use settings::{apply_change, config_from_embedded, rasd_to_config_change, ConfigChange};
+pub(crate) use settings::{disk_rasd_path, memory_rasd_path, nic_rasd_path, processor_rasd_path};
 pub use systems::{vm_path, VSMS_NAME};
 
 /// A reference to job `id`.

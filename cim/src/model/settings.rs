@@ -26,8 +26,28 @@ fn vssd_path(vm: &str) -> ObjectPath {
     ObjectPath::new(CIMV2_NS, "LKS_VirtualSystemSettingData").key("InstanceID", format!("LKS:{vm}"))
 }
 
-fn rasd_path(class: &'static str, id: String) -> ObjectPath {
-    ObjectPath::new(CIMV2_NS, class).key("InstanceID", id)
+/// The path of a VM's processor RASD.
+pub(crate) fn processor_rasd_path(vm: &str) -> ObjectPath {
+    ObjectPath::new(CIMV2_NS, "LKS_ProcessorAllocationSettingData")
+        .key("InstanceID", format!("LKS:{vm}:processor"))
+}
+
+/// The path of a VM's memory RASD.
+pub(crate) fn memory_rasd_path(vm: &str) -> ObjectPath {
+    ObjectPath::new(CIMV2_NS, "LKS_MemoryAllocationSettingData")
+        .key("InstanceID", format!("LKS:{vm}:memory"))
+}
+
+/// The path of the RASD of a VM's disk `drive_id`.
+pub(crate) fn disk_rasd_path(vm: &str, drive_id: &str) -> ObjectPath {
+    ObjectPath::new(CIMV2_NS, "LKS_StorageAllocationSettingData")
+        .key("InstanceID", format!("LKS:{vm}:disk:{drive_id}"))
+}
+
+/// The path of the RASD of a VM's network interface `iface_id`.
+pub(crate) fn nic_rasd_path(vm: &str, iface_id: &str) -> ObjectPath {
+    ObjectPath::new(CIMV2_NS, "LKS_EthernetPortAllocationSettingData")
+        .key("InstanceID", format!("LKS:{vm}:nic:{iface_id}"))
 }
 
 pub(super) fn system_settings(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
@@ -97,8 +117,8 @@ pub(super) fn element_setting_data(
         .collect()
 }
 
-fn rasd_base(class: &'static str, id: String, rt: u16, vm: &str) -> Instance {
-    keyed(CIMV2_NS, class, vec![("InstanceID", id.into())])
+fn rasd_base(path: ObjectPath, rt: u16, vm: &str) -> Instance {
+    keyed_at(path)
         .with("ResourceType", rt)
         .with("ConsumerVisibility", 3u16)
         .with("AutomaticAllocation", true)
@@ -110,19 +130,14 @@ pub(super) fn processor_rasds(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) ->
     snap.vms()
         .iter()
         .map(|vm| {
-            rasd_base(
-                "LKS_ProcessorAllocationSettingData",
-                format!("LKS:{}:processor", vm.name),
-                RT_PROCESSOR,
-                &vm.name,
-            )
-            .with("ElementName", format!("{} virtual CPUs", vm.vcpus))
-            .with("PoolID", "LKS:pool:processor")
-            .with("AllocationUnits", "count")
-            .with("VirtualQuantity", u64::from(vm.vcpus))
-            .with("VirtualQuantityUnits", "count")
-            .with("Reservation", u64::from(vm.vcpus))
-            .with("Limit", u64::from(vm.vcpus))
+            rasd_base(processor_rasd_path(&vm.name), RT_PROCESSOR, &vm.name)
+                .with("ElementName", format!("{} virtual CPUs", vm.vcpus))
+                .with("PoolID", "LKS:pool:processor")
+                .with("AllocationUnits", "count")
+                .with("VirtualQuantity", u64::from(vm.vcpus))
+                .with("VirtualQuantityUnits", "count")
+                .with("Reservation", u64::from(vm.vcpus))
+                .with("Limit", u64::from(vm.vcpus))
         })
         .collect()
 }
@@ -131,19 +146,14 @@ pub(super) fn memory_rasds(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Ve
     snap.vms()
         .iter()
         .map(|vm| {
-            rasd_base(
-                "LKS_MemoryAllocationSettingData",
-                format!("LKS:{}:memory", vm.name),
-                RT_MEMORY,
-                &vm.name,
-            )
-            .with("ElementName", format!("{} MiB of memory", vm.mem_size_mib))
-            .with("PoolID", "LKS:pool:memory")
-            .with("AllocationUnits", "byte*2^20")
-            .with("VirtualQuantity", vm.mem_size_mib)
-            .with("VirtualQuantityUnits", "byte*2^20")
-            .with("Reservation", vm.mem_size_mib)
-            .with("Limit", vm.mem_size_mib)
+            rasd_base(memory_rasd_path(&vm.name), RT_MEMORY, &vm.name)
+                .with("ElementName", format!("{} MiB of memory", vm.mem_size_mib))
+                .with("PoolID", "LKS:pool:memory")
+                .with("AllocationUnits", "byte*2^20")
+                .with("VirtualQuantity", vm.mem_size_mib)
+                .with("VirtualQuantityUnits", "byte*2^20")
+                .with("Reservation", vm.mem_size_mib)
+                .with("Limit", vm.mem_size_mib)
         })
         .collect()
 }
@@ -155,8 +165,7 @@ pub(super) fn storage_rasds(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> V
             let size = std::fs::metadata(&drive.path_on_host).map(|m| m.len()).ok();
             out.push(
                 rasd_base(
-                    "LKS_StorageAllocationSettingData",
-                    format!("LKS:{}:disk:{}", d.info.name, drive.drive_id),
+                    disk_rasd_path(&d.info.name, &drive.drive_id),
                     RT_LOGICAL_DISK,
                     &d.info.name,
                 )
@@ -185,8 +194,7 @@ pub(super) fn ethernet_rasds(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> 
         for (i, nic) in d.config.network_interfaces.iter().enumerate() {
             out.push(
                 rasd_base(
-                    "LKS_EthernetPortAllocationSettingData",
-                    format!("LKS:{}:nic:{}", d.info.name, nic.iface_id),
+                    nic_rasd_path(&d.info.name, &nic.iface_id),
                     RT_ETHERNET_ADAPTER,
                     &d.info.name,
                 )
@@ -226,37 +234,13 @@ pub(super) fn settings_components(_cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str
     };
     for d in snap.details() {
         let vm = d.info.name.as_str();
-        link(
-            vm,
-            rasd_path(
-                "LKS_ProcessorAllocationSettingData",
-                format!("LKS:{vm}:processor"),
-            ),
-        );
-        link(
-            vm,
-            rasd_path(
-                "LKS_MemoryAllocationSettingData",
-                format!("LKS:{vm}:memory"),
-            ),
-        );
+        link(vm, processor_rasd_path(vm));
+        link(vm, memory_rasd_path(vm));
         for drive in &d.config.drives {
-            link(
-                vm,
-                rasd_path(
-                    "LKS_StorageAllocationSettingData",
-                    format!("LKS:{vm}:disk:{}", drive.drive_id),
-                ),
-            );
+            link(vm, disk_rasd_path(vm, &drive.drive_id));
         }
         for nic in &d.config.network_interfaces {
-            link(
-                vm,
-                rasd_path(
-                    "LKS_EthernetPortAllocationSettingData",
-                    format!("LKS:{vm}:nic:{}", nic.iface_id),
-                ),
-            );
+            link(vm, nic_rasd_path(vm, &nic.iface_id));
         }
     }
     out
