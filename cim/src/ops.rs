@@ -285,7 +285,7 @@ fn get_instance(
     let shape = InstanceShape::from_params(params)?;
     let local_only = params.bool("LocalOnly", false)?;
     let inst = if local_only {
-        local_properties(cimom, &class.name, inst)
+        local_properties(class, inst)
     } else {
         inst
     };
@@ -296,21 +296,18 @@ fn get_instance(
 }
 
 /// Keeps the properties `class` itself declares (LocalOnly, when a client asks for it).
-fn local_properties(cimom: &Cimom, class: &str, mut inst: Instance) -> Instance {
-    if let Some(c) = cimom.schema.class(class) {
-        inst.props.retain(|(n, _)| {
-            c.property(n)
-                .is_some_and(|p| p.class_origin.eq_ignore_ascii_case(class) || !p.propagated)
-        });
-    }
+fn local_properties(class: &Class, mut inst: Instance) -> Instance {
+    inst.props.retain(|(n, _)| {
+        class
+            .property(n)
+            .is_some_and(|p| p.class_origin.eq_ignore_ascii_case(&class.name) || !p.propagated)
+    });
     inst
 }
 
 /// Keeps the properties declared in `class` (DeepInheritance false).
-fn class_properties(cimom: &Cimom, class: &str, mut inst: Instance) -> Instance {
-    if let Some(c) = cimom.schema.class(class) {
-        inst.props.retain(|(n, _)| c.property(n).is_some());
-    }
+fn class_properties(class: &Class, mut inst: Instance) -> Instance {
+    inst.props.retain(|(n, _)| class.property(n).is_some());
     inst
 }
 
@@ -327,13 +324,13 @@ pub fn enumerate(
     if !deep {
         insts = insts
             .into_iter()
-            .map(|i| class_properties(cimom, &class.name, i))
+            .map(|i| class_properties(class, i))
             .collect();
     }
     if local_only {
         insts = insts
             .into_iter()
-            .map(|i| local_properties(cimom, &class.name, i))
+            .map(|i| local_properties(class, i))
             .collect();
     }
     insts
