@@ -400,6 +400,24 @@ pub(crate) fn more_within(q: &Queue, mem: &GuestMemoryMmap, poll: std::time::Dur
     }
 }
 
+/// A timer for the event loop. Non-blocking: reading a timer that was re-armed between epoll's
+/// report and the read must not block the loop.
+pub(crate) fn nonblocking_timer() -> std::io::Result<vmm_sys_util::timerfd::TimerFd> {
+    let timer = vmm_sys_util::timerfd::TimerFd::new()?;
+    // SAFETY: F_SETFL on a descriptor this function owns.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&timer),
+            libc::F_SETFL,
+            libc::O_NONBLOCK,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
 /// A virtio device as the transport sees it.
 pub trait VirtioDevice: Send {
     /// The virtio device type (see [`super::types`]).

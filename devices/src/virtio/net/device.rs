@@ -11,14 +11,16 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::frame::{
     buffers_available, check_tx_header, deliver_frame, feature, next_chain, prepare_rx_header,
     read_tx_frame, receive_direct, request_buffer_notification, Delivery, Direct, FrameDrop,
     UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
 };
+use super::moderation::RxModeration;
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use crate::virtio::device::{more_within, read_config_bytes};
+use crate::virtio::device::{more_within, nonblocking_timer, read_config_bytes};
 use crate::virtio::{
     types, ActivateError, DeviceBase, VirtioDevice, VirtioInterrupt, INTERRUPT_USED_RING,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -94,6 +96,8 @@ pub struct NetMetrics {
     pub rx_errors: AtomicU64,
     /// Malformed receive chains returned to the guest empty.
     pub rx_bad_buffers: AtomicU64,
+    /// Receive passes made on the moderation timer, while frames arrived back to back.
+    pub rx_moderated_passes: AtomicU64,
     /// Frames the guest sent to the tap.
     pub tx_frames: AtomicU64,
     /// Bytes the guest sent (Ethernet frames, without the vnet header).
@@ -112,6 +116,7 @@ crate::impl_counters!(NetMetrics {
     rx_drops,
     rx_errors,
     rx_bad_buffers,
+    rx_moderated_passes,
     tx_frames,
     tx_bytes,
     tx_drops,
@@ -259,6 +264,9 @@ pub struct Net {
     pub(super) tx_blocked: bool,
     /// What the event loop watches on the tap, once it does.
     pub(super) tap_events: Option<event_manager::EventSet>,
+    /// Whether the tap or `rx_timer` drives reception (see [`super::moderation`]).
+    pub(super) rx_moderation: RxModeration,
+    pub(super) rx_timer: TimerFd,
 }
 
 impl Net {
@@ -286,6 +294,10 @@ impl Net {
                     source,
                 }
             })?;
+        let rx_timer = nonblocking_timer().map_err(|source| NetError::Queues {
+            iface_id: iface_id.to_string(),
+            source,
+        })?;
         Ok(Net {
             base,
             tap,
@@ -297,6 +309,8 @@ impl Net {
             tx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
             tx_blocked: false,
             tap_events: None,
+            rx_moderation: RxModeration::default(),
+            rx_timer,
         })
     }
 
@@ -308,6 +322,10 @@ impl Net {
     /// The interface's counters.
     pub fn metrics(&self) -> Arc<NetMetrics> {
         self.metrics.clone()
+    }
+
+    pub(super) fn count_moderated_pass(&self) {
+        count(&self.metrics.rx_moderated_passes, 1);
     }
 
     /// The tap's offloads for what the driver can receive: checksum offload only with
@@ -338,10 +356,15 @@ impl Net {
     /// Moves frames from the tap into the guest's receive buffers until the tap is empty or the
     /// guest has no room. A frame that does not fit yet stays pending (the only one read
     /// ahead); the tap is not read again until it is delivered, so the kernel keeps the rest.
-    pub fn process_rx(&mut self) {
-        if let Some(RxStop::Budget) = self.run_queue(RX_QUEUE, "receive", Self::rx_loop) {
+    /// Returns how many frames the guest got and whether the pass emptied the tap.
+    pub fn process_rx(&mut self) -> (u64, bool) {
+        let before = self.metrics.rx_frames.load(Ordering::Relaxed);
+        let stop = self.run_queue(RX_QUEUE, "receive", Self::rx_loop);
+        if let Some(RxStop::Budget) = stop {
             self.ring_own_doorbell(RX_QUEUE);
         }
+        let delivered = self.metrics.rx_frames.load(Ordering::Relaxed) - before;
+        (delivered, matches!(stop, Some(RxStop::TapEmpty)))
     }
 
     /// Runs one queue's loop with a fresh used batch, publishes what it returned and raises the
@@ -611,6 +634,8 @@ impl VirtioDevice for Net {
             count(&self.metrics.rx_drops, 1);
         }
         self.tx_blocked = false;
+        let change = self.rx_moderation.stop();
+        self.change_rx_timer(change);
         if let Err(e) = self.tap.set_offload(0) {
             log::warn!("virtio-net {}: {e}", self.iface_id);
         }

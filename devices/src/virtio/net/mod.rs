@@ -10,6 +10,7 @@
 mod device;
 mod event_handler;
 pub mod frame;
+mod moderation;
 mod state;
 mod tap;
 

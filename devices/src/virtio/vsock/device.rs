@@ -2,7 +2,7 @@
 //! saved state. Connections and their host sockets are the [`UnixBackend`]'s.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::packet::{read_tx, write_event, Op, RxBuffer, TxError, MAX_PAYLOAD};
 use super::state::VsockState;
 use super::unix_backend::UnixBackend;
-use crate::virtio::device::{next_chain, read_config_bytes};
+use crate::virtio::device::{next_chain, nonblocking_timer, read_config_bytes};
 use crate::virtio::{
     types, ActivateError, DeviceBase, VirtioDevice, VirtioInterrupt, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_VERSION_1,
@@ -141,13 +141,7 @@ impl Vsock {
                 path: config.uds_path.clone(),
                 source,
             })?;
-        let timer = TimerFd::new().map_err(|e| VsockError::Io(e.into()))?;
-        // A timer re-armed between epoll's report and our read must not block the loop.
-        // SAFETY: F_SETFL on a descriptor this function owns.
-        let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if rc < 0 {
-            return Err(VsockError::Io(std::io::Error::last_os_error()));
-        }
+        let timer = nonblocking_timer().map_err(VsockError::Io)?;
         Ok(Vsock {
             base: DeviceBase::new(
                 VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX,
