@@ -14,9 +14,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::frame::{
-    buffers_available, check_tx_header, deliver_frame, feature, next_chain, prepare_rx_header,
-    read_tx_frame, receive_direct, request_buffer_notification, Delivery, Direct, FrameDrop,
-    UsedBatch, MAX_FRAME_LEN, VNET_HDR_LEN,
+    buffers_available, deliver_frame, feature, next_chain, prepare_rx_header, receive_direct,
+    request_buffer_notification, send_tx_frame, Delivery, Direct, FrameDrop, UsedBatch,
+    MAX_FRAME_LEN, VNET_HDR_LEN,
 };
 use super::moderation::RxModeration;
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
@@ -526,12 +526,9 @@ impl Net {
                 };
                 handled += 1;
                 let head = chain.head_index();
-                let frame = read_tx_frame(chain, mem, &mut self.tx_frame).and_then(|len| {
-                    check_tx_header(&self.tx_frame[..len], acked)?;
-                    Ok(len)
-                });
-                let len = match frame {
-                    Ok(len) => len,
+                let sent = send_tx_frame(chain, mem, &self.tap, acked, &mut self.tx_frame);
+                let (len, result) = match sent {
+                    Ok(sent) => sent,
                     Err(why) => {
                         log::debug!(
                             "virtio-net {}: dropped transmit chain {head}: {why}",
@@ -542,7 +539,7 @@ impl Net {
                         continue;
                     }
                 };
-                match self.tap.write(&self.tx_frame[..len]) {
+                match result {
                     Ok(n) if n == len => {
                         count(&self.metrics.tx_frames, 1);
                         count(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);

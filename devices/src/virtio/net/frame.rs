@@ -143,6 +143,95 @@ where
     Ok(len)
 }
 
+/// Sends the frame a transmit chain holds (vnet header first) to the tap. The header is copied
+/// out and checked against the negotiated offloads (`acked`), so the guest cannot change it
+/// after the check; the rest goes to the kernel straight from guest memory (one copy, by the
+/// kernel), or through `bounce` when a buffer is not one contiguous mapping. Returns the
+/// frame's length and what the tap said of it.
+pub fn send_tx_frame<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    acked: u64,
+    bounce: &mut [u8],
+) -> Result<(usize, std::io::Result<usize>), BadChain>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut segments: SmallVec<[(GuestAddress, u32); 4]> = SmallVec::new();
+    let mut len = 0usize;
+    walk(chain, false, |addr, desc_len| {
+        len = len
+            .checked_add(desc_len as usize)
+            .filter(|&end| end <= MAX_FRAME_LEN)
+            .ok_or(BadChain::TooLong)?;
+        segments.push((addr, desc_len));
+        Ok(())
+    })?;
+    if len < VNET_HDR_LEN {
+        return Err(BadChain::TooShort);
+    }
+    let mut slices: SmallVec<[_; 4]> = SmallVec::new();
+    for &(addr, seg_len) in &segments {
+        match vm_memory::GuestMemoryBackend::get_slice(mem, addr, seg_len as usize) {
+            Ok(slice) => slices.push(slice),
+            Err(_) => return send_bounced(&segments, len, mem, tap, acked, bounce),
+        }
+    }
+    let mut header = [0u8; VNET_HDR_LEN];
+    let mut copied = 0;
+    let mut rest: SmallVec<[libc::iovec; 4]> = SmallVec::new();
+    for slice in &slices {
+        let take = (VNET_HDR_LEN - copied).min(slice.len());
+        if take > 0 {
+            let head = slice
+                .subslice(0, take)
+                .map_err(|_| BadChain::OutsideMemory)?;
+            copied += head.copy_to(&mut header[copied..copied + take]);
+        }
+        if slice.len() > take {
+            let tail = slice.offset(take).map_err(|_| BadChain::OutsideMemory)?;
+            rest.push(libc::iovec {
+                iov_base: tail.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: tail.len(),
+            });
+        }
+    }
+    check_tx_header(&header, acked)?;
+    let mut iovecs: SmallVec<[libc::iovec; 5]> = SmallVec::new();
+    iovecs.push(libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: header.len(),
+    });
+    iovecs.extend(rest);
+    // SAFETY: the first iovec is `header`, alive until the call returns; the others are
+    // checked ranges of mapped guest memory (`mem` keeps it mapped for the call).
+    let sent = unsafe { tap.write_from(&iovecs) };
+    Ok((len, sent))
+}
+
+/// [`send_tx_frame`] through a copy, for chains whose buffers span memory regions.
+fn send_bounced(
+    segments: &[(GuestAddress, u32)],
+    len: usize,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    acked: u64,
+    bounce: &mut [u8],
+) -> Result<(usize, std::io::Result<usize>), BadChain> {
+    let frame = bounce.get_mut(..len).ok_or(BadChain::TooLong)?;
+    let mut at = 0;
+    for &(addr, seg_len) in segments {
+        let end = at + seg_len as usize;
+        mem.read_slice(&mut frame[at..end], addr)
+            .map_err(|_| BadChain::OutsideMemory)?;
+        at = end;
+    }
+    check_tx_header(frame, acked)?;
+    Ok((len, tap.write(frame)))
+}
+
 /// Checks that a transmit header only uses offloads the driver negotiated (`acked` features).
 pub fn check_tx_header(frame: &[u8], acked: u64) -> Result<(), BadChain> {
     if frame.len() < VNET_HDR_LEN {

@@ -189,9 +189,55 @@ impl Tap {
         })
     }
 
+    /// Sends one frame gathered from the buffers `iovecs` describe, in order (vnet header
+    /// first); `WouldBlock` when the tap cannot take it now.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that is valid for reads for the whole call (guest
+    /// memory qualifies: the kernel copies it, and a guest that changes it meanwhile only
+    /// changes what it sends).
+    pub unsafe fn write_from(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
+        let count = libc::c_int::try_from(iovecs.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        retry_interrupted(|| {
+            // SAFETY: the caller vouches for the buffers; the pointer and count describe the
+            // iovec array, which outlives the call.
+            let n = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })
+    }
+
     /// Sends one frame (header included); `WouldBlock` when the tap cannot take it now.
     pub fn write(&self, frame: &[u8]) -> std::io::Result<usize> {
         retry_interrupted(|| (&self.file).write(frame))
+    }
+
+    /// A tap stand-in for tests: our end of a non-blocking datagram pair, and the host's end.
+    /// Our end's send buffer holds only a few frames, so the "tap" fills up.
+    #[cfg(test)]
+    pub(crate) fn socket_pair() -> (Tap, std::os::unix::net::UnixDatagram) {
+        let (ours, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let size: libc::c_int = 8192;
+        // SAFETY: SO_SNDBUF reads one int of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        let file = File::from(std::os::fd::OwnedFd::from(ours));
+        (Tap::from_file(file, "sockpair"), host)
     }
 
     /// Wraps any message-preserving descriptor (a `SOCK_SEQPACKET` socket) as a tap, so tests

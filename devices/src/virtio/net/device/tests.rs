@@ -2,7 +2,6 @@
 //! standing in for the tap (it fills up and drains at the test's will), then on a real tap in
 //! a private network namespace, with an AF_PACKET socket on the host side.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
@@ -198,30 +197,6 @@ fn irq() -> Arc<VirtioInterrupt> {
     ))
 }
 
-/// A tap stand-in: our end of a non-blocking datagram pair, and the host's end. Our end's
-/// send buffer holds only a few frames, so the "tap" fills up.
-fn socket_tap() -> (Tap, UnixDatagram) {
-    let (ours, host) = UnixDatagram::pair().unwrap();
-    ours.set_nonblocking(true).unwrap();
-    host.set_nonblocking(true).unwrap();
-    let size: libc::c_int = 8192;
-    // SAFETY: SO_SNDBUF reads one int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            ours.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    assert_eq!(rc, 0);
-    (
-        Tap::from_file(File::from(OwnedFd::from(ours)), "sockpair"),
-        host,
-    )
-}
-
 /// A device on `tap` with `features` acknowledged and both queues on `rx` and `tx`, activated
 /// without touching the tap's offloads (a socket has none).
 fn started(tap: Tap, features: u64, m: &GuestMemoryMmap, rx: &Ring, tx: &Ring) -> Net {
@@ -259,7 +234,7 @@ fn drain(host: &UnixDatagram) -> Vec<Vec<u8>> {
 
 #[test]
 fn config_space_and_features() {
-    let (tap, _host) = socket_tap();
+    let (tap, _host) = Tap::socket_pair();
     let net = Net::with_tap("eth0", tap, Some(MAC), irq()).unwrap();
     let mut config = [0u8; 10];
     net.read_config(0, &mut config);
@@ -276,7 +251,7 @@ fn config_space_and_features() {
     ] {
         assert_eq!(offered & feature(absent), 0, "feature bit {absent}");
     }
-    let (tap, _host) = socket_tap();
+    let (tap, _host) = Tap::socket_pair();
     let net = Net::with_tap("eth1", tap, None, irq()).unwrap();
     assert_eq!(net.base().avail_features() & feature(VIRTIO_NET_F_MAC), 0);
     assert_eq!(net.device_type(), types::NET);
@@ -309,7 +284,7 @@ fn transmission_waits_for_a_full_tap_and_loses_nothing() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(tap, base_features(), &m, &rx, &tx);
     let frames: Vec<Vec<u8>> = sizes(40).map(|(s, l)| ethernet(s, l)).collect();
     for f in &frames {
@@ -355,7 +330,7 @@ fn malformed_transmit_chains_are_returned_unsent_and_counted() {
     let m = mem();
     let rx = Ring::new(&m, RX_RING, RX_BUFS);
     let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(tap, base_features(), &m, &rx, &tx);
     tx.post(100, F_WRITE); // wrong direction
     tx.post(8, 0); // shorter than the header
@@ -380,7 +355,7 @@ fn reception_reads_only_what_the_guest_can_take_and_keeps_order() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(tap, base_features(), &m, &rx, &tx);
     let frames: Vec<Vec<u8>> = sizes(30).map(|(s, l)| ethernet(s, l)).collect();
     // The socket queues at most 10; send in two rounds.
@@ -421,7 +396,7 @@ fn received_frames_mark_guest_pages_dirty() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(tap, base_features(), &m, &rx, &tx);
     rx.post_rx(2, 1024);
     let region = m.find_region(GuestAddress(0)).unwrap();
@@ -445,7 +420,7 @@ fn frames_read_straight_into_guest_buffers_mark_their_pages_dirty() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(
         tap,
         VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX,
@@ -482,7 +457,7 @@ fn without_mrg_rxbuf_each_frame_takes_one_buffer() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let features = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX;
     let mut net = started(tap, features, &m, &rx, &tx);
     let small = ethernet(1, 200);
@@ -506,7 +481,7 @@ fn reset_drops_the_pending_frame_and_the_device_starts_again() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = started(tap, base_features(), &m, &rx, &tx);
     host.send(&with_header(&ethernet(1, 1400))).unwrap();
     rx.post_rx(1, 512);
@@ -544,7 +519,7 @@ fn the_event_loop_drives_both_directions_and_waits_for_a_writable_tap() {
     let m = mem();
     let mut rx = Ring::new(&m, RX_RING, RX_BUFS);
     let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = socket_tap();
+    let (tap, host) = Tap::socket_pair();
     let mut net = Net::with_tap("eth0", tap, Some(MAC), irq()).unwrap();
     net.base_mut().set_acked_features(base_features());
     rx.attach(&mut net.base_mut().queues_mut()[RX_QUEUE]);

@@ -104,6 +104,82 @@ fn tx_frame_is_gathered_from_every_descriptor_in_order() {
     assert_eq!(&buf[..1000], &f[..]);
 }
 
+/// Sends a chain through [`send_tx_frame`] to a socket stand-in for the tap; returns what the
+/// function said and the datagram the host end got.
+fn send_through_socket(
+    m: &GuestMemoryMmap,
+    descs: &[RawDescriptor],
+    acked: u64,
+) -> (Result<usize, BadChain>, Option<Vec<u8>>) {
+    let (tap, host) = Tap::socket_pair();
+    let vq = MockSplitQueue::new(m, SIZE);
+    let chain = vq.build_desc_chain(descs).unwrap();
+    let mut bounce = vec![0u8; MAX_FRAME_LEN];
+    let said = send_tx_frame(chain, m, &tap, acked, &mut bounce).map(|(len, sent)| {
+        assert_eq!(sent.unwrap(), len, "the whole frame in one write");
+        len
+    });
+    let mut got = vec![0u8; MAX_FRAME_LEN];
+    let received = host.recv(&mut got).ok().map(|n| got[..n].to_vec());
+    (said, received)
+}
+
+#[test]
+fn tx_frames_are_sent_straight_from_guest_memory() {
+    let m = mem();
+    let f = frame(1000, 5);
+    // The header split over two buffers, an empty one, and the rest in two more.
+    m.write_slice(&f[..5], GuestAddress(BUF)).unwrap();
+    m.write_slice(&f[5..500], GuestAddress(BUF + 0x1000))
+        .unwrap();
+    m.write_slice(&f[500..], GuestAddress(BUF + 0x3000))
+        .unwrap();
+    let descs = [
+        desc(BUF, 5, 0),
+        desc(BUF + 0x1000, 495, 0),
+        desc(BUF + 0x2000, 0, 0),
+        desc(BUF + 0x3000, 500, 0),
+    ];
+    assert_eq!(send_through_socket(&m, &descs, 0), (Ok(1000), Some(f)));
+}
+
+#[test]
+fn tx_buffers_across_memory_regions_go_through_the_bounce_buffer() {
+    // Two regions back to back: a buffer over the boundary is not one mapping.
+    let m = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 1 << 20),
+        (GuestAddress(1 << 20), 1 << 20),
+    ])
+    .unwrap();
+    let f = frame(3000, 9);
+    let at = (1u64 << 20) - 1000;
+    m.write_slice(&f, GuestAddress(at)).unwrap();
+    let (said, got) = send_through_socket(&m, &[desc(at, 3000, 0)], 0);
+    assert_eq!((said, got), (Ok(3000), Some(f)));
+    // The header's offloads are checked on that path too.
+    let mut offload = frame(100, 1);
+    offload[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    m.write_slice(&offload, GuestAddress((1 << 20) - 50))
+        .unwrap();
+    let (said, got) = send_through_socket(&m, &[desc((1 << 20) - 50, 100, 0)], 0);
+    assert_eq!((said, got), (Err(BadChain::UnnegotiatedOffload), None));
+}
+
+#[test]
+fn tx_headers_are_checked_once_copied_out() {
+    let m = mem();
+    let mut f = frame(200, 3);
+    f[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    m.write_slice(&f, GuestAddress(BUF)).unwrap();
+    let descs = [desc(BUF, 7, 0), desc(BUF + 7, 193, 0)];
+    assert_eq!(
+        send_through_socket(&m, &descs, 0),
+        (Err(BadChain::UnnegotiatedOffload), None)
+    );
+    let csum = feature(VIRTIO_NET_F_CSUM);
+    assert_eq!(send_through_socket(&m, &descs, csum), (Ok(200), Some(f)));
+}
+
 #[test]
 fn malformed_tx_chains_are_refused() {
     let m = mem();
@@ -135,6 +211,12 @@ fn malformed_tx_chains_are_refused() {
         let vq = MockSplitQueue::new(&m, SIZE);
         let chain = vq.build_desc_chain(&descs).unwrap();
         assert_eq!(read_tx_frame(chain, &m, &mut buf), Err(want), "{descs:?}");
+        // Sending refuses them the same way, and sends nothing.
+        assert_eq!(
+            send_through_socket(&m, &descs, 0),
+            (Err(want), None),
+            "{descs:?}"
+        );
     }
 }
 
