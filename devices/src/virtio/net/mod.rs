@@ -17,4 +17,4 @@ mod tap;
 pub use device::{Net, NetConfig, NetError, NetMetrics};
 pub use frame::{MAX_FRAME_LEN, VNET_HDR_LEN};
 pub use state::NetState;
-pub use tap::TapError;
+pub use tap::{Tap, TapError};

@@ -240,10 +240,10 @@ impl Tap {
         (Tap::from_file(file, "sockpair"), host)
     }
 
-    /// Wraps any message-preserving descriptor (a `SOCK_SEQPACKET` socket) as a tap, so tests
-    /// can fill it up and drain it at will; offloads are not set on it.
-    #[cfg(test)]
-    pub(crate) fn from_file(file: File, name: &str) -> Tap {
+    /// Wraps any message-preserving descriptor (a datagram or `SOCK_SEQPACKET` socket) as a
+    /// tap, so tests and fuzz targets can fill it up and drain it at will; offloads are not set
+    /// on it.
+    pub fn from_file(file: File, name: &str) -> Tap {
         Tap {
             file,
             name: name.to_string(),
