@@ -175,18 +175,8 @@ impl Tap {
     /// Every iovec must describe memory that is valid for writes for the whole call and that
     /// nothing else treats as initialised Rust data (guest memory qualifies: the guest owns it).
     pub unsafe fn read_into(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
-        let count = libc::c_int::try_from(iovecs.len())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        retry_interrupted(|| {
-            // SAFETY: the caller vouches for the buffers; the pointer and count describe the
-            // iovec array, which outlives the call.
-            let n = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        })
+        // SAFETY: the caller vouches for the buffers.
+        unsafe { self.vectored(libc::readv, iovecs) }
     }
 
     /// Sends one frame gathered from the buffers `iovecs` describe, in order (vnet header
@@ -198,12 +188,26 @@ impl Tap {
     /// memory qualifies: the kernel copies it, and a guest that changes it meanwhile only
     /// changes what it sends).
     pub unsafe fn write_from(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller vouches for the buffers.
+        unsafe { self.vectored(libc::writev, iovecs) }
+    }
+
+    /// `readv` or `writev` (`call`) on the tap, retried when interrupted.
+    ///
+    /// # Safety
+    ///
+    /// As [`Tap::read_into`] for `readv`, [`Tap::write_from`] for `writev`.
+    unsafe fn vectored(
+        &self,
+        call: unsafe extern "C" fn(libc::c_int, *const libc::iovec, libc::c_int) -> libc::ssize_t,
+        iovecs: &[libc::iovec],
+    ) -> std::io::Result<usize> {
         let count = libc::c_int::try_from(iovecs.len())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         retry_interrupted(|| {
             // SAFETY: the caller vouches for the buffers; the pointer and count describe the
             // iovec array, which outlives the call.
-            let n = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+            let n = unsafe { call(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
