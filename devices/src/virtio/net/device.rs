@@ -80,6 +80,15 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    /// The receive moderation timer could not be created.
+    #[error("network interface {iface_id}: cannot create its receive timer: {source}")]
+    Timer {
+        /// The interface.
+        iface_id: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counters of one interface.
@@ -96,8 +105,8 @@ pub struct NetMetrics {
     pub rx_errors: AtomicU64,
     /// Malformed receive chains returned to the guest empty.
     pub rx_bad_buffers: AtomicU64,
-    /// Receive passes made on the moderation timer, while frames arrived back to back.
-    pub rx_moderated_passes: AtomicU64,
+    /// Frames delivered on the moderation timer's ticks (frames that arrived back to back).
+    pub rx_moderated_frames: AtomicU64,
     /// Frames the guest sent to the tap.
     pub tx_frames: AtomicU64,
     /// Bytes the guest sent (Ethernet frames, without the vnet header).
@@ -116,7 +125,7 @@ crate::impl_counters!(NetMetrics {
     rx_drops,
     rx_errors,
     rx_bad_buffers,
-    rx_moderated_passes,
+    rx_moderated_frames,
     tx_frames,
     tx_bytes,
     tx_drops,
@@ -259,7 +268,8 @@ pub struct Net {
     /// The frame read from the tap and not yet delivered, in `rx_frame[..len]`.
     pub(super) rx_pending: Option<usize>,
     pub(super) rx_frame: Box<[u8]>,
-    tx_frame: Box<[u8]>,
+    /// Where a transmit frame is gathered when its buffers are not one mapping.
+    tx_bounce: Box<[u8]>,
     /// The tap refused a frame with EAGAIN; it stays in the queue until the tap is writable.
     pub(super) tx_blocked: bool,
     /// What the event loop watches on the tap, once it does.
@@ -294,7 +304,7 @@ impl Net {
                     source,
                 }
             })?;
-        let rx_timer = nonblocking_timer().map_err(|source| NetError::Queues {
+        let rx_timer = nonblocking_timer().map_err(|source| NetError::Timer {
             iface_id: iface_id.to_string(),
             source,
         })?;
@@ -306,7 +316,7 @@ impl Net {
             metrics: Arc::new(NetMetrics::default()),
             rx_pending: None,
             rx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
-            tx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
+            tx_bounce: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
             tx_blocked: false,
             tap_events: None,
             rx_moderation: RxModeration::default(),
@@ -324,8 +334,8 @@ impl Net {
         self.metrics.clone()
     }
 
-    pub(super) fn count_moderated_pass(&self) {
-        count(&self.metrics.rx_moderated_passes, 1);
+    pub(super) fn count_moderated_frames(&self, frames: u64) {
+        count(&self.metrics.rx_moderated_frames, frames);
     }
 
     /// The tap's offloads for what the driver can receive: checksum offload only with
@@ -356,14 +366,20 @@ impl Net {
     /// Moves frames from the tap into the guest's receive buffers until the tap is empty or the
     /// guest has no room. A frame that does not fit yet stays pending (the only one read
     /// ahead); the tap is not read again until it is delivered, so the kernel keeps the rest.
-    /// Returns how many frames the guest got and whether the pass emptied the tap.
+    /// Returns how many frames the guest got and whether the pass stopped because the tap had
+    /// nothing more (or failed to read).
     pub fn process_rx(&mut self) -> (u64, bool) {
         let before = self.metrics.rx_frames.load(Ordering::Relaxed);
         let stop = self.run_queue(RX_QUEUE, "receive", Self::rx_loop);
         if let Some(RxStop::Budget) = stop {
             self.ring_own_doorbell(RX_QUEUE);
         }
-        let delivered = self.metrics.rx_frames.load(Ordering::Relaxed) - before;
+        // Only this device's thread counts its frames.
+        let delivered = self
+            .metrics
+            .rx_frames
+            .load(Ordering::Relaxed)
+            .wrapping_sub(before);
         (delivered, matches!(stop, Some(RxStop::TapEmpty)))
     }
 
@@ -526,7 +542,7 @@ impl Net {
                 };
                 handled += 1;
                 let head = chain.head_index();
-                let sent = send_tx_frame(chain, mem, &self.tap, acked, &mut self.tx_frame);
+                let sent = send_tx_frame(chain, mem, &self.tap, acked, &mut self.tx_bounce);
                 let (len, result) = match sent {
                     Ok(sent) => sent,
                     Err(why) => {

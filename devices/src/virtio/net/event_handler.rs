@@ -64,10 +64,12 @@ impl Net {
         // Non-blocking: nothing to read when the timer was re-armed since it fired.
         let _ = self.rx_timer.wait();
         if !self.rx_moderation.is_on() {
+            // A timer that could not be cleared when moderation ended: try again.
+            let _ = self.rx_timer.clear();
             return;
         }
-        self.count_moderated_pass();
         let (delivered, _) = self.process_rx();
+        self.count_moderated_frames(delivered);
         let change = self.rx_moderation.after_tick(delivered);
         self.change_rx_timer(change);
     }

@@ -146,8 +146,10 @@ where
 /// Sends the frame a transmit chain holds (vnet header first) to the tap. The header is copied
 /// out and checked against the negotiated offloads (`acked`), so the guest cannot change it
 /// after the check; the rest goes to the kernel straight from guest memory (one copy, by the
-/// kernel), or through `bounce` when a buffer is not one contiguous mapping. Returns the
-/// frame's length and what the tap said of it.
+/// kernel), or through `bounce` when a buffer is not one contiguous mapping (or lies outside
+/// guest memory, which the copy then reports). Returns the frame's length and what the tap said
+/// of it. The whole chain is checked before its memory is touched, so for a chain with several
+/// faults the reason given may differ from [`read_tx_frame`]'s; both refuse the same chains.
 pub fn send_tx_frame<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
@@ -206,7 +208,9 @@ where
     });
     iovecs.extend(rest);
     // SAFETY: the first iovec is `header`, alive until the call returns; the others are
-    // checked ranges of mapped guest memory (`mem` keeps it mapped for the call).
+    // checked ranges of mapped guest memory (`mem` keeps it mapped for the call). Their guards
+    // are gone already, which is sound because guest memory is mapped once, up front (the xen
+    // feature of vm-memory, which maps on demand, is not used).
     let sent = unsafe { tap.write_from(&iovecs) };
     Ok((len, sent))
 }

@@ -4,10 +4,11 @@
 //! arrive back to back, and the driver gets them one by one. So when frames come in a burst, or
 //! faster than one per [`TICK_MIN`], the loop stops watching the tap for input and reads it on
 //! a periodic timer instead. The period adapts as a NIC's adaptive interrupt coalescing does:
-//! it doubles while each tick finds at least [`DENSE`] frames, halves when one finds fewer, and
-//! stays within [`TICK_MIN`]..=[`TICK_MAX`]; a tick that finds nothing ends moderation. A lone
-//! frame (a ping, a request) is taken at once; a frame of a stream waits at most one period.
-//! This is host-side pacing only: nothing of it is guest-visible state.
+//! it doubles while each tick delivers at least [`DENSE`] frames, halves when one delivers
+//! fewer, and stays within [`TICK_MIN`]..=[`TICK_MAX`]; a tick that delivers nothing (the tap
+//! is empty, or the guest has no buffers and its notification will resume reception) ends it.
+//! A lone frame (a ping, a request) is taken at once; a frame of a stream waits at most one
+//! period. This is host-side pacing only: nothing of it is guest-visible state.
 
 use std::time::{Duration, Instant};
 

@@ -577,7 +577,16 @@ fn the_event_loop_drives_both_directions_and_waits_for_a_writable_tap() {
     }
     assert_eq!(seqs(&got), seqs(&frames));
     assert!(got == frames, "frames arrived intact");
+    // The burst moved reception onto the moderation timer; an empty tick ends that.
+    let moderated = |net: &Mutex<Net>| net.lock().unwrap().rx_moderation.is_on();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while moderated(&net) && Instant::now() < deadline {
+        events.run_with_timeout(50).unwrap();
+    }
+    assert!(!moderated(&net), "an empty tick ends moderation");
     // A frame arriving now is picked up through the tap's readiness alone.
+    let metrics = net.lock().unwrap().metrics();
+    let on_ticks = metrics.rx_moderated_frames.load(Ordering::Relaxed);
     let late = ethernet(999, 100);
     host.send(&with_header(&late)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -586,6 +595,11 @@ fn the_event_loop_drives_both_directions_and_waits_for_a_writable_tap() {
         got.extend(rx.received());
     }
     assert_eq!(got.last(), Some(&late));
+    assert_eq!(
+        metrics.rx_moderated_frames.load(Ordering::Relaxed),
+        on_ticks,
+        "the late frame came through the tap's readiness, not a tick"
+    );
 }
 
 // ---- a real tap, in a private network namespace ----
