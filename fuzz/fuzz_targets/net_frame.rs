@@ -5,11 +5,11 @@
 
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
+use libfuzzer_sys::fuzz_target;
 use lockstep_devices::virtio::net::frame::{
     check_tx_header, deliver_frame, prepare_rx_header, read_tx_frame, send_tx_frame, UsedBatch,
 };
@@ -18,7 +18,9 @@ use lockstep_devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-const MEM_SIZE: usize = 1 << 20;
+/// Guest memory: two regions back to back, so that buffers across the boundary take the
+/// transmit path's bounce copy.
+const REGION_SIZE: usize = 1 << 19;
 const QUEUE_SIZE: u16 = 16;
 
 fn queue_at(base: u64) -> Queue {
@@ -38,7 +40,11 @@ fuzz_target!(|input: &[u8]| {
     let acked = u64::from_le_bytes(input[..8].try_into().unwrap());
     let mergeable = input[8] & 1 == 1;
     let rest = &input[9..];
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), REGION_SIZE),
+        (GuestAddress(REGION_SIZE as u64), REGION_SIZE),
+    ])
+    .unwrap();
     // Two rings (TX at 0x0, RX at 0x10000), each: 16 descriptors, then the available ring; the
     // rest of the input is data from 0x20000 on, where descriptors may point.
     let (tx_ring, rest) = rest.split_at(rest.len().min(292));
@@ -56,6 +62,8 @@ fuzz_target!(|input: &[u8]| {
     let mut got = vec![0u8; MAX_FRAME_LEN + 1];
     let (ours, host) = UnixDatagram::pair().unwrap();
     host.set_nonblocking(true).unwrap();
+    // Non-blocking like a tap: a full socket shows up as a failed send, not a hang.
+    ours.set_nonblocking(true).unwrap();
     let tap = Tap::from_file(File::from(OwnedFd::from(ours)), "fuzz");
     if let Ok(iter) = tx.iter(&mem) {
         let chains: Vec<_> = iter.collect();
@@ -74,7 +82,7 @@ fuzz_target!(|input: &[u8]| {
                 (Err(_), Err(_)) => assert_eq!(received, None, "a refused chain sends nothing"),
                 (read, sent) => panic!(
                     "read {read:?} but sent {:?}",
-                    sent.map(|(l, r)| (l, r.ok()))
+                    sent.map(|(l, r)| (l, r.map_err(|e| e.to_string())))
                 ),
             }
         }

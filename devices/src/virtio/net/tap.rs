@@ -247,6 +247,7 @@ impl Tap {
     /// Wraps any message-preserving descriptor (a datagram or `SOCK_SEQPACKET` socket) as a
     /// tap, so tests and fuzz targets can fill it up and drain it at will; offloads are not set
     /// on it.
+    #[cfg(any(test, fuzzing))]
     pub fn from_file(file: File, name: &str) -> Tap {
         Tap {
             file,
