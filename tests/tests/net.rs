@@ -151,7 +151,7 @@ fn udp_from_host_to_guest_is_echoed_intact() {
 
 /// Datagrams sent in back-to-back bursts move reception from the tap's wake-ups to the
 /// moderation timer; every one still arrives once, in order and intact, and the interface's
-/// counters show frames taken on the timer.
+/// counters show moderation at work.
 #[test]
 fn host_to_guest_bursts_are_moderated_and_arrive_in_order() {
     if !require_kvm("host_to_guest_bursts_are_moderated_and_arrive_in_order") {
@@ -256,7 +256,9 @@ fn host_to_guest_bursts_are_moderated_and_arrive_in_order() {
         net["rx_frames"].as_u64().unwrap() >= u64::from(COUNT),
         "{net}"
     );
-    assert!(net["rx_moderated_frames"].as_u64().unwrap() > 0, "{net}");
+    // Whether frames then come on ticks depends on how fast the host sends compared with the
+    // device (the unit tests check that they do); that reception moved onto the timer does not.
+    assert!(net["rx_moderation_starts"].as_u64().unwrap() > 0, "{net}");
     assert_eq!(net["rx_drops"], 0, "{net}");
     assert_eq!(host.stop(), Some(0), "{}", host.log());
 }

@@ -105,6 +105,8 @@ pub struct NetMetrics {
     pub rx_errors: AtomicU64,
     /// Malformed receive chains returned to the guest empty.
     pub rx_bad_buffers: AtomicU64,
+    /// Times reception moved from the tap's wake-ups onto the moderation timer.
+    pub rx_moderation_starts: AtomicU64,
     /// Frames delivered on the moderation timer's ticks (frames that arrived back to back).
     pub rx_moderated_frames: AtomicU64,
     /// Frames the guest sent to the tap.
@@ -125,6 +127,7 @@ crate::impl_counters!(NetMetrics {
     rx_drops,
     rx_errors,
     rx_bad_buffers,
+    rx_moderation_starts,
     rx_moderated_frames,
     tx_frames,
     tx_bytes,
@@ -336,6 +339,10 @@ impl Net {
 
     pub(super) fn count_moderated_frames(&self, frames: u64) {
         count(&self.metrics.rx_moderated_frames, frames);
+    }
+
+    pub(super) fn count_moderation_start(&self) {
+        count(&self.metrics.rx_moderation_starts, 1);
     }
 
     /// The tap's offloads for what the driver can receive: checksum offload only with

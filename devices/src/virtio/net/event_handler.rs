@@ -56,6 +56,9 @@ impl Net {
         let now = Instant::now();
         let (delivered, drained) = self.process_rx();
         let change = self.rx_moderation.after_woken_pass(now, delivered, drained);
+        if let TimerChange::Arm(_) = change {
+            self.count_moderation_start();
+        }
         self.change_rx_timer(change);
     }
 

@@ -577,20 +577,39 @@ fn the_event_loop_drives_both_directions_and_waits_for_a_writable_tap() {
     }
     assert_eq!(seqs(&got), seqs(&frames));
     assert!(got == frames, "frames arrived intact");
-    // The burst moved reception onto the moderation timer; an empty tick ends that.
+    // Ten frames in one pass moved reception onto the moderation timer: frames arriving now
+    // come on its ticks.
     let moderated = |net: &Mutex<Net>| net.lock().unwrap().rx_moderation.is_on();
+    let metrics = net.lock().unwrap().metrics();
+    assert!(moderated(&net), "a burst starts moderation");
+    assert_eq!(metrics.rx_moderation_starts.load(Ordering::Relaxed), 1);
+    let more: Vec<Vec<u8>> = (0..3).map(|i| ethernet(500 + i, 64)).collect();
+    for f in &more {
+        host.send(&with_header(f)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < frames.len() + more.len() && Instant::now() < deadline {
+        events.run_with_timeout(50).unwrap();
+        got.extend(rx.received());
+    }
+    assert!(
+        got[frames.len()..] == more[..],
+        "frames taken on ticks arrived intact"
+    );
+    assert_eq!(metrics.rx_moderated_frames.load(Ordering::Relaxed), 3);
+    // An empty tick ends moderation.
     let deadline = Instant::now() + Duration::from_secs(10);
     while moderated(&net) && Instant::now() < deadline {
         events.run_with_timeout(50).unwrap();
     }
     assert!(!moderated(&net), "an empty tick ends moderation");
     // A frame arriving now is picked up through the tap's readiness alone.
-    let metrics = net.lock().unwrap().metrics();
     let on_ticks = metrics.rx_moderated_frames.load(Ordering::Relaxed);
+    let got_before = got.len();
     let late = ethernet(999, 100);
     host.send(&with_header(&late)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while got.len() == frames.len() && Instant::now() < deadline {
+    while got.len() == got_before && Instant::now() < deadline {
         events.run_with_timeout(50).unwrap();
         got.extend(rx.received());
     }
