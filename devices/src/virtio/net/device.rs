@@ -42,6 +42,7 @@ const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Transmitted chains are returned to the driver in groups of this many during a burst.
 const TX_PUBLISH_EVERY: usize = 16;
+
 /// Features every interface offers; VIRTIO_NET_F_MAC is added when the config sets a MAC.
 /// UDP fragmentation (UFO) and ECN are left out: current kernels produce neither, and the
 /// offer must not depend on the host, so a saved VM can resume elsewhere.
