@@ -115,6 +115,53 @@ where
     }
 }
 
+/// A transmit chain's buffers in order, and the frame's length: the chain ends properly, the
+/// device only reads it, and it holds a vnet header and at most [`MAX_FRAME_LEN`] bytes.
+struct TxChain {
+    segments: SmallVec<[(GuestAddress, u32); 4]>,
+    len: usize,
+}
+
+impl TxChain {
+    fn parse<M>(chain: DescriptorChain<M>) -> Result<TxChain, BadChain>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        let mut segments = SmallVec::new();
+        let mut len = 0usize;
+        walk(chain, false, |addr, desc_len| {
+            len = len
+                .checked_add(desc_len as usize)
+                .filter(|&end| end <= MAX_FRAME_LEN)
+                .ok_or(BadChain::TooLong)?;
+            segments.push((addr, desc_len));
+            Ok(())
+        })?;
+        if len < VNET_HDR_LEN {
+            return Err(BadChain::TooShort);
+        }
+        Ok(TxChain { segments, len })
+    }
+
+    /// Copies the frame into the start of `buf`; returns that part of it.
+    fn copy_into<'b>(
+        &self,
+        mem: &GuestMemoryMmap,
+        buf: &'b mut [u8],
+    ) -> Result<&'b mut [u8], BadChain> {
+        let frame = buf.get_mut(..self.len).ok_or(BadChain::TooLong)?;
+        let mut at = 0;
+        for &(addr, seg_len) in &self.segments {
+            let end = at + seg_len as usize;
+            mem.read_slice(&mut frame[at..end], addr)
+                .map_err(|_| BadChain::OutsideMemory)?;
+            at = end;
+        }
+        Ok(frame)
+    }
+}
+
 /// Copies the frame a transmit chain holds (vnet header first) into `buf`; returns its length.
 pub fn read_tx_frame<M>(
     chain: DescriptorChain<M>,
@@ -125,22 +172,8 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let limit = buf.len().min(MAX_FRAME_LEN);
-    let mut len = 0usize;
-    walk(chain, false, |addr, desc_len| {
-        let end = len
-            .checked_add(desc_len as usize)
-            .filter(|&end| end <= limit)
-            .ok_or(BadChain::TooLong)?;
-        mem.read_slice(&mut buf[len..end], addr)
-            .map_err(|_| BadChain::OutsideMemory)?;
-        len = end;
-        Ok(())
-    })?;
-    if len < VNET_HDR_LEN {
-        return Err(BadChain::TooShort);
-    }
-    Ok(len)
+    let tx = TxChain::parse(chain)?;
+    Ok(tx.copy_into(mem, buf)?.len())
 }
 
 /// Sends the frame a transmit chain holds (vnet header first) to the tap. The header is copied
@@ -148,8 +181,8 @@ where
 /// after the check; the rest goes to the kernel straight from guest memory (one copy, by the
 /// kernel), or through `bounce` when a buffer is not one contiguous mapping (or lies outside
 /// guest memory, which the copy then reports). Returns the frame's length and what the tap said
-/// of it. The whole chain is checked before its memory is touched, so for a chain with several
-/// faults the reason given may differ from [`read_tx_frame`]'s; both refuse the same chains.
+/// of it. The chain is parsed as [`read_tx_frame`] parses it, whole, before its memory is
+/// touched, so both refuse the same chains for the same reasons.
 pub fn send_tx_frame<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
@@ -161,24 +194,12 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let mut segments: SmallVec<[(GuestAddress, u32); 4]> = SmallVec::new();
-    let mut len = 0usize;
-    walk(chain, false, |addr, desc_len| {
-        len = len
-            .checked_add(desc_len as usize)
-            .filter(|&end| end <= MAX_FRAME_LEN)
-            .ok_or(BadChain::TooLong)?;
-        segments.push((addr, desc_len));
-        Ok(())
-    })?;
-    if len < VNET_HDR_LEN {
-        return Err(BadChain::TooShort);
-    }
+    let tx = TxChain::parse(chain)?;
     let mut slices: SmallVec<[_; 4]> = SmallVec::new();
-    for &(addr, seg_len) in &segments {
+    for &(addr, seg_len) in &tx.segments {
         match vm_memory::GuestMemoryBackend::get_slice(mem, addr, seg_len as usize) {
             Ok(slice) => slices.push(slice),
-            Err(_) => return send_bounced(&segments, len, mem, tap, acked, bounce),
+            Err(_) => return send_bounced(&tx, mem, tap, acked, bounce),
         }
     }
     let mut header = [0u8; VNET_HDR_LEN];
@@ -212,28 +233,20 @@ where
     // are gone already, which is sound because guest memory is mapped once, up front (the xen
     // feature of vm-memory, which maps on demand, is not used).
     let sent = unsafe { tap.write_from(&iovecs) };
-    Ok((len, sent))
+    Ok((tx.len, sent))
 }
 
 /// [`send_tx_frame`] through a copy, for chains whose buffers span memory regions.
 fn send_bounced(
-    segments: &[(GuestAddress, u32)],
-    len: usize,
+    tx: &TxChain,
     mem: &GuestMemoryMmap,
     tap: &Tap,
     acked: u64,
     bounce: &mut [u8],
 ) -> Result<(usize, std::io::Result<usize>), BadChain> {
-    let frame = bounce.get_mut(..len).ok_or(BadChain::TooLong)?;
-    let mut at = 0;
-    for &(addr, seg_len) in segments {
-        let end = at + seg_len as usize;
-        mem.read_slice(&mut frame[at..end], addr)
-            .map_err(|_| BadChain::OutsideMemory)?;
-        at = end;
-    }
+    let frame = tx.copy_into(mem, bounce)?;
     check_tx_header(frame, acked)?;
-    Ok((len, tap.write(frame)))
+    Ok((tx.len, tap.write(frame)))
 }
 
 /// Checks that a transmit header only uses offloads the driver negotiated (`acked` features).
