@@ -4,7 +4,7 @@
 
 use super::devices::{device_paths, pool_path, POOLS};
 use super::systems::{host_path, vm_path};
-use super::{keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS};
+use super::{always_enabled, keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS};
 use crate::cimom::Cimom;
 use crate::value::{Instance, ObjectPath, Value};
 
@@ -109,19 +109,14 @@ fn om_path(cimom: &Cimom) -> ObjectPath {
 }
 
 pub(super) fn object_manager(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
-    vec![keyed_at(om_path(cimom))
+    let manager = keyed_at(om_path(cimom))
         .with("ElementName", "lockstep")
         .with(
             "Description",
             format!("lockstep CIM object manager {}", env!("CARGO_PKG_VERSION")),
         )
-        .with("GatherStatisticalData", false)
-        .with("EnabledState", 2u16)
-        .with("RequestedState", 12u16)
-        .with("EnabledDefault", 2u16)
-        .with("HealthState", 5u16)
-        .with("OperationalStatus", Value::u16_array(&[2]))
-        .with("Started", true)]
+        .with("GatherStatisticalData", false);
+    vec![always_enabled(manager).with("Started", true)]
 }
 
 fn namespace_path(cimom: &Cimom, name: &str) -> ObjectPath {

@@ -388,6 +388,17 @@ pub(crate) fn keyed_at(path: ObjectPath) -> Instance {
     inst
 }
 
+/// The state of an element that is always on and well (the host, its services): Enabled
+/// (2), RequestedState Not Applicable (12), EnabledDefault Enabled, HealthState OK (5) and
+/// OperationalStatus OK.
+pub(crate) fn always_enabled(inst: Instance) -> Instance {
+    inst.with("EnabledState", 2u16)
+        .with("RequestedState", 12u16)
+        .with("EnabledDefault", 2u16)
+        .with("HealthState", 5u16)
+        .with("OperationalStatus", Value::u16_array(&[2]))
+}
+
 /// DSP1057's view of a VM state: EnabledState, OperationalStatus and HealthState.
 pub fn enabled_state(state: VmState) -> (u16, u16, u16) {
     match state {

@@ -1,7 +1,9 @@
 //! The host and its VMs as computer systems (DSP1052, DSP1057), their capabilities, the
 //! virtual system management service (DSP1042) and its jobs.
 
-use super::{enabled_state, keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS, VM_CLASS};
+use super::{
+    always_enabled, enabled_state, keyed, keyed_at, Snapshot, CIMV2_NS, HOST_CLASS, VM_CLASS,
+};
 use crate::cimom::Cimom;
 use crate::value::{Instance, ObjectPath, Value};
 
@@ -58,14 +60,8 @@ pub(super) fn host_system(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<
                 info.version, info.kvm_backend_description
             ),
         )
-        .with("NameFormat", "IP")
-        .with("EnabledState", 2u16)
-        .with("RequestedState", 12u16)
-        .with("EnabledDefault", 2u16)
-        .with("HealthState", 5u16)
-        .with("OperationalStatus", Value::u16_array(&[2]))
-        .with("Dedicated", Value::u16_array(&[0]));
-    vec![inst]
+        .with("NameFormat", "IP");
+    vec![always_enabled(inst).with("Dedicated", Value::u16_array(&[0]))]
 }
 
 pub(super) fn virtual_systems(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
@@ -164,14 +160,9 @@ pub(super) fn element_capabilities(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str
 }
 
 pub(super) fn management_service(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
-    vec![keyed_at(vsms_path(cimom))
-        .with("ElementName", "lockstep virtual system management service")
-        .with("EnabledState", 2u16)
-        .with("RequestedState", 12u16)
-        .with("EnabledDefault", 2u16)
-        .with("HealthState", 5u16)
-        .with("OperationalStatus", Value::u16_array(&[2]))
-        .with("Started", true)]
+    let service = keyed_at(vsms_path(cimom))
+        .with("ElementName", "lockstep virtual system management service");
+    vec![always_enabled(service).with("Started", true)]
 }
 
 pub(super) fn management_capabilities(
