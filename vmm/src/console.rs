@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use lockstep_devices::legacy::{InputPump, SerialDevice};
+use lockstep_devices::legacy::{InputPump, Overflow, SerialDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitReason, ExitSignal};
@@ -83,6 +83,8 @@ pub struct EscapedInput<R> {
     inner: R,
     exit: Arc<ExitSignal>,
     after_escape: bool,
+    /// A byte owed to the reader that did not fit in the last read's buffer.
+    held: Option<u8>,
     ended: bool,
 }
 
@@ -93,6 +95,7 @@ impl<R: Read> EscapedInput<R> {
             inner,
             exit,
             after_escape: false,
+            held: None,
             ended: false,
         }
     }
@@ -100,16 +103,37 @@ impl<R: Read> EscapedInput<R> {
 
 impl<R: Read> Read for EscapedInput<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.ended || buf.len() < 2 {
-            return Ok(0);
-        }
-        // Leave room for an escape held over from the last read plus the byte after it.
-        let mut raw = vec![0u8; buf.len() - 1];
-        let n = self.inner.read(&mut raw)?;
-        if n == 0 {
+        if self.ended || buf.is_empty() {
             return Ok(0);
         }
         let mut out = 0;
+        if let Some(b) = self.held.take() {
+            buf[0] = b;
+            out = 1;
+        }
+        // Each byte read gives at most one byte out, but an escape held over from the last read
+        // gives two: at most one byte more than was read, kept in `held` if it does not fit.
+        let mut raw = [0u8; 4096];
+        let want = (buf.len() - out).min(raw.len());
+        if want == 0 {
+            return Ok(out);
+        }
+        let n = match self.inner.read(&mut raw[..want]) {
+            Ok(n) => n,
+            Err(e) if out > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut emit = |b: u8, out: &mut usize| {
+            if *out < buf.len() {
+                buf[*out] = b;
+                *out += 1;
+            } else {
+                self.held = Some(b);
+            }
+        };
         for &b in &raw[..n] {
             if self.after_escape {
                 self.after_escape = false;
@@ -120,23 +144,25 @@ impl<R: Read> Read for EscapedInput<R> {
                         return Ok(out);
                     }
                     ESCAPE => {}
-                    _ => {
-                        buf[out] = ESCAPE;
-                        out += 1;
-                    }
+                    _ => emit(ESCAPE, &mut out),
                 }
             } else if b == ESCAPE {
                 self.after_escape = true;
                 continue;
             }
-            buf[out] = b;
-            out += 1;
+            emit(b, &mut out);
         }
-        if out == 0 && !self.ended {
+        if out == 0 {
             // Only an escape arrived; report "try again" rather than EOF.
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(out)
+    }
+}
+
+impl<R: Read + AsRawFd + Send> crate::ConsoleInput for EscapedInput<R> {
+    fn from_terminal(&self) -> bool {
+        true
     }
 }
 
@@ -197,20 +223,24 @@ pub struct ConsoleSocket {
     listener: UnixListener,
     path: PathBuf,
     serial: Arc<Mutex<SerialDevice>>,
-    rx_ready: EventFd,
+    /// Signalled when the guest empties the receive FIFO.
+    room: EventFd,
     client: ConsoleClient,
     input: Option<InputPump<UnixStream>>,
 }
 
 impl ConsoleSocket {
-    /// Listens on `path` (replacing a stale socket file). `rx_ready` is the UART's "FIFO
-    /// drained" eventfd; `client` comes from [`ConsoleTee::new`].
+    /// Listens on `path` (replacing a stale socket file) for clients of `serial`; `client`
+    /// comes from [`ConsoleTee::new`].
     pub fn bind(
         path: &Path,
         serial: Arc<Mutex<SerialDevice>>,
-        rx_ready: EventFd,
         client: ConsoleClient,
     ) -> io::Result<Self> {
+        let room = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .room_signal()?;
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
             std::fs::remove_file(path)?;
         }
@@ -220,7 +250,7 @@ impl ConsoleSocket {
             listener,
             path: path.to_owned(),
             serial,
-            rx_ready,
+            room,
             client,
             input: None,
         })
@@ -240,7 +270,7 @@ impl ConsoleSocket {
             return;
         }
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
-        let mut pump = InputPump::new(reader, self.serial.clone());
+        let mut pump = InputPump::new(reader, self.serial.clone(), Overflow::Wait);
         pump.start(ops);
         self.input = Some(pump);
         log::info!("console client connected on {}", self.path.display());
@@ -252,7 +282,7 @@ impl MutEventSubscriber for ConsoleSocket {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             log::warn!("console socket {}: {e}", self.path.display());
         }
-        if let Err(e) = ops.add(Events::new(&self.rx_ready, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
             log::warn!("console socket: cannot watch the receive FIFO: {e}");
         }
     }
@@ -260,17 +290,24 @@ impl MutEventSubscriber for ConsoleSocket {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.listener.as_raw_fd() {
             self.accept(ops);
-        } else if events.fd() == self.rx_ready.as_raw_fd() {
-            let _ = self.rx_ready.read();
+        } else if events.fd() == self.room.as_raw_fd() {
+            let _ = self.room.read();
             if let Some(pump) = self.input.as_mut() {
                 pump.on_room(ops);
+                // A client that sent its input and left: gone once the guest has it all.
+                if pump.is_finished() {
+                    self.input = None;
+                }
             }
         } else if let Some(pump) = self.input.as_mut().filter(|p| p.fd() == events.fd()) {
             pump.on_input(&events, ops);
             if pump.is_closed() {
-                self.input = None;
                 *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 log::info!("console client left {}", self.path.display());
+                // What it sent still goes to the guest; the pump goes once that is done.
+                if pump.is_finished() {
+                    self.input = None;
+                }
             }
         }
     }
@@ -317,5 +354,97 @@ mod tests {
     #[test]
     fn doubled_escape_sends_one_and_other_keys_pass() {
         assert_eq!(filter(b"\x01\x01\x01q").0, b"\x01\x01q");
+    }
+
+    /// Reads through buffers of every size from one byte up: nothing is lost, duplicated or
+    /// taken for the end of input.
+    #[test]
+    fn any_buffer_size_passes_everything() {
+        let input: Vec<u8> = b"a\x01b\x01\x01c\x01".repeat(40);
+        // The escape ending each piece goes out with the next piece's "a"; the last is dropped.
+        let mut expect: Vec<u8> = b"a\x01b\x01c\x01".repeat(40);
+        expect.pop();
+        for size in 1..12 {
+            let exit = Arc::new(ExitSignal::new().unwrap());
+            let mut f = EscapedInput::new(&input[..], exit);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; size];
+            for _ in 0..10_000 {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(out, expect, "buffer of {size}");
+        }
+    }
+
+    /// The terminal path as `lockstep run` wires it: keys through the escape filter into the
+    /// UART, read by an interrupt-driven driver. A paste longer than the FIFO arrives whole, and
+    /// Ctrl-A x still ends the VM after it.
+    #[test]
+    fn a_paste_at_the_terminal_arrives_whole_and_the_escape_still_works() {
+        use event_manager::{EventManager, SubscriberOps};
+        use lockstep_devices::bus::BusDevice;
+        use lockstep_devices::legacy::SerialInput;
+        use lockstep_devices::EventFdTrigger;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            Box::new(io::sink()),
+        )));
+        serial.lock().unwrap().write(1, &[0x01]); // IER: received-data interrupt.
+        let (mut keyboard, terminal) = UnixStream::pair().unwrap();
+        terminal.set_nonblocking(true).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let input = SerialInput::new(
+            EscapedInput::new(terminal, exit.clone()),
+            serial.clone(),
+            Overflow::Drop,
+        )
+        .unwrap();
+        let mut mgr = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        mgr.add_subscriber(Arc::new(Mutex::new(input)));
+
+        let line: Vec<u8> = (0..4000).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut received = Vec::new();
+        let guest_reads = |received: &mut Vec<u8>| {
+            if irq.read().is_err() {
+                return;
+            }
+            let mut s = serial.lock().unwrap();
+            let mut b = [0u8];
+            s.read(2, &mut b); // IIR
+            loop {
+                s.read(5, &mut b);
+                if b[0] & 1 == 0 {
+                    break;
+                }
+                s.read(0, &mut b);
+                received.push(b[0]);
+            }
+        };
+        // 63 bytes first: the FIFO is left with exactly one byte of room.
+        keyboard.write_all(&line[..63]).unwrap();
+        mgr.run_with_timeout(10).unwrap();
+        keyboard.write_all(&line[63..]).unwrap();
+        for _ in 0..20_000 {
+            if received.len() == line.len() {
+                break;
+            }
+            mgr.run_with_timeout(1).unwrap();
+            guest_reads(&mut received);
+        }
+        assert_eq!(received.len(), line.len(), "console input stalled");
+        assert_eq!(received, line);
+
+        keyboard.write_all(b"\x01x").unwrap();
+        for _ in 0..100 {
+            mgr.run_with_timeout(1).unwrap();
+        }
+        assert_eq!(exit.reason(), Some(ExitReason::Requested { signal: None }));
     }
 }

@@ -173,7 +173,6 @@ pub struct DeviceManager {
     buses: IoBuses,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     i8042: Arc<Mutex<I8042>>,
-    serial_rx_ready: EventFd,
     reset_evt: EventFd,
     virtio: Vec<VirtioEntry>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
@@ -215,7 +214,6 @@ impl DeviceManager {
             buses,
             serial: None,
             i8042,
-            serial_rx_ready: eventfd("the serial port")?,
             reset_evt,
             virtio: Vec::new(),
             subscribers: Vec::new(),
@@ -233,18 +231,7 @@ impl DeviceManager {
                 irq: COM1_IRQ,
                 source,
             })?;
-        let rx_ready = self
-            .serial_rx_ready
-            .try_clone()
-            .map_err(|source| DeviceError::EventFd {
-                what: what.into(),
-                source,
-            })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger::new(irq),
-            rx_ready,
-            out,
-        )));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger::new(irq), out)));
         self.buses
             .pio
             .insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)
@@ -425,11 +412,6 @@ impl DeviceManager {
     /// COM1, once added.
     pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
         self.serial.as_ref()
-    }
-
-    /// Signalled when the guest drains COM1's receive FIFO.
-    pub fn serial_rx_ready(&self) -> &EventFd {
-        &self.serial_rx_ready
     }
 
     /// The keyboard controller.

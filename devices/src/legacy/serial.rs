@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialEvents;
@@ -28,19 +28,40 @@ pub struct SerialMetrics {
     pub bytes_lost: AtomicU64,
     /// Bytes of input delivered to the guest.
     pub bytes_in: AtomicU64,
+    /// Bytes typed at a terminal while the guest took no input and the host's buffer was full.
+    pub bytes_in_dropped: AtomicU64,
 }
 
 crate::impl_counters!(SerialMetrics {
     bytes_out,
     bytes_lost,
-    bytes_in
+    bytes_in,
+    bytes_in_dropped
 });
 
-/// Ties vm-superio's serial events to lockstep: counters, and a wake-up for the input side when
-/// the guest has drained the receive FIFO.
+/// The eventfds of everyone feeding the receive FIFO (the terminal, a console socket client),
+/// each signalled when the guest has drained it. Each input source has its own, so one source
+/// reading its eventfd cannot hide the wake-up from another.
+#[derive(Default)]
+struct RoomSignals(Mutex<Vec<EventFd>>);
+
+impl RoomSignals {
+    fn signal(&self) {
+        let signals = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for evt in signals.iter() {
+            // Failing to wake an input source only delays its input until its next event.
+            if let Err(e) = evt.write(1) {
+                log::warn!("serial: cannot signal receive-FIFO space: {e}");
+            }
+        }
+    }
+}
+
+/// Ties vm-superio's serial events to lockstep: counters, and a wake-up for the input sources
+/// when the guest has drained the receive FIFO.
 struct Events {
     metrics: Arc<SerialMetrics>,
-    rx_ready: EventFd,
+    room: Arc<RoomSignals>,
 }
 
 impl SerialEvents for Events {
@@ -55,10 +76,7 @@ impl SerialEvents for Events {
     }
 
     fn in_buffer_empty(&self) {
-        // Failing to wake the input side only delays input until the next console event.
-        if let Err(e) = self.rx_ready.write(1) {
-            log::warn!("serial: cannot signal receive-FIFO space: {e}");
-        }
+        self.room.signal();
     }
 }
 
@@ -128,21 +146,36 @@ type Uart = Serial<EventFdTrigger, Events, Box<dyn Write + Send>>;
 pub struct SerialDevice {
     uart: Uart,
     metrics: Arc<SerialMetrics>,
+    room: Arc<RoomSignals>,
 }
 
 impl SerialDevice {
-    /// A UART in its reset state. `interrupt` raises the guest's IRQ; `rx_ready` is signalled
-    /// when the guest empties the receive FIFO, so the input side can send more.
-    pub fn new(interrupt: EventFdTrigger, rx_ready: EventFd, out: Box<dyn Write + Send>) -> Self {
+    /// A UART in its reset state. `interrupt` raises the guest's IRQ.
+    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         let metrics = Arc::new(SerialMetrics::default());
+        let room = Arc::new(RoomSignals::default());
         let events = Events {
             metrics: metrics.clone(),
-            rx_ready,
+            room: room.clone(),
         };
         SerialDevice {
             uart: Serial::with_events(interrupt, events, out),
             metrics,
+            room,
         }
+    }
+
+    /// A new eventfd, signalled each time the guest empties the receive FIFO: one per input
+    /// source, which waits on it before sending more.
+    pub fn room_signal(&self) -> std::io::Result<EventFd> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let ours = evt.try_clone()?;
+        self.room
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ours);
+        Ok(evt)
     }
 
     /// The device's counters.
@@ -177,11 +210,10 @@ impl SerialDevice {
 
     /// Puts the UART back in a saved state (re-raising any interrupt that was pending).
     pub fn restore_state(&mut self, state: &SerialState) -> std::io::Result<()> {
-        let rx_ready = self.uart.events().rx_ready.try_clone()?;
         let interrupt = self.uart.interrupt_evt().try_clone()?;
         let events = Events {
             metrics: self.metrics.clone(),
-            rx_ready,
+            room: self.room.clone(),
         };
         // Swap the sink out rather than reopening it: it is the host's side and not guest state.
         let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
@@ -236,13 +268,12 @@ mod tests {
 
     fn device() -> (SerialDevice, SharedBuf, EventFd, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let rx = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let out = SharedBuf::default();
         let dev = SerialDevice::new(
             EventFdTrigger::new(irq.try_clone().unwrap()),
-            rx.try_clone().unwrap(),
             Box::new(out.clone()),
         );
+        let rx = dev.room_signal().unwrap();
         (dev, out, irq, rx)
     }
 

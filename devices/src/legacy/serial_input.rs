@@ -1,7 +1,14 @@
 //! Host input for the serial console, driven by the VM's event loop.
+//!
+//! Input is read from its descriptor into a host-side buffer as it comes, and moved from there
+//! into COM1's 64-byte receive FIFO whenever the guest has emptied it. Reading never waits for
+//! the guest, so a paste of any size arrives whole and in order, and a terminal's escape key is
+//! always read, whatever the guest does with its UART.
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -9,25 +16,44 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::SerialDevice;
 
-/// Most bytes moved from the host to the UART in one go (the 16550A FIFO is 64 bytes).
-const CHUNK: usize = 64;
+/// Bytes read from the input in one go.
+const READ_CHUNK: usize = 4096;
+/// Most reads for one readiness event, so one busy input cannot hold up the event loop.
+const READS_PER_EVENT: usize = 16;
+/// Most input held on the host while the guest has not taken it.
+pub const PENDING_MAX: usize = 1 << 20;
 
-/// Moves bytes from one host file descriptor into COM1's receive FIFO, watching the descriptor
-/// only while the FIFO has room: a fast writer is paced by the guest and no byte is dropped.
-/// The owner watches the UART's "FIFO drained" eventfd and calls [`InputPump::on_room`].
+/// What an input pump does when the guest leaves [`PENDING_MAX`] bytes untaken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Stop reading until the guest takes some: a program writing into a pipe or socket is
+    /// paced by the guest and nothing is lost.
+    Wait,
+    /// Keep reading and drop what does not fit (as a UART overruns), counted in
+    /// `bytes_in_dropped`: a person at a terminal must always reach the console escape.
+    Drop,
+}
+
+/// Moves bytes from one host file descriptor into COM1's receive FIFO. The owner watches the
+/// UART's room signal (see [`SerialDevice::room_signal`]) and calls [`InputPump::on_room`].
 pub struct InputPump<R: Read + AsRawFd + Send> {
     input: R,
     serial: Arc<Mutex<SerialDevice>>,
+    overflow: Overflow,
+    /// Read from the input, not yet in the FIFO.
+    pending: VecDeque<u8>,
     watching_input: bool,
     input_closed: bool,
 }
 
 impl<R: Read + AsRawFd + Send> InputPump<R> {
     /// A pump from `input` into `serial`; call [`InputPump::start`] to begin.
-    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>) -> Self {
+    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>, overflow: Overflow) -> Self {
         InputPump {
             input,
             serial,
+            overflow,
+            pending: VecDeque::new(),
             watching_input: false,
             input_closed: false,
         }
@@ -43,29 +69,46 @@ impl<R: Read + AsRawFd + Send> InputPump<R> {
         self.input_closed
     }
 
+    /// True once the input has ended and everything read from it has reached the FIFO.
+    pub fn is_finished(&self) -> bool {
+        self.input_closed && self.pending.is_empty()
+    }
+
+    /// Bytes read from the input that the guest has not been given yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Starts watching the input.
     pub fn start(&mut self, ops: &mut EventOps) {
         self.watch_input(ops, true);
     }
 
-    /// Stops watching the input for good.
+    /// Stops reading the input for good; what was read still goes to the guest.
     pub fn stop(&mut self, ops: &mut EventOps) {
         self.watch_input(ops, false);
         self.input_closed = true;
     }
 
-    /// The FIFO has room again.
+    /// The guest emptied the FIFO: give it more, and read again if reading had stopped.
     pub fn on_room(&mut self, ops: &mut EventOps) {
-        self.watch_input(ops, true);
+        self.feed();
+        if self.pending.len() < PENDING_MAX {
+            self.watch_input(ops, true);
+        }
     }
 
     /// An event on the input descriptor.
     pub fn on_input(&mut self, events: &Events, ops: &mut EventOps) {
         if events.event_set().contains(EventSet::IN) {
-            self.pump(ops);
+            self.read_input(ops);
         } else {
             // Hang-up or error with nothing left to read.
             self.stop(ops);
+        }
+        self.feed();
+        if self.overflow == Overflow::Wait && self.pending.len() >= PENDING_MAX {
+            self.watch_input(ops, false);
         }
     }
 
@@ -93,58 +136,96 @@ impl<R: Read + AsRawFd + Send> InputPump<R> {
         self.serial.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads what fits in the FIFO; stops watching the input while the FIFO is full.
-    fn pump(&mut self, ops: &mut EventOps) {
-        let room = self.lock_serial().input_capacity().min(CHUNK);
-        if room == 0 {
-            self.watch_input(ops, false);
+    /// Reads what the input has, a few chunks at most, into the pending buffer.
+    fn read_input(&mut self, ops: &mut EventOps) {
+        for _ in 0..READS_PER_EVENT {
+            let room = PENDING_MAX.saturating_sub(self.pending.len());
+            let want = match self.overflow {
+                Overflow::Wait if room == 0 => return,
+                Overflow::Wait => room.min(READ_CHUNK),
+                Overflow::Drop => READ_CHUNK,
+            };
+            let mut buf = [0u8; READ_CHUNK];
+            match self.input.read(&mut buf[..want]) {
+                Ok(0) => {
+                    log::debug!("serial: console input closed");
+                    self.stop(ops);
+                    return;
+                }
+                Ok(n) => {
+                    let kept = n.min(room);
+                    self.pending.extend(&buf[..kept]);
+                    if kept < n {
+                        self.count_dropped((n - kept) as u64);
+                    }
+                    if n < want {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("serial: reading console input: {e}");
+                    self.stop(ops);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn count_dropped(&self, bytes: u64) {
+        let metrics = self.lock_serial().metrics();
+        if metrics.bytes_in_dropped.fetch_add(bytes, Ordering::Relaxed) == 0 {
+            log::warn!("serial: the guest is not reading its console; dropping typed input");
+        }
+    }
+
+    /// Moves what fits from the pending buffer into the FIFO.
+    fn feed(&mut self) {
+        if self.pending.is_empty() {
             return;
         }
-        let mut buf = [0u8; CHUNK];
-        match self.input.read(&mut buf[..room]) {
-            Ok(0) => {
-                log::debug!("serial: console input closed");
-                self.stop(ops);
-            }
-            Ok(n) => {
-                self.lock_serial().enqueue_input(&buf[..n]);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-            Err(e) => {
-                log::warn!("serial: reading console input: {e}");
-                self.stop(ops);
-            }
-        }
+        let (front, _) = self.pending.as_slices();
+        let taken = self.lock_serial().enqueue_input(front);
+        self.pending.drain(..taken);
     }
 }
 
 /// Console input from one descriptor for the life of the VM (stdin, in `lockstep run`).
 pub struct SerialInput<R: Read + AsRawFd + Send> {
     pump: InputPump<R>,
-    rx_ready: EventFd,
+    room: EventFd,
 }
 
 impl<R: Read + AsRawFd + Send> SerialInput<R> {
-    /// `rx_ready` must be the eventfd given to [`SerialDevice::new`] for this UART.
-    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>, rx_ready: EventFd) -> Self {
-        SerialInput {
-            pump: InputPump::new(input, serial),
-            rx_ready,
-        }
+    /// Input from `input` into `serial`, with a room signal of its own.
+    pub fn new(
+        input: R,
+        serial: Arc<Mutex<SerialDevice>>,
+        overflow: Overflow,
+    ) -> std::io::Result<Self> {
+        let room = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .room_signal()?;
+        Ok(SerialInput {
+            pump: InputPump::new(input, serial, overflow),
+            room,
+        })
     }
 }
 
 impl<R: Read + AsRawFd + Send> MutEventSubscriber for SerialInput<R> {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.rx_ready, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
             log::warn!("serial: cannot watch the receive FIFO: {e}");
         }
         self.pump.start(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.rx_ready.as_raw_fd() {
-            let _ = self.rx_ready.read();
+        if events.fd() == self.room.as_raw_fd() {
+            let _ = self.room.read();
             self.pump.on_room(ops);
         } else if events.fd() == self.pump.fd() {
             self.pump.on_input(&events, ops);
@@ -153,47 +234,4 @@ impl<R: Read + AsRawFd + Send> MutEventSubscriber for SerialInput<R> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::os::unix::net::UnixStream;
-
-    use event_manager::{EventManager, SubscriberOps};
-
-    use super::*;
-    use crate::EventFdTrigger;
-
-    #[test]
-    fn input_paced_by_fifo_space_loses_nothing() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let rx = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger::new(irq),
-            rx.try_clone().unwrap(),
-            Box::new(std::io::sink()),
-        )));
-        let (mut host, guest_side) = UnixStream::pair().unwrap();
-        guest_side.set_nonblocking(true).unwrap();
-        let input = SerialInput::new(guest_side, serial.clone(), rx);
-        let mut mgr = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        mgr.add_subscriber(Arc::new(Mutex::new(input)));
-
-        let sent: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-        host.write_all(&sent).unwrap();
-        let mut received = Vec::new();
-        while received.len() < sent.len() {
-            mgr.run_with_timeout(100).unwrap();
-            let mut s = serial.lock().unwrap();
-            let mut b = [0u8];
-            loop {
-                use crate::bus::BusDevice;
-                s.read(5, &mut b);
-                if b[0] & 1 == 0 {
-                    break;
-                }
-                s.read(0, &mut b);
-                received.push(b[0]);
-            }
-        }
-        assert_eq!(received, sent);
-    }
-}
+mod tests;

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use lockstep_devices::legacy::SerialInput;
+use lockstep_devices::legacy::{Overflow, SerialInput};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,8 +20,14 @@ use crate::exit::ExitReason;
 use crate::vcpu::{VcpuHandle, VcpuReply, VcpuRequest};
 
 /// Host input for the guest's serial console.
-pub trait ConsoleInput: Read + AsRawFd + Send {}
-impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+pub trait ConsoleInput: Read + AsRawFd + Send {
+    /// True when a person types this input at a terminal: it is then read even while the guest
+    /// takes none, so the console escape always works.
+    fn from_terminal(&self) -> bool {
+        false
+    }
+}
+impl ConsoleInput for std::fs::File {}
 
 /// A boxed [`ConsoleInput`] as one sized type, for the serial input subscriber.
 struct BoxedInput(Box<dyn ConsoleInput>);
@@ -297,8 +303,7 @@ impl Vm {
             self.console_client.clone(),
             self.devices.serial(),
         ) {
-            let rx_ready = self.devices.serial_rx_ready().try_clone().map_err(io_err)?;
-            match ConsoleSocket::bind(&path, serial.clone(), rx_ready, client) {
+            match ConsoleSocket::bind(&path, serial.clone(), client) {
                 Ok(socket) => {
                     devices_loop.add_subscriber(Arc::new(Mutex::new(socket)));
                 }
@@ -306,8 +311,13 @@ impl Vm {
             }
         }
         if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
-            let rx_ready = self.devices.serial_rx_ready().try_clone().map_err(io_err)?;
-            let serial_input = SerialInput::new(BoxedInput(input), serial.clone(), rx_ready);
+            let overflow = if input.from_terminal() {
+                Overflow::Drop
+            } else {
+                Overflow::Wait
+            };
+            let serial_input =
+                SerialInput::new(BoxedInput(input), serial.clone(), overflow).map_err(io_err)?;
             devices_loop.add_subscriber(Arc::new(Mutex::new(serial_input)));
         }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
