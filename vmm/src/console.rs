@@ -161,7 +161,7 @@ impl<R: Read> Read for EscapedInput<R> {
 }
 
 impl<R: Read + AsRawFd + Send> crate::ConsoleInput for EscapedInput<R> {
-    fn from_terminal(&self) -> bool {
+    fn is_terminal(&self) -> bool {
         true
     }
 }

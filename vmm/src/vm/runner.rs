@@ -23,7 +23,7 @@ use crate::vcpu::{VcpuHandle, VcpuReply, VcpuRequest};
 pub trait ConsoleInput: Read + AsRawFd + Send {
     /// True when a person types this input at a terminal: it is then read even while the guest
     /// takes none, so the console escape always works.
-    fn from_terminal(&self) -> bool {
+    fn is_terminal(&self) -> bool {
         false
     }
 }
@@ -311,7 +311,7 @@ impl Vm {
             }
         }
         if let (Some(input), Some(serial)) = (input, self.devices.serial()) {
-            let overflow = if input.from_terminal() {
+            let overflow = if input.is_terminal() {
                 Overflow::Drop
             } else {
                 Overflow::Wait
