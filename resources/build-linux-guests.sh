@@ -16,8 +16,10 @@
 # else goes to stderr. A complete cached build is reused without apt (fast
 # path). Needs root only when packages are missing (apt-get install).
 #
-# Options:  --force   rebuild even if the cache has a complete build
-#           --help    this text
+# Options:  --force       rebuild even if the cache has a complete build
+#           --print-key   print the cache key and stop (the build packages must be
+#                         installed: the key covers their versions); CI caches on it
+#           --help        this text
 # Environment: LOCKSTEP_CACHE (cache root), LKS_JOBS (make -j, default nproc)
 set -euo pipefail
 
@@ -51,9 +53,11 @@ log() { printf 'build-linux-guests: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 FORCE=0
+PRINT_KEY=0
 for arg in "$@"; do
 	case "$arg" in
 	--force) FORCE=1 ;;
+	--print-key) PRINT_KEY=1 ;;
 	-h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SCRIPT_PATH"; exit 0 ;;
 	*) die "unknown argument: $arg (see --help)" ;;
 	esac
@@ -143,7 +147,7 @@ point_current() {
 finish() {
 	local dir=$1
 	point_current "$(basename "$dir")"
-	sed 's/^/  /' "$dir/manifest.env" >&2
+	log "images in $dir"
 	echo "$dir/manifest.env"
 }
 
@@ -288,6 +292,12 @@ build_rootfs() {
 # The whole run is one function, so bash has parsed all of it before it
 # starts: editing this file while a build runs cannot derail that build.
 main() {
+	if [ "$PRINT_KEY" = 1 ]; then
+		# The key depends on installed package versions: only meaningful once they are.
+		[ -z "$(missing_packages)" ] || die "--print-key: build packages are not installed yet"
+		compute_key
+		exit 0
+	fi
 	mkdir -p "$CACHE"
 
 	# Fast path: everything installed and the build for this key is complete.

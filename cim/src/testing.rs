@@ -108,7 +108,8 @@ pub fn require(tool: &str, probe: &mut Command) -> bool {
     let ok = probe.output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
         let msg = format!(
-            "{tool} is not installed: run cim/tests/install-clients.sh (pip install pywbem pywbemtools; apt-get install sblim-wbemcli)"
+            "{tool} is not installed ({}): run scripts/setup-host.sh",
+            installer_of(tool)
         );
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{msg}");
@@ -116,6 +117,21 @@ pub fn require(tool: &str, probe: &mut Command) -> bool {
         eprintln!("SKIPPED: {msg}");
     }
     ok
+}
+
+/// What installs `tool`, from the list scripts/setup-host.sh installs (pywbem, a Python module,
+/// comes with pywbemtools).
+fn installer_of(tool: &str) -> String {
+    const HOST_PROGRAMS: &str = include_str!("../../scripts/host-programs.tsv");
+    let program = if tool == "pywbem" { "pywbemcli" } else { tool };
+    HOST_PROGRAMS
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(p, _)| *p == program)
+        .map_or_else(
+            || "not in scripts/host-programs.tsv".to_string(),
+            |(_, installer)| format!("it comes with {installer}"),
+        )
 }
 
 /// Whether pywbem can be imported.

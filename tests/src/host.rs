@@ -53,7 +53,7 @@ impl Reply for CurlReply {
 
 /// Runs curl against a Unix socket and parses what it printed.
 pub fn curl_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> CurlReply {
-    let mut cmd = Command::new("curl");
+    let mut cmd = crate::programs::command("curl");
     cmd.args([
         "-s",
         "-i",
@@ -74,7 +74,7 @@ pub fn curl_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) ->
             body,
         ]);
     }
-    let out = cmd.output().expect("run curl");
+    let out = crate::programs::output(&mut cmd);
     assert!(
         out.status.success(),
         "curl {method} {path} failed: {}",
@@ -143,7 +143,7 @@ impl TestHost {
         let log = dir.path().join("host.log");
         let mut command = match netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
+                let mut c = crate::programs::command("ip");
                 c.args(["netns", "exec", ns]).arg(lockstep_bin());
                 c
             }

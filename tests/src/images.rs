@@ -77,7 +77,7 @@ pub fn guest_images() -> &'static GuestImages {
         let (target, _) = target_and_profile();
         let out = target.join("guest-images");
         run_checked(
-            Command::new("bash")
+            crate::programs::command("bash")
                 .arg(workspace_root().join("tests/guest/build.sh"))
                 .arg(&out),
             "tests/guest/build.sh",
@@ -112,10 +112,7 @@ pub fn linux_images() -> &'static LinuxImages {
     static IMAGES: OnceLock<LinuxImages> = OnceLock::new();
     IMAGES.get_or_init(|| {
         let script = workspace_root().join("resources/build-linux-guests.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run build-linux-guests.sh");
+        let output = crate::programs::output(crate::programs::command("bash").arg(&script));
         assert!(
             output.status.success(),
             "resources/build-linux-guests.sh failed:\n{}",

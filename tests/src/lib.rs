@@ -7,6 +7,7 @@ pub mod images;
 pub mod kvm;
 pub mod netns;
 pub mod pattern;
+pub mod programs;
 pub mod report;
 pub mod vm;
 

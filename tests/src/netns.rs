@@ -4,8 +4,9 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::programs;
 
 /// A namespace with a tap `<name>` at `host_ip/24`; deleted on drop.
 pub struct NetNs {
@@ -15,7 +16,7 @@ pub struct NetNs {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
+    let out = programs::output(programs::command("ip").args(args));
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -36,7 +37,9 @@ impl NetNs {
             tap: format!("lkstap{}", id % 100_000),
             subnet,
         };
-        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        let _ = programs::command("ip")
+            .args(["netns", "del", &ns.name])
+            .output();
         ip(&["netns", "add", &ns.name]);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns.exec(&[
@@ -76,18 +79,27 @@ impl NetNs {
 
     /// Runs a command inside the namespace and checks that it succeeds.
     pub fn exec(&self, args: &[&str]) {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        ip(&full);
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "ip netns exec {} {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
-    /// Runs a command inside the namespace and returns its output.
+    /// Runs a command inside the namespace and returns its output. The program (`args[0]`)
+    /// must be installed: a missing one fails the test by name, not with an empty output.
     pub fn output(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .expect("run ip netns exec")
+        let (program, rest) = args.split_first().expect("a program to run");
+        let program = programs::require(program);
+        programs::output(
+            programs::command("ip")
+                .args(["netns", "exec", &self.name])
+                .arg(program)
+                .args(rest),
+        )
     }
 
     /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
@@ -108,7 +120,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        let _ = programs::command("ip")
             .args(["netns", "del", &self.name])
             .output();
     }

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,10 +119,43 @@ impl Captured {
     }
 }
 
+/// Where a [`TestVm`]'s console input comes from.
+enum Console {
+    Pipe,
+    Terminal,
+}
+
+/// A new pseudo-terminal: the master side (the test's keyboard) and the slave side (lockstep's
+/// stdin).
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the name, termios and
+    // window size arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty succeeded: both descriptors are new and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
 /// A running `lockstep run`, killed when dropped.
 pub struct TestVm {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// The console input: the pipe to lockstep's stdin, or the master side of its terminal.
+    stdin: Option<Box<dyn Write + Send>>,
     serial: Arc<Captured>,
     logs: Arc<Captured>,
     status: Option<ExitStatus>,
@@ -138,29 +171,55 @@ impl TestVm {
 
     /// [`TestVm::start`], with lockstep inside a network namespace (to reach its tap).
     pub fn start_in(config: &Value, netns: Option<&str>) -> TestVm {
+        Self::launch(config, netns, Console::Pipe)
+    }
+
+    /// [`TestVm::start`], with lockstep's stdin on a terminal (a pseudo-terminal the test
+    /// holds), as a person runs it: raw mode, the Ctrl-A escape on. [`TestVm::send`] types there.
+    pub fn start_on_terminal(config: &Value) -> TestVm {
+        Self::launch(config, None, Console::Terminal)
+    }
+
+    fn launch(config: &Value, netns: Option<&str>, console: Console) -> TestVm {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("vm.json");
         std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let mut command = match netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
+                let mut c = crate::programs::command("ip");
                 c.args(["netns", "exec", ns]).arg(lockstep_bin());
                 c
             }
             None => Command::new(lockstep_bin()),
         };
+        let terminal = match console {
+            Console::Pipe => {
+                command.stdin(Stdio::piped());
+                None
+            }
+            Console::Terminal => {
+                let (master, slave) = open_pty();
+                command.stdin(Stdio::from(slave));
+                Some(master)
+            }
+        };
         let mut child = command
             .arg("run")
             .arg(&path)
             .current_dir(dir.path())
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start lockstep");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", lockstep_bin().display()));
         let serial = Captured::spawn_reader(child.stdout.take().unwrap());
         let logs = Captured::spawn_reader(child.stderr.take().unwrap());
-        let stdin = child.stdin.take();
+        let stdin: Option<Box<dyn Write + Send>> = match terminal {
+            Some(master) => Some(Box::new(master)),
+            None => child
+                .stdin
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Write + Send>),
+        };
         TestVm {
             child,
             stdin,
