@@ -7,9 +7,8 @@ cd "$(dirname "$0")/.."
 bench="${1:?usage: bench/run.sh boot|io|snapshot [args...]}"
 shift
 case "$bench" in boot | io | snapshot) ;; *) echo "bench/run.sh: no benchmark $bench" >&2; exit 2 ;; esac
-if ! command -v qemu-system-x86_64 >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get -o 'DPkg::Post-Invoke::=' install -y -qq qemu-system-x86 >/dev/null
-fi
+# QEMU, python3 and the rest: everything the benchmarks start (scripts/host-programs.tsv).
+scripts/setup-host.sh
 cargo build --release --quiet --bin lockstep
 bash tests/guest/build.sh target/guest-images >/dev/null
 exec python3 "bench/$bench.py" "$@"
