@@ -12,6 +12,7 @@ use std::io::{ErrorKind, Read};
 use std::ops::Bound;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -68,6 +69,11 @@ impl UnixBackend {
         metrics: Arc<VsockMetrics>,
     ) -> std::io::Result<UnixBackend> {
         let listener = UnixListener::bind(uds_path)?;
+        // Only this user may connect, whatever the umask (the host runs as root).
+        if let Err(e) = std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600)) {
+            let _ = std::fs::remove_file(uds_path);
+            return Err(e);
+        }
         listener.set_nonblocking(true)?;
         Ok(UnixBackend {
             uds_path: uds_path.to_path_buf(),
