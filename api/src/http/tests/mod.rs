@@ -1,6 +1,7 @@
 //! The control API over a real Unix socket against [`FakeHost`], and its OpenAPI document.
 
 mod openapi;
+mod tcp;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -466,27 +467,6 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let mut raw = String::new();
     stream.read_to_string(&mut raw).unwrap();
     assert_eq!(raw.matches("HTTP/1.1 200 OK").count(), 2, "{raw}");
-}
-
-#[test]
-fn tcp_listener_serves_the_same_api() {
-    use std::io::{Read, Write};
-    let host = Arc::new(FakeHost::default());
-    let listeners = Listeners::new()
-        .bind_tcp("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    let server = spawn(host, listeners).unwrap();
-    let addr = server.tcp_addr().unwrap();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /v1/host HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let reply = super::test_client::parse_reply(&raw);
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.json()["kvm_backend"], "vmx");
-    server.stop().unwrap();
 }
 
 #[test]
