@@ -245,6 +245,34 @@ fn every_documented_reply_is_given_and_fits_its_schema() {
         }
         seen.insert((c.method.to_string(), c.template.to_string(), reply.status));
     }
+    // The TCP listener's own refusals, on every route: no token (401), a foreign Host (421).
+    let tcp = tcp::start();
+    for route in super::control_api::ROUTES {
+        let (method, template) = (route.method.as_str(), route.template);
+        let path = template.replace("{name}", "web");
+        let host = format!("Host: {}", tcp.addr);
+        let auth = format!("Authorization: Bearer {}", tcp.token);
+        for (status, head) in [
+            (401, format!("{method} {path} HTTP/1.1\r\n{host}")),
+            (
+                421,
+                format!("{method} {path} HTTP/1.1\r\nHost: evil.example\r\n{auth}"),
+            ),
+        ] {
+            let reply = tcp::exchange(tcp.addr, &head, b"");
+            if reply.status != status {
+                problems.push(format!(
+                    "TCP {method} {path}: expected {status}, got {}",
+                    reply.status
+                ));
+                continue;
+            }
+            if let Err(e) = check_reply(&doc, method, template, &reply) {
+                problems.push(e);
+            }
+            seen.insert((method.to_string(), template.to_string(), status));
+        }
+    }
     assert!(problems.is_empty(), "{problems:#?}");
     let documented = documented_responses(&doc);
     let never_given: Vec<_> = documented.difference(&seen).collect();

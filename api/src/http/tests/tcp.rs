@@ -16,15 +16,16 @@ use crate::http::fake_host::FakeHost;
 use crate::http::test_client::{parse_reply, RawReply};
 use crate::http::{spawn, ApiToken, Listeners, ServerHandle};
 
-struct TcpServer {
+pub(super) struct TcpServer {
     host: Arc<FakeHost>,
     server: ServerHandle,
-    addr: SocketAddr,
-    token: String,
+    pub(super) addr: SocketAddr,
+    pub(super) token: String,
     _dir: TempDir,
 }
 
-fn start() -> TcpServer {
+/// A server on a loopback port with a fresh token, in front of a fresh fake host.
+pub(super) fn start() -> TcpServer {
     let dir = TempDir::new().unwrap();
     let token = ApiToken::load_or_generate(&dir.as_path().join("api.token")).unwrap();
     let secret = token.secret().to_string();
@@ -44,7 +45,7 @@ fn start() -> TcpServer {
 }
 
 /// Sends `head` (request line and headers, without the blank line) and `body` over TCP.
-fn exchange(addr: SocketAddr, head: &str, body: &[u8]) -> RawReply {
+pub(super) fn exchange(addr: SocketAddr, head: &str, body: &[u8]) -> RawReply {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let mut request = format!(
         "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
