@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Read};
 use std::ops::Bound;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -47,6 +47,8 @@ struct Handshake {
 #[derive(Debug)]
 pub struct UnixBackend {
     uds_path: PathBuf,
+    /// The socket file's device and inode: only that file is removed on drop.
+    uds_inode: (u64, u64),
     listener: UnixListener,
     guest_cid: u64,
     connections: BTreeMap<ConnKey, Connection>,
@@ -75,8 +77,10 @@ impl UnixBackend {
             return Err(e);
         }
         listener.set_nonblocking(true)?;
+        let meta = std::fs::symlink_metadata(uds_path)?;
         Ok(UnixBackend {
             uds_path: uds_path.to_path_buf(),
+            uds_inode: (meta.dev(), meta.ino()),
             listener,
             guest_cid,
             connections: BTreeMap::new(),
@@ -442,8 +446,13 @@ impl UnixBackend {
 
 impl Drop for UnixBackend {
     fn drop(&mut self) {
-        // The socket file is ours: leave no stale path that would stop the next bind.
-        let _ = std::fs::remove_file(&self.uds_path);
+        // The socket file is ours: leave no stale path that would stop the next bind. A file
+        // someone else has put there since is not ours to remove.
+        let ours = std::fs::symlink_metadata(&self.uds_path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.uds_inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
