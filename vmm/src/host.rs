@@ -591,6 +591,10 @@ impl HostControl for Host {
             state: request.state_path.unwrap_or(defaults.state),
             memory: request.memory_path.unwrap_or(defaults.memory),
         };
+        for (field, path) in [("state_path", &paths.state), ("memory_path", &paths.memory)] {
+            host_paths::check_in_own_folder(&self.state_dir, name, field, path)
+                .map_err(ControlError::BadRequest)?;
+        }
         for path in [&paths.state, &paths.memory] {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 // The host's snapshots folder is made private; folders a user names are made

@@ -58,21 +58,12 @@ pub(crate) fn check_vm_paths<'a>(
     config: &VmConfig,
     others: impl IntoIterator<Item = (&'a str, &'a VmConfig)>,
 ) -> Result<(), String> {
-    let state = resolved(state_dir);
-    let own = state.join(name);
     let mine: Vec<(&str, &Path, PathBuf)> = config_paths(config)
         .into_iter()
         .map(|(field, path)| (field, path, resolved(path)))
         .collect();
-    for (field, path, real) in &mine {
-        if real.starts_with(&state) && !real.starts_with(&own) {
-            return Err(format!(
-                "{field}: {} is in the host's state folder {} outside this VM's folder {}",
-                path.display(),
-                state.display(),
-                own.display()
-            ));
-        }
+    for (field, path, _) in &mine {
+        check_in_own_folder(state_dir, name, field, path)?;
     }
     for (other, other_config) in others {
         if other == name {
@@ -87,6 +78,29 @@ pub(crate) fn check_vm_paths<'a>(
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks that `path` (the value of `field`) is not in the host's state folder, or is in VM
+/// `name`'s own folder there: the rest of it (other VMs' files, the token, the CIM key) is not
+/// a VM's to write.
+pub(crate) fn check_in_own_folder(
+    state_dir: &Path,
+    name: &str,
+    field: &str,
+    path: &Path,
+) -> Result<(), String> {
+    let state = resolved(state_dir);
+    let own = state.join(name);
+    let real = resolved(path);
+    if real.starts_with(&state) && !real.starts_with(&own) {
+        return Err(format!(
+            "{field}: {} is in the host's state folder {} outside this VM's folder {}",
+            path.display(),
+            state.display(),
+            own.display()
+        ));
     }
     Ok(())
 }

@@ -349,6 +349,11 @@ fn sockets_and_files_in_the_way_are_never_taken_over() {
         );
     }
     assert_eq!(host.vm_names(), ["owner"]);
+    // A snapshot is not written over files in the state folder that are not the VM's own.
+    let paths = json!({ "state_path": placed, "memory_path": host.state.join("owner/x.mem") });
+    let reply = host.call("POST", "/v1/vms/owner/snapshot", Some(&paths));
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(std::fs::read(&placed).unwrap(), b"mine");
     UnixStream::connect(host.state.join("owner/console.sock")).expect("owner's console");
 }
 
