@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lockstep_api::control::{HostControl, HostEvent, VmState};
 use lockstep_api::firecracker::spawn_firecracker;
-use lockstep_api::http::{self, Listeners, ServerHandle};
+use lockstep_api::http::{self, ApiToken, Listeners, ServerHandle};
 use lockstep_api::{HostConfig, VmConfig};
 use lockstep_vmm::event_loop::{read_signal, termination_signalfd};
 use lockstep_vmm::host::{Host, HostOptions};
@@ -142,18 +142,24 @@ pub fn host(config_path: &Path) -> ExitCode {
         }
     }
     if let Some(dir) = config.api_socket.parent() {
-        if let Err(e) = std::fs::create_dir_all(dir) {
+        // Folders made here are 0700; one that exists (/run) keeps its mode.
+        if let Err(e) = lockstep_api::private_fs::create_dirs(dir) {
             return fail(
                 EXIT_VMM_ERROR,
                 &format!("api_socket: cannot create {}: {e}", dir.display()),
             );
         }
     }
+    let token = match config.api_tcp.map(|_| api_token(&config)) {
+        None => None,
+        Some(Ok(token)) => Some(token),
+        Some(Err(e)) => return fail(EXIT_VMM_ERROR, &e),
+    };
     let listeners = Listeners::new()
         .bind_unix(&config.api_socket)
-        .and_then(|l| match config.api_tcp {
-            Some(addr) => l.bind_tcp(addr),
-            None => Ok(l),
+        .and_then(|l| match (config.api_tcp, token) {
+            (Some(addr), Some(token)) => l.bind_tcp(addr, token),
+            _ => Ok(l),
         });
     let cim = match cim_config.map(|c| start_cim(c, &config.state_dir, &host)) {
         None => None,
@@ -175,6 +181,16 @@ pub fn host(config_path: &Path) -> ExitCode {
     drop(cim);
     host.stop_all();
     ExitCode::SUCCESS
+}
+
+/// The token TCP clients of the control API present: the configured file's, or the host's own
+/// (`<state_dir>/api.token`, generated on first start).
+fn api_token(config: &HostConfig) -> Result<ApiToken, String> {
+    match &config.api_tcp_token_path {
+        Some(path) => ApiToken::from_file(path).map_err(|e| format!("api_tcp_token_path: {e}")),
+        None => ApiToken::load_or_generate(&config.state_dir.join("api.token"))
+            .map_err(|e| format!("api_tcp: {e}")),
+    }
 }
 
 /// The host config's `cim` section, parsed and checked before anything on the host is touched.

@@ -15,9 +15,14 @@ pub struct HostConfig {
     /// The control API's Unix socket.
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
-    /// Also serve the control API on this TCP address, which must be a loopback address.
+    /// Also serve the control API on this TCP address, which must be a loopback address; clients
+    /// there present a token (`Authorization: Bearer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<SocketAddr>,
+    /// The file holding the TCP token (mode 0600); when absent the host generates one in
+    /// `<state_dir>/api.token` on first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tcp_token_path: Option<PathBuf>,
     /// Where per-VM serial logs, console sockets and snapshots go.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -76,9 +81,15 @@ impl HostConfig {
             if !addr.ip().is_loopback() {
                 return Err(ConfigError::invalid(
                     "api_tcp",
-                    format!("{addr} is not a loopback address; the API has no authentication"),
+                    format!("{addr} is not a loopback address; the API listens on loopback only"),
                 ));
             }
+        }
+        if self.api_tcp_token_path.is_some() && self.api_tcp.is_none() {
+            return Err(ConfigError::invalid(
+                "api_tcp_token_path",
+                "is only used with \"api_tcp\"".into(),
+            ));
         }
         for (i, vm) in self.vms.iter().enumerate() {
             if vm.config.is_some() == vm.config_path.is_some() {

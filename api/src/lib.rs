@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 #[cfg(any(test, feature = "openapi-check"))]
 pub mod openapi_check;
+pub mod private_fs;
 
 pub use config::{
     BootProtocol, BootSource, FirecrackerExtras, HostLimits, HugePages, MachineConfig,

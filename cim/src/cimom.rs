@@ -80,7 +80,10 @@ impl ElementNames {
         if let Some(file) = &self.file {
             let text = serde_json::to_vec_pretty(&*g).unwrap_or_default();
             let tmp = file.with_extension("tmp");
-            std::fs::write(&tmp, text)
+            // 0600 whatever the umask; a temporary file left by a crash is replaced.
+            let _ = std::fs::remove_file(&tmp);
+            lockstep_api::private_fs::create_private_file(&tmp)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &text))
                 .and_then(|_| std::fs::rename(&tmp, file))
                 .map_err(|e| {
                     CimFault::new(

@@ -108,7 +108,8 @@ pub fn start(
     config.check().map_err(CimError::Config)?;
     let hostname = config.hostname.clone().unwrap_or_else(machine_hostname);
     let cim_dir = state_dir.join("cim");
-    std::fs::create_dir_all(&cim_dir).map_err(|source| CimError::Io {
+    // The folder holds the private key: 0700 whatever the umask.
+    lockstep_api::private_fs::create_private_dir(&cim_dir).map_err(|source| CimError::Io {
         path: cim_dir.clone(),
         source,
     })?;

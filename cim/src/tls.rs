@@ -2,7 +2,7 @@
 //! into the state folder and reused afterwards.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ pub fn certificate_files(
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    std::fs::create_dir_all(&dir).map_err(|source| CimError::Io {
+    lockstep_api::private_fs::create_private_dir(&dir).map_err(|source| CimError::Io {
         path: dir.clone(),
         source,
     })?;
@@ -60,6 +60,9 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CimError> {
         .truncate(true)
         .mode(mode)
         .open(path)
+        .map_err(io)?;
+    // The mode is set, not left to the umask: the key 0600, the certificate (public) 0644.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io)?;
     f.write_all(data).map_err(io)
 }

@@ -2,10 +2,10 @@
 //! a VM owns it, the escape sequence (Ctrl-A x) that ends the VM from the keyboard, and the
 //! interactive console on a Unix socket.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use lockstep_devices::legacy::{InputPump, Overflow, SerialDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::private_fs;
 
 /// Ctrl-A, the escape character.
 const ESCAPE: u8 = 0x01;
@@ -23,9 +24,8 @@ const ESCAPE: u8 = 0x01;
 /// or this process's stdout.
 pub fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
     match path {
-        Some(p) => Ok(Box::new(
-            OpenOptions::new().create(true).append(true).open(p)?,
-        )),
+        // A new file is 0600 whatever the umask; a user's existing file keeps its mode.
+        Some(p) => Ok(Box::new(private_fs::open_append(p)?)),
         None => {
             // A private, unbuffered handle on fd 1: each guest byte is written as it comes.
             let fd = io::stdout().as_fd().try_clone_to_owned()?;
@@ -222,6 +222,8 @@ impl Write for ConsoleTee {
 pub struct ConsoleSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file's device and inode: only that file is removed on drop.
+    inode: (u64, u64),
     serial: Arc<Mutex<SerialDevice>>,
     /// Signalled when the guest empties the receive FIFO.
     room: EventFd,
@@ -230,8 +232,8 @@ pub struct ConsoleSocket {
 }
 
 impl ConsoleSocket {
-    /// Listens on `path` (replacing a stale socket file) for clients of `serial`; `client`
-    /// comes from [`ConsoleTee::new`].
+    /// Listens on `path` with mode 0600 (replacing a stale socket file, never a live socket or
+    /// another kind of file) for clients of `serial`; `client` comes from [`ConsoleTee::new`].
     pub fn bind(
         path: &Path,
         serial: Arc<Mutex<SerialDevice>>,
@@ -241,14 +243,12 @@ impl ConsoleSocket {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .room_signal()?;
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+        let listener = private_fs::bind_private_socket(path)?;
+        let meta = std::fs::symlink_metadata(path)?;
         Ok(ConsoleSocket {
             listener,
             path: path.to_owned(),
+            inode: (meta.dev(), meta.ino()),
             serial,
             room,
             client,
@@ -315,7 +315,11 @@ impl MutEventSubscriber for ConsoleSocket {
 
 impl Drop for ConsoleSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -16,8 +16,11 @@ use lockstep_api::control::{
 use lockstep_api::VmConfig;
 
 use crate::exit::ExitReason;
+use crate::host_paths;
 use crate::kvm::Hypervisor;
+use lockstep_api::private_fs::{self, SocketPathError};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 
 use crate::vm::{
     ConsoleInput, ControlError as VmControlError, RunOptions, RunState, SnapshotPaths, Vm,
@@ -174,7 +177,7 @@ fn valid_name(name: &str) -> bool {
 impl Host {
     /// A host with no VMs, keeping its files under `state_dir`.
     pub fn new(hv: Hypervisor, state_dir: &Path, options: HostOptions) -> std::io::Result<Host> {
-        std::fs::create_dir_all(state_dir)?;
+        private_fs::create_private_dir(state_dir)?;
         Ok(Host {
             hv,
             options,
@@ -217,19 +220,49 @@ impl Host {
         }
     }
 
-    /// Gives a VM config the host's defaults: its serial log in the VM's folder.
+    /// Gives a VM config the host's defaults: its serial log in the VM's folder (0700).
     fn place(&self, config: &mut VmConfig, name: &str) -> Result<(), ControlError> {
         let dir = self.vm_dir(name);
-        std::fs::create_dir_all(&dir)
+        private_fs::create_private_dir(&dir)
             .map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
         if config.serial.output_path.is_none() && self.options.serial_logs {
-            config.serial.output_path = Some(dir.join("serial.log"));
+            let log = host_paths::serial_log_in(&dir);
+            // A log left by an older run keeps no wider mode than a new one gets.
+            if std::fs::symlink_metadata(&log).is_ok_and(|m| m.is_file()) {
+                std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| internal(format!("{}: {e}", log.display())))?;
+            }
+            config.serial.output_path = Some(log);
         }
         if config.serial.console_socket.is_none() && self.options.console_sockets {
-            config.serial.console_socket = Some(dir.join("console.sock"));
+            config.serial.console_socket = Some(host_paths::console_socket_in(&dir));
         }
         config.name = Some(name.to_string());
         Ok(())
+    }
+
+    /// Checks a VM's paths against the host's files and the other VMs' (see [`host_paths`]),
+    /// and that its console socket takes nobody's socket or file.
+    fn check_paths(&self, name: &str, config: &VmConfig) -> Result<(), ControlError> {
+        let slots: Vec<Arc<Slot>> = self.vms().values().cloned().collect();
+        let others: Vec<(String, VmConfig)> = slots
+            .iter()
+            .filter(|slot| slot.name != name)
+            .map(|slot| (slot.name.clone(), slot.lock().config.clone()))
+            .collect();
+        host_paths::check_vm_paths(
+            &self.state_dir,
+            name,
+            config,
+            others.iter().map(|(n, c)| (n.as_str(), c)),
+        )
+        .map_err(ControlError::BadRequest)?;
+        host_paths::check_console_socket(config).map_err(|e| match e {
+            SocketPathError::InUse(_) => {
+                ControlError::Conflict(format!("serial.console_socket: {e}"))
+            }
+            _ => ControlError::BadRequest(format!("serial.console_socket: {e}")),
+        })
     }
 
     /// Runs `vm` on a new owner thread and records it in `slot` (whose lock the caller holds).
@@ -302,6 +335,7 @@ impl Host {
                 slot.name, s.state
             )));
         }
+        self.check_paths(&slot.name, &s.config)?;
         let vm = match Vm::create(&self.hv, &s.config) {
             Ok(vm) => vm,
             Err(e) => {
@@ -442,7 +476,9 @@ impl HostControl for Host {
         config
             .validate(&self.hv.host_limits())
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        self.check_paths(&name, &config)?;
         self.place(&mut config, &name)?;
+        self.check_paths(&name, &config)?;
         let slot = Slot::new(&name, config, self.events.clone());
         {
             let mut vms = self.vms();
@@ -555,22 +591,40 @@ impl HostControl for Host {
             state: request.state_path.unwrap_or(defaults.state),
             memory: request.memory_path.unwrap_or(defaults.memory),
         };
+        for (field, path) in [("state_path", &paths.state), ("memory_path", &paths.memory)] {
+            host_paths::check_in_own_folder(&self.state_dir, name, field, path)
+                .map_err(ControlError::BadRequest)?;
+        }
         for path in [&paths.state, &paths.memory] {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
+                // The host's snapshots folder is made private; folders a user names are made
+                // 0700 only where they do not exist yet.
+                let made = if dir.starts_with(&self.state_dir) {
+                    private_fs::create_private_dir(dir)
+                } else {
+                    private_fs::create_dirs(dir)
+                };
+                made.map_err(|e| {
                     ControlError::BadRequest(format!("cannot create {}: {e}", dir.display()))
                 })?;
             }
         }
         let started = Instant::now();
         match self.command(&slot, VmCommand::Snapshot(paths.clone()), SNAPSHOT_TIMEOUT)? {
-            VmReply::Snapshot(stats) => Ok(SnapshotInfo {
-                state_path: paths.state,
-                memory_path: paths.memory,
-                state_bytes: stats.state_bytes,
-                memory_bytes: stats.memory_bytes,
-                duration_ms: started.elapsed().as_secs_f64() * 1e3,
-            }),
+            VmReply::Snapshot(stats) => {
+                // Snapshot files hold the guest's memory: 0600 whatever the umask.
+                for path in [&paths.state, &paths.memory] {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+                }
+                Ok(SnapshotInfo {
+                    state_path: paths.state,
+                    memory_path: paths.memory,
+                    state_bytes: stats.state_bytes,
+                    memory_bytes: stats.memory_bytes,
+                    duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                })
+            }
             other => Err(internal(format!("unexpected answer {other:?}"))),
         }
     }
@@ -591,7 +645,12 @@ impl HostControl for Host {
                 config.serial.output_path = None;
                 config.serial.console_socket = None;
             }
+            // The snapshot may come from another host: what a host placed is placed afresh
+            // here, and what remains is checked as a new VM's config is.
+            host_paths::forget_host_managed(config, &self.state_dir);
+            self.check_paths(&name, config).map_err(|e| e.to_string())?;
             self.place(config, &name).map_err(|e| e.to_string())?;
+            self.check_paths(&name, config).map_err(|e| e.to_string())?;
             chosen = Some(name);
             Ok(())
         })
@@ -654,7 +713,9 @@ impl HostControl for Host {
         config
             .validate(&self.hv.host_limits())
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        self.check_paths(name, &config)?;
         self.place(&mut config, name)?;
+        self.check_paths(name, &config)?;
         let mut s = slot.lock();
         if s.runtime.is_some() {
             return Err(ControlError::Conflict(format!(

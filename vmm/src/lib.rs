@@ -8,6 +8,7 @@ pub mod device_state;
 pub mod event_loop;
 pub mod exit;
 pub mod host;
+mod host_paths;
 pub mod kvm;
 pub mod memory;
 pub mod vcpu;
@@ -16,4 +17,6 @@ pub mod x86_64;
 
 pub use exit::ExitReason;
 pub use kvm::{Hypervisor, KvmBackend};
+/// Private files, folders and sockets (0600/0700 whatever the umask); see the api crate.
+pub use lockstep_api::private_fs;
 pub use vm::{ConsoleInput, Vm, VmError};

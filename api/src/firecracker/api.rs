@@ -559,6 +559,12 @@ impl Handler for FirecrackerApi {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Internal error: the request's handler failed (see the host's log).",
             ),
+            // The Firecracker API listens on a Unix socket only; TCP refusals cannot happen.
+            RequestProblem::Unauthorized(why) => fault(StatusCode::UNAUTHORIZED, why),
+            RequestProblem::WrongHost(host) => fault(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("Host {host:?} is not this server."),
+            ),
         }
     }
 

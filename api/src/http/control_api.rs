@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 
@@ -242,6 +242,22 @@ impl Handler for ControlApi {
             RequestProblem::HandlerPanicked => Failure::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error: the request's handler failed (see the host's log)",
+            ),
+            RequestProblem::Unauthorized(why) => {
+                let mut reply = Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("{why}: the API over TCP needs Authorization: Bearer <token> (the host's api.token)"),
+                )
+                .reply();
+                reply.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"lockstep\""),
+                );
+                return reply;
+            }
+            RequestProblem::WrongHost(host) => Failure::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("Host {host:?} does not name this server: use the address it listens on"),
             ),
         };
         failure.reply()

@@ -1,19 +1,21 @@
 //! The sockets an API server listens on, bound before the server starts so that a bad path or a
 //! busy port is reported to the caller at once.
 
-use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::tcp_auth::{ApiToken, TcpGuard};
 use super::HttpError;
+use crate::private_fs::{self, SocketPathError};
 
 /// A Unix socket and/or a loopback TCP socket, bound and ready to accept.
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub(crate) unix: Option<(UnixListener, SocketFile)>,
-    pub(crate) tcp: Option<TcpListener>,
+    pub(crate) tcp: Option<(TcpListener, Arc<TcpGuard>)>,
 }
 
 impl Listeners {
@@ -27,30 +29,18 @@ impl Listeners {
     /// a socket, is an error. The file is removed again when the server stops.
     pub fn bind_unix(mut self, path: impl Into<PathBuf>) -> Result<Listeners, HttpError> {
         let path = path.into();
-        let bind_error = |source| HttpError::Bind {
+        let listener = private_fs::bind_private_socket(&path).map_err(|e| match e {
+            SocketPathError::InUse(p) => HttpError::SocketInUse(p),
+            SocketPathError::NotASocket(p) => HttpError::NotASocket(p),
+            SocketPathError::Io { path, source } => HttpError::Bind {
+                what: path.display().to_string(),
+                source,
+            },
+        })?;
+        let meta = std::fs::symlink_metadata(&path).map_err(|source| HttpError::Bind {
             what: path.display().to_string(),
             source,
-        };
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(HttpError::NotASocket(path));
-            }
-            Ok(_) => match UnixStream::connect(&path) {
-                Ok(_) => return Err(HttpError::SocketInUse(path)),
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    log::info!("{}: replacing a stale socket", path.display());
-                    std::fs::remove_file(&path).map_err(bind_error)?;
-                }
-                Err(e) => return Err(bind_error(e)),
-            },
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_error(e)),
-        }
-        let listener = UnixListener::bind(&path).map_err(bind_error)?;
-        let meta = std::fs::metadata(&path).map_err(bind_error)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_error)?;
-        listener.set_nonblocking(true).map_err(bind_error)?;
+        })?;
         let file = SocketFile {
             path,
             dev: meta.dev(),
@@ -61,8 +51,10 @@ impl Listeners {
     }
 
     /// Listens on a loopback TCP address (port 0 picks a free port; see
-    /// [`Listeners::tcp_addr`]). Other addresses are refused: the API has no authentication.
-    pub fn bind_tcp(mut self, addr: SocketAddr) -> Result<Listeners, HttpError> {
+    /// [`Listeners::tcp_addr`]) for clients that present `token`, name this address in `Host`
+    /// and send JSON (see [`super::tcp_auth`]). Other addresses are refused: loopback keeps the
+    /// API off the network.
+    pub fn bind_tcp(mut self, addr: SocketAddr, token: ApiToken) -> Result<Listeners, HttpError> {
         if !addr.ip().is_loopback() {
             return Err(HttpError::NotLoopback(addr));
         }
@@ -72,7 +64,8 @@ impl Listeners {
         };
         let listener = TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
-        self.tcp = Some(listener);
+        let local = listener.local_addr().map_err(bind_error)?;
+        self.tcp = Some((listener, Arc::new(TcpGuard::new(token, local))));
         Ok(self)
     }
 
@@ -83,7 +76,7 @@ impl Listeners {
 
     /// The TCP socket's address (with the port actually bound), if there is one.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -121,6 +114,8 @@ impl Drop for SocketFile {
 mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
+    use std::os::unix::fs::PermissionsExt;
+
     use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
@@ -156,10 +151,15 @@ mod tests {
     #[test]
     fn tcp_is_loopback_only() {
         let open = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-        let err = Listeners::new().bind_tcp(open).unwrap_err();
+        let err = Listeners::new()
+            .bind_tcp(open, ApiToken::for_tests())
+            .unwrap_err();
         assert!(err.to_string().contains("loopback"), "{err}");
         let l = Listeners::new()
-            .bind_tcp(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)))
+            .bind_tcp(
+                SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)),
+                ApiToken::for_tests(),
+            )
             .unwrap();
         assert_ne!(l.tcp_addr().unwrap().port(), 0);
     }

@@ -8,14 +8,17 @@
 //! starts a small runtime on its own thread and returns a [`ServerHandle`] that stops it.
 //!
 //! Requests that carry a body must send it as JSON: `Content-Type: application/json` (any
-//! parameters, e.g. `; charset=utf-8`, and `+json` types are accepted). A body without a
-//! `Content-Type` is read as JSON too, so `curl --data-binary @vm.json` works; any other type is
-//! refused (415), since `curl -d` without `-H` sends a form type and that is a mistake worth naming.
+//! parameters, e.g. `; charset=utf-8`, and `+json` types are accepted). On the Unix socket a body
+//! without a `Content-Type` is read as JSON too, so `curl --data-binary @vm.json` works; any other
+//! type is refused (415), since `curl -d` without `-H` sends a form type and that is a mistake
+//! worth naming. On TCP a body must declare JSON, and every request must carry the host's token
+//! and name the listener in `Host` (see [`tcp_auth`]).
 
 mod control_api;
 mod listeners;
 pub(crate) mod routes;
 pub(crate) mod server;
+pub mod tcp_auth;
 
 #[cfg(test)]
 pub(crate) mod fake_host;
@@ -30,6 +33,7 @@ use std::sync::Arc;
 
 pub use listeners::Listeners;
 pub use server::ServerHandle;
+pub use tcp_auth::{ApiToken, TokenError};
 use thiserror::Error;
 
 use crate::control::HostControl;
@@ -56,8 +60,8 @@ pub enum HttpError {
     /// The socket path exists and is something else.
     #[error("{}: exists and is not a socket; remove it or choose another path", .0.display())]
     NotASocket(PathBuf),
-    /// A TCP address that is not loopback: the API has no authentication.
-    #[error("{0}: the API has no authentication, so it listens on loopback addresses only")]
+    /// A TCP address that is not loopback.
+    #[error("{0}: the API listens on loopback addresses only")]
     NotLoopback(std::net::SocketAddr),
     /// `serve` was given no socket at all.
     #[error("no socket to listen on: give a Unix socket path or a TCP address")]

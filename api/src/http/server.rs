@@ -20,6 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::oneshot;
 
 use super::listeners::Listeners;
+use super::tcp_auth::TcpGuard;
 use super::{HttpError, MAX_BODY_BYTES};
 
 /// A reply as the handlers build it.
@@ -56,6 +57,10 @@ pub(crate) enum RequestProblem {
     Unreadable(String),
     /// The handler panicked (a bug); the server goes on.
     HandlerPanicked,
+    /// A TCP request without the right `Authorization: Bearer` token: why.
+    Unauthorized(&'static str),
+    /// A TCP request whose `Host` does not name the listener (DNS rebinding): the name given.
+    WrongHost(String),
 }
 
 /// One API: its routes, run on a blocking thread, and how it words refusals.
@@ -101,7 +106,7 @@ pub(crate) fn empty_reply(status: StatusCode) -> Reply {
 }
 
 /// Whether a `Content-Type` names JSON (`application/json`, `application/x+json`, any parameters).
-fn is_json(content_type: &str) -> bool {
+pub(crate) fn is_json(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()
@@ -112,9 +117,24 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads the request, checks its body and hands it to the handler on a blocking thread.
-async fn respond<H: Handler>(handler: Arc<H>, request: hyper::Request<Incoming>) -> Reply {
+/// Reads the request, checks its body and hands it to the handler on a blocking thread. A
+/// request on the TCP listener passes its `guard` first, and must declare any body as JSON.
+async fn respond<H: Handler>(
+    handler: Arc<H>,
+    guard: Option<Arc<TcpGuard>>,
+    request: hyper::Request<Incoming>,
+) -> Reply {
     let (parts, body) = request.into_parts();
+    if let Some(guard) = &guard {
+        if let Err(problem) = guard.admit(&parts) {
+            log::info!(
+                "API request refused on TCP: {} {}: {problem:?}",
+                parts.method,
+                parts.uri.path()
+            );
+            return handler.refuse(&problem);
+        }
+    }
     let declared_len = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -130,6 +150,9 @@ async fn respond<H: Handler>(handler: Arc<H>, request: hyper::Request<Incoming>)
         }
         Err(e) => return handler.refuse(&RequestProblem::Unreadable(e.to_string())),
     };
+    if !body.is_empty() && guard.is_some() && !parts.headers.contains_key(CONTENT_TYPE) {
+        return handler.refuse(&RequestProblem::NotJson("none".into()));
+    }
     if !body.is_empty() && handler.json_content_type_only() {
         if let Some(value) = parts.headers.get(CONTENT_TYPE) {
             let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
@@ -173,15 +196,14 @@ pub(crate) async fn run<H: Handler>(
         }
         None => (None, None),
     };
-    let tcp = match listeners.tcp {
-        Some(listener) => {
+    let (tcp, guard) = match listeners.tcp {
+        Some((listener, guard)) => {
             let what = format!("{:?}", listener.local_addr().ok());
-            Some(
-                tokio::net::TcpListener::from_std(listener)
-                    .map_err(|source| HttpError::Bind { what, source })?,
-            )
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|source| HttpError::Bind { what, source })?;
+            (Some(listener), Some(guard))
         }
-        None => None,
+        None => (None, None),
     };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -189,11 +211,11 @@ pub(crate) async fn run<H: Handler>(
         tokio::select! {
             () = &mut shutdown => break,
             accepted = accept_unix(unix.as_ref()) => match accepted {
-                Ok(stream) => serve_connection(&graceful, handler.clone(), stream),
+                Ok(stream) => serve_connection(&graceful, handler.clone(), None, stream),
                 Err(e) => accept_failed(e).await,
             },
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
-                Ok(stream) => serve_connection(&graceful, handler.clone(), stream),
+                Ok(stream) => serve_connection(&graceful, handler.clone(), guard.clone(), stream),
                 Err(e) => accept_failed(e).await,
             },
         }
@@ -233,14 +255,19 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-fn serve_connection<S, H>(graceful: &GracefulShutdown, handler: Arc<H>, stream: S)
-where
+fn serve_connection<S, H>(
+    graceful: &GracefulShutdown,
+    handler: Arc<H>,
+    guard: Option<Arc<TcpGuard>>,
+    stream: S,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
     let service = service_fn(move |request| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(respond(handler, request).await) }
+        let guard = guard.clone();
+        async move { Ok::<_, Infallible>(respond(handler, guard, request).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -12,6 +12,7 @@ use std::io::{ErrorKind, Read};
 use std::ops::Bound;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -46,6 +47,8 @@ struct Handshake {
 #[derive(Debug)]
 pub struct UnixBackend {
     uds_path: PathBuf,
+    /// The socket file's device and inode: only that file is removed on drop.
+    uds_inode: (u64, u64),
     listener: UnixListener,
     guest_cid: u64,
     connections: BTreeMap<ConnKey, Connection>,
@@ -68,9 +71,16 @@ impl UnixBackend {
         metrics: Arc<VsockMetrics>,
     ) -> std::io::Result<UnixBackend> {
         let listener = UnixListener::bind(uds_path)?;
+        // Only this user may connect, whatever the umask (the host runs as root).
+        if let Err(e) = std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600)) {
+            let _ = std::fs::remove_file(uds_path);
+            return Err(e);
+        }
         listener.set_nonblocking(true)?;
+        let meta = std::fs::symlink_metadata(uds_path)?;
         Ok(UnixBackend {
             uds_path: uds_path.to_path_buf(),
+            uds_inode: (meta.dev(), meta.ino()),
             listener,
             guest_cid,
             connections: BTreeMap::new(),
@@ -436,8 +446,13 @@ impl UnixBackend {
 
 impl Drop for UnixBackend {
     fn drop(&mut self) {
-        // The socket file is ours: leave no stale path that would stop the next bind.
-        let _ = std::fs::remove_file(&self.uds_path);
+        // The socket file is ours: leave no stale path that would stop the next bind. A file
+        // someone else has put there since is not ours to remove.
+        let ours = std::fs::symlink_metadata(&self.uds_path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.uds_inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
