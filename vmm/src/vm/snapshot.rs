@@ -356,6 +356,25 @@ fn le_word(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(word))
 }
 
+/// Decodes the binary machine state (the part after the header), with a bounded decoder: no
+/// length in it can make this allocate more than [`DECODE_LIMIT`] bytes at once. Every byte must
+/// belong to the state.
+pub fn decode_state(state: &[u8]) -> Result<MachineSnapshot, String> {
+    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+    let (snapshot, used): (MachineSnapshot, usize) =
+        bincode::serde::decode_from_slice(state, config)
+            .map_err(|e| format!("does not decode ({e})"))?;
+    if used != state.len() {
+        return Err(format!("has {} bytes after its end", state.len() - used));
+    }
+    Ok(snapshot)
+}
+
+/// Total bytes of guest memory a region list describes, or None if it overflows.
+pub fn regions_total(regions: &[(u64, u64)]) -> Option<u64> {
+    check::regions_total(regions)
+}
+
 /// Decodes a state file's bytes and checks everything in it that can be checked without KVM:
 /// checksums, bounded decoding, the header against the state, the memory file's length
 /// (`mem_len`), and every region, vCPU and device against the config and `limits`. Nothing is
@@ -429,23 +448,13 @@ pub fn decode_and_check(
     if crc32fast::hash(state) != header.state_crc32 {
         return Err(corrupt("state checksum mismatch".into()));
     }
-    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-    let (snapshot, used): (MachineSnapshot, usize) =
-        bincode::serde::decode_from_slice(state, config).map_err(|e| {
-            SnapshotError::Incompatible {
-                path: path.clone(),
-                why: format!(
-                    "its state does not decode ({e}); taken by lockstep {}",
-                    header.lockstep_version
-                ),
-            }
-        })?;
-    if used != state.len() {
-        return Err(corrupt(format!(
-            "{} bytes after the end of the state",
-            state.len() - used
-        )));
-    }
+    let snapshot = decode_state(state).map_err(|why| SnapshotError::Incompatible {
+        path: path.clone(),
+        why: format!(
+            "its state {why}; taken by lockstep {}",
+            header.lockstep_version
+        ),
+    })?;
     let memory_bytes = check::regions_total(&snapshot.regions)
         .ok_or_else(|| corrupt("memory regions: their lengths or ends overflow".into()))?;
     if memory_bytes != header.memory_bytes

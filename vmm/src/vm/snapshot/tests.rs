@@ -169,7 +169,7 @@ fn trailing_bytes_are_refused() {
     state.push(0);
     let file = state_file_bytes(&state, "t", 2, 128 * MIB).unwrap();
     let err = decode_and_check(&paths(), &file, 128 * MIB, &limits()).unwrap_err();
-    assert!(err.to_string().contains("after the end"), "{err}");
+    assert!(err.to_string().contains("after its end"), "{err}");
 }
 
 #[test]
