@@ -205,6 +205,13 @@ fn hostile_snapshot_files_are_refused_and_leave_nothing_behind() {
         with(&|h| h.devices.virtio.clear()),
         "virtio devices: 0 saved, the config has 1",
     );
+    // Refused only once devices are built (after the VM's folder and serial log exist): what
+    // the restore created must go again.
+    file_case(
+        "a device at another address",
+        with(&|h| h.devices.virtio[0].base += 0x1000),
+        "was at",
+    );
     file_case(
         "an overfull serial FIFO",
         with(&|h| h.devices.serial.as_mut().unwrap().in_buffer = vec![b'x'; 4096]),
