@@ -372,3 +372,91 @@ fn a_snapshot_never_overwrites_a_file_a_running_vm_stands_on() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `lockstep run --api-sock`, killed when dropped.
+struct FcProcess(std::process::Child);
+
+impl Drop for FcProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn firecracker_snapshot_create_never_overwrites_the_vms_disk() {
+    if !require_kvm("firecracker_snapshot_create_never_overwrites_the_vms_disk") {
+        return;
+    }
+    use lockstep_tests::host::curl_unix;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fc.sock");
+    let console = dir.path().join("console.out");
+    let disk = dir.path().join("rootfs.ext4");
+    std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+    let _fc = FcProcess(
+        std::process::Command::new(lockstep_tests::lockstep_bin())
+            .args(["run", "--api-sock"])
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start lockstep run --api-sock"),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let put = |path: &str, body: String| curl_unix(&socket, "PUT", path, Some(&body));
+    let patch = |path: &str, body: String| curl_unix(&socket, "PATCH", path, Some(&body));
+    let boot = json!({ "kernel_image_path": guest_images().elf, "boot_args": "lks.mode=run lks.run=\"counter 100\"" });
+    assert_eq!(put("/boot-source", boot.to_string()).status, 204);
+    let drive = json!({ "drive_id": "rootfs", "path_on_host": disk, "is_root_device": true, "is_read_only": false });
+    assert_eq!(put("/drives/rootfs", drive.to_string()).status, 204);
+    let start = json!({ "action_type": "InstanceStart" });
+    assert_eq!(put("/actions", start.to_string()).status, 204);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("LKS counter=2 ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        patch("/vm", json!({ "state": "Paused" }).to_string()).status,
+        204
+    );
+    let link = dir.path().join("disk-link");
+    std::os::unix::fs::symlink(&disk, &link).unwrap();
+    let fresh = dir.path().join("snap.state");
+    for (state, memory, needle) in [
+        (&fresh, &disk, "disk image of drive \"rootfs\""),
+        (&fresh, &link, "disk image of drive \"rootfs\""),
+        (
+            &disk,
+            &dir.path().join("snap.mem"),
+            "disk image of drive \"rootfs\"",
+        ),
+        (&fresh, &fresh, "same file as the memory file"),
+    ] {
+        let body = json!({ "snapshot_path": state, "mem_file_path": memory });
+        let reply = put("/snapshot/create", body.to_string());
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        let message = reply.json()["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains(needle), "{message}");
+    }
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0x5au8; 1 << 20]);
+    assert!(!fresh.exists());
+    assert_eq!(
+        patch("/vm", json!({ "state": "Resumed" }).to_string()).status,
+        204
+    );
+}
