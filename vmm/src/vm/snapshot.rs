@@ -40,8 +40,8 @@ const MAX_HEADER: u32 = 64 << 10;
 /// Largest state file accepted. A real one holds the config, some 16 KiB per vCPU and a few
 /// KiB per device: far below this.
 pub const MAX_STATE_FILE: u64 = 32 << 20;
-/// Most bytes the state decoder may claim for lengths it reads (strings, byte vectors): a
-/// length prefix claiming more is refused before anything is allocated for it.
+/// Most bytes the state decoder may claim for lengths it reads (strings, byte vectors) in the
+/// largest state file: a length prefix claiming more is refused before anything is allocated.
 const DECODE_LIMIT: usize = 32 << 20;
 /// Bytes before the header: magic, version, header length, header CRC.
 const PREAMBLE: usize = 20;
@@ -356,14 +356,27 @@ fn le_word(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(word))
 }
 
-/// Decodes the binary machine state (the part after the header), with a bounded decoder: no
-/// length in it can make this allocate more than [`DECODE_LIMIT`] bytes at once. Every byte must
-/// belong to the state.
+/// Decodes the binary machine state (the part after the header), with a bounded decoder: the
+/// lengths in it may claim at most the smallest of 64 KiB, 1 MiB, 8 MiB or [`DECODE_LIMIT`]
+/// that holds the whole state, so a length prefix cannot make it allocate much more than the
+/// state's own size. Every byte must belong to the state.
 pub fn decode_state(state: &[u8]) -> Result<MachineSnapshot, String> {
-    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-    let (snapshot, used): (MachineSnapshot, usize) =
-        bincode::serde::decode_from_slice(state, config)
-            .map_err(|e| format!("does not decode ({e})"))?;
+    // The limit is a type parameter, hence one call per bound.
+    macro_rules! decode_within {
+        ($limit:expr) => {
+            bincode::serde::decode_from_slice(
+                state,
+                bincode::config::standard().with_limit::<{ $limit }>(),
+            )
+        };
+    }
+    let decoded: Result<(MachineSnapshot, usize), _> = match state.len() {
+        0..=0x1_0000 => decode_within!(0x1_0000),
+        0x1_0001..=0x10_0000 => decode_within!(0x10_0000),
+        0x10_0001..=0x80_0000 => decode_within!(0x80_0000),
+        _ => decode_within!(DECODE_LIMIT),
+    };
+    let (snapshot, used) = decoded.map_err(|e| format!("does not decode ({e})"))?;
     if used != state.len() {
         return Err(format!("has {} bytes after its end", state.len() - used));
     }

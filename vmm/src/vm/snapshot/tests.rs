@@ -164,6 +164,16 @@ fn a_huge_length_prefix_allocates_nothing() {
 }
 
 #[test]
+fn a_small_state_cannot_claim_megabytes() {
+    // 4 MiB claimed for the config string by a state of a few bytes: refused by the decoder's
+    // limit (64 KiB for a state this small), not by running out of input after allocating.
+    let mut state = vec![252u8];
+    state.extend_from_slice(&(4u32 << 20).to_le_bytes());
+    let err = decode_state(&state).unwrap_err();
+    assert!(err.contains("LimitExceeded"), "{err}");
+}
+
+#[test]
 fn trailing_bytes_are_refused() {
     let mut state = encode_state(&machine()).unwrap();
     state.push(0);
