@@ -9,5 +9,10 @@ export RUSTC_BOOTSTRAP=1
 for target in $(cargo fuzz list); do
     echo "fuzz: $target for ${seconds}s" >&2
     mkdir -p "corpus/$target"
-    cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096
+    # Seeds kept in the tree (fuzz/seeds/<target>) start the corpus where a target has them.
+    seeds=()
+    if [ -d "seeds/$target" ]; then seeds=("seeds/$target"); fi
+    max_len=4096
+    if [ "$target" = snapshot_state ]; then max_len=65536; fi
+    cargo fuzz run "$target" "corpus/$target" "${seeds[@]}" -- -max_total_time="$seconds" -rss_limit_mb=2048 -max_len="$max_len"
 done

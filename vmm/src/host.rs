@@ -22,6 +22,7 @@ use lockstep_api::private_fs::{self, SocketPathError};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 
+use crate::vm::snapshot::files::{self, BackingFile};
 use crate::vm::{
     ConsoleInput, ControlError as VmControlError, RunOptions, RunState, SnapshotPaths, Vm,
     VmCommand, VmControl, VmCounters, VmError, VmReply,
@@ -39,6 +40,8 @@ struct Runtime {
     control: VmControl,
     counters: VmCounters,
     thread: Option<JoinHandle<()>>,
+    /// Files the VM stands on (drive images, a restored VM's memory file).
+    backing: Vec<BackingFile>,
 }
 
 /// What the host knows of one VM.
@@ -275,6 +278,7 @@ impl Host {
     ) -> Result<(), ControlError> {
         let (control, receiver) = VmControl::new().map_err(internal)?;
         let counters = vm.counters();
+        let backing = vm.backing_files().to_vec();
         let input = if self.options.stdin_console && s.config.serial.output_path.is_none() {
             let stdin = std::io::stdin()
                 .as_fd()
@@ -311,6 +315,7 @@ impl Host {
             control,
             counters,
             thread: Some(thread),
+            backing,
         });
         s.exit_reason = None;
         s.boot_count += 1;
@@ -609,6 +614,23 @@ impl HostControl for Host {
                 })?;
             }
         }
+        // Every VM of this host, not only this one: a snapshot over another VM's disk or
+        // memory file would change that VM under it.
+        let backing: Vec<(String, BackingFile)> = self
+            .vms()
+            .values()
+            .flat_map(|other| {
+                let s = other.lock();
+                let files = s.runtime.as_ref().map(|r| r.backing.clone());
+                files
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|f| (other.name.clone(), f))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        files::check_destinations(&paths.state, &paths.memory, &backing)
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         let started = Instant::now();
         match self.command(&slot, VmCommand::Snapshot(paths.clone()), SNAPSHOT_TIMEOUT)? {
             VmReply::Snapshot(stats) => {
@@ -635,6 +657,7 @@ impl HostControl for Host {
             memory: request.memory_path.clone(),
         };
         let mut chosen: Option<String> = None;
+        let mut new_dir: Option<PathBuf> = None;
         let vm = Vm::restore_with(&self.hv, &paths, |config| {
             let name = request.name.clone().or_else(|| config.name.clone()).unwrap_or_else(|| "restored".into());
             if !valid_name(&name) || self.vms().contains_key(&name) {
@@ -649,12 +672,21 @@ impl HostControl for Host {
             // here, and what remains is checked as a new VM's config is.
             host_paths::forget_host_managed(config, &self.state_dir);
             self.check_paths(&name, config).map_err(|e| e.to_string())?;
+            let dir = self.vm_dir(&name);
+            new_dir = (!dir.exists()).then_some(dir);
             self.place(config, &name).map_err(|e| e.to_string())?;
             self.check_paths(&name, config).map_err(|e| e.to_string())?;
             chosen = Some(name);
             Ok(())
         })
-        .map_err(vm_error)?;
+        .map_err(|e| {
+            // A failed restore leaves no folder behind (an empty one only: never what another
+            // VM or the user put there).
+            if let Some(dir) = &new_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+            vm_error(e)
+        })?;
         let name = chosen.expect("set by the config adjustment");
         let slot = Slot::new(&name, vm.config().clone(), self.events.clone());
         let mut vms = self.vms();

@@ -30,6 +30,16 @@ pub enum MemoryError {
     /// The regions did not form a valid guest memory map.
     #[error("invalid guest memory layout: {0}")]
     Layout(#[from] vm_memory::GuestRegionCollectionError),
+    /// A region of a snapshot's memory map cannot be mapped.
+    #[error("guest memory region at {base:#x} of {len:#x} bytes: {why}")]
+    BadRegion {
+        /// Its guest address.
+        base: u64,
+        /// Its length.
+        len: u64,
+        /// What is wrong.
+        why: String,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused memory slot {slot}: {source}")]
     SetSlot {
@@ -100,7 +110,16 @@ pub fn map_memory_file(
     let mut offset = 0u64;
     let mut mapped = Vec::with_capacity(regions.len());
     for &(base, len) in regions {
-        let size = len as usize;
+        let bad = |why: &str| MemoryError::BadRegion {
+            base,
+            len,
+            why: why.to_string(),
+        };
+        let size =
+            usize::try_from(len).map_err(|_| bad("larger than this host's address space"))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| bad("the regions' lengths overflow"))?;
         let file = file.try_clone().map_err(|e| MemoryError::Mmap {
             size,
             huge_pages: false,
@@ -117,12 +136,11 @@ pub fn map_memory_file(
                 huge_pages: false,
                 source,
             })?;
-        // Guest addresses come from a checked snapshot: below 2^48, no overflow.
         mapped.push(
             GuestRegionMmap::new(mapping, GuestAddress(base))
-                .expect("region fits the address space"),
+                .ok_or_else(|| bad("it runs past the end of the address space"))?,
         );
-        offset += len;
+        offset = end;
     }
     Ok(GuestMemoryMmap::from_regions(mapped)?)
 }

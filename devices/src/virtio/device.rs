@@ -359,6 +359,20 @@ impl DeviceBase {
         }
         self.set_acked_features(state.acked_features);
         if state.activated {
+            // The driver's setup is checked again, as activation does: a saved queue is
+            // untrusted input, and the device would read and write guest memory at its rings.
+            for (index, q) in self.queues.iter().enumerate() {
+                if q.ready() && !q.is_valid(&mem) {
+                    return Err(ActivateError::BadState(format!(
+                        "queue {index}: size {} or ring addresses desc={:#x} avail={:#x} \
+                         used={:#x} are outside guest memory",
+                        q.size(),
+                        q.desc_table(),
+                        q.avail_ring(),
+                        q.used_ring()
+                    )));
+                }
+            }
             self.mem = Some(Arc::new(mem));
             self.activate_evt
                 .write(1)

@@ -4,3 +4,4 @@
 
 mod api_tcp;
 mod files;
+mod snapshot;

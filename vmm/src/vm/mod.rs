@@ -131,6 +131,8 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     msr_list: Arc<Vec<u32>>,
     console_client: Option<ConsoleClient>,
+    /// Files the VM reads while it runs, which a snapshot must never overwrite.
+    backing: Vec<snapshot::files::BackingFile>,
 }
 
 impl Vm {
@@ -181,6 +183,7 @@ impl Vm {
         configure_vcpus_for_boot(hv, &vcpus, config, &msr_list)?;
         // Other vCPUs wait for INIT/SIPI from the boot vCPU, as on real hardware.
         setup_boot_vcpu(vcpus[0].fd(), &memory, kernel.entry)?;
+        let backing = drive_files(config);
 
         Ok(Vm {
             config: config.clone(),
@@ -192,6 +195,7 @@ impl Vm {
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
             msr_list,
             console_client,
+            backing,
         })
     }
 
@@ -236,6 +240,28 @@ impl Vm {
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
     }
+
+    /// Files the VM reads while it runs (its drives' images, the memory file a restored VM
+    /// maps): overwriting one would change the guest's disk or memory under it.
+    pub fn backing_files(&self) -> &[snapshot::files::BackingFile] {
+        &self.backing
+    }
+}
+
+/// The drive images of `config` as they are now, identified by device and inode.
+fn drive_files(config: &VmConfig) -> Vec<snapshot::files::BackingFile> {
+    config
+        .drives
+        .iter()
+        .filter_map(|drive| {
+            let id = snapshot::files::FileId::of_path(&drive.path_on_host)?;
+            Some(snapshot::files::BackingFile {
+                role: format!("disk image of drive {:?}", drive.drive_id),
+                path: drive.path_on_host.clone(),
+                id,
+            })
+        })
+        .collect()
 }
 
 /// A KVM VM with the in-kernel irqchip and PIT.

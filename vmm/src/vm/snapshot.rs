@@ -7,17 +7,22 @@
 //! incompatible snapshot is refused before anything is built. The memory file is the guest's RAM
 //! regions back to back; a restore maps it privately, so pages load when the guest touches them.
 
+mod check;
+pub mod files;
+
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lockstep_api::VmConfig;
+use lockstep_api::{HostLimits, VmConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{attach_virtio_devices, create_vcpus, new_kvm_vm, open_serial_output, Vm, VmError};
+use super::{
+    attach_virtio_devices, create_vcpus, drive_files, new_kvm_vm, open_serial_output, Vm, VmError,
+};
 use crate::console::ConsoleClient;
 use crate::device_manager::DeviceManager;
 use crate::device_state::DevicesState;
@@ -32,6 +37,14 @@ const MAGIC: &[u8; 8] = b"LKSSNAP\0";
 pub const FORMAT_VERSION: u32 = 1;
 /// Longest header accepted (a corrupt length must not make us allocate gigabytes).
 const MAX_HEADER: u32 = 64 << 10;
+/// Largest state file accepted. A real one holds the config, some 16 KiB per vCPU and a few
+/// KiB per device: far below this.
+pub const MAX_STATE_FILE: u64 = 32 << 20;
+/// Most bytes the state decoder may claim for lengths it reads (strings, byte vectors) in the
+/// largest state file: a length prefix claiming more is refused before anything is allocated.
+const DECODE_LIMIT: usize = 32 << 20;
+/// Bytes before the header: magic, version, header length, header CRC.
+const PREAMBLE: usize = 20;
 
 /// Why a snapshot could not be written or used.
 #[derive(Debug, Error)]
@@ -86,6 +99,34 @@ pub enum SnapshotError {
     /// Reading the running VM's state failed.
     #[error("cannot read the VM's state: {0}")]
     Capture(String),
+    /// A snapshot file is a FIFO, device, folder or socket: refused before any read.
+    #[error("{}: the {what} is not a regular file", path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// Which of the snapshot's files.
+        what: String,
+    },
+    /// A snapshot file is larger than any snapshot this lockstep writes.
+    #[error("{}: the {what} has {len} bytes, more than the {max} a snapshot can have", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Which of the snapshot's files.
+        what: String,
+        /// Its size.
+        len: u64,
+        /// The most accepted.
+        max: u64,
+    },
+    /// A snapshot may not be written there.
+    #[error("cannot write a snapshot to {}: {why}", path.display())]
+    Destination {
+        /// The destination.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -117,7 +158,7 @@ struct Header {
 }
 
 /// Everything a snapshot holds besides guest memory.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MachineSnapshot {
     /// The VM's config, to rebuild its devices. Kept as its JSON text: it is the user-facing
     /// format, and the binary encoding cannot carry its flattened sections.
@@ -157,48 +198,64 @@ pub struct SnapshotStats {
     pub memory_bytes: u64,
 }
 
-fn encode(snapshot: &MachineSnapshot) -> Result<Vec<u8>, SnapshotError> {
+/// The machine state in its binary form (the part of the state file after the header).
+pub fn encode_state(snapshot: &MachineSnapshot) -> Result<Vec<u8>, SnapshotError> {
     bincode::serde::encode_to_vec(snapshot, bincode::config::standard())
         .map_err(|e| SnapshotError::Capture(format!("encoding: {e}")))
 }
 
-/// Writes the state file and the memory file. The VM must be paused.
+/// A whole state file around `state` (the binary machine state): magic, version, and a header
+/// with the checksums a reader checks. `vcpus` and `memory_bytes` are what the state holds.
+pub fn state_file_bytes(
+    state: &[u8],
+    vm_name: &str,
+    vcpus: u32,
+    memory_bytes: u64,
+) -> Result<Vec<u8>, SnapshotError> {
+    let header = Header {
+        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        vm_name: vm_name.to_string(),
+        vcpus,
+        memory_bytes,
+        state_bytes: state.len() as u64,
+        state_crc32: crc32fast::hash(state),
+    };
+    let header =
+        serde_json::to_vec(&header).map_err(|e| SnapshotError::Capture(format!("header: {e}")))?;
+    let header_len = u32::try_from(header.len())
+        .map_err(|_| SnapshotError::Capture("the header is too long".into()))?;
+    let mut out = Vec::with_capacity(PREAMBLE + header.len() + state.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&header_len.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&header).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(state);
+    Ok(out)
+}
+
+/// Writes the state file and the memory file. The VM must be paused. Each file is written
+/// beside its destination and renamed over it, so a failure midway leaves what was there.
 pub fn write(
     paths: &SnapshotPaths,
     snapshot: &MachineSnapshot,
     mem: &GuestMemoryMmap,
 ) -> Result<SnapshotStats, SnapshotError> {
-    let state = encode(snapshot)?;
-    let memory_bytes: u64 = snapshot.regions.iter().map(|r| r.1).sum();
-    let header = Header {
-        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
-        arch: std::env::consts::ARCH.to_string(),
-        vm_name: snapshot.config.display_name().to_string(),
-        vcpus: snapshot.vcpus.len() as u32,
-        memory_bytes,
-        state_bytes: state.len() as u64,
-        state_crc32: crc32fast::hash(&state),
-    };
-    let header =
-        serde_json::to_vec(&header).map_err(|e| SnapshotError::Capture(format!("header: {e}")))?;
+    files::check_destinations(&paths.state, &paths.memory, &[])?;
+    let state = encode_state(snapshot)?;
+    let memory_bytes = check::regions_total(&snapshot.regions)
+        .ok_or_else(|| SnapshotError::Capture("the memory regions overflow".into()))?;
+    let vcpus = u32::try_from(snapshot.vcpus.len())
+        .map_err(|_| SnapshotError::Capture("too many vCPUs".into()))?;
+    let file = state_file_bytes(&state, snapshot.config.display_name(), vcpus, memory_bytes)?;
 
     write_memory(&paths.memory, mem, memory_bytes).map_err(io_err(&paths.memory))?;
 
     // The state file goes last: a snapshot whose state file exists is complete.
-    let file = File::create(&paths.state).map_err(io_err(&paths.state))?;
-    let mut out = BufWriter::new(file);
-    let mut write_all = |bytes: &[u8]| out.write_all(bytes).map_err(io_err(&paths.state));
-    write_all(MAGIC)?;
-    write_all(&FORMAT_VERSION.to_le_bytes())?;
-    write_all(&(header.len() as u32).to_le_bytes())?;
-    write_all(&crc32fast::hash(&header).to_le_bytes())?;
-    write_all(&header)?;
-    write_all(&state)?;
-    let file = out.into_inner().map_err(|e| SnapshotError::Io {
-        path: paths.state.clone(),
-        source: e.into_error(),
-    })?;
-    file.sync_data().map_err(io_err(&paths.state))?;
+    let mut out = files::AtomicFile::create(&paths.state).map_err(io_err(&paths.state))?;
+    out.write_all(&file).map_err(io_err(&paths.state))?;
+    out.commit().map_err(io_err(&paths.state))?;
     Ok(SnapshotStats {
         state_bytes: state.len() as u64,
         memory_bytes,
@@ -207,11 +264,14 @@ pub fn write(
 
 /// Writes guest memory, regions back to back. Pages of anonymous memory that were never touched
 /// (neither in memory nor swapped out) read as zero: they are left as holes in a sparse file
-/// instead of being written, so a big, mostly idle guest snapshots quickly.
+/// instead of being written, so a big, mostly idle guest snapshots quickly. The file is new (a
+/// temporary renamed over `path` at the end): the old file at `path` may be what a restored VM's
+/// memory maps, and truncating it would change that memory.
 fn write_memory(path: &Path, mem: &GuestMemoryMmap, total: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     const PAGE: usize = 4096;
-    let file = File::create(path)?;
+    let out = files::AtomicFile::create(path)?;
+    let file = out.file();
     file.set_len(total)?;
     let mut offset = 0u64;
     for region in mem.iter() {
@@ -250,7 +310,7 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap, total: u64) -> std::io::Resu
         }
         offset += len as u64;
     }
-    file.sync_data()
+    out.commit()
 }
 
 /// One byte per page, 1 when the page holds data (in memory or swapped out), from
@@ -268,20 +328,77 @@ fn resident_pages(base: *const u8, len: usize) -> Option<Vec<u8>> {
     Some(
         raw.chunks_exact(8)
             .map(|e| {
-                let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                let mut word = [0u8; 8];
+                word.copy_from_slice(e);
+                let entry = u64::from_le_bytes(word);
                 u8::from(entry & (PRESENT | SWAPPED) != 0)
             })
             .collect(),
     )
 }
 
-/// Reads and checks a state file, and checks that the memory file has the size it names.
-pub fn read(paths: &SnapshotPaths) -> Result<(MachineSnapshot, File), SnapshotError> {
+/// Reads and checks a state file and opens the memory file, both refused unless they are
+/// regular files; the state file is refused above [`MAX_STATE_FILE`] before it is read.
+pub fn read(
+    paths: &SnapshotPaths,
+    limits: &HostLimits,
+) -> Result<(MachineSnapshot, File), SnapshotError> {
+    let (mut state_file, state_len) =
+        files::open_regular(&paths.state, "snapshot state file", MAX_STATE_FILE)?;
+    let (mem_file, mem_len) = files::open_regular(&paths.memory, "snapshot memory file", u64::MAX)?;
+    let bytes = files::read_exact_len(&mut state_file, &paths.state, state_len)?;
+    let snapshot = decode_and_check(paths, &bytes, mem_len, limits)?;
+    Ok((snapshot, mem_file))
+}
+
+fn le_word(bytes: &[u8], at: usize) -> Option<u32> {
+    let word: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_le_bytes(word))
+}
+
+/// Decodes the binary machine state (the part after the header), with a bounded decoder: the
+/// lengths in it may claim at most the smallest of 64 KiB, 1 MiB, 8 MiB or [`DECODE_LIMIT`]
+/// that holds the whole state, so a length prefix cannot make it allocate much more than the
+/// state's own size. Every byte must belong to the state.
+pub fn decode_state(state: &[u8]) -> Result<MachineSnapshot, String> {
+    // The limit is a type parameter, hence one call per bound.
+    macro_rules! decode_within {
+        ($limit:expr) => {
+            bincode::serde::decode_from_slice(
+                state,
+                bincode::config::standard().with_limit::<{ $limit }>(),
+            )
+        };
+    }
+    let decoded: Result<(MachineSnapshot, usize), _> = match state.len() {
+        0..=0x1_0000 => decode_within!(0x1_0000),
+        0x1_0001..=0x10_0000 => decode_within!(0x10_0000),
+        0x10_0001..=0x80_0000 => decode_within!(0x80_0000),
+        _ => decode_within!(DECODE_LIMIT),
+    };
+    let (snapshot, used) = decoded.map_err(|e| format!("does not decode ({e})"))?;
+    if used != state.len() {
+        return Err(format!("has {} bytes after its end", state.len() - used));
+    }
+    Ok(snapshot)
+}
+
+/// Total bytes of guest memory a region list describes, or None if it overflows.
+pub fn regions_total(regions: &[(u64, u64)]) -> Option<u64> {
+    check::regions_total(regions)
+}
+
+/// Decodes a state file's bytes and checks everything in it that can be checked without KVM:
+/// checksums, bounded decoding, the header against the state, the memory file's length
+/// (`mem_len`), and every region, vCPU and device against the config and `limits`. Nothing is
+/// mapped or built; a hostile file gets an error naming the part that is wrong.
+pub fn decode_and_check(
+    paths: &SnapshotPaths,
+    bytes: &[u8],
+    mem_len: u64,
+    limits: &HostLimits,
+) -> Result<MachineSnapshot, SnapshotError> {
     let path = &paths.state;
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io_err(path))?;
     let truncated = |what: &str| SnapshotError::Truncated {
         path: path.clone(),
         what: what.to_string(),
@@ -290,30 +407,26 @@ pub fn read(paths: &SnapshotPaths) -> Result<(MachineSnapshot, File), SnapshotEr
         path: path.clone(),
         what,
     };
-    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+    if bytes.get(..8) != Some(MAGIC.as_slice()) {
         return Err(SnapshotError::NotASnapshot { path: path.clone() });
     }
-    let word = |at: usize| {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-    };
-    let version = word(8).ok_or_else(|| truncated("no format version"))?;
+    let version = le_word(bytes, 8).ok_or_else(|| truncated("no format version"))?;
     if version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
             path: path.clone(),
             found: version,
         });
     }
-    let header_len = word(12).ok_or_else(|| truncated("no header length"))?;
-    let header_crc = word(16).ok_or_else(|| truncated("no header checksum"))?;
+    let header_len = le_word(bytes, 12).ok_or_else(|| truncated("no header length"))?;
+    let header_crc = le_word(bytes, 16).ok_or_else(|| truncated("no header checksum"))?;
     if header_len > MAX_HEADER {
         return Err(corrupt(format!(
             "header length {header_len} is implausible"
         )));
     }
+    let header_end = PREAMBLE + header_len as usize;
     let header_bytes = bytes
-        .get(20..20 + header_len as usize)
+        .get(PREAMBLE..header_end)
         .ok_or_else(|| truncated("the header is cut short"))?;
     if crc32fast::hash(header_bytes) != header_crc {
         return Err(corrupt("header checksum mismatch".into()));
@@ -330,7 +443,7 @@ pub fn read(paths: &SnapshotPaths) -> Result<(MachineSnapshot, File), SnapshotEr
             ),
         });
     }
-    let state = &bytes[20 + header_len as usize..];
+    let state = bytes.get(header_end..).unwrap_or_default();
     if (state.len() as u64) < header.state_bytes {
         return Err(truncated(&format!(
             "{} of {} state bytes",
@@ -348,29 +461,31 @@ pub fn read(paths: &SnapshotPaths) -> Result<(MachineSnapshot, File), SnapshotEr
     if crc32fast::hash(state) != header.state_crc32 {
         return Err(corrupt("state checksum mismatch".into()));
     }
-    let (snapshot, _): (MachineSnapshot, usize) =
-        bincode::serde::decode_from_slice(state, bincode::config::standard()).map_err(|e| {
-            SnapshotError::Incompatible {
-                path: path.clone(),
-                why: format!(
-                    "its state does not decode ({e}); taken by lockstep {}",
-                    header.lockstep_version
-                ),
-            }
-        })?;
-    let memory_bytes: u64 = snapshot.regions.iter().map(|r| r.1).sum();
-    if memory_bytes != header.memory_bytes || snapshot.vcpus.len() as u32 != header.vcpus {
+    let snapshot = decode_state(state).map_err(|why| SnapshotError::Incompatible {
+        path: path.clone(),
+        why: format!(
+            "its state {why}; taken by lockstep {}",
+            header.lockstep_version
+        ),
+    })?;
+    let memory_bytes = check::regions_total(&snapshot.regions)
+        .ok_or_else(|| corrupt("memory regions: their lengths or ends overflow".into()))?;
+    if memory_bytes != header.memory_bytes
+        || u32::try_from(snapshot.vcpus.len()).ok() != Some(header.vcpus)
+    {
         return Err(corrupt("the header does not match the state".into()));
     }
-    let mem_file = File::open(&paths.memory).map_err(io_err(&paths.memory))?;
-    let mem_len = mem_file.metadata().map_err(io_err(&paths.memory))?.len();
     if mem_len != memory_bytes {
         return Err(SnapshotError::Truncated {
             path: paths.memory.clone(),
             what: format!("{mem_len} bytes of guest memory where the snapshot has {memory_bytes}"),
         });
     }
-    Ok((snapshot, mem_file))
+    check::check_machine(&snapshot, limits).map_err(|why| SnapshotError::Incompatible {
+        path: path.clone(),
+        why,
+    })?;
+    Ok(snapshot)
 }
 
 impl Vm {
@@ -388,19 +503,27 @@ impl Vm {
         paths: &SnapshotPaths,
         adjust: impl FnOnce(&mut VmConfig) -> Result<(), String>,
     ) -> Result<Vm, VmError> {
-        let (mut snapshot, mem_file) = read(paths)?;
+        let limits = hv.host_limits();
+        // Everything the snapshot says is checked before anything outside the process changes.
+        let (mut snapshot, mem_file) = read(paths, &limits)?;
+        let mem_id = files::FileId::of_file(&mem_file).map_err(io_err(&paths.memory))?;
         adjust(&mut snapshot.config).map_err(|why| SnapshotError::Incompatible {
             path: paths.state.clone(),
             why,
         })?;
         let config = &snapshot.config;
-        config.validate(&hv.host_limits())?;
+        config.validate(&limits)?;
         if snapshot.vcpus.len() as u32 != config.machine_config.vcpu_count {
             return Err(SnapshotError::Incompatible {
                 path: paths.state.clone(),
                 why: "vCPU count differs from its config".into(),
             }
             .into());
+        }
+        // A failed restore leaves no serial log behind (sockets go with the devices).
+        let mut created = files::CreatedFiles::default();
+        if let Some(log) = &config.serial.output_path {
+            created.note_if_new(log);
         }
         let started = std::time::Instant::now();
         let vm_fd = new_kvm_vm(hv)?;
@@ -458,6 +581,13 @@ impl Vm {
                 path: paths.state.clone(),
                 why: e.to_string(),
             })?;
+        let mut backing = drive_files(config);
+        backing.push(files::BackingFile {
+            role: "snapshot memory file".into(),
+            path: paths.memory.clone(),
+            id: mem_id,
+        });
+        created.keep();
         log::info!(
             "{}: restored from {} in {:?}",
             config.display_name(),
@@ -474,6 +604,7 @@ impl Vm {
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
             msr_list,
             console_client,
+            backing,
         })
     }
 
@@ -489,3 +620,6 @@ impl Vm {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
