@@ -33,29 +33,34 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot hash the password: {e}"))
 }
 
-/// A hash of a random password with the same algorithm and parameters as `model` (argon2's
-/// defaults when there is none), that unknown user names are checked against.
+/// A password hash that nothing matches (random salt, random output) with the same algorithm
+/// and parameters as `model` (argon2's defaults when there is none), that unknown user names
+/// are checked against: the check costs what a real user's does. Nothing is hashed to make it.
 fn dummy_hash(model: Option<&str>) -> Result<String, String> {
-    let mut secret = [0u8; 24];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+    let default = format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        argon2::Params::DEFAULT_M_COST,
+        argon2::Params::DEFAULT_T_COST,
+        argon2::Params::DEFAULT_P_COST,
+        "A".repeat(22),
+        "A".repeat(43)
+    );
+    let model = PasswordHash::new(model.unwrap_or(&default))
+        .map_err(|e| format!("not a PHC password hash: {e}"))?;
     let salt = SaltString::generate(&mut rand_core::OsRng);
-    let hasher = match model.map(PasswordHash::new) {
-        Some(Ok(h)) => {
-            let algorithm = argon2::Algorithm::try_from(h.algorithm).map_err(|e| e.to_string())?;
-            let version = match h.version {
-                Some(v) => argon2::Version::try_from(v).map_err(|e| e.to_string())?,
-                None => argon2::Version::default(),
-            };
-            let params = argon2::Params::try_from(&h).map_err(|e| e.to_string())?;
-            Argon2::new(algorithm, version, params)
-        }
-        Some(Err(e)) => return Err(e.to_string()),
-        None => Argon2::default(),
+    let mut output = [0u8; 64];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut output);
+    let len = model.hash.map_or(32, |h| h.len());
+    let hash = argon2::password_hash::Output::new(&output[..len.clamp(10, 64)])
+        .map_err(|e| format!("cannot make the dummy password hash: {e}"))?;
+    let dummy = PasswordHash {
+        algorithm: model.algorithm,
+        version: model.version,
+        params: model.params.clone(),
+        salt: Some(salt.as_salt()),
+        hash: Some(hash),
     };
-    hasher
-        .hash_password(&secret, &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| format!("cannot make the dummy password hash: {e}"))
+    Ok(dummy.to_string())
 }
 
 /// The result of checking a request's credentials.
