@@ -78,8 +78,8 @@ impl RawReply {
     }
 }
 
-/// Reads one reply framed by its Content-Length.
-pub fn read_reply(stream: &mut TcpStream) -> std::io::Result<RawReply> {
+/// Reads one reply framed by its Content-Length (over TCP, or TLS over it).
+pub fn read_reply(stream: &mut impl Read) -> std::io::Result<RawReply> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
