@@ -1,28 +1,28 @@
-//! HTTP Basic authentication against the configured users (argon2 hashes), with a cache of
-//! recently verified credentials (so that keep-alive clients do not pay for argon2 on every
-//! request) and a per-address brake on failed logins.
+//! HTTP Basic authentication against the configured users (argon2 hashes). Verified
+//! credentials are cached (so that keep-alive clients do not pay for argon2 on every request);
+//! other attempts pass the brake on failed logins (`brake.rs`) and wait for a check on the
+//! login threads (`login_pool.rs`). Every check costs one argon2 verification, whether the user
+//! exists or not, so that the time taken does not tell which names exist.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use base64::Engine;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
-use crate::config::CimUser;
+use crate::brake::Brake;
+use crate::config::{CimLogins, CimUser};
+use crate::login_pool::LoginPool;
 
 /// How long a verified password is remembered.
 const CACHE_TTL: Duration = Duration::from_secs(600);
-/// Extra wait per recent failure from one address, and the most it grows to.
-const FAILURE_STEP: Duration = Duration::from_millis(250);
-const FAILURE_MAX: Duration = Duration::from_secs(4);
-/// Failures are forgotten after this long without another.
-const FAILURE_MEMORY: Duration = Duration::from_secs(900);
-/// Most addresses remembered.
-const MAX_TRACKED: usize = 10_000;
+/// Most verified credentials remembered.
+const CACHE_MAX: usize = 1000;
 
 /// Hashes a password for the config's `password_hash` (argon2id, random salt).
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -31,6 +31,36 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| format!("cannot hash the password: {e}"))
+}
+
+/// A password hash that nothing matches (random salt, random output) with the same algorithm
+/// and parameters as `model` (argon2's defaults when there is none), that unknown user names
+/// are checked against: the check costs what a real user's does. Nothing is hashed to make it.
+fn dummy_hash(model: Option<&str>) -> Result<String, String> {
+    let default = format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        argon2::Params::DEFAULT_M_COST,
+        argon2::Params::DEFAULT_T_COST,
+        argon2::Params::DEFAULT_P_COST,
+        "A".repeat(22),
+        "A".repeat(43)
+    );
+    let model = PasswordHash::new(model.unwrap_or(&default))
+        .map_err(|e| format!("not a PHC password hash: {e}"))?;
+    let salt = SaltString::generate(&mut rand_core::OsRng);
+    let mut output = [0u8; 64];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut output);
+    let len = model.hash.map_or(32, |h| h.len());
+    let hash = argon2::password_hash::Output::new(&output[..len.clamp(10, 64)])
+        .map_err(|e| format!("cannot make the dummy password hash: {e}"))?;
+    let dummy = PasswordHash {
+        algorithm: model.algorithm,
+        version: model.version,
+        params: model.params.clone(),
+        salt: Some(salt.as_salt()),
+        hash: Some(hash),
+    };
+    Ok(dummy.to_string())
 }
 
 /// The result of checking a request's credentials.
@@ -42,90 +72,22 @@ pub enum Verdict {
     Missing,
     /// Wrong user or password, or a malformed header.
     Denied,
+    /// Not checked: too many attempts pending from the client's subnet, or the login queue is
+    /// full. Try again later.
+    Busy,
 }
 
-struct Failures {
-    count: u32,
-    last: Instant,
-    /// No attempt from this address is checked before this moment.
-    next_allowed: Instant,
-}
-
-/// The users and the login bookkeeping.
-pub struct Authenticator {
+/// The users, and the credentials verified recently: what the login threads need.
+struct Credentials {
     users: Vec<CimUser>,
-    anonymous: bool,
+    /// Checked for user names that do not exist.
+    dummy: String,
     cache_key: [u8; 32],
     verified: Mutex<HashMap<[u8; 32], Instant>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
-    /// One argon2 check at a time: bounds the CPU and memory logins can take, and lets
-    /// clients that log in in parallel with the same password wait for the first check.
-    checking: Mutex<()>,
 }
 
-impl Authenticator {
-    /// From the config's users.
-    pub fn new(users: Vec<CimUser>, anonymous: bool) -> Authenticator {
-        let mut cache_key = [0u8; 32];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut cache_key);
-        Authenticator {
-            users,
-            anonymous,
-            cache_key,
-            verified: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
-            checking: Mutex::new(()),
-        }
-    }
-
-    /// How long a request from `addr` must wait before its credentials are checked: nothing
-    /// for an address without recent failures; otherwise attempts are spaced out, each failure
-    /// widening the gap. Reserves the slot, so parallel attempts queue up.
-    pub fn delay_for(&self, addr: IpAddr) -> Duration {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let Some(f) = map.get_mut(&addr) else {
-            return Duration::ZERO;
-        };
-        if now.duration_since(f.last) > FAILURE_MEMORY {
-            map.remove(&addr);
-            return Duration::ZERO;
-        }
-        let gap = (FAILURE_STEP * f.count).min(FAILURE_MAX);
-        let start = f.next_allowed.max(now);
-        f.next_allowed = start + gap;
-        start - now
-    }
-
-    fn record_failure(&self, addr: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, f| now.duration_since(f.last) < FAILURE_MEMORY);
-        }
-        if map.len() >= MAX_TRACKED {
-            // Still full: forget the oldest entries rather than grow.
-            let mut ages: Vec<(IpAddr, Instant)> = map.iter().map(|(a, f)| (*a, f.last)).collect();
-            ages.sort_by_key(|(_, t)| *t);
-            for (a, _) in ages.into_iter().take(MAX_TRACKED / 10) {
-                map.remove(&a);
-            }
-        }
-        let f = map.entry(addr).or_insert(Failures {
-            count: 0,
-            last: now,
-            next_allowed: now,
-        });
-        f.count = f.count.saturating_add(1);
-        f.last = now;
-    }
-
-    fn record_success(&self, addr: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&addr);
-    }
-
-    fn cache_digest(&self, user: &str, password: &str) -> [u8; 32] {
+impl Credentials {
+    fn digest(&self, user: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.cache_key);
         h.update(user.as_bytes());
@@ -134,9 +96,83 @@ impl Authenticator {
         h.finalize().into()
     }
 
-    /// Checks an `Authorization` header value. Blocks for an argon2 verification when the
-    /// credentials are not cached: call it off the I/O threads.
-    pub fn check(&self, header: Option<&str>, addr: IpAddr) -> Verdict {
+    fn is_verified(&self, digest: &[u8; 32]) -> bool {
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(digest).is_some_and(|t| t.elapsed() < CACHE_TTL)
+    }
+
+    fn remember(&self, digest: [u8; 32]) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, t| t.elapsed() < CACHE_TTL);
+        }
+        if cache.len() >= CACHE_MAX {
+            return;
+        }
+        cache.insert(digest, Instant::now());
+    }
+
+    /// The argon2 check, on a login thread: one verification whether the name exists or not
+    /// (against the dummy hash when it does not). Clients that log in in parallel with the
+    /// same password find it verified by the first.
+    fn check(&self, digest: [u8; 32], user: &str, password: &str) -> bool {
+        if self.is_verified(&digest) {
+            return true;
+        }
+        let known = self.users.iter().find(|u| u.name == user);
+        let hash = known.map_or(self.dummy.as_str(), |u| u.password_hash.as_str());
+        let matches = PasswordHash::new(hash).is_ok_and(|h| verify(&h, password.as_bytes()));
+        let ok = matches && known.is_some();
+        if ok {
+            self.remember(digest);
+        }
+        ok
+    }
+}
+
+/// The users and the login bookkeeping.
+pub struct Authenticator {
+    anonymous: bool,
+    credentials: Arc<Credentials>,
+    brake: Brake,
+    pool: LoginPool,
+    checking: Checking,
+}
+
+impl Authenticator {
+    /// From the config's users and login settings; starts the login threads.
+    pub fn new(
+        users: Vec<CimUser>,
+        anonymous: bool,
+        logins: &CimLogins,
+    ) -> Result<Authenticator, crate::CimError> {
+        let mut cache_key = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut cache_key);
+        let dummy = dummy_hash(users.first().map(|u| u.password_hash.as_str()))
+            .map_err(crate::CimError::Config)?;
+        Ok(Authenticator {
+            anonymous,
+            credentials: Arc::new(Credentials {
+                users,
+                dummy,
+                cache_key,
+                verified: Mutex::new(HashMap::new()),
+            }),
+            brake: Brake::new(
+                Duration::from_millis(logins.delay_step_ms),
+                Duration::from_millis(logins.delay_max_ms),
+                logins.pending_per_subnet,
+            ),
+            pool: LoginPool::new(logins.threads, logins.queue).map_err(crate::CimError::Runtime)?,
+            checking: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Checks an `Authorization` header value from `addr`. Cached credentials are answered at
+    /// once, credentials already being checked get that check's outcome; others wait for the
+    /// brake, then for an argon2 check on a login thread, or are refused unchecked (`Busy`)
+    /// when too many are pending.
+    pub async fn authenticate(&self, header: Option<&str>, addr: IpAddr) -> Verdict {
         let Some(header) = header else {
             return if self.anonymous {
                 Verdict::Allowed(None)
@@ -145,55 +181,102 @@ impl Authenticator {
             };
         };
         let Some((user, password)) = parse_basic(header) else {
-            self.record_failure(addr);
+            self.brake.record_failure(addr);
             return Verdict::Denied;
         };
-        let digest = self.cache_digest(&user, &password);
-        let cached = || {
-            let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            cache.get(&digest).is_some_and(|t| t.elapsed() < CACHE_TTL)
-        };
-        if cached() {
+        let digest = self.credentials.digest(&user, &password);
+        if self.credentials.is_verified(&digest) {
             return Verdict::Allowed(Some(user));
         }
-        let serial = self.checking.lock().unwrap_or_else(|p| p.into_inner());
-        if cached() {
-            return Verdict::Allowed(Some(user));
-        }
-        let ok = self.users.iter().any(|u| {
-            u.name == user
-                && PasswordHash::new(&u.password_hash)
-                    .is_ok_and(|h| verify(&h, password.as_bytes()))
-        });
-        if ok {
-            let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() > 1000 {
-                cache.retain(|_, t| t.elapsed() < CACHE_TTL);
+        // The same credentials already being checked (a client opening several connections
+        // at once): wait for that check's outcome rather than check again.
+        let leading = {
+            let mut checking = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+            match checking.get(&digest) {
+                Some(outcome) => Err(outcome.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    checking.insert(digest, rx);
+                    Ok(Leading {
+                        checking: &self.checking,
+                        digest,
+                        outcome: tx,
+                    })
+                }
             }
-            cache.insert(digest, Instant::now());
-            drop(cache);
-            drop(serial);
-            self.record_success(addr);
-            Verdict::Allowed(Some(user))
-        } else {
-            // The user name may be logged; the password never is.
-            log::warn!(
-                "cim: failed login as {:?} from {addr}",
-                user.chars().take(64).collect::<String>()
-            );
-            self.record_failure(addr);
-            Verdict::Denied
+        };
+        let leading = match leading {
+            Ok(leading) => leading,
+            Err(mut outcome) => {
+                return match outcome.wait_for(Option::is_some).await.map(|o| *o) {
+                    Ok(Some(Checked::Good)) => Verdict::Allowed(Some(user)),
+                    Ok(Some(Checked::Bad)) => Verdict::Denied,
+                    _ => Verdict::Busy,
+                };
+            }
+        };
+        let checked = self.check(digest, &user, password, addr).await;
+        let _ = leading.outcome.send(Some(checked));
+        match checked {
+            Checked::Busy => Verdict::Busy,
+            Checked::Good => Verdict::Allowed(Some(user)),
+            Checked::Bad => {
+                // The user name may be logged; the password never is.
+                log::warn!(
+                    "cim: failed login as {:?} from {addr}",
+                    user.chars().take(64).collect::<String>()
+                );
+                self.brake.record_failure(addr);
+                Verdict::Denied
+            }
         }
     }
 
-    /// Whether the credentials are known good without an argon2 check (the fast path).
-    pub fn is_cached(&self, header: Option<&str>) -> bool {
-        let Some((user, password)) = header.and_then(parse_basic) else {
-            return false;
+    /// Passes the brake, then checks on a login thread.
+    async fn check(&self, digest: [u8; 32], user: &str, password: String, addr: IpAddr) -> Checked {
+        let Some(ticket) = self.brake.admit(addr) else {
+            return Checked::Busy;
         };
-        let digest = self.cache_digest(&user, &password);
-        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(&digest).is_some_and(|t| t.elapsed() < CACHE_TTL)
+        if !ticket.wait.is_zero() {
+            tokio::time::sleep(ticket.wait).await;
+        }
+        let credentials = Arc::clone(&self.credentials);
+        let name = user.to_string();
+        let checked = self
+            .pool
+            .run(move || credentials.check(digest, &name, &password))
+            .await;
+        match checked {
+            None => Checked::Busy,
+            Some(true) => Checked::Good,
+            Some(false) => Checked::Bad,
+        }
+    }
+}
+
+/// The outcome of one check, shared with the requests that wait for it.
+#[derive(Debug, Clone, Copy)]
+enum Checked {
+    Good,
+    Bad,
+    Busy,
+}
+
+/// Credentials being checked; the others waiting for the same ones see `outcome`.
+type Checking = Mutex<HashMap<[u8; 32], watch::Receiver<Option<Checked>>>>;
+
+/// The request that checks some credentials for all that send them at the moment; its entry
+/// goes when it ends (also when it is abandoned: those waiting are then told `Busy`).
+struct Leading<'a> {
+    checking: &'a Checking,
+    digest: [u8; 32],
+    outcome: watch::Sender<Option<Checked>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut checking = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+        checking.remove(&self.digest);
     }
 }
 
@@ -289,34 +372,67 @@ mod tests {
         )
     }
 
-    #[test]
-    fn verify_cache_and_brake() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn verify_cache_and_brake() {
         let hash = hash_password("s3cret").unwrap();
-        let auth = Authenticator::new(
-            vec![CimUser {
-                name: "admin".into(),
-                password_hash: hash,
-            }],
-            false,
-        );
+        let logins = CimLogins {
+            delay_step_ms: 300,
+            ..CimLogins::default()
+        };
+        let users = vec![CimUser {
+            name: "admin".into(),
+            password_hash: hash,
+        }];
+        let auth = Authenticator::new(users, false, &logins).unwrap();
         let addr: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(auth.check(None, addr), Verdict::Missing);
+        assert_eq!(auth.authenticate(None, addr).await, Verdict::Missing);
+        let good = basic("admin", "s3cret");
         assert_eq!(
-            auth.check(Some(&basic("admin", "s3cret")), addr),
+            auth.authenticate(Some(&good), addr).await,
             Verdict::Allowed(Some("admin".into()))
         );
-        assert!(auth.is_cached(Some(&basic("admin", "s3cret"))));
-        assert_eq!(auth.delay_for(addr), Duration::ZERO);
+        let digest = auth.credentials.digest("admin", "s3cret");
+        assert!(auth.credentials.is_verified(&digest));
         assert_eq!(
-            auth.check(Some(&basic("admin", "wrong")), addr),
+            auth.authenticate(Some(&basic("admin", "wrong")), addr)
+                .await,
             Verdict::Denied
         );
-        assert_eq!(auth.check(Some("Bearer x"), addr), Verdict::Denied);
-        // Two failures: attempts are now spaced 500 ms apart, and queue up.
-        assert_eq!(auth.delay_for(addr), Duration::ZERO);
-        let second = auth.delay_for(addr);
-        assert!(second >= Duration::from_millis(400), "{second:?}");
-        let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert_eq!(auth.delay_for(other), Duration::ZERO);
+        assert_eq!(
+            auth.authenticate(Some(&basic("nobody", "s3cret")), addr)
+                .await,
+            Verdict::Denied
+        );
+        assert_eq!(
+            auth.authenticate(Some("Bearer x"), addr).await,
+            Verdict::Denied
+        );
+        // Three failures: the subnet's attempts are now spaced 900 ms apart, and queue up.
+        let first = auth.brake.admit("127.0.0.9".parse().unwrap()).unwrap();
+        let second = auth.brake.admit("127.0.0.9".parse().unwrap()).unwrap();
+        assert!(
+            second.wait >= Duration::from_millis(800),
+            "{:?}",
+            second.wait
+        );
+        drop((first, second));
+        // The cached password gets in at once, braked subnet or not.
+        let start = Instant::now();
+        assert!(matches!(
+            auth.authenticate(Some(&good), addr).await,
+            Verdict::Allowed(_)
+        ));
+        assert!(start.elapsed() < Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_dummy_hash_has_the_users_parameters() {
+        let model = "$argon2id$v=19$m=8192,t=3,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
+        let dummy = dummy_hash(Some(model)).unwrap();
+        assert!(
+            dummy.starts_with("$argon2id$v=19$m=8192,t=3,p=1$"),
+            "{dummy}"
+        );
+        assert!(dummy_hash(None).unwrap().starts_with("$argon2id$"));
     }
 }

@@ -1,42 +1,20 @@
 //! CIM operations over HTTP (DSP0200): `POST /cimom` and `M-POST` with a `Man:` header, over
-//! plain TCP or TLS, HTTP/1.1 keep-alive; Basic authentication; limits on body size, time to
-//! send headers and body, idle connections and the number of connections.
+//! plain TCP or TLS, HTTP/1.1 keep-alive; Basic authentication; limits on body size and the
+//! time to send it. Connections, their caps and other deadlines are `connection.rs`'s.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Authenticator, Verdict};
 use crate::cimom::{Cimom, Outcome};
-
-/// A client must send a request's headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
-/// ...and its body within this time.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// A TLS handshake must finish within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A keep-alive connection with no request in flight is closed after this long.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A connection whose request (or reading of its response) takes longer is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
-/// How often each connection's watchdog looks.
-const WATCHDOG_PERIOD: Duration = Duration::from_secs(5);
+use crate::connection::{Activity, Admission, Deadlines};
 
 /// What every connection shares.
 pub struct Shared {
@@ -46,11 +24,14 @@ pub struct Shared {
     pub auth: Authenticator,
     /// Largest body.
     pub max_body: usize,
-    /// Connection slots.
-    pub slots: Arc<Semaphore>,
+    /// The connection caps.
+    pub admission: Arc<Admission>,
+    /// Deadlines for slow and idle clients.
+    pub deadlines: Deadlines,
 }
 
-type Reply = Response<Full<Bytes>>;
+/// A response.
+pub type Reply = Response<Full<Bytes>>;
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));
@@ -105,46 +86,23 @@ fn mpost_prefix(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-struct Activity {
-    in_flight: AtomicUsize,
-    /// Milliseconds since `epoch` at the last request start or end.
-    last: AtomicU64,
-    epoch: Instant,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-struct InFlight<'a>(&'a Activity);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
-}
-
-async fn respond(
+/// Serves one request on a connection, keeping the connection's activity up to date.
+pub async fn respond(
     request: Request<Incoming>,
     peer: IpAddr,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
 ) -> Result<Reply, Infallible> {
-    activity.in_flight.fetch_add(1, Ordering::Relaxed);
-    activity.touch();
-    let _guard = InFlight(&activity);
-    Ok(handle(request, peer, &shared).await)
+    let _in_flight = activity.start_request(!request.body().is_end_stream());
+    Ok(handle(request, peer, &shared, &activity).await)
 }
 
-async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) -> Reply {
+async fn handle(
+    request: Request<Incoming>,
+    peer: IpAddr,
+    shared: &Arc<Shared>,
+    activity: &Activity,
+) -> Reply {
     let (parts, body) = request.into_parts();
     let mpost = parts.method.as_str() == "M-POST";
     if parts.method != Method::POST && !mpost {
@@ -187,22 +145,27 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    if !shared.auth.is_cached(authorization.as_deref()) {
-        let wait = shared.auth.delay_for(peer);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let sh = Arc::clone(shared);
-        let verdict =
-            tokio::task::spawn_blocking(move || sh.auth.check(authorization.as_deref(), peer))
-                .await
-                .unwrap_or(Verdict::Denied);
-        if !matches!(verdict, Verdict::Allowed(_)) {
+    match shared
+        .auth
+        .authenticate(authorization.as_deref(), peer)
+        .await
+    {
+        Verdict::Allowed(_) => {}
+        Verdict::Missing | Verdict::Denied => {
             let mut r = reply(StatusCode::UNAUTHORIZED, "authentication required\n");
             r.headers_mut().insert(
                 hyper::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"lockstep CIM\""),
             );
+            return r;
+        }
+        Verdict::Busy => {
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many login attempts pending; try again later\n",
+            );
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return r;
         }
     }
@@ -241,15 +204,20 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
             &format!("the body is larger than {} bytes", shared.max_body),
         );
     }
-    let collected =
-        tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, shared.max_body).collect()).await;
+    let collected = tokio::time::timeout(
+        shared.deadlines.body,
+        Limited::new(body, shared.max_body).collect(),
+    )
+    .await;
     let body = match collected {
         Err(_) => {
+            // A slow sender is dropped, not lingered over.
+            activity.set_body_unread(false);
             return protocol_error(
                 StatusCode::REQUEST_TIMEOUT,
                 "request-not-valid",
                 "the body did not arrive in time",
-            )
+            );
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return protocol_error(
@@ -265,7 +233,10 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
                 &format!("the body could not be read: {e}"),
             )
         }
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Ok(c)) => {
+            activity.set_body_unread(false);
+            c.to_bytes()
+        }
     };
 
     crate::memory::note_request();
@@ -319,117 +290,6 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, shared: &Arc<Shared>) 
                 "internal error",
             )
         }
-    }
-}
-
-/// Serves HTTP/1.1 on one connection until the client leaves, it idles, or the server stops.
-async fn serve_connection<I>(
-    io: I,
-    peer: IpAddr,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = Arc::new(Activity {
-        in_flight: AtomicUsize::new(0),
-        last: AtomicU64::new(0),
-        epoch: Instant::now(),
-    });
-    let act = Arc::clone(&activity);
-    let svc = service_fn(move |req| respond(req, peer, Arc::clone(&shared), Arc::clone(&act)));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(true)
-        .max_buf_size(256 * 1024);
-    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), svc));
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    log::debug!("cim: connection from {peer}: {e}");
-                }
-                return;
-            }
-            _ = tokio::time::sleep(WATCHDOG_PERIOD) => {
-                let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
-                let quiet = activity.quiet_for();
-                if busy && quiet > REQUEST_TIMEOUT {
-                    log::info!("cim: dropping a stalled connection from {peer}");
-                    return;
-                }
-                if !busy && quiet > IDLE_TIMEOUT && !closing {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                if closing && quiet > IDLE_TIMEOUT + WATCHDOG_PERIOD * 2 {
-                    return;
-                }
-            }
-            _ = stop.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-        }
-    }
-}
-
-/// Accepts connections on one listener until told to stop.
-pub async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off a little.
-                    log::warn!("cim: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = Arc::clone(&shared.slots).try_acquire_owned() else {
-            log::warn!("cim: too many connections; refusing one from {peer}");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        let tls = tls.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let ip = peer_ip(peer);
-            match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_connection(tls_stream, ip, shared, stop).await,
-                        Ok(Err(e)) => log::debug!("cim: TLS handshake with {peer} failed: {e}"),
-                        Err(_) => log::debug!("cim: TLS handshake with {peer} timed out"),
-                    }
-                }
-                None => serve_connection(stream, ip, shared, stop).await,
-            }
-        });
-    }
-}
-
-fn peer_ip(addr: SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 

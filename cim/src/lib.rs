@@ -8,13 +8,16 @@
 
 pub mod assoc;
 pub mod auth;
+mod brake;
 mod cache;
 pub mod cimom;
 pub mod config;
+mod connection;
 pub mod error;
 pub mod fake_host;
 mod http;
 pub mod indications;
+mod login_pool;
 mod memory;
 pub mod methods;
 pub mod model;
@@ -34,10 +37,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use lockstep_api::control::HostControl;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 pub use auth::hash_password;
-pub use config::{CimConfig, CimUser};
+pub use config::{CimConfig, CimLogins, CimTimeouts, CimUser};
 pub use error::CimError;
 
 /// A running endpoint; dropping it stops it.
@@ -146,11 +149,24 @@ pub fn start(
             .transpose()
     };
     let (https, http) = (local(&https_listener)?, local(&http_listener)?);
+    let secs = std::time::Duration::from_secs;
     let shared = Arc::new(http::Shared {
         cimom: Arc::clone(&cimom),
-        auth: auth::Authenticator::new(config.users.clone(), config.allow_anonymous),
+        auth: auth::Authenticator::new(
+            config.users.clone(),
+            config.allow_anonymous,
+            &config.logins,
+        )?,
         max_body: config.max_body_bytes,
-        slots: Arc::new(Semaphore::new(config.max_connections)),
+        admission: Arc::new(connection::Admission::new(
+            config.max_connections,
+            config.max_connections_per_address,
+        )),
+        deadlines: connection::Deadlines {
+            header: secs(config.timeouts.header_secs),
+            body: secs(config.timeouts.body_secs),
+            idle: secs(config.timeouts.idle_secs),
+        },
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
@@ -169,7 +185,7 @@ pub fn start(
                 for (listener, tls) in [(https_listener, tls), (http_listener, None)] {
                     let Some(listener) = listener else { continue };
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => tasks.push(tokio::spawn(http::accept_loop(
+                        Ok(l) => tasks.push(tokio::spawn(connection::accept_loop(
                             l,
                             tls,
                             Arc::clone(&shared),

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+pub mod raw_http;
+
 use crate::fake_host::FakeHost;
 use crate::{CimConfig, CimServer, CimUser};
 use lockstep_api::control::HostControl;

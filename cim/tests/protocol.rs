@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use lockstep_cim::testing::raw_http::{connect_from, loopback};
 use lockstep_cim::testing::TestServer;
 
 struct Reply {
@@ -455,8 +456,9 @@ fn authentication_is_required_and_failures_are_slowed() {
 fn stalled_clients_do_not_hold_up_the_others() {
     let s = TestServer::fake(2);
     let mut stalled = Vec::new();
-    for _ in 0..32 {
-        let mut c = TcpStream::connect(addr(&s)).unwrap();
+    // From another address than the client below (each address may hold 32 connections).
+    for _ in 0..31 {
+        let mut c = connect_from(loopback(0, 0, 2), addr(&s)).unwrap();
         c.write_all(b"POST /cimom HTTP/1.1\r\nHost: x\r\nContent-Le")
             .unwrap();
         stalled.push(c);
@@ -475,7 +477,14 @@ fn stalled_clients_do_not_hold_up_the_others() {
 
 #[test]
 fn many_concurrent_clients_with_keep_alive() {
-    let s = TestServer::fake(10);
+    // 48 connections from one address: more than the default cap allows.
+    let s = TestServer::over(
+        std::sync::Arc::new(lockstep_cim::fake_host::FakeHost::with_vms(10)),
+        lockstep_cim::CimConfig {
+            max_connections_per_address: 64,
+            ..lockstep_cim::CimConfig::default()
+        },
+    );
     let a = auth(&s);
     let body = intrinsic(
         "EnumerateInstances",

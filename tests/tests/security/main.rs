@@ -3,5 +3,6 @@
 //! One module per area; each test is bounded in time and sends traffic only to loopback.
 
 mod api_tcp;
+mod cim_abuse;
 mod files;
 mod snapshot;
