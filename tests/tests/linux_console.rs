@@ -1,6 +1,6 @@
 //! Linux's serial console under a flood of input: a long command pasted at the terminal, 4 KiB
 //! pasted through the terminal and streamed through the console socket, each checked by the
-//! guest's own checksum, and the Ctrl-A x escape working after all of it. One boot (Linux runs
+//! guest's own checksum (busybox `crc32`), and the Ctrl-A x escape working after all of it. One boot (Linux runs
 //! emulated on PVM hosts, tens of seconds a boot).
 
 use std::io::Write;
@@ -34,33 +34,26 @@ fn paste_text(seed: u64) -> String {
     text
 }
 
-/// The checksum busybox's `cksum` prints for `data` (POSIX cksum: CRC-32 with the length).
-fn posix_cksum(data: &[u8]) -> u32 {
-    let mut crc: u32 = 0;
-    let mut feed = |byte: u8| {
-        crc ^= u32::from(byte) << 24;
+/// The CRC-32 (zlib's) that busybox's `crc32` prints for `data`, as it prints it.
+fn crc32_hex(data: &[u8]) -> String {
+    let mut crc: u32 = !0;
+    for &b in data {
+        crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 0x8000_0000 != 0 {
-                (crc << 1) ^ 0x04c1_1db7
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
             } else {
-                crc << 1
+                crc >> 1
             };
         }
-    };
-    for &b in data {
-        feed(b);
     }
-    let mut len = data.len();
-    while len > 0 {
-        feed((len & 0xff) as u8);
-        len >>= 8;
-    }
-    !crc
+    format!("{:08x}", !crc)
 }
 
-/// Waits for the guest's `echo <tag> $(cksum ...)` line to show it got exactly `text`.
+/// Waits for the guest's `echo <tag> $(crc32 ...) $(wc -c ...)` line to show it got exactly `text`.
 fn expect_checksum(vm: &TestVm, mark: usize, tag: &str, text: &str) {
-    let want = format!("{tag} {} {}", posix_cksum(text.as_bytes()), text.len());
+    // At the start of a line: the command's own echo names the tag too.
+    let want = format!("\n{tag} {} {}", crc32_hex(text.as_bytes()), text.len());
     vm.wait_for_after(mark, &want, PASTE);
 }
 
@@ -89,11 +82,15 @@ fn pasted_and_streamed_input_reaches_the_shell_whole_and_the_escape_still_works(
     vm.send(&format!("echo long-$((6*7))-{marker}-end\n"));
     vm.wait_for_after(mark, &format!("long-42-{marker}-end\r\n"), PASTE);
 
-    // 4 KiB pasted at the terminal in one write, into `cat` with echo off.
+    // 4 KiB pasted at the terminal in one write, into `cat` with echo off. The paste goes only
+    // once the guest said echo is off: before that the shell's line editor would take it.
     let text = paste_text(1);
     let mark = vm.serial().len();
-    vm.send("stty -echo; cat > /tmp/typed; stty echo; echo typed $(cksum < /tmp/typed)\n");
-    std::thread::sleep(Duration::from_secs(3));
+    vm.send(
+        "stty -echo; echo READY-typed; cat > /tmp/typed; stty echo; \
+         echo typed $(crc32 < /tmp/typed) $(wc -c < /tmp/typed)\n",
+    );
+    vm.wait_for_after(mark, "READY-typed\r\n", PASTE);
     vm.send(&text);
     vm.send("\u{4}");
     expect_checksum(&vm, mark, "typed", &text);
@@ -104,10 +101,11 @@ fn pasted_and_streamed_input_reaches_the_shell_whole_and_the_escape_still_works(
     let mark = vm.serial().len();
     client
         .write_all(
-            b"stty -echo; cat > /tmp/streamed; stty echo; echo streamed $(cksum < /tmp/streamed)\n",
+            b"stty -echo; echo READY-streamed; cat > /tmp/streamed; stty echo; \
+              echo streamed $(crc32 < /tmp/streamed) $(wc -c < /tmp/streamed)\n",
         )
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    vm.wait_for_after(mark, "READY-streamed\r\n", PASTE);
     for piece in text.as_bytes().chunks(37) {
         client.write_all(piece).unwrap();
         std::thread::sleep(Duration::from_millis(2));
@@ -128,9 +126,8 @@ fn pasted_and_streamed_input_reaches_the_shell_whole_and_the_escape_still_works(
 }
 
 #[test]
-fn the_checksum_is_posix_cksum() {
-    // Values printed by coreutils' cksum.
-    assert_eq!(posix_cksum(b""), 4294967295);
-    assert_eq!(posix_cksum(b"abc\n"), 1112837078);
-    assert_eq!(posix_cksum(b"hello world"), 1135714720);
+fn the_checksum_is_busybox_crc32() {
+    // Values printed by busybox's crc32.
+    assert_eq!(crc32_hex(b"abc\n"), "4788814e");
+    assert_eq!(crc32_hex(b"hello world"), "0d4a1185");
 }
