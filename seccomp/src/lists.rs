@@ -258,6 +258,8 @@ const VCPU_EXTRA: &[Syscall] = syscalls![SYS_eventfd2, SYS_fcntl, SYS_sendto, SY
 
 /// KVM's ioctl type (`KVMIO`), the second byte of the request number.
 const KVMIO: u64 = 0xAE;
+/// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
 /// The name of system call `nr`, if it is one lockstep knows of (`SYS_` stripped).
 pub(crate) fn name(nr: libc::c_long) -> Option<&'static str> {
@@ -327,8 +329,9 @@ pub(crate) fn filter(
     }
     rules.insert(libc::SYS_prctl, prctl);
     if kind == ThreadKind::Vcpu {
-        // Only KVM's own ioctls: no terminal (TIOCSTI), tap or socket ioctls from a vCPU.
-        let kvm_only = SeccompRule::new(vec![SeccompCondition::new(
+        // Only KVM's own ioctls, and the tap's offloads a virtio-net driver's features set when
+        // it activates the device: no terminal (TIOCSTI), socket or other tap ioctls.
+        let kvm = SeccompRule::new(vec![SeccompCondition::new(
             1,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::MaskedEq(0xff00),
@@ -336,7 +339,17 @@ pub(crate) fn filter(
         )
         .map_err(build)?])
         .map_err(build)?;
-        rules.insert(libc::SYS_ioctl, vec![kvm_only]);
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![kvm, arg_eq(1, TUNSETOFFLOAD).map_err(build)?],
+        );
+    }
+    if kind == ThreadKind::Indications {
+        // std's connect with a timeout switches the socket to non-blocking and back.
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![arg_eq(1, libc::FIONBIO as u64).map_err(build)?],
+        );
     }
     SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch()).map_err(build)
 }
