@@ -344,6 +344,21 @@ pub(crate) fn filter(
             libc::SYS_ioctl,
             vec![kvm, arg_eq(1, TUNSETOFFLOAD).map_err(build)?],
         );
+        // Serial output to a connected console client (std sends with MSG_NOSIGNAL), on the
+        // connection it already has: no address.
+        let console = SeccompRule::new(vec![
+            SeccompCondition::new(
+                3,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::MSG_NOSIGNAL as u64,
+            )
+            .map_err(build)?,
+            SeccompCondition::new(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+                .map_err(build)?,
+        ])
+        .map_err(build)?;
+        rules.insert(libc::SYS_sendto, vec![console]);
     }
     if kind == ThreadKind::Indications {
         // std's connect with a timeout switches the socket to non-blocking and back.

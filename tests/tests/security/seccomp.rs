@@ -5,7 +5,9 @@
 //! The violation is provoked with the documented self-test (`LOCKSTEP_SECCOMP_SELFTEST=<kind>`:
 //! the first thread of that kind calls `personality` after installing its filter).
 
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -155,6 +157,7 @@ fn start_host(args: &[&str], selftest: Option<&str>, user: Option<&str>) -> Proc
         "api_socket": dir.path().join("api.sock"),
         "state_dir": dir.path().join("state"),
         "firecracker_sockets": true,
+        "console_sockets": true,
         "cim": { "http": "127.0.0.1:0", "https": null, "allow_anonymous": true },
         "vms": [{ "config": guest(&kernel), "autostart": true }],
     });
@@ -251,7 +254,28 @@ fn filters_are_on_by_default_and_the_host_works_under_them() {
             "{name}: {modes:?}"
         );
     }
-    // The VM's life goes on under the filters: pause, resume, a snapshot, the CIM endpoint.
+    // Serial output reaches a console client: the vCPU thread sends it, under its filter.
+    let mut console =
+        UnixStream::connect(host.state().join(VM).join("console.sock")).expect("console socket");
+    console
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("LKS counter=") {
+        assert!(
+            Instant::now() < deadline,
+            "nothing on the console:\n{}",
+            host.stderr()
+        );
+        let mut buf = [0u8; 512];
+        match console.read(&mut buf) {
+            Ok(0) => panic!("the console closed:\n{}", host.stderr()),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    // The VM's life goes on under the filters: pause, resume, a snapshot.
     let api = host.api();
     for action in ["pause", "resume"] {
         let reply = curl_unix(&api, "POST", &format!("/v1/vms/{VM}/{action}"), None);
