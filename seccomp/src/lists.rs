@@ -232,8 +232,8 @@ const NOTABLE: &[Syscall] = syscalls![
     SYS_seccomp,
 ];
 
-/// The groups a kind of thread may use (besides [`BASE`], and the rules built per process:
-/// `tgkill` on this process only, `prctl` for thread names only).
+/// The groups a kind of thread may use, besides [`BASE`] and the argument-checked rules of
+/// [`filter`] (`tgkill` to this process only, `prctl` for thread names, the vCPU's ioctls).
 fn groups(kind: ThreadKind) -> &'static [&'static [Syscall]] {
     match kind {
         // Sleeps and waits: the main thread once the host is up, the signal watcher; files for
