@@ -12,10 +12,12 @@ use lockstep_api::control::{HostControl, HostEvent, VmState};
 use lockstep_api::firecracker::spawn_firecracker;
 use lockstep_api::http::{self, ApiToken, Listeners, ServerHandle};
 use lockstep_api::{HostConfig, VmConfig};
+use lockstep_seccomp::ThreadKind;
 use lockstep_vmm::event_loop::{read_signal, termination_signalfd};
 use lockstep_vmm::host::{Host, HostOptions};
 use lockstep_vmm::Hypervisor;
 
+use crate::privileges::{self, Identity};
 use crate::{fail, EXIT_CONFIG_ERROR, EXIT_VMM_ERROR};
 
 /// Watches the termination signals on a thread of its own; the number of the last one received
@@ -32,6 +34,7 @@ fn watch_signals() -> Arc<AtomicI32> {
     let cell = received.clone();
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
+        lockstep_seccomp::install(ThreadKind::Main);
         loop {
             let mut pfd = libc::pollfd {
                 fd: fd.as_raw_fd(),
@@ -51,6 +54,7 @@ fn watch_signals() -> Arc<AtomicI32> {
 /// Per-VM Firecracker sockets, opened and closed as VMs come and go.
 fn manage_firecracker_sockets(host: Arc<Host>, events: mpsc::Receiver<HostEvent>) {
     std::thread::spawn(move || {
+        lockstep_seccomp::install(ThreadKind::FirecrackerApi);
         let mut servers: HashMap<String, ServerHandle> = HashMap::new();
         let open = |name: &str, servers: &mut HashMap<String, ServerHandle>| {
             let socket = host.vm_dir(name).join("firecracker.sock");
@@ -81,8 +85,12 @@ fn manage_firecracker_sockets(host: Arc<Host>, events: mpsc::Receiver<HostEvent>
     });
 }
 
-/// `lockstep host --config host.json`.
-pub fn host(config_path: &Path) -> ExitCode {
+/// `lockstep host --config host.json [--user USER]`.
+pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
+    let user = match user.map(privileges::lookup).transpose() {
+        Ok(u) => u,
+        Err(e) => return fail(EXIT_CONFIG_ERROR, &e.to_string()),
+    };
     let config = match HostConfig::from_file(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -110,7 +118,6 @@ pub fn host(config_path: &Path) -> ExitCode {
             )
         }
     };
-    let signals = watch_signals();
     let hv = match Hypervisor::open() {
         Ok(hv) => hv,
         Err(e) => return fail(EXIT_VMM_ERROR, &e.to_string()),
@@ -131,16 +138,6 @@ pub fn host(config_path: &Path) -> ExitCode {
             )
         }
     };
-    if config.firecracker_sockets {
-        manage_firecracker_sockets(host.clone(), host.subscribe());
-    }
-    for (vm, autostart) in vms {
-        let name = vm.display_name().to_string();
-        // One VM that cannot be defined or booted does not stop the host.
-        if let Err(e) = host.create_vm(vm, autostart) {
-            log::error!("{name}: {e}");
-        }
-    }
     if let Some(dir) = config.api_socket.parent() {
         // Folders made here are 0700; one that exists (/run) keeps its mode.
         if let Err(e) = lockstep_api::private_fs::create_dirs(dir) {
@@ -155,12 +152,29 @@ pub fn host(config_path: &Path) -> ExitCode {
         Some(Ok(token)) => Some(token),
         Some(Err(e)) => return fail(EXIT_VMM_ERROR, &e),
     };
+    // Bound now, served once the VMs at start are there: a client connecting early waits.
     let listeners = Listeners::new()
         .bind_unix(&config.api_socket)
         .and_then(|l| match (config.api_tcp, token) {
             (Some(addr), Some(token)) => l.bind_tcp(addr, token),
             _ => Ok(l),
         });
+    if let Some(user) = &user {
+        if let Err(e) = drop_root(user, &config.state_dir) {
+            return fail(EXIT_VMM_ERROR, &e.to_string());
+        }
+    }
+    let signals = watch_signals();
+    if config.firecracker_sockets {
+        manage_firecracker_sockets(host.clone(), host.subscribe());
+    }
+    for (vm, autostart) in vms {
+        let name = vm.display_name().to_string();
+        // One VM that cannot be defined or booted does not stop the host.
+        if let Err(e) = host.create_vm(vm, autostart) {
+            log::error!("{name}: {e}");
+        }
+    }
     let cim = match cim_config.map(|c| start_cim(c, &config.state_dir, &host)) {
         None => None,
         Some(Ok(server)) => Some(server),
@@ -171,6 +185,7 @@ pub fn host(config_path: &Path) -> ExitCode {
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("control API: {e}")),
     };
     log::info!("control API on {}", config.api_socket.display());
+    lockstep_seccomp::install(ThreadKind::Main);
     while signals.load(Ordering::SeqCst) == 0 {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -191,6 +206,20 @@ fn api_token(config: &HostConfig) -> Result<ApiToken, String> {
         None => ApiToken::load_or_generate(&config.state_dir.join("api.token"))
             .map_err(|e| format!("api_tcp: {e}")),
     }
+}
+
+/// Gives the state folder to `user` and becomes that user. No other thread exists yet, so every
+/// thread the host starts runs as the user.
+fn drop_root(user: &Identity, state_dir: &Path) -> Result<(), privileges::PrivilegeError> {
+    privileges::chown_tree(state_dir, user)?;
+    privileges::become_user(user)?;
+    log::info!(
+        "running as {} (uid {}, gid {})",
+        user.name,
+        user.uid,
+        user.gid
+    );
+    Ok(())
 }
 
 /// The host config's `cim` section, parsed and checked before anything on the host is touched.
@@ -257,6 +286,7 @@ pub fn firecracker(api_sock: &Path, id: &str, config: Option<VmConfig>) -> ExitC
         }
     };
     log::info!("Firecracker-compatible API on {}", api_sock.display());
+    lockstep_seccomp::install(ThreadKind::Main);
     let code = loop {
         if signals.load(Ordering::SeqCst) != 0 {
             break ExitCode::from(128u8.saturating_add(signals.load(Ordering::SeqCst) as u8));

@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 when the guest stopped itself (reset or power-off) or the console escape ended
 //! it; 1 on a VMM or host error; 2 on a bad command line or config; 128 + N when signal N
-//! stopped it.
+//! stopped it; 159 (128 + SIGSYS) when a thread made a system call its seccomp filter forbids.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -11,9 +11,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 mod host_mode;
+mod privileges;
 
 use clap::{Parser, Subcommand};
 use lockstep_api::VmConfig;
+use lockstep_seccomp::Mode as SeccompMode;
 use lockstep_vmm::console::{self, EscapedInput, RawTerminal};
 use lockstep_vmm::event_loop::termination_signalfd;
 use lockstep_vmm::exit::ExitSignal;
@@ -51,12 +53,22 @@ enum Command {
         /// The VM's name behind --api-sock.
         #[arg(long, default_value = "vm")]
         id: String,
+        #[command(flatten)]
+        seccomp: SeccompArgs,
     },
     /// Run as a host: many VMs, managed through the control API (and CIM).
     Host {
         /// The host config (api_socket, state_dir, vms, ...).
         #[arg(long)]
         config: PathBuf,
+        /// Give up root for this user (a name or a number) once /dev/kvm, the control API's
+        /// sockets and the state folder (chowned to the user) are open; everything else (disk
+        /// images, kernels, taps, snapshots, the CIM port and certificate) is then opened as
+        /// that user.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        seccomp: SeccompArgs,
     },
     /// Print which KVM backend this host has: vmx, svm, pvm or unknown.
     Backend,
@@ -64,9 +76,43 @@ enum Command {
     HashPassword,
 }
 
+/// The seccomp switch of `run` and `host`.
+#[derive(clap::Args)]
+struct SeccompArgs {
+    /// Seccomp filters on every thread: on (a forbidden system call ends the process with exit
+    /// code 159 and a line naming it), log (the kernel logs it, nothing is stopped) or off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: SeccompMode,
+    /// No seccomp filters: the same as --seccomp=off (Firecracker's flag).
+    #[arg(long, conflicts_with = "seccomp")]
+    no_seccomp: bool,
+}
+
+impl SeccompArgs {
+    /// Sets the filters' mode for the process; before any thread starts.
+    fn configure(&self) -> Result<(), ExitCode> {
+        let mode = if self.no_seccomp {
+            SeccompMode::Off
+        } else {
+            self.seccomp
+        };
+        if mode != SeccompMode::Enforce {
+            log::warn!("seccomp filters: {mode:?}");
+        }
+        lockstep_seccomp::configure(mode).map_err(|e| fail(EXIT_CONFIG_ERROR, &e.to_string()))
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    let seccomp = match &cli.command {
+        Command::Run { seccomp, .. } | Command::Host { seccomp, .. } => Some(seccomp),
+        Command::Backend | Command::HashPassword => None,
+    };
+    if let Some(Err(code)) = seccomp.map(SeccompArgs::configure) {
+        return code;
+    }
     match cli.command {
         Command::Run {
             config,
@@ -83,6 +129,7 @@ fn main() -> ExitCode {
             config,
             api_sock: Some(sock),
             id,
+            ..
         } => {
             let config = match config
                 .map(|p| VmConfig::from_file(&p).map_err(|e| format!("{}: {e}", p.display())))
@@ -93,7 +140,7 @@ fn main() -> ExitCode {
             };
             host_mode::firecracker(&sock, &id, config)
         }
-        Command::Host { config } => host_mode::host(&config),
+        Command::Host { config, user, .. } => host_mode::host(&config, user.as_deref()),
         Command::HashPassword => {
             let mut password = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut password) {

@@ -256,7 +256,10 @@ impl Indications {
         let stop = Arc::clone(&cimom.indications.stop);
         let spawned = std::thread::Builder::new()
             .name("cim-indications".into())
-            .spawn(move || event_loop(weak, events, stop));
+            .spawn(move || {
+                lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Indications);
+                event_loop(weak, events, stop)
+            });
         if let Err(e) = spawned {
             log::error!(
                 "cim: cannot start the indication thread: {e}; no indications will be sent"
@@ -291,7 +294,10 @@ impl Indications {
             let stop = Arc::clone(&self.stop);
             let _ = std::thread::Builder::new()
                 .name("cim-deliver".into())
-                .spawn(move || delivery_worker(dest, rx, queued, stop));
+                .spawn(move || {
+                    lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Indications);
+                    delivery_worker(dest, rx, queued, stop)
+                });
             tx
         });
         if sender.send(body).is_err() {

@@ -172,6 +172,7 @@ pub fn start(
         .worker_threads(config.threads)
         .max_blocking_threads(4)
         .thread_name("cim")
+        .on_thread_start(|| lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Cim))
         .enable_all()
         .build()
         .map_err(CimError::Runtime)?;
@@ -180,6 +181,7 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("cim-server".into())
         .spawn(move || {
+            lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Cim);
             runtime.block_on(async move {
                 let mut tasks = Vec::new();
                 for (listener, tls) in [(https_listener, tls), (http_listener, None)] {

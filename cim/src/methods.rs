@@ -144,6 +144,7 @@ impl Jobs {
         std::thread::Builder::new()
             .name(format!("cim-job-{id}"))
             .spawn(move || {
+                lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Cim);
                 let result = work();
                 let mut list = list.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(job) = list.iter_mut().find(|j| j.id == id) {

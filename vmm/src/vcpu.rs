@@ -10,6 +10,7 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use lockstep_devices::bus::Bus;
+use lockstep_seccomp::ThreadKind;
 use thiserror::Error;
 use vmm_sys_util::errno as vmmsys_errno;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -160,6 +161,8 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // Before the first KVM_RUN: no guest instruction runs on an unfiltered thread.
+                lockstep_seccomp::install(ThreadKind::Vcpu);
                 let mut vcpu = self;
                 let mut control = Control {
                     requests: request_rx,

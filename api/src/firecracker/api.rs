@@ -461,9 +461,12 @@ impl FirecrackerApi {
         };
         std::thread::Builder::new()
             .name("fc-ctrl-alt-del".into())
-            .spawn(move || match host.shutdown_vm(&name, request) {
-                Ok(info) => log::info!("{name}: SendCtrlAltDel: the VM is {:?}", info.state),
-                Err(e) => log::warn!("{name}: SendCtrlAltDel: {e}"),
+            .spawn(move || {
+                lockstep_seccomp::install(lockstep_seccomp::ThreadKind::FirecrackerApi);
+                match host.shutdown_vm(&name, request) {
+                    Ok(info) => log::info!("{name}: SendCtrlAltDel: the VM is {:?}", info.state),
+                    Err(e) => log::warn!("{name}: SendCtrlAltDel: {e}"),
+                }
             })
             .map_err(|e| Failure {
                 status: StatusCode::INTERNAL_SERVER_ERROR,

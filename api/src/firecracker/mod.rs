@@ -42,6 +42,8 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
+use lockstep_seccomp::ThreadKind;
+
 pub use api::{CTRL_ALT_DEL_GRACE_S, FIRECRACKER_API_VERSION};
 
 use crate::control::HostControl;
@@ -57,5 +59,10 @@ pub fn spawn_firecracker(
 ) -> Result<ServerHandle, HttpError> {
     let listeners = Listeners::new().bind_unix(socket)?;
     let handler = Arc::new(api::FirecrackerApi::new(host, vm_name));
-    server::spawn("lockstep-fc", handler, listeners)
+    server::spawn(
+        "lockstep-fc",
+        ThreadKind::FirecrackerApi,
+        handler,
+        listeners,
+    )
 }

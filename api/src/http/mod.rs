@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use listeners::Listeners;
+use lockstep_seccomp::ThreadKind;
 pub use server::ServerHandle;
 pub use tcp_auth::{ApiToken, TokenError};
 use thiserror::Error;
@@ -90,7 +91,7 @@ pub async fn serve(
 /// bound, so the API is reachable when this returns). Dropping or stopping the handle ends it.
 pub fn spawn(host: Arc<dyn HostControl>, listeners: Listeners) -> Result<ServerHandle, HttpError> {
     let handler = Arc::new(control_api::ControlApi::new(host));
-    server::spawn("lockstep-api", handler, listeners)
+    server::spawn("lockstep-api", ThreadKind::Api, handler, listeners)
 }
 
 /// Parses a JSON request body; errors name the field, line and column, as config errors do.

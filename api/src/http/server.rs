@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use lockstep_seccomp::ThreadKind;
 use tokio::sync::oneshot;
 
 use super::listeners::Listeners;
@@ -324,6 +325,7 @@ impl Drop for ServerHandle {
 /// Runs `handler` on a new thread with a current-thread tokio runtime (plus its blocking pool).
 pub(crate) fn spawn<H: Handler>(
     name: &str,
+    kind: ThreadKind,
     handler: Arc<H>,
     listeners: Listeners,
 ) -> Result<ServerHandle, HttpError> {
@@ -335,6 +337,7 @@ pub(crate) fn spawn<H: Handler>(
         .enable_time()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .thread_name(format!("{name}-worker"))
+        .on_thread_start(move || lockstep_seccomp::install(kind))
         .build()
         .map_err(HttpError::Runtime)?;
     let tcp_addr = listeners.tcp_addr();
@@ -342,6 +345,7 @@ pub(crate) fn spawn<H: Handler>(
     let thread = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            lockstep_seccomp::install(kind);
             let stopped = async {
                 // A dropped sender means the handle is gone: stop too.
                 let _ = stop_rx.await;

@@ -5,4 +5,5 @@
 mod api_tcp;
 mod cim_abuse;
 mod files;
+mod seccomp;
 mod snapshot;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use lockstep_devices::legacy::{Overflow, SerialInput};
+use lockstep_seccomp::ThreadKind;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -335,6 +336,9 @@ impl Vm {
             vcpus,
             state,
         };
+        // Everything this thread opens for the VM is open now; from here on it runs the device
+        // loop and the control plane's commands under the owner's filter.
+        lockstep_seccomp::install(ThreadKind::VmOwner);
 
         let reason = loop {
             if let Some(reason) = exit.reason() {
