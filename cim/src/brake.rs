@@ -99,15 +99,7 @@ impl Brake {
         let subnet = subnet_of(addr);
         let now = Instant::now();
         let mut map = self.lock();
-        if !map.contains_key(&subnet) {
-            make_room(&mut map, now);
-        }
-        let s = map.entry(subnet).or_insert(Subnet {
-            failures: 0,
-            last_failure: None,
-            last_start: None,
-            pending: 0,
-        });
+        let s = subnet_entry(&mut map, subnet, now);
         if s.last_failure
             .is_some_and(|t| now.duration_since(t) > FAILURE_MEMORY)
         {
@@ -133,15 +125,7 @@ impl Brake {
         let subnet = subnet_of(addr);
         let now = Instant::now();
         let mut map = self.lock();
-        if !map.contains_key(&subnet) {
-            make_room(&mut map, now);
-        }
-        let s = map.entry(subnet).or_insert(Subnet {
-            failures: 0,
-            last_failure: None,
-            last_start: None,
-            pending: 0,
-        });
+        let s = subnet_entry(&mut map, subnet, now);
         s.failures = s.failures.saturating_add(1);
         s.last_failure = Some(now);
         // The next attempt waits a gap after this failure at least.
@@ -151,6 +135,19 @@ impl Brake {
 
 /// Keeps the map under its bound: forgets expired subnets, then (if still full) the oldest
 /// tenth of those with nothing pending.
+/// The record of `subnet`, made (with room for it) if there is none yet.
+fn subnet_entry(map: &mut HashMap<IpAddr, Subnet>, subnet: IpAddr, now: Instant) -> &mut Subnet {
+    if !map.contains_key(&subnet) {
+        make_room(map, now);
+    }
+    map.entry(subnet).or_insert(Subnet {
+        failures: 0,
+        last_failure: None,
+        last_start: None,
+        pending: 0,
+    })
+}
+
 fn make_room(map: &mut HashMap<IpAddr, Subnet>, now: Instant) {
     if map.len() < MAX_TRACKED {
         return;

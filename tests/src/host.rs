@@ -341,3 +341,26 @@ impl Console {
         }
     }
 }
+
+/// An argon2 hash of `password` for a host config's CIM users, from `lockstep hash-password`.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(lockstep_bin())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", lockstep_bin().display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "lockstep hash-password failed: {out:?}"
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

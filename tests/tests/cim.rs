@@ -26,22 +26,7 @@ fn free_port() -> u16 {
 }
 
 fn hash(password: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(lockstep_bin())
-        .arg("hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    lockstep_tests::host::hash_password(password)
 }
 
 struct CimHost {

@@ -3,35 +3,18 @@
 //! clients are still answered within a second. (Each defence has its own test against a fake
 //! host in `cim/tests/abuse.rs`.)
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lockstep_cim::testing::raw_http::{availability_under_abuse, basic, Abuse};
 use lockstep_tests::host::TestHost;
-use lockstep_tests::{lockstep_bin, require_kvm};
+use lockstep_tests::require_kvm;
 use serde_json::json;
 
 const PASSWORD: &str = "abuse-test-pass";
 
-/// The password's hash, from `lockstep hash-password`.
 fn hash(password: &str) -> String {
-    let mut child = Command::new(lockstep_bin())
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    lockstep_tests::host::hash_password(password)
 }
 
 #[test]
