@@ -227,12 +227,44 @@ impl SerialDevice {
     }
 }
 
+/// Register offsets and bits the device looks at itself.
+const IER: u8 = 1;
+const IIR: u8 = 2;
+const IER_RDI: u8 = 0x01;
+const IIR_NO_INT: u8 = 0x01;
+const IIR_ID_MASK: u8 = 0x0f;
+const IIR_RDA: u8 = 0x04;
+/// The 16550A's receive FIFO.
+const FIFO_SIZE: usize = 64;
+
+impl SerialDevice {
+    /// What the guest reads from the interrupt identification register. vm-superio forgets a
+    /// received-data interrupt once the guest has read IIR or one byte, even with bytes left in
+    /// the FIFO; a 16550's IIR shows it for as long as data is waiting. Linux's driver takes at
+    /// most 256 bytes an interrupt and then relies on that: its next interrupt finds IIR saying
+    /// "no interrupt" and leaves the rest in the FIFO for good, which stalls console input
+    /// whenever the host refills the FIFO while the guest reads it.
+    fn read_iir(&mut self) -> u8 {
+        let iir = self.uart.read(IIR);
+        let data_waiting = self.uart.fifo_capacity() < FIFO_SIZE;
+        if iir & IIR_NO_INT != 0 && data_waiting && self.uart.read(IER) & IER_RDI != 0 {
+            (iir & !IIR_ID_MASK) | IIR_RDA
+        } else {
+            iir
+        }
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // A UART has byte-wide registers; wider accesses read the register and zero the rest.
         data.fill(0);
         if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.uart.read(offset);
+            *first = if offset == IIR {
+                self.read_iir()
+            } else {
+                self.uart.read(offset)
+            };
         }
     }
 
@@ -301,6 +333,33 @@ mod tests {
         dev.read(0, &mut b);
         assert_eq!(b[0], b'b');
         assert_eq!(rx.read().unwrap(), 1, "FIFO drained");
+    }
+
+    /// Bytes left in the FIFO keep IIR showing received data, as on a 16550, even after the
+    /// guest read IIR or some of the bytes.
+    #[test]
+    fn iir_shows_received_data_while_bytes_wait() {
+        let (mut dev, _, _, _) = device();
+        dev.write(1, &[0x01]); // IER: received-data interrupt.
+        let mut b = [0u8];
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x01, "nothing pending");
+        dev.enqueue_input(b"abc");
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x04);
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x04, "still data: still pending");
+        dev.read(0, &mut b);
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x04, "two bytes left");
+        dev.read(0, &mut b);
+        dev.read(0, &mut b);
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x01, "FIFO empty");
+        dev.write(1, &[0x00]); // Masked: no interrupt shown.
+        dev.enqueue_input(b"x");
+        dev.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x01);
     }
 
     #[test]
