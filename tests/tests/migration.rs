@@ -1,0 +1,342 @@
+//! Live migration between two `lockstep host` processes on KVM, over loopback TCP and a Unix
+//! socket: the guest's counter goes on with nothing lost or repeated and its memory intact, the
+//! source gives the VM up; a wrong token, a destination killed mid-stream, a garbage or truncated
+//! stream all leave the source running (and the destination serving, with nothing left behind).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use lockstep_tests::host::TestHost;
+use lockstep_tests::{guest_images, require_kvm, GuestReport, VmConfigBuilder};
+use lockstep_vmm::migration::protocol::{self, Handshake, Kind};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn vm_config(name: &str, script: &str, vcpus: u32, mem_mib: u64) -> Value {
+    let mut v = VmConfigBuilder::new(&guest_images().elf)
+        .boot_args(&format!("lks.mode=run lks.run=\"{script}\""))
+        .vcpus(vcpus)
+        .mem_mib(mem_mib)
+        .set("name", json!(name))
+        .build();
+    if std::env::var("TRACK").is_ok() {
+        v["machine-config"]["track_dirty_pages"] = json!(true);
+    }
+    v
+}
+
+/// The counter values of a serial transcript.
+fn counters(serial: &str) -> Vec<u64> {
+    GuestReport::parse(serial)
+        .all("counter")
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Opens a listener on `host` for a VM called `name`; returns (id, listen, token).
+fn incoming(host: &TestHost, listen: &str, name: &str) -> (String, String, String) {
+    let reply = host.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": listen, "name": name })),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let v = reply.json();
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    (s("id"), s("listen"), s("token"))
+}
+
+fn migrate(host: &TestHost, vm: &str, body: Value) -> String {
+    let reply = host.call(
+        "POST",
+        "/v1/vms/{name}/migrate",
+        &format!("/v1/vms/{vm}/migrate"),
+        Some(&body),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+fn migration(host: &TestHost, id: &str) -> Value {
+    let reply = host.call(
+        "GET",
+        "/v1/migrations/{id}",
+        &format!("/v1/migrations/{id}"),
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// Waits until a migration has ended; returns its last progress.
+fn wait_ended(host: &TestHost, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = migration(host, id);
+        if ["completed", "failed", "cancelled"].contains(&info["phase"].as_str().unwrap()) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id} did not end within {timeout:?}: {info}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn vm_status(host: &TestHost, vm: &str) -> u16 {
+    host.call("GET", "/v1/vms/{name}", &format!("/v1/vms/{vm}"), None)
+        .status
+}
+
+/// Checks that the host still serves and holds no trace of `vm`.
+fn nothing_left(host: &TestHost, vm: &str) {
+    assert_eq!(host.call("GET", "/v1/host", "/v1/host", None).status, 200);
+    assert_eq!(vm_status(host, vm), 404, "no VM {vm} on the destination");
+    assert!(
+        !host.dir().join("state").join(vm).exists(),
+        "no folder left for {vm}"
+    );
+}
+
+/// Waits until the counter in `serial()` has gone past `after`.
+fn counter_moves(serial: impl Fn() -> String, after: u64) {
+    let deadline = Instant::now() + WAIT;
+    while counters(&serial()).last().copied().unwrap_or(0) <= after {
+        assert!(Instant::now() < deadline, "the counter is stuck at {after}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Migrates a counting guest with a filled memory block from one host to another over `listen`,
+/// and checks that it carries on there exactly where it was.
+fn migrate_and_check(listen: &str, vcpus: u32, mem_mib: u64) -> Value {
+    let script = "memfill 16 7;counter 100 60;memcheck";
+    let source = TestHost::start(vec![vm_config("mover", script, vcpus, mem_mib)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("mover", "LKS counter=5 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, listen, "mover");
+    let id = migrate(
+        &source,
+        "mover",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    let arrived = wait_ended(&destination, &in_id, WAIT);
+    assert_eq!(arrived["phase"], "completed", "{arrived}");
+    eprintln!("migration over {listen}: source {info}\ndestination {arrived}");
+    assert_eq!(vm_status(&source, "mover"), 404, "the source gave the VM up");
+    assert_eq!(destination.state("mover"), "running");
+
+    let after = destination.wait_serial("mover", "LKS run done", WAIT);
+    let before = source.serial("mover");
+    // A line may be cut at the switch: the two transcripts joined are the guest's whole output.
+    let all = counters(&format!("{before}{after}"));
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1) && all.first() == Some(&1),
+        "the counter goes on with nothing lost or repeated: {all:?}\nsource:\n{}\ndestination:\n{}",
+        &before[before.len().saturating_sub(400)..],
+        &after[..after.len().min(400)]
+    );
+    assert!(
+        !counters(&after).is_empty() && all.len() == 60,
+        "the destination went on counting: {all:?}"
+    );
+    assert!(
+        GuestReport::parse(&after)
+            .require("memcheck")
+            .contains("status=match"),
+        "guest memory intact: {after}"
+    );
+    info
+}
+
+#[test]
+fn a_running_vm_migrates_over_tcp() {
+    if !require_kvm("a_running_vm_migrates_over_tcp") {
+        return;
+    }
+    let info = migrate_and_check("127.0.0.1:0", 1, 512);
+    // An idle 512 MiB guest costs its touched pages, not its RAM.
+    let bytes = info["bytes"].as_u64().unwrap();
+    assert!(bytes < 128 << 20, "{bytes} bytes on the wire");
+}
+
+#[test]
+fn a_running_two_vcpu_vm_migrates_over_a_unix_socket() {
+    if !require_kvm("a_running_two_vcpu_vm_migrates_over_a_unix_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("incoming.sock");
+    migrate_and_check(&format!("unix:{}", path.display()), 2, 256);
+    assert!(!path.exists(), "the one-shot listener's socket is gone");
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_source_runs_on() {
+    if !require_kvm("a_wrong_token_is_refused_and_the_source_runs_on") {
+        return;
+    }
+    let source = TestHost::start(vec![vm_config("stay", "counter 100", 1, 128)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("stay", "LKS counter=3 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "stay");
+    let wrong: String = token.chars().rev().collect();
+    let id = migrate(
+        &source,
+        "stay",
+        json!({ "destination": listen, "token": wrong }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed");
+    assert!(
+        info["error"].as_str().unwrap().contains("authentication"),
+        "{info}"
+    );
+    let refused = wait_ended(&destination, &in_id, WAIT);
+    assert_eq!(refused["phase"], "failed");
+    assert_eq!(source.state("stay"), "running");
+    let now = counters(&source.serial("stay")).last().copied().unwrap();
+    counter_moves(|| source.serial("stay"), now);
+    nothing_left(&destination, "stay");
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_source_running_and_a_retry_succeeds() {
+    if !require_kvm("a_destination_killed_mid_stream_leaves_the_source_running_and_a_retry_succeeds")
+    {
+        return;
+    }
+    // Memory rewritten all the time for a few seconds: with a 1 ms budget the pre-copy cannot
+    // finish while it lasts.
+    let fills: Vec<String> = (1..=12).map(|i| format!("memfill 32 {i}")).collect();
+    let script = format!("{};counter 100;", fills.join(";"));
+    let source = TestHost::start(vec![vm_config("tough", &script, 1, 256)]);
+    source.wait_serial("tough", "LKS memfill mib=32 seed=2 ", WAIT);
+    let mut doomed = TestHost::start(vec![]);
+    let (_, listen, token) = incoming(&doomed, "127.0.0.1:0", "tough");
+    let id = migrate(
+        &source,
+        "tough",
+        json!({ "destination": listen, "token": token, "downtime_ms": 1 }),
+    );
+    let deadline = Instant::now() + WAIT;
+    while migration(&source, &id)["round"].as_u64().unwrap() < 1 {
+        assert!(Instant::now() < deadline, "no second round");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kills our own child.
+    unsafe { libc::kill(doomed.pid() as i32, libc::SIGKILL) };
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed", "{info}");
+    assert!(
+        info["error"].as_str().unwrap().contains("runs on here"),
+        "{info}"
+    );
+    assert_eq!(source.state("tough"), "running");
+    let _ = doomed.stop();
+
+    source.wait_serial("tough", "LKS counter=2 ", WAIT);
+    let second = TestHost::start(vec![]);
+    let (_, listen, token) = incoming(&second, "127.0.0.1:0", "tough");
+    let id = migrate(
+        &source,
+        "tough",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    let last = counters(&source.serial("tough")).last().copied().unwrap_or(0);
+    counter_moves(|| second.serial("tough"), last);
+}
+
+/// A source that holds the token but sends `after_accept` once the destination has accepted
+/// the handshake, then closes.
+fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after_accept: &[u8]) {
+    let mut conn = TcpStream::connect(listen).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let nonce = protocol::expect_frame(&mut conn, Kind::Hello, "Hello").unwrap();
+    let config = lockstep_api::VmConfig::from_json(&config.to_string()).unwrap();
+    let handshake = serde_json::to_vec(&Handshake {
+        format: protocol::FORMAT_VERSION,
+        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: serde_json::to_string(&config).unwrap(),
+        regions: lockstep_vmm::memory::ram_ranges(mem_mib << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l))
+            .collect(),
+        cpuid: vec![],
+    })
+    .unwrap();
+    let mut auth = protocol::mac(token, &nonce, &handshake).to_vec();
+    auth.extend_from_slice(&handshake);
+    protocol::write_frame(&mut conn, Kind::Auth, &auth).unwrap();
+    protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();
+    conn.write_all(after_accept).unwrap();
+    drop(conn);
+}
+
+#[test]
+fn garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behind() {
+    if !require_kvm("garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behind")
+    {
+        return;
+    }
+    let destination = TestHost::start(vec![]);
+    let config = vm_config("victim", "counter 100", 1, 64);
+
+    // Garbage instead of a handshake.
+    let (id, listen, _) = incoming(&destination, "127.0.0.1:0", "victim");
+    let mut conn = TcpStream::connect(&listen).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = [0u8; 37];
+    conn.read_exact(&mut hello).unwrap();
+    conn.write_all(&[0xff; 4096]).unwrap();
+    drop(conn);
+    assert_eq!(wait_ended(&destination, &id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "victim");
+
+    // A handshake claiming a huge frame, cut short.
+    let (id, listen, _) = incoming(&destination, "127.0.0.1:0", "victim");
+    let mut conn = TcpStream::connect(&listen).unwrap();
+    conn.read_exact(&mut hello).unwrap();
+    conn.write_all(&[Kind::Auth as u8, 0, 0, 1, 0, 1, 2, 3])
+        .unwrap();
+    drop(conn);
+    assert_eq!(wait_ended(&destination, &id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "victim");
+
+    // Past the handshake (the VM is being built): garbage, a page out of range, a frame cut
+    // short, a state that is not one.
+    let mut page_frame = vec![Kind::Pages as u8];
+    page_frame.extend_from_slice(&(8u32 + 4096).to_le_bytes());
+    page_frame.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    page_frame.extend_from_slice(&[1; 4096]);
+    let mut cut = vec![Kind::Pages as u8];
+    cut.extend_from_slice(&(8u32 + 4096 * 4).to_le_bytes());
+    cut.extend_from_slice(&0u64.to_le_bytes());
+    cut.extend_from_slice(&[7; 5000]);
+    let mut bad_state = vec![Kind::State as u8];
+    bad_state.extend_from_slice(&8u32.to_le_bytes());
+    bad_state.extend_from_slice(b"LKSSNAP\0");
+    for tail in [vec![0xee; 64], page_frame, cut, bad_state] {
+        let (id, listen, token) = incoming(&destination, "127.0.0.1:0", "victim");
+        hostile_source(&listen, &token, &config, 64, &tail);
+        let info = wait_ended(&destination, &id, WAIT);
+        assert_eq!(info["phase"], "failed", "{info}");
+        nothing_left(&destination, "victim");
+    }
+    assert!(
+        destination.log().contains("incoming migration failed"),
+        "{}",
+        destination.log()
+    );
+}

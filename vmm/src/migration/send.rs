@@ -1,0 +1,513 @@
+//! The source side: handshake, pre-copy rounds from KVM's dirty log and vm-memory's bitmap, the
+//! switch. Any failure before `Go` resumes the VM (if it was running) and reports why; after
+//! `Go` the VM is never resumed here.
+
+use std::io::{BufWriter, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use lockstep_api::control::ControlError;
+use lockstep_api::migration::{
+    MigrateRequest, MigrationDirection, MigrationInfo, MigrationPhase,
+};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{
+    self, expect_frame, write_frame, Conn, CpuidEntry, Endpoint, Handshake, Kind, PAGE,
+};
+use super::{spawn_thread, Migration, MigrationHost};
+use crate::vm::{MigrationAccess, RunState, VmCommand, VmReply};
+use crate::x86_64::cpuid::{vcpu_cpuid, CpuTopology};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one read or write on the stream may block.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the VM's owner thread may take to pause, resume or hand out its state.
+const VM_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_DOWNTIME_MS: u64 = 60_000;
+const MAX_TIMEOUT_S: u64 = 86_400;
+
+/// Checks a request and starts sending `vm`; the migration runs on its own thread.
+pub fn start_outgoing(
+    host: Arc<dyn MigrationHost>,
+    vm: &str,
+    request: MigrateRequest,
+) -> Result<MigrationInfo, ControlError> {
+    let endpoint = Endpoint::parse(&request.destination)
+        .map_err(|e| ControlError::BadRequest(format!("destination: {e}")))?;
+    let downtime_ms = request.downtime_ms.unwrap_or(20);
+    if !(1..=MAX_DOWNTIME_MS).contains(&downtime_ms) {
+        return Err(ControlError::BadRequest(format!(
+            "downtime_ms: {downtime_ms} is not within 1..={MAX_DOWNTIME_MS}"
+        )));
+    }
+    let timeout_s = request.timeout_s.unwrap_or(60);
+    if !(1..=MAX_TIMEOUT_S).contains(&timeout_s) {
+        return Err(ControlError::BadRequest(format!(
+            "timeout_s: {timeout_s} is not within 1..={MAX_TIMEOUT_S}"
+        )));
+    }
+    if request.token.is_empty() {
+        return Err(ControlError::BadRequest("token: empty".into()));
+    }
+    host.running_config(vm)?;
+    let migration = host
+        .migrations()
+        .add(MigrationDirection::Outgoing, vm, MigrationPhase::Handshake)?;
+    let info = migration.info();
+    let sender = Sender {
+        host,
+        migration: migration.clone(),
+        vm: vm.to_string(),
+        endpoint,
+        token: request.token,
+        downtime: Duration::from_millis(downtime_ms),
+        timeout: Duration::from_secs(timeout_s),
+    };
+    spawn_thread(format!("migrate-out-{}", info.id), move || {
+        let outcome = sender.run();
+        if let Err(why) = &outcome {
+            log::warn!("{}: migration {} failed: {why}", sender.vm, info.id);
+        }
+        sender.migration.finish(outcome);
+    })
+    .map_err(|e| ControlError::Internal(format!("cannot start the migration: {e}")))?;
+    Ok(migration.info())
+}
+
+struct Sender {
+    host: Arc<dyn MigrationHost>,
+    migration: Arc<Migration>,
+    vm: String,
+    endpoint: Endpoint,
+    token: String,
+    downtime: Duration,
+    timeout: Duration,
+}
+
+/// Dirty pages of one region: one bit per 4 KiB page.
+type Bits = Vec<u64>;
+
+/// KVM's dirty log switched on for every memory slot while it lives (and back off, unless the
+/// config keeps it on).
+struct DirtyLog<'a> {
+    access: &'a MigrationAccess,
+}
+
+impl<'a> DirtyLog<'a> {
+    /// Starts logging; the VM must be paused. Each slot is removed and added back with logging
+    /// on, so no page stays writable without a fault: PVM does not write-protect the pages of a
+    /// slot whose flags merely change.
+    fn start(access: &'a MigrationAccess) -> Result<Self, String> {
+        let log = DirtyLog { access };
+        log.set_flags(None)?;
+        log.set_flags(Some(true))?;
+        // Whatever was written before now goes in round 0 anyway.
+        log.take()?;
+        Ok(log)
+    }
+
+    /// Sets every slot's dirty-logging flag (`None`: removes the slots).
+    fn set_flags(&self, on: Option<bool>) -> Result<(), String> {
+        for (slot, region) in self.access.memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| e.to_string())?;
+            let flags = if on == Some(true) || self.access.track_dirty_pages {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
+            let kvm_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: if on.is_some() { region.len() } else { 0 },
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the same slot with the same mapping the VM registered, which `memory`
+            // (cloned from the VM's) keeps alive; only the dirty-logging flag changes.
+            unsafe { self.access.vm_fd.set_user_memory_region(kvm_region) }
+                .map_err(|e| format!("KVM will not log dirty pages of slot {slot}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last call (by the guest, per KVM, or by the VMM and devices, per
+    /// vm-memory's bitmap), and clears both.
+    fn take(&self) -> Result<Vec<Bits>, String> {
+        self.access
+            .memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let mut bits = self
+                    .access
+                    .vm_fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|e| format!("KVM dirty log of slot {slot}: {e}"))?;
+                let vmm = vmm_bitmap(region);
+                for (word, extra) in bits.iter_mut().zip(vmm.get_and_reset()) {
+                    *word |= extra;
+                }
+                Ok(bits)
+            })
+            .collect()
+    }
+}
+
+impl Drop for DirtyLog<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.set_flags(Some(false)) {
+            log::warn!("migration: {e}");
+        }
+    }
+}
+
+/// The bitmap of the VMM's own writes to a region.
+fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+fn count(bits: &[Bits]) -> u64 {
+    bits.iter()
+        .flat_map(|b| b.iter())
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+/// Writes pages to the stream: runs of non-zero pages as `Pages`, runs of zero pages as `Zero`.
+struct PageWriter<'a> {
+    out: BufWriter<Conn>,
+    access: &'a MigrationAccess,
+    frame: Vec<u8>,
+    bytes: u64,
+    pages: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: any bytes are valid u64s; the unaligned ends are checked bytewise.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+impl PageWriter<'_> {
+    fn frame(&mut self, kind: Kind, payload_len: usize) -> Result<(), String> {
+        write_frame(&mut self.out, kind, &self.frame[..payload_len])
+            .map_err(|e| format!("sending pages: {e}"))?;
+        self.bytes += 5 + payload_len as u64;
+        Ok(())
+    }
+
+    fn zero_run(&mut self, first: u64, count: u64) -> Result<(), String> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.frame.clear();
+        self.frame.extend_from_slice(&first.to_le_bytes());
+        self.frame.extend_from_slice(&count.to_le_bytes());
+        self.frame(Kind::Zero, 16)
+    }
+
+    /// Sends the pages of every region whose bit is set (all pages when `bits` is None; then
+    /// pages the kernel never backed are sent as zeros without being read).
+    fn send(&mut self, bits: Option<&[Bits]>) -> Result<(), String> {
+        for (index, region) in self.access.memory.iter().enumerate() {
+            let len = region.len() as usize;
+            let pages = len / PAGE;
+            let base_pfn = region.start_addr().0 / PAGE as u64;
+            let slice = region
+                .get_slice(vm_memory::MemoryRegionAddress(0), len)
+                .map_err(|e| e.to_string())?;
+            let host = slice.ptr_guard().as_ptr();
+            let resident = match bits {
+                None => crate::vm::snapshot::resident_pages(host, len),
+                Some(_) => None,
+            };
+            let wanted = |p: usize| match bits {
+                Some(b) => b[index].get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0),
+                None => true,
+            };
+            let mut zero_start = 0u64;
+            let mut zeros = 0u64;
+            let mut run_first = 0u64;
+            let mut run = 0usize;
+            self.frame.clear();
+            let mut page = 0;
+            while page < pages {
+                if !wanted(page) {
+                    page += 1;
+                    continue;
+                }
+                let pfn = base_pfn + page as u64;
+                let data = if resident.as_ref().is_some_and(|r| r[page] & 1 == 0) {
+                    None
+                } else {
+                    // SAFETY: the page lies inside the region's mapping, which `memory` keeps
+                    // alive. The guest may write it meanwhile: such a page is dirty in the next
+                    // round's log and sent again, and the last round runs with the VM paused.
+                    let bytes = unsafe { std::slice::from_raw_parts(host.add(page * PAGE), PAGE) };
+                    (!is_zero(bytes)).then_some(bytes)
+                };
+                match data {
+                    None => {
+                        if run > 0 {
+                            self.flush_run(run_first, run)?;
+                            run = 0;
+                        }
+                        if zeros > 0 && zero_start + zeros != pfn {
+                            self.zero_run(zero_start, zeros)?;
+                            zeros = 0;
+                        }
+                        if zeros == 0 {
+                            zero_start = pfn;
+                        }
+                        zeros += 1;
+                    }
+                    Some(bytes) => {
+                        if zeros > 0 {
+                            self.zero_run(zero_start, zeros)?;
+                            zeros = 0;
+                        }
+                        if run > 0
+                            && (run_first + run as u64 != pfn || run == protocol::MAX_PAGES_PER_FRAME)
+                        {
+                            self.flush_run(run_first, run)?;
+                            run = 0;
+                        }
+                        if run == 0 {
+                            run_first = pfn;
+                            self.frame.clear();
+                            self.frame.extend_from_slice(&pfn.to_le_bytes());
+                        }
+                        self.frame.extend_from_slice(bytes);
+                        run += 1;
+                    }
+                }
+                page += 1;
+            }
+            if run > 0 {
+                self.flush_run(run_first, run)?;
+            }
+            self.zero_run(zero_start, zeros)?;
+        }
+        self.out
+            .flush()
+            .map_err(|e| format!("sending pages: {e}"))
+    }
+
+    fn flush_run(&mut self, _first: u64, run: usize) -> Result<(), String> {
+        self.pages += run as u64;
+        self.frame(Kind::Pages, 8 + run * PAGE)
+    }
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+impl Sender {
+    fn command(&self, command: VmCommand) -> Result<VmReply, String> {
+        self.host.vm_command(&self.vm, command, VM_TIMEOUT)
+    }
+
+    fn check_cancel(&self) -> Result<(), String> {
+        if self.migration.is_cancelled() {
+            Err("cancelled by request; the VM runs on here".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn handshake_bytes(&self, access: &MigrationAccess) -> Result<Vec<u8>, String> {
+        let config = self
+            .host
+            .running_config(&self.vm)
+            .map_err(|e| e.to_string())?;
+        let machine = &config.machine_config;
+        let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
+        let cpuid = vcpu_cpuid(self.host.hypervisor().supported_cpuid(), 0, &topology);
+        let handshake = Handshake {
+            format: protocol::FORMAT_VERSION,
+            lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: serde_json::to_string(&config).map_err(|e| e.to_string())?,
+            regions: crate::memory::region_layout(&access.memory),
+            cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+        };
+        serde_json::to_vec(&handshake).map_err(|e| e.to_string())
+    }
+
+    fn run(&self) -> Result<(), String> {
+        let conn = self
+            .endpoint
+            .connect(CONNECT_TIMEOUT)
+            .map_err(|e| format!("cannot connect to {}: {e}", self.endpoint))?;
+        conn.set_timeouts(IO_TIMEOUT).map_err(|e| e.to_string())?;
+        self.migration
+            .set_conn(Some(conn.try_clone().map_err(|e| e.to_string())?));
+        let mut reader = conn.try_clone().map_err(|e| e.to_string())?;
+        let mut writer = conn;
+        let refused = |e: protocol::ProtocolError| format!("the destination: {e}");
+
+        let nonce = expect_frame(&mut reader, Kind::Hello, "Hello").map_err(refused)?;
+        if nonce.len() != protocol::NONCE_BYTES {
+            return Err("the destination's Hello has no nonce".into());
+        }
+        let access = match self.command(VmCommand::MigrationAccess)? {
+            VmReply::Access(a) => a,
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        let handshake = self.handshake_bytes(&access)?;
+        let mut auth = protocol::mac(&self.token, &nonce, &handshake).to_vec();
+        auth.extend_from_slice(&handshake);
+        write_frame(&mut writer, Kind::Auth, &auth).map_err(|e| e.to_string())?;
+        expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
+        self.check_cancel()?;
+
+        self.migration.set_phase(MigrationPhase::Precopy);
+        // The slots are briefly gone while logging starts: the vCPUs wait meanwhile.
+        let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
+        if was_running {
+            self.command(VmCommand::Pause)?;
+        }
+        let log = DirtyLog::start(&access);
+        if was_running {
+            self.command(VmCommand::Resume)?;
+        }
+        let log = log?;
+        let mut pages = PageWriter {
+            out: BufWriter::with_capacity(1 << 20, writer),
+            access: &access,
+            frame: Vec::with_capacity(8 + protocol::MAX_PAGES_PER_FRAME * PAGE),
+            bytes: 0,
+            pages: 0,
+        };
+        let started = Instant::now();
+        let mut busy = Duration::ZERO;
+        let mut dirty: Option<Vec<Bits>> = None;
+        let mut round = 0u32;
+        loop {
+            let round_start = Instant::now();
+            let before = pages.bytes;
+            pages.send(dirty.as_deref())?;
+            write_frame(&mut pages.out, Kind::RoundEnd, &round.to_le_bytes())
+                .and_then(|()| pages.out.flush())
+                .map_err(|e| e.to_string())?;
+            let took = round_start.elapsed();
+            busy += took;
+            let next = log.take()?;
+            let dirty_bytes = count(&next) * PAGE as u64;
+            // The link rate: bytes over time spent sending, never below what was just seen.
+            let link = (pages.bytes as f64 / busy.as_secs_f64().max(1e-6)).max(1.0);
+            let expected = dirty_bytes as f64 / link;
+            let dirty_rate = dirty_bytes as f64 / took.as_secs_f64().max(1e-6);
+            let (sent, sent_pages) = (pages.bytes, pages.pages);
+            self.migration.update(|i| {
+                i.round = round;
+                i.bytes = sent;
+                i.pages = sent_pages;
+                i.link_rate_mib_s = link / MIB;
+                i.dirty_rate_mib_s = dirty_rate / MIB;
+                i.expected_downtime_ms = expected * 1e3;
+            });
+            log::debug!(
+                "{}: migration round {round}: {} bytes in {took:?}; {dirty_bytes} dirty bytes",
+                self.vm,
+                pages.bytes - before
+            );
+            dirty = Some(next);
+            self.check_cancel()?;
+            if expected <= self.downtime.as_secs_f64() {
+                break;
+            }
+            if started.elapsed() > self.timeout {
+                return Err(format!(
+                    "gave up after {:?}: the guest dirties {:.1} MiB/s and the link carries {:.1} MiB/s, so the last round would take {:.0} ms, more than the {} ms allowed; the VM runs on here",
+                    self.timeout,
+                    dirty_rate / MIB,
+                    link / MIB,
+                    expected * 1e3,
+                    self.downtime.as_millis()
+                ));
+            }
+            round += 1;
+        }
+        let pending = dirty.unwrap_or_default();
+        self.switch(&log, pending, pages, &mut reader, round + 1)
+    }
+
+    /// Pauses the VM and moves the rest; resumes it on any failure before `Go`.
+    fn switch(
+        &self,
+        log: &DirtyLog,
+        pending: Vec<Bits>,
+        mut pages: PageWriter,
+        reader: &mut Conn,
+        round: u32,
+    ) -> Result<(), String> {
+        self.migration.set_phase(MigrationPhase::Switching);
+        let paused_at = Instant::now();
+        let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
+        match self.command(VmCommand::Pause)? {
+            VmReply::State(RunState::Paused) => {}
+            other => return Err(format!("cannot pause the VM: {other:?}")),
+        }
+        let before_go = (|| -> Result<(), String> {
+            // What the last round left, and what was written since.
+            let mut last = log.take()?;
+            for (region, more) in last.iter_mut().zip(&pending) {
+                for (word, extra) in region.iter_mut().zip(more) {
+                    *word |= extra;
+                }
+            }
+            pages.send(Some(&last))?;
+            let state = match self.command(VmCommand::CaptureState)? {
+                VmReply::MachineState(bytes) => bytes,
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+            write_frame(&mut pages.out, Kind::RoundEnd, &round.to_le_bytes())
+                .and_then(|()| write_frame(&mut pages.out, Kind::State, &state))
+                .and_then(|()| pages.out.flush())
+                .map_err(|e| format!("sending the state: {e}"))?;
+            pages.bytes += state.len() as u64 + 10;
+            expect_frame(reader, Kind::Ready, "Ready")
+                .map_err(|e| format!("the destination: {e}"))?;
+            self.check_cancel()
+        })();
+        let (sent, sent_pages) = (pages.bytes, pages.pages);
+        self.migration.update(|i| {
+            i.round = round;
+            i.bytes = sent;
+            i.pages = sent_pages;
+        });
+        if let Err(why) = before_go {
+            // Nothing runs elsewhere: the destination never starts without Go.
+            if was_running {
+                if let Err(e) = self.command(VmCommand::Resume) {
+                    return Err(format!("{why}; and the VM could not be resumed: {e}"));
+                }
+            }
+            return Err(format!("{why}; the VM runs on here"));
+        }
+        // From here on this VM never runs again.
+        let go = write_frame(&mut pages.out, Kind::Go, &[]).and_then(|()| pages.out.flush());
+        let running = go
+            .map_err(|e| e.to_string())
+            .and_then(|()| expect_frame(reader, Kind::Running, "Running").map_err(|e| e.to_string()));
+        if let Err(e) = running {
+            return Err(format!(
+                "Go was sent but the destination did not confirm ({e}): the outcome is unknown, the VM stays paused here and must not be resumed unless the destination has no copy"
+            ));
+        }
+        let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+        self.migration.update(|i| i.downtime_ms = Some(downtime));
+        log::info!(
+            "{}: migrated to {} (pause {downtime:.1} ms, {} bytes)",
+            self.vm,
+            self.endpoint,
+            pages.bytes
+        );
+        self.host.remove_migrated(&self.vm);
+        Ok(())
+    }
+}
