@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lockstep_api::control::{ControlError, HostEvent, HostControl};
+use lockstep_api::control::{ControlError, HostControl, HostEvent};
 use lockstep_api::VmConfig;
 
 use super::{host_paths, internal, Host, Slot};
@@ -19,7 +19,9 @@ impl Host {
             .get()
             .and_then(|weak| weak.upgrade())
             .map(|host| host as Arc<dyn MigrationHost>)
-            .ok_or_else(|| internal("this host was not made for live migration (Host::into_shared)"))
+            .ok_or_else(|| {
+                internal("this host was not made for live migration (Host::into_shared)")
+            })
     }
 }
 

@@ -328,11 +328,14 @@ pub fn open_auth(token: &str, nonce: &[u8], payload: &[u8]) -> Result<Handshake,
     })
 }
 
-/// Feature bits the guest sees that the kernel sets by itself (from CR4), which a supported
-/// CPUID never lists: (leaf, subleaf, register index 0..4 = eax..edx, mask).
+/// Bits the guest sees that are not host features: set by the kernel from CR4, or by lockstep
+/// for the VM's topology (`x86_64::cpuid`); (leaf, subleaf, register index 0..4 = eax..edx,
+/// mask).
 const DYNAMIC_BITS: &[(u32, u32, usize, u32)] = &[
-    (1, 0, 2, 1 << 27), // OSXSAVE
-    (7, 0, 2, 1 << 4),  // OSPKE
+    (1, 0, 2, 1 << 27),          // OSXSAVE
+    (7, 0, 2, 1 << 4),           // OSPKE
+    (1, 0, 3, 1 << 28),          // HTT: more than one logical processor
+    (0x8000_0001, 0, 2, 1 << 1), // CmpLegacy (AMD topology)
 ];
 
 /// Feature registers compared bit by bit: (leaf, subleaf, register indexes).
@@ -367,7 +370,9 @@ pub fn cpuid_compatible(guest: &[CpuidEntry], supported: &[CpuidEntry]) -> Resul
         let Some(g) = find(guest, leaf, sub) else {
             continue;
         };
-        let h = find(supported, leaf, sub).map(|h| regs(&h)).unwrap_or([0; 4]);
+        let h = find(supported, leaf, sub)
+            .map(|h| regs(&h))
+            .unwrap_or([0; 4]);
         let g = regs(&g);
         for &r in which {
             let dynamic: u32 = DYNAMIC_BITS
@@ -530,7 +535,10 @@ mod tests {
         let bytes = frame_bytes(Kind::State as u8, u32::MAX, &[]);
         assert!(matches!(
             read_frame(&mut &bytes[..]),
-            Err(ProtocolError::TooLong { kind: Kind::State, .. })
+            Err(ProtocolError::TooLong {
+                kind: Kind::State,
+                ..
+            })
         ));
         let bytes = frame_bytes(Kind::Go as u8, 1, &[0]);
         assert!(matches!(

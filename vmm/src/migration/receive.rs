@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockstep_api::control::ControlError;
-use lockstep_api::migration::{
-    IncomingInfo, IncomingRequest, MigrationDirection, MigrationPhase,
-};
+use lockstep_api::migration::{IncomingInfo, IncomingRequest, MigrationDirection, MigrationPhase};
 use lockstep_api::private_fs;
 use lockstep_api::VmConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -169,7 +167,7 @@ impl Landing<'_> {
     fn pages(&mut self, payload: &[u8]) -> Result<u64, String> {
         let pfn = read_u64(payload, 0).ok_or("a Pages frame without its page number")?;
         let data = &payload[8..];
-        if data.is_empty() || data.len() % PAGE != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(PAGE) {
             return Err(format!("a Pages frame of {} bytes of pages", data.len()));
         }
         let count = (data.len() / PAGE) as u64;
@@ -182,7 +180,8 @@ impl Landing<'_> {
     }
 
     fn zero(&mut self, payload: &[u8]) -> Result<(), String> {
-        let (Some(pfn), Some(count), 16) = (read_u64(payload, 0), read_u64(payload, 8), payload.len())
+        let (Some(pfn), Some(count), 16) =
+            (read_u64(payload, 0), read_u64(payload, 8), payload.len())
         else {
             return Err("a malformed Zero frame".into());
         };
@@ -228,8 +227,7 @@ impl Receiver {
         let mut conn = self.accept(&listener)?;
         // One-shot: the listener closes (and its socket file goes) once a source connected.
         drop(listener);
-        self.migration
-            .set_conn(conn.try_clone().ok());
+        self.migration.set_conn(conn.try_clone().ok());
         let result = self.receive(&mut conn);
         if let Err(why) = &result {
             let _ = write_frame(&mut conn, Kind::Abort, reason_bytes(why));

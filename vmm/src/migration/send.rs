@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use lockstep_api::control::ControlError;
-use lockstep_api::migration::{
-    MigrateRequest, MigrationDirection, MigrationInfo, MigrationPhase,
-};
+use lockstep_api::migration::{MigrateRequest, MigrationDirection, MigrationInfo, MigrationPhase};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -53,9 +51,9 @@ pub fn start_outgoing(
         return Err(ControlError::BadRequest("token: empty".into()));
     }
     host.running_config(vm)?;
-    let migration = host
-        .migrations()
-        .add(MigrationDirection::Outgoing, vm, MigrationPhase::Handshake)?;
+    let migration =
+        host.migrations()
+            .add(MigrationDirection::Outgoing, vm, MigrationPhase::Handshake)?;
     let info = migration.info();
     let sender = Sender {
         host,
@@ -67,7 +65,7 @@ pub fn start_outgoing(
         timeout: Duration::from_secs(timeout_s),
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
-        let outcome = sender.run();
+        let outcome = sender.run().map_err(Failure::text);
         if let Err(why) = &outcome {
             log::warn!("{}: migration {} failed: {why}", sender.vm, info.id);
         }
@@ -75,6 +73,37 @@ pub fn start_outgoing(
     })
     .map_err(|e| ControlError::Internal(format!("cannot start the migration: {e}")))?;
     Ok(migration.info())
+}
+
+/// Why a migration failed, and whether the VM runs on here (always, before `Go`).
+struct Failure {
+    why: String,
+    source_runs: bool,
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure {
+            why,
+            source_runs: true,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(why: &str) -> Failure {
+        Failure::from(why.to_string())
+    }
+}
+
+impl Failure {
+    fn text(self) -> String {
+        if self.source_runs {
+            format!("{}; the VM runs on here", self.why)
+        } else {
+            self.why
+        }
+    }
 }
 
 struct Sender {
@@ -185,6 +214,7 @@ struct PageWriter<'a> {
     frame: Vec<u8>,
     bytes: u64,
     pages: u64,
+    progress: &'a Migration,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -227,7 +257,9 @@ impl PageWriter<'_> {
                 Some(_) => None,
             };
             let wanted = |p: usize| match bits {
-                Some(b) => b[index].get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0),
+                Some(b) => b[index]
+                    .get(p / 64)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0),
                 None => true,
             };
             let mut zero_start = 0u64;
@@ -272,7 +304,8 @@ impl PageWriter<'_> {
                             zeros = 0;
                         }
                         if run > 0
-                            && (run_first + run as u64 != pfn || run == protocol::MAX_PAGES_PER_FRAME)
+                            && (run_first + run as u64 != pfn
+                                || run == protocol::MAX_PAGES_PER_FRAME)
                         {
                             self.flush_run(run_first, run)?;
                             run = 0;
@@ -293,14 +326,20 @@ impl PageWriter<'_> {
             }
             self.zero_run(zero_start, zeros)?;
         }
-        self.out
-            .flush()
-            .map_err(|e| format!("sending pages: {e}"))
+        self.out.flush().map_err(|e| format!("sending pages: {e}"))
     }
 
     fn flush_run(&mut self, _first: u64, run: usize) -> Result<(), String> {
         self.pages += run as u64;
-        self.frame(Kind::Pages, 8 + run * PAGE)
+        self.frame(Kind::Pages, 8 + run * PAGE)?;
+        if self.pages % 4096 < run as u64 {
+            let (bytes, pages) = (self.bytes, self.pages);
+            self.progress.update(|i| {
+                i.bytes = bytes;
+                i.pages = pages;
+            });
+        }
+        Ok(())
     }
 }
 
@@ -313,7 +352,7 @@ impl Sender {
 
     fn check_cancel(&self) -> Result<(), String> {
         if self.migration.is_cancelled() {
-            Err("cancelled by request; the VM runs on here".into())
+            Err("cancelled by request".into())
         } else {
             Ok(())
         }
@@ -337,7 +376,7 @@ impl Sender {
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
     }
 
-    fn run(&self) -> Result<(), String> {
+    fn run(&self) -> Result<(), Failure> {
         let conn = self
             .endpoint
             .connect(CONNECT_TIMEOUT)
@@ -355,7 +394,7 @@ impl Sender {
         }
         let access = match self.command(VmCommand::MigrationAccess)? {
             VmReply::Access(a) => a,
-            other => return Err(format!("unexpected answer {other:?}")),
+            other => return Err(format!("unexpected answer {other:?}").into()),
         };
         let handshake = self.handshake_bytes(&access)?;
         let mut auth = protocol::mac(&self.token, &nonce, &handshake).to_vec();
@@ -381,6 +420,7 @@ impl Sender {
             frame: Vec::with_capacity(8 + protocol::MAX_PAGES_PER_FRAME * PAGE),
             bytes: 0,
             pages: 0,
+            progress: &self.migration,
         };
         let started = Instant::now();
         let mut busy = Duration::ZERO;
@@ -422,13 +462,14 @@ impl Sender {
             }
             if started.elapsed() > self.timeout {
                 return Err(format!(
-                    "gave up after {:?}: the guest dirties {:.1} MiB/s and the link carries {:.1} MiB/s, so the last round would take {:.0} ms, more than the {} ms allowed; the VM runs on here",
+                    "gave up after {:?}: the guest dirties {:.1} MiB/s and the link carries {:.1} MiB/s, so the last round would take {:.0} ms, more than the {} ms allowed",
                     self.timeout,
                     dirty_rate / MIB,
                     link / MIB,
                     expected * 1e3,
                     self.downtime.as_millis()
-                ));
+                )
+                .into());
             }
             round += 1;
         }
@@ -444,13 +485,13 @@ impl Sender {
         mut pages: PageWriter,
         reader: &mut Conn,
         round: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         self.migration.set_phase(MigrationPhase::Switching);
         let paused_at = Instant::now();
         let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
         match self.command(VmCommand::Pause)? {
             VmReply::State(RunState::Paused) => {}
-            other => return Err(format!("cannot pause the VM: {other:?}")),
+            other => return Err(format!("cannot pause the VM: {other:?}").into()),
         }
         let before_go = (|| -> Result<(), String> {
             // What the last round left, and what was written since.
@@ -484,20 +525,26 @@ impl Sender {
             // Nothing runs elsewhere: the destination never starts without Go.
             if was_running {
                 if let Err(e) = self.command(VmCommand::Resume) {
-                    return Err(format!("{why}; and the VM could not be resumed: {e}"));
+                    return Err(Failure {
+                        why: format!("{why}; and the VM could not be resumed: {e}"),
+                        source_runs: false,
+                    });
                 }
             }
-            return Err(format!("{why}; the VM runs on here"));
+            return Err(why.into());
         }
         // From here on this VM never runs again.
         let go = write_frame(&mut pages.out, Kind::Go, &[]).and_then(|()| pages.out.flush());
-        let running = go
-            .map_err(|e| e.to_string())
-            .and_then(|()| expect_frame(reader, Kind::Running, "Running").map_err(|e| e.to_string()));
+        let running = go.map_err(|e| e.to_string()).and_then(|()| {
+            expect_frame(reader, Kind::Running, "Running").map_err(|e| e.to_string())
+        });
         if let Err(e) = running {
-            return Err(format!(
+            return Err(Failure {
+                source_runs: false,
+                why: format!(
                 "Go was sent but the destination did not confirm ({e}): the outcome is unknown, the VM stays paused here and must not be resumed unless the destination has no copy"
-            ));
+                ),
+            });
         }
         let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
         self.migration.update(|i| i.downtime_ms = Some(downtime));
