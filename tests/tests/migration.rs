@@ -352,3 +352,68 @@ fn garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behi
         destination.log()
     );
 }
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_running_and_a_paused_vm_arrives_paused() {
+    if !require_kvm(
+        "a_cancelled_migration_leaves_the_source_running_and_a_paused_vm_arrives_paused",
+    ) {
+        return;
+    }
+    let source = TestHost::start(vec![vm_config("calm", "memfill 160 5;counter 100", 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("calm", "LKS counter=1 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "calm");
+    let id = migrate(
+        &source,
+        "calm",
+        json!({ "destination": listen, "token": token }),
+    );
+    let deadline = Instant::now() + WAIT;
+    while migration(&source, &id)["bytes"].as_u64().unwrap() < 8 << 20 {
+        assert!(Instant::now() < deadline, "no pages flow");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let path = format!("/v1/migrations/{id}");
+    let reply = source.call("DELETE", "/v1/migrations/{id}", &path, None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "cancelled", "{info}");
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    assert_eq!(source.state("calm"), "running");
+    let now = counters(&source.serial("calm")).last().copied().unwrap();
+    counter_moves(|| source.serial("calm"), now);
+    nothing_left(&destination, "calm");
+    // Cancelling what has ended is refused.
+    assert_eq!(
+        source
+            .call("DELETE", "/v1/migrations/{id}", &path, None)
+            .status,
+        409
+    );
+
+    // A paused VM arrives paused, and carries on when resumed there.
+    let pause = source.call("POST", "/v1/vms/{name}/pause", "/v1/vms/calm/pause", None);
+    assert_eq!(pause.status, 200);
+    let (_, listen, token) = incoming(&destination, "127.0.0.1:0", "calm");
+    let id = migrate(
+        &source,
+        "calm",
+        json!({ "destination": listen, "token": token }),
+    );
+    assert_eq!(wait_ended(&source, &id, WAIT)["phase"], "completed");
+    assert_eq!(destination.state("calm"), "paused");
+    let before = source.serial("calm");
+    let last = counters(&before).last().copied().unwrap();
+    let resume = destination.call("POST", "/v1/vms/{name}/resume", "/v1/vms/calm/resume", None);
+    assert_eq!(resume.status, 200);
+    counter_moves(
+        || format!("{before}{}", destination.serial("calm")),
+        last + 2,
+    );
+    let all = counters(&format!("{before}{}", destination.serial("calm")));
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "nothing lost or repeated: {all:?}"
+    );
+}

@@ -48,14 +48,14 @@ impl MigrationHost for Host {
         self.check_paths(name, config).map_err(|e| e.to_string())
     }
 
-    fn adopt(&self, name: &str, vm: Vm) -> Result<(), String> {
+    fn adopt(&self, name: &str, vm: Vm, paused: bool) -> Result<(), String> {
         let slot = Slot::new(name, vm.config().clone(), self.events.clone());
         let mut vms = self.vms();
         if vms.contains_key(name) {
             return Err(format!("a VM named {name:?} exists already"));
         }
         let mut s = slot.lock();
-        self.launch(&slot, &mut s, vm, false)
+        self.launch(&slot, &mut s, vm, paused)
             .map_err(|e| e.to_string())?;
         drop(s);
         vms.insert(name.to_string(), slot);

@@ -38,8 +38,8 @@ pub trait MigrationHost: Send + Sync + 'static {
     /// Checks an arriving VM's config and gives it its place under `name` (serial log, console
     /// socket, folder), as for a restored VM.
     fn place_incoming(&self, name: &str, config: &mut VmConfig) -> Result<(), String>;
-    /// Runs a received VM under `name`.
-    fn adopt(&self, name: &str, vm: Vm) -> Result<(), String>;
+    /// Runs a received VM under `name` (or keeps it paused).
+    fn adopt(&self, name: &str, vm: Vm, paused: bool) -> Result<(), String>;
     /// Removes what `place_incoming` made for a VM that did not arrive (an empty folder).
     fn forget_incoming(&self, name: &str);
     /// A running VM's config.

@@ -51,7 +51,8 @@ pub enum Kind {
     State = 8,
     /// Destination: the state is loaded; waiting for `Go`.
     Ready = 9,
-    /// Source: start the VM; the source will never resume its own.
+    /// Source: the VM is the destination's now; one byte, 1 to run it, 0 to keep it paused
+    /// (it was paused on the source). The source will never resume its own.
     Go = 10,
     /// Destination: the VM runs here.
     Running = 11,
@@ -90,7 +91,8 @@ impl Kind {
             Kind::Zero => 16,
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
-            Kind::Accept | Kind::Ready | Kind::Go | Kind::Running => 0,
+            Kind::Go => 1,
+            Kind::Accept | Kind::Ready | Kind::Running => 0,
         }
     }
 }
@@ -519,7 +521,7 @@ mod tests {
     fn frames_round_trip() {
         let mut buf = Vec::new();
         write_frame(&mut buf, Kind::Zero, &[1; 16]).unwrap();
-        write_frame(&mut buf, Kind::Go, &[]).unwrap();
+        write_frame(&mut buf, Kind::Go, &[1]).unwrap();
         let mut r = &buf[..];
         assert_eq!(read_frame(&mut r).unwrap().payload, vec![1; 16]);
         assert_eq!(read_frame(&mut r).unwrap().kind, Kind::Go);
@@ -540,7 +542,7 @@ mod tests {
                 ..
             })
         ));
-        let bytes = frame_bytes(Kind::Go as u8, 1, &[0]);
+        let bytes = frame_bytes(Kind::Go as u8, 2, &[0, 0]);
         assert!(matches!(
             read_frame(&mut &bytes[..]),
             Err(ProtocolError::TooLong { .. })

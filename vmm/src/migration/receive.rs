@@ -395,8 +395,13 @@ impl Receiver {
         let vm = incoming.finish(hv, &snapshot).map_err(|e| e.to_string())?;
         write_frame(conn, Kind::Ready, &[]).map_err(|e| e.to_string())?;
         // The VM starts only on Go; anything else drops it.
-        expect_frame(conn, Kind::Go, "Go").map_err(|e| e.to_string())?;
-        self.host.adopt(&self.name, vm)?;
+        let go = expect_frame(conn, Kind::Go, "Go").map_err(|e| e.to_string())?;
+        let paused = match go.as_slice() {
+            [1] => false,
+            [0] => true,
+            _ => return Err("a malformed Go frame".into()),
+        };
+        self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
         }

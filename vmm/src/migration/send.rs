@@ -534,7 +534,8 @@ impl Sender {
             return Err(why.into());
         }
         // From here on this VM never runs again.
-        let go = write_frame(&mut pages.out, Kind::Go, &[]).and_then(|()| pages.out.flush());
+        let go = write_frame(&mut pages.out, Kind::Go, &[u8::from(was_running)])
+            .and_then(|()| pages.out.flush());
         let running = go.map_err(|e| e.to_string()).and_then(|()| {
             expect_frame(reader, Kind::Running, "Running").map_err(|e| e.to_string())
         });
