@@ -24,7 +24,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
-pub use receive::start_incoming;
+pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 
 /// What a migration needs from its host.

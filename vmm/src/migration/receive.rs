@@ -200,6 +200,57 @@ impl Landing<'_> {
     }
 }
 
+/// Reads pre-copy frames into `memory` (pages checked against its regions before any write)
+/// until the machine state arrives; returns the state's bytes, and the bytes and pages
+/// received. `progress` hears of every round's end (round, bytes, pages). The stream is
+/// untrusted: anything but `Pages`, `Zero`, `RoundEnd` or `State` ends it with an error.
+pub fn land_pages(
+    memory: &GuestMemoryMmap,
+    input: &mut impl std::io::Read,
+    mut progress: impl FnMut(u32, u64, u64),
+) -> Result<(Vec<u8>, u64, u64), String> {
+    let mut landing = Landing {
+        memory,
+        written: memory
+            .iter()
+            .map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)])
+            .collect(),
+    };
+    let mut bytes = 0u64;
+    let mut pages = 0u64;
+    loop {
+        let frame = read_frame(input).map_err(|e| e.to_string())?;
+        bytes += 5 + frame.payload.len() as u64;
+        match frame.kind {
+            Kind::Pages => pages += landing.pages(&frame.payload)?,
+            Kind::Zero => landing.zero(&frame.payload)?,
+            Kind::RoundEnd => {
+                let round = frame
+                    .payload
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes)
+                    .ok_or("a malformed RoundEnd frame")?;
+                progress(round, bytes, pages);
+            }
+            Kind::State => return Ok((frame.payload, bytes, pages)),
+            Kind::Abort => {
+                return Err(format!(
+                    "the source gave up: {}",
+                    protocol::reason_text(&frame.payload)
+                ))
+            }
+            got => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "pages or the state",
+                    got,
+                }
+                .to_string())
+            }
+        }
+    }
+}
+
 fn refuse(conn: &mut Conn, why: &str) {
     let _ = write_frame(conn, Kind::Refuse, reason_bytes(why));
 }
@@ -328,51 +379,14 @@ impl Receiver {
         write_frame(conn, Kind::Accept, &[]).map_err(|e| e.to_string())?;
         conn.set_timeouts(IO_TIMEOUT).map_err(|e| e.to_string())?;
         self.migration.set_phase(MigrationPhase::Precopy);
-        let mut landing = Landing {
-            memory: incoming.memory(),
-            written: incoming
-                .memory()
-                .iter()
-                .map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)])
-                .collect(),
+        let progress = |round: u32, bytes: u64, pages: u64| {
+            self.migration.update(|i| {
+                i.round = round;
+                i.bytes = bytes;
+                i.pages = pages;
+            })
         };
-        let mut bytes = 0u64;
-        let mut pages = 0u64;
-        let state = loop {
-            let frame = read_frame(conn).map_err(|e| e.to_string())?;
-            bytes += 5 + frame.payload.len() as u64;
-            match frame.kind {
-                Kind::Pages => pages += landing.pages(&frame.payload)?,
-                Kind::Zero => landing.zero(&frame.payload)?,
-                Kind::RoundEnd => {
-                    let round = frame
-                        .payload
-                        .get(..4)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u32::from_le_bytes)
-                        .ok_or("a malformed RoundEnd frame")?;
-                    self.migration.update(|i| {
-                        i.round = round;
-                        i.bytes = bytes;
-                        i.pages = pages;
-                    });
-                }
-                Kind::State => break frame.payload,
-                Kind::Abort => {
-                    return Err(format!(
-                        "the source gave up: {}",
-                        protocol::reason_text(&frame.payload)
-                    ))
-                }
-                got => {
-                    return Err(ProtocolError::Unexpected {
-                        expected: "pages or the state",
-                        got,
-                    }
-                    .to_string())
-                }
-            }
-        };
+        let (state, bytes, pages) = land_pages(incoming.memory(), conn, progress)?;
         self.migration.set_phase(MigrationPhase::Switching);
         self.migration.update(|i| {
             i.bytes = bytes;
@@ -407,5 +421,66 @@ impl Receiver {
         }
         log::info!("{}: arrived by live migration", self.name);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages_frame(pfn: u64, fill: &[u8]) -> Vec<u8> {
+        let mut payload = pfn.to_le_bytes().to_vec();
+        for &b in fill {
+            payload.extend_from_slice(&[b; PAGE]);
+        }
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::Pages, &payload).unwrap();
+        out
+    }
+
+    fn zero_frame(pfn: u64, count: u64) -> Vec<u8> {
+        let mut payload = pfn.to_le_bytes().to_vec();
+        payload.extend_from_slice(&count.to_le_bytes());
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::Zero, &payload).unwrap();
+        out
+    }
+
+    fn state_frame() -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::State, b"state").unwrap();
+        out
+    }
+
+    #[test]
+    fn pages_and_zero_runs_land_where_they_say() {
+        let mem = memory::create_guest_memory(1 << 20, false).unwrap();
+        let mut stream = pages_frame(2, &[7, 8]);
+        stream.extend(zero_frame(3, 1));
+        stream.extend(zero_frame(10, 50));
+        stream.extend(state_frame());
+        let (state, _, pages) = land_pages(&mem, &mut &stream[..], |_, _, _| {}).unwrap();
+        assert_eq!((state.as_slice(), pages), (&b"state"[..], 2));
+        let byte = |addr: u64| mem.read_obj::<u8>(GuestAddress(addr)).unwrap();
+        assert_eq!(byte(2 * 4096 + 100), 7);
+        assert_eq!(byte(3 * 4096 + 100), 0, "a page zeroed after it was sent");
+    }
+
+    #[test]
+    fn pages_outside_memory_and_cut_streams_are_refused() {
+        let mem = memory::create_guest_memory(1 << 20, false).unwrap();
+        for stream in [
+            pages_frame(256, &[1]),
+            pages_frame(255, &[1, 1]),
+            pages_frame(u64::MAX / 2, &[1]),
+            zero_frame(0, 257),
+            zero_frame(u64::MAX, 2),
+            zero_frame(1, 0),
+            pages_frame(1, &[1])[..100].to_vec(),
+            vec![Kind::Go as u8, 1, 0, 0, 0, 1],
+            Vec::new(),
+        ] {
+            assert!(land_pages(&mem, &mut &stream[..], |_, _, _| {}).is_err());
+        }
     }
 }
