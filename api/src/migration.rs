@@ -38,6 +38,9 @@ pub struct MigrateRequest {
     /// Give up after this many seconds of pre-copy (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// Send at most this many MiB per second (default: as fast as the link goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
 }
 
 /// Where a migration is.

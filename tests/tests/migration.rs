@@ -417,3 +417,38 @@ fn a_cancelled_migration_leaves_the_source_running_and_a_paused_vm_arrives_pause
         "nothing lost or repeated: {all:?}"
     );
 }
+
+#[test]
+fn a_migration_that_cannot_finish_in_time_gives_up_and_the_source_runs_on() {
+    if !require_kvm("a_migration_that_cannot_finish_in_time_gives_up_and_the_source_runs_on") {
+        return;
+    }
+    // 160 MiB of data through an 8 MiB/s limit cannot go in 2 s.
+    let source = TestHost::start(vec![vm_config("slow", "memfill 160 9;counter 100", 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("slow", "LKS counter=1 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "slow");
+    let started = Instant::now();
+    let id = migrate(
+        &source,
+        "slow",
+        json!({ "destination": listen, "token": token, "timeout_s": 2, "max_bandwidth_mib_s": 8 }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    let took = started.elapsed();
+    assert_eq!(info["phase"], "failed", "{info}");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("gave up after 2s") && error.contains("runs on here"),
+        "{info}"
+    );
+    // The limit held: about 8 MiB/s for about 2 s.
+    let bytes = info["bytes"].as_u64().unwrap();
+    assert!(bytes < 40 << 20, "{bytes} bytes in {took:?}");
+    assert!(took < Duration::from_secs(20), "gave up after {took:?}");
+    assert_eq!(source.state("slow"), "running");
+    let now = counters(&source.serial("slow")).last().copied().unwrap();
+    counter_moves(|| source.serial("slow"), now);
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "slow");
+}

@@ -47,6 +47,11 @@ pub fn start_outgoing(
             "timeout_s: {timeout_s} is not within 1..={MAX_TIMEOUT_S}"
         )));
     }
+    if request.max_bandwidth_mib_s == Some(0) {
+        return Err(ControlError::BadRequest(
+            "max_bandwidth_mib_s: 0 would never send".into(),
+        ));
+    }
     if request.token.is_empty() {
         return Err(ControlError::BadRequest("token: empty".into()));
     }
@@ -63,6 +68,9 @@ pub fn start_outgoing(
         token: request.token,
         downtime: Duration::from_millis(downtime_ms),
         timeout: Duration::from_secs(timeout_s),
+        bandwidth: request
+            .max_bandwidth_mib_s
+            .map(|m| m.saturating_mul(1 << 20)),
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
         let outcome = sender.run().map_err(Failure::text);
@@ -114,6 +122,8 @@ struct Sender {
     token: String,
     downtime: Duration,
     timeout: Duration,
+    /// Bytes per second at most.
+    bandwidth: Option<u64>,
 }
 
 /// Dirty pages of one region: one bit per 4 KiB page.
@@ -215,6 +225,11 @@ struct PageWriter<'a> {
     bytes: u64,
     pages: u64,
     progress: &'a Migration,
+    /// Bytes per second at most, counted from `started`.
+    bandwidth: Option<u64>,
+    started: Instant,
+    /// Pre-copy gives up past this (the last round, with the VM paused, has none).
+    deadline: Option<(Instant, Duration)>,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -228,6 +243,23 @@ impl PageWriter<'_> {
         write_frame(&mut self.out, kind, &self.frame[..payload_len])
             .map_err(|e| format!("sending pages: {e}"))?;
         self.bytes += 5 + payload_len as u64;
+        if let Some(rate) = self.bandwidth {
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        if let Some((deadline, timeout)) = self.deadline {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "gave up after {timeout:?}: {} bytes sent and memory still to go",
+                    self.bytes
+                ));
+            }
+        }
+        if self.progress.is_cancelled() {
+            return Err("cancelled by request".into());
+        }
         Ok(())
     }
 
@@ -421,6 +453,9 @@ impl Sender {
             bytes: 0,
             pages: 0,
             progress: &self.migration,
+            bandwidth: self.bandwidth,
+            started: Instant::now(),
+            deadline: Some((Instant::now() + self.timeout, self.timeout)),
         };
         let started = Instant::now();
         let mut busy = Duration::ZERO;
@@ -494,6 +529,7 @@ impl Sender {
             other => return Err(format!("cannot pause the VM: {other:?}").into()),
         }
         let before_go = (|| -> Result<(), String> {
+            pages.deadline = None;
             // What the last round left, and what was written since.
             let mut last = log.take()?;
             for (region, more) in last.iter_mut().zip(&pending) {
