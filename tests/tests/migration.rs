@@ -306,6 +306,16 @@ fn garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behi
 
     // Garbage instead of a handshake.
     let (id, listen, _) = incoming(&destination, "127.0.0.1:0", "victim");
+    // The name is taken while the VM is expected.
+    let taken = destination.call("POST", "/v1/vms", "/v1/vms", Some(&config));
+    assert_eq!(taken.status, 409, "{}", taken.text());
+    let again = destination.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "victim" })),
+    );
+    assert_eq!(again.status, 409, "{}", again.text());
     let mut conn = TcpStream::connect(&listen).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

@@ -488,9 +488,9 @@ impl HostControl for Host {
                 "name: {name:?} is not a valid VM name: use 1 to 64 of A-Z a-z 0-9 - _ ."
             )));
         }
-        if self.vms().contains_key(&name) {
+        if self.vms().contains_key(&name) || self.migrations.name_reserved(&name) {
             return Err(ControlError::Conflict(format!(
-                "a VM named {name:?} exists already"
+                "a VM named {name:?} exists already (or is arriving by migration)"
             )));
         }
         config
@@ -675,7 +675,10 @@ impl HostControl for Host {
         let mut new_dir: Option<PathBuf> = None;
         let vm = Vm::restore_with(&self.hv, &paths, |config| {
             let name = request.name.clone().or_else(|| config.name.clone()).unwrap_or_else(|| "restored".into());
-            if !valid_name(&name) || self.vms().contains_key(&name) {
+            if !valid_name(&name)
+                || self.vms().contains_key(&name)
+                || self.migrations.name_reserved(&name)
+            {
                 return Err(format!("a VM named {name:?} exists already, or the name is invalid; choose another with \"name\""));
             }
             if request.name.is_some() || config.name.is_none() {

@@ -407,6 +407,9 @@ impl Receiver {
         // The CPUID was checked at the handshake (what the source configured its vCPUs with):
         // the vCPUs' saved CPUID is not a reliable witness, as PVM reads host bits back.
         let vm = incoming.finish(hv, &snapshot).map_err(|e| e.to_string())?;
+        if self.host.vm_exists(&self.name) {
+            return Err(format!("a VM named {:?} exists already", self.name));
+        }
         write_frame(conn, Kind::Ready, &[]).map_err(|e| e.to_string())?;
         // The VM starts only on Go; anything else drops it.
         let go = expect_frame(conn, Kind::Go, "Go").map_err(|e| e.to_string())?;
