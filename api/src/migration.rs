@@ -41,6 +41,10 @@ pub struct MigrateRequest {
     /// Send at most this many MiB per second (default: as fast as the link goes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib_s: Option<u64>,
+    /// Slow the vCPUs down step by step while the guest dirties memory faster than it can be
+    /// sent (default false).
+    #[serde(default)]
+    pub auto_converge: bool,
 }
 
 /// Where a migration is.
@@ -96,6 +100,8 @@ pub struct MigrationInfo {
     pub link_rate_mib_s: f64,
     /// The pause the last dirty set would take at the link rate, milliseconds.
     pub expected_downtime_ms: f64,
+    /// The share of time auto-converge keeps the vCPUs paused, percent.
+    pub throttle_percent: u32,
     /// The pause the VM had (source paused to destination running), milliseconds, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,

@@ -462,3 +462,37 @@ fn a_migration_that_cannot_finish_in_time_gives_up_and_the_source_runs_on() {
     assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
     nothing_left(&destination, "slow");
 }
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact() {
+    if !require_kvm("a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact") {
+        return;
+    }
+    // Some 400 MiB/s of rewritten memory for seconds, through a 64 MiB/s limit.
+    let fills: Vec<String> = (1..=40).map(|i| format!("memfill 32 {i}")).collect();
+    let script = format!("{};memcheck;counter 100 10", fills.join(";"));
+    let source = TestHost::start(vec![vm_config("busy", &script, 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("busy", "LKS memfill mib=32 seed=2 ", WAIT);
+    let (_, listen, token) = incoming(&destination, "127.0.0.1:0", "busy");
+    let id = migrate(
+        &source,
+        "busy",
+        json!({ "destination": listen, "token": token, "max_bandwidth_mib_s": 64, "auto_converge": true }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    eprintln!("auto-converge: {info}");
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert!(info["throttle_percent"].as_u64().unwrap() > 0, "{info}");
+    let after = destination.wait_serial("busy", "LKS run done", WAIT);
+    let all = format!("{}{after}", source.serial("busy"));
+    let report = GuestReport::parse(&all);
+    let fills = report.all("memfill").count();
+    assert!(fills >= 39, "every fill ran: {fills}\n{all}");
+    assert!(
+        report.require("memcheck").contains("status=match"),
+        "the last fill's memory arrived intact: {all}"
+    );
+    let counted = counters(&all);
+    assert_eq!(counted.len(), 10, "{counted:?}");
+}

@@ -34,6 +34,15 @@ impl MigrationHost for Host {
         &self.migrations
     }
 
+    fn vm_control(&self, name: &str) -> Result<crate::vm::VmControl, String> {
+        let slot = self.slot(name).map_err(|e| e.to_string())?;
+        let s = slot.lock();
+        s.runtime
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(|| format!("VM {name:?} is not running"))
+    }
+
     fn vm_exists(&self, name: &str) -> bool {
         self.vms().contains_key(name)
     }

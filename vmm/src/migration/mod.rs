@@ -10,6 +10,7 @@
 pub mod protocol;
 mod receive;
 mod send;
+mod throttle;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +30,9 @@ pub use send::start_outgoing;
 
 /// What a migration needs from its host.
 pub trait MigrationHost: Send + Sync + 'static {
+    /// A running VM's control handle, for commands the host need not record (auto-converge's
+    /// short pauses).
+    fn vm_control(&self, name: &str) -> Result<crate::vm::VmControl, String>;
     /// The host's KVM.
     fn hypervisor(&self) -> &Hypervisor;
     /// The host's migrations.
@@ -86,6 +90,7 @@ impl Migration {
                 dirty_rate_mib_s: 0.0,
                 link_rate_mib_s: 0.0,
                 expected_downtime_ms: 0.0,
+                throttle_percent: 0,
                 downtime_ms: None,
                 elapsed_ms: 0.0,
                 error: None,

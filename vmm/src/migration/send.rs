@@ -71,6 +71,7 @@ pub fn start_outgoing(
         bandwidth: request
             .max_bandwidth_mib_s
             .map(|m| m.saturating_mul(1 << 20)),
+        auto_converge: request.auto_converge,
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
         let outcome = sender.run().map_err(Failure::text);
@@ -124,6 +125,7 @@ struct Sender {
     timeout: Duration,
     /// Bytes per second at most.
     bandwidth: Option<u64>,
+    auto_converge: bool,
 }
 
 /// Dirty pages of one region: one bit per 4 KiB page.
@@ -446,6 +448,15 @@ impl Sender {
             self.command(VmCommand::Resume)?;
         }
         let log = log?;
+        let throttle = match self.auto_converge && was_running {
+            true => {
+                let control = self.host.vm_control(&self.vm)?;
+                let name = format!("migrate-throttle-{}", self.migration.info().id);
+                Some(super::throttle::Throttle::start(control, name).map_err(|e| e.to_string())?)
+            }
+            false => None,
+        };
+        let mut last_step = Instant::now();
         let mut pages = PageWriter {
             out: BufWriter::with_capacity(1 << 20, writer),
             access: &access,
@@ -495,6 +506,18 @@ impl Sender {
             if expected <= self.downtime.as_secs_f64() {
                 break;
             }
+            if let Some(throttle) = &throttle {
+                // One step at most every 200 ms: a step needs time to show in the dirty rate.
+                if round >= 1 && last_step.elapsed() >= Duration::from_millis(200) {
+                    let percent = throttle.step_up();
+                    last_step = Instant::now();
+                    self.migration.update(|i| i.throttle_percent = percent);
+                    log::info!(
+                        "{}: auto-converge: vCPUs paused {percent}% of the time",
+                        self.vm
+                    );
+                }
+            }
             if started.elapsed() > self.timeout {
                 return Err(format!(
                     "gave up after {:?}: the guest dirties {:.1} MiB/s and the link carries {:.1} MiB/s, so the last round would take {:.0} ms, more than the {} ms allowed",
@@ -508,6 +531,8 @@ impl Sender {
             }
             round += 1;
         }
+        // The VM runs freely again before the switch pauses it for good.
+        drop(throttle);
         let pending = dirty.unwrap_or_default();
         self.switch(&log, pending, pages, &mut reader, round + 1)
     }
