@@ -105,7 +105,7 @@ pub struct MigrationInfo {
     /// The pause the VM had (source paused to destination running), milliseconds, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
-    /// Time since the migration started, milliseconds.
+    /// Time since the migration started (until it ended, once it has), milliseconds.
     pub elapsed_ms: f64,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

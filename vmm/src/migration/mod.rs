@@ -72,6 +72,8 @@ pub fn spawn_thread(
 pub struct Migration {
     info: Mutex<MigrationInfo>,
     started: Instant,
+    /// How long it took, once it has ended.
+    took: Mutex<Option<Duration>>,
     cancel: AtomicBool,
     conn: Mutex<Option<Conn>>,
 }
@@ -96,6 +98,7 @@ impl Migration {
                 error: None,
             }),
             started: Instant::now(),
+            took: Mutex::new(None),
             cancel: AtomicBool::new(false),
             conn: Mutex::new(None),
         }
@@ -108,7 +111,8 @@ impl Migration {
     /// Its progress now.
     pub fn info(&self) -> MigrationInfo {
         let mut info = self.lock().clone();
-        info.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let took = *self.took.lock().unwrap_or_else(|p| p.into_inner());
+        info.elapsed_ms = took.unwrap_or_else(|| self.started.elapsed()).as_secs_f64() * 1e3;
         info
     }
 
@@ -130,6 +134,7 @@ impl Migration {
 
     /// Records how it ended.
     fn finish(&self, outcome: Result<(), String>) {
+        *self.took.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.started.elapsed());
         let cancelled = self.is_cancelled();
         self.update(|i| match outcome {
             Ok(()) => i.phase = MigrationPhase::Completed,

@@ -388,6 +388,7 @@ impl Receiver {
         };
         let (state, bytes, pages) = land_pages(incoming.memory(), conn, progress)?;
         self.migration.set_phase(MigrationPhase::Switching);
+        let switch = Instant::now();
         self.migration.update(|i| {
             i.bytes = bytes;
             i.pages = pages;
@@ -406,11 +407,12 @@ impl Receiver {
         }
         // The CPUID was checked at the handshake (what the source configured its vCPUs with):
         // the vCPUs' saved CPUID is not a reliable witness, as PVM reads host bits back.
-        let vm = incoming.finish(hv, &snapshot).map_err(|e| e.to_string())?;
+        let vm = incoming.finish(&snapshot).map_err(|e| e.to_string())?;
         if self.host.vm_exists(&self.name) {
             return Err(format!("a VM named {:?} exists already", self.name));
         }
         write_frame(conn, Kind::Ready, &[]).map_err(|e| e.to_string())?;
+        log::debug!("{}: state loaded in {:?}", self.name, switch.elapsed());
         // The VM starts only on Go; anything else drops it.
         let go = expect_frame(conn, Kind::Go, "Go").map_err(|e| e.to_string())?;
         let paused = match go.as_slice() {
@@ -422,7 +424,11 @@ impl Receiver {
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
         }
-        log::info!("{}: arrived by live migration", self.name);
+        log::info!(
+            "{}: arrived by live migration (state to running in {:?})",
+            self.name,
+            switch.elapsed()
+        );
         Ok(())
     }
 }

@@ -563,6 +563,11 @@ impl Sender {
                 }
             }
             pages.send(Some(&last))?;
+            log::debug!(
+                "{}: switch: last pages sent at {:?}",
+                self.vm,
+                paused_at.elapsed()
+            );
             let state = match self.command(VmCommand::CaptureState)? {
                 VmReply::MachineState(bytes) => bytes,
                 other => return Err(format!("unexpected answer {other:?}")),
@@ -572,6 +577,12 @@ impl Sender {
                 .and_then(|()| pages.out.flush())
                 .map_err(|e| format!("sending the state: {e}"))?;
             pages.bytes += state.len() as u64 + 10;
+            log::debug!(
+                "{}: switch: {} bytes of state sent at {:?}",
+                self.vm,
+                state.len(),
+                paused_at.elapsed()
+            );
             expect_frame(reader, Kind::Ready, "Ready")
                 .map_err(|e| format!("the destination: {e}"))?;
             self.check_cancel()
@@ -609,6 +620,10 @@ impl Sender {
             });
         }
         let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+        log::debug!(
+            "{}: switch: Ready and Running after {downtime:.1} ms",
+            self.vm
+        );
         self.migration.update(|i| i.downtime_ms = Some(downtime));
         log::info!(
             "{}: migrated to {} (pause {downtime:.1} ms, {} bytes)",

@@ -22,6 +22,8 @@ use crate::memory::{self, GuestMemoryMmap};
 pub struct IncomingVm {
     config: VmConfig,
     // Declared before `memory`: KVM lets go of the slots before the memory is unmapped.
+    vcpus: Vec<crate::vcpu::Vcpu>,
+    msr_list: Arc<Vec<u32>>,
     devices: DeviceManager,
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -38,8 +40,9 @@ fn incompatible(why: impl Into<String>) -> VmError {
 }
 
 impl IncomingVm {
-    /// Checks `config` against the host and builds everything but the vCPUs: the KVM VM, zeroed
-    /// guest memory and its slots, the devices and the serial output.
+    /// Checks `config` against the host and builds the VM: the KVM VM, zeroed guest memory and
+    /// its slots, the devices, the serial output and the vCPUs (their state comes at the
+    /// switch, so that the switch only sets state).
     pub fn prepare(hv: &Hypervisor, config: &VmConfig) -> Result<IncomingVm, VmError> {
         config.validate(&hv.host_limits())?;
         let machine = &config.machine_config;
@@ -57,8 +60,11 @@ impl IncomingVm {
         attach_virtio_devices(&mut devices, config)?;
         let (serial_out, console_client) = open_serial_output(config)?;
         devices.add_serial(serial_out)?;
+        let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
         Ok(IncomingVm {
             config: config.clone(),
+            vcpus,
+            msr_list,
             devices,
             vm_fd,
             memory,
@@ -73,8 +79,9 @@ impl IncomingVm {
     }
 
     /// Loads the machine state (already decoded and checked by
-    /// [`super::snapshot::decode_and_check`]) and creates the vCPUs: the VM is ready to run.
-    pub fn finish(self, hv: &Hypervisor, snapshot: &MachineSnapshot) -> Result<Vm, VmError> {
+    /// [`super::snapshot::decode_and_check`]) into the devices, vCPUs and KVM VM: the VM is
+    /// ready to run.
+    pub fn finish(self, snapshot: &MachineSnapshot) -> Result<Vm, VmError> {
         let config = self.config;
         if snapshot.regions != memory::region_layout(&self.memory) {
             return Err(incompatible("the state's memory regions are not the VM's"));
@@ -85,7 +92,7 @@ impl IncomingVm {
         self.devices
             .restore_state(&snapshot.devices, &self.memory)
             .map_err(incompatible)?;
-        let (vcpus, msr_list) = create_vcpus(hv, &self.vm_fd, &self.devices, &config)?;
+        let vcpus = self.vcpus;
         for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
             state
                 .restore(vcpu.fd())
@@ -105,7 +112,7 @@ impl IncomingVm {
             devices: self.devices,
             entry: None,
             exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
-            msr_list,
+            msr_list: self.msr_list,
             console_client: self.console_client,
             backing,
         })
