@@ -286,7 +286,7 @@ fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after
         cpuid: vec![],
     })
     .unwrap();
-    let mut auth = protocol::mac(token, &nonce, &handshake).to_vec();
+    let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();
     auth.extend_from_slice(&handshake);
     protocol::write_frame(&mut conn, Kind::Auth, &auth).unwrap();
     protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();

@@ -7,6 +7,7 @@
 //! The host reaches a migration only through [`MigrationHost`] and the [`Migrations`] registry,
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
+mod dirty;
 pub mod protocol;
 mod receive;
 mod send;
