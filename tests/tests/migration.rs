@@ -496,3 +496,43 @@ fn a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact() {
     let counted = counters(&all);
     assert_eq!(counted.len(), 10, "{counted:?}");
 }
+
+#[test]
+fn a_config_the_destination_cannot_run_is_refused_before_a_page_moves() {
+    if !require_kvm("a_config_the_destination_cannot_run_is_refused_before_a_page_moves") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut config = vm_config("rooted", "counter 100", 1, 128);
+    config["drives"] =
+        json!([{ "drive_id": "data", "path_on_host": disk, "is_root_device": false }]);
+    let source = TestHost::start(vec![config]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("rooted", "LKS counter=2 ", WAIT);
+    // The disk is not where the config says any more (the source keeps its open file).
+    std::fs::rename(&disk, dir.path().join("moved.img")).unwrap();
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "rooted");
+    let id = migrate(
+        &source,
+        "rooted",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed", "{info}");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused") && error.contains("disk.img"),
+        "the reason names the problem: {error}"
+    );
+    assert_eq!(info["pages"], 0, "no page moved: {info}");
+    assert_eq!(source.state("rooted"), "running");
+    let now = counters(&source.serial("rooted")).last().copied().unwrap();
+    counter_moves(|| source.serial("rooted"), now);
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "rooted");
+}
