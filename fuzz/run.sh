@@ -14,5 +14,6 @@ for target in $(cargo fuzz list); do
     if [ -d "seeds/$target" ]; then seeds=("seeds/$target"); fi
     max_len=4096
     if [ "$target" = snapshot_state ]; then max_len=65536; fi
+    if [ "$target" = migration_stream ]; then max_len=65536; fi
     cargo fuzz run "$target" "corpus/$target" "${seeds[@]}" -- -max_total_time="$seconds" -rss_limit_mb=2048 -max_len="$max_len"
 done

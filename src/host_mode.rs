@@ -130,7 +130,7 @@ pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
         console_sockets: config.console_sockets,
     };
     let host = match Host::new(hv, &config.state_dir, options) {
-        Ok(h) => Arc::new(h),
+        Ok(h) => h.into_shared(),
         Err(e) => {
             return fail(
                 EXIT_VMM_ERROR,
@@ -266,7 +266,7 @@ pub fn firecracker(api_sock: &Path, id: &str, config: Option<VmConfig>) -> ExitC
         ..Default::default()
     };
     let host = match Host::new(hv, &state_dir, options) {
-        Ok(h) => Arc::new(h),
+        Ok(h) => h.into_shared(),
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("{}: {e}", state_dir.display())),
     };
     let events = host.subscribe();

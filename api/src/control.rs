@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::migration::{IncomingInfo, IncomingRequest, MigrateRequest, MigrationInfo};
 use crate::VmConfig;
 
 /// A VM's life-cycle state.
@@ -260,4 +261,28 @@ pub trait HostControl: Send + Sync + 'static {
     fn update_vm(&self, name: &str, config: VmConfig) -> Result<VmInfo, ControlError>;
     /// Events from now on, until the receiver is dropped.
     fn subscribe(&self) -> std::sync::mpsc::Receiver<HostEvent>;
+    /// Opens a one-shot listener for one incoming VM and returns its token.
+    fn migrate_incoming(&self, _request: IncomingRequest) -> Result<IncomingInfo, ControlError> {
+        Err(no_migration())
+    }
+    /// Starts sending a running VM to another host; returns at once.
+    fn migrate_vm(
+        &self,
+        _name: &str,
+        _request: MigrateRequest,
+    ) -> Result<MigrationInfo, ControlError> {
+        Err(no_migration())
+    }
+    /// A migration's progress.
+    fn get_migration(&self, _id: &str) -> Result<MigrationInfo, ControlError> {
+        Err(no_migration())
+    }
+    /// Cancels a migration that has not switched (the source VM runs on).
+    fn cancel_migration(&self, _id: &str) -> Result<MigrationInfo, ControlError> {
+        Err(no_migration())
+    }
+}
+
+fn no_migration() -> ControlError {
+    ControlError::Conflict("this host does not do live migration".into())
 }

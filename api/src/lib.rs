@@ -10,6 +10,7 @@ pub mod firecracker;
 pub mod host_config;
 pub mod http;
 pub mod metrics;
+pub mod migration;
 #[cfg(any(test, feature = "openapi-check"))]
 pub mod openapi_check;
 pub mod private_fs;

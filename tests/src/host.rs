@@ -175,6 +175,11 @@ impl TestHost {
         host
     }
 
+    /// The host process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The control API's socket.
     pub fn api_socket(&self) -> &Path {
         &self.api

@@ -2,6 +2,8 @@
 //! [`HostControl`]. One VM failing (a bad kernel, a crash, a triple fault, even a panic in its
 //! VMM thread) marks that VM failed and leaves the host and the other VMs running.
 
+mod migration_glue;
+
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use lockstep_api::control::{
     ControlError, DeviceMetrics, HostControl, HostEvent, HostInfo, RestoreRequest, ShutdownRequest,
     SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
 };
+use lockstep_api::migration::{IncomingInfo, IncomingRequest, MigrateRequest, MigrationInfo};
 use lockstep_api::VmConfig;
 
 use crate::exit::ExitReason;
@@ -139,6 +142,9 @@ pub struct Host {
     state_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Arc<Slot>>>,
     events: Arc<Broadcaster>,
+    migrations: crate::migration::Migrations,
+    /// The host itself, for migration threads (set by [`Host::into_shared`]).
+    me: std::sync::OnceLock<std::sync::Weak<Host>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ControlError {
@@ -187,7 +193,16 @@ impl Host {
             state_dir: state_dir.to_owned(),
             vms: Mutex::new(BTreeMap::new()),
             events: Arc::default(),
+            migrations: Default::default(),
+            me: Default::default(),
         })
+    }
+
+    /// The host behind an `Arc`, as endpoints hold it; live migration needs a host made so.
+    pub fn into_shared(self) -> Arc<Host> {
+        let host = Arc::new(self);
+        let _ = host.me.set(Arc::downgrade(&host));
+        host
     }
 
     fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -473,9 +488,9 @@ impl HostControl for Host {
                 "name: {name:?} is not a valid VM name: use 1 to 64 of A-Z a-z 0-9 - _ ."
             )));
         }
-        if self.vms().contains_key(&name) {
+        if self.vms().contains_key(&name) || self.migrations.name_reserved(&name) {
             return Err(ControlError::Conflict(format!(
-                "a VM named {name:?} exists already"
+                "a VM named {name:?} exists already (or is arriving by migration)"
             )));
         }
         config
@@ -660,7 +675,10 @@ impl HostControl for Host {
         let mut new_dir: Option<PathBuf> = None;
         let vm = Vm::restore_with(&self.hv, &paths, |config| {
             let name = request.name.clone().or_else(|| config.name.clone()).unwrap_or_else(|| "restored".into());
-            if !valid_name(&name) || self.vms().contains_key(&name) {
+            if !valid_name(&name)
+                || self.vms().contains_key(&name)
+                || self.migrations.name_reserved(&name)
+            {
                 return Err(format!("a VM named {name:?} exists already, or the name is invalid; choose another with \"name\""));
             }
             if request.name.is_some() || config.name.is_none() {
@@ -766,5 +784,25 @@ impl HostControl for Host {
 
     fn subscribe(&self) -> mpsc::Receiver<HostEvent> {
         self.events.subscribe()
+    }
+
+    fn migrate_incoming(&self, request: IncomingRequest) -> Result<IncomingInfo, ControlError> {
+        crate::migration::start_incoming(self.shared()?, request)
+    }
+
+    fn migrate_vm(
+        &self,
+        name: &str,
+        request: MigrateRequest,
+    ) -> Result<MigrationInfo, ControlError> {
+        crate::migration::start_outgoing(self.shared()?, name, request)
+    }
+
+    fn get_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        self.migrations.get(id)
+    }
+
+    fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        self.migrations.cancel(id)
     }
 }

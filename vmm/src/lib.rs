@@ -11,6 +11,7 @@ pub mod host;
 mod host_paths;
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;
 pub mod x86_64;

@@ -34,6 +34,10 @@ pub(crate) enum Op {
     SnapshotVm,
     VmMetrics,
     RestoreVm,
+    MigrateVm,
+    MigrateIncoming,
+    GetMigration,
+    CancelMigration,
     Prometheus,
 }
 
@@ -53,6 +57,10 @@ pub(crate) const ROUTES: &[Route<Op>] = &[
     Route::new(Method::POST, "/v1/vms/{name}/snapshot", Op::SnapshotVm),
     Route::new(Method::GET, "/v1/vms/{name}/metrics", Op::VmMetrics),
     Route::new(Method::POST, "/v1/restore", Op::RestoreVm),
+    Route::new(Method::POST, "/v1/vms/{name}/migrate", Op::MigrateVm),
+    Route::new(Method::POST, "/v1/migrations/incoming", Op::MigrateIncoming),
+    Route::new(Method::GET, "/v1/migrations/{id}", Op::GetMigration),
+    Route::new(Method::DELETE, "/v1/migrations/{id}", Op::CancelMigration),
     Route::new(Method::GET, "/metrics", Op::Prometheus),
 ];
 
@@ -152,7 +160,13 @@ impl ControlApi {
         let start = query_flags(op, request.query.as_deref())?;
         let takes_body = matches!(
             op,
-            Op::CreateVm | Op::UpdateVm | Op::ShutdownVm | Op::SnapshotVm | Op::RestoreVm
+            Op::CreateVm
+                | Op::UpdateVm
+                | Op::ShutdownVm
+                | Op::SnapshotVm
+                | Op::RestoreVm
+                | Op::MigrateVm
+                | Op::MigrateIncoming
         );
         if !takes_body {
             no_body(request)?;
@@ -196,6 +210,18 @@ impl ControlApi {
                 let info = host.restore_vm(body)?;
                 Ok(created(&info.name, &info))
             }
+            Op::MigrateVm => {
+                let body = parse_json_body(&request.body)?;
+                let info = host.migrate_vm(name, body)?;
+                Ok(json_reply(StatusCode::ACCEPTED, &info))
+            }
+            Op::MigrateIncoming => {
+                let body = parse_json_body(&request.body)?;
+                let info = host.migrate_incoming(body)?;
+                Ok(json_reply(StatusCode::CREATED, &info))
+            }
+            Op::GetMigration => Ok(json_reply(ok, &host.get_migration(name)?)),
+            Op::CancelMigration => Ok(json_reply(ok, &host.cancel_migration(name)?)),
             Op::Prometheus => {
                 let mut reply = empty_reply(ok);
                 *reply.body_mut() = metrics::collect(host).into();

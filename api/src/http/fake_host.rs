@@ -10,6 +10,10 @@ use crate::control::{
     ControlError, DeviceMetrics, HostControl, HostEvent, HostInfo, RestoreRequest, ShutdownRequest,
     SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
 };
+use crate::migration::{
+    IncomingInfo, IncomingRequest, MigrateRequest, MigrationDirection, MigrationInfo,
+    MigrationPhase,
+};
 use crate::VmConfig;
 
 struct FakeVm {
@@ -325,5 +329,72 @@ impl HostControl for FakeHost {
     fn subscribe(&self) -> std::sync::mpsc::Receiver<HostEvent> {
         // No events: the sender is dropped at once, so the receiver sees the end.
         std::sync::mpsc::channel().1
+    }
+
+    fn migrate_incoming(&self, request: IncomingRequest) -> Result<IncomingInfo, ControlError> {
+        FakeHost::check_broken(&request.name)?;
+        self.record(format!("migrate_incoming({})", request.name));
+        if self.vms.lock().unwrap().contains_key(&request.name) {
+            return Err(ControlError::Conflict("a VM by that name exists".into()));
+        }
+        Ok(IncomingInfo {
+            id: "2".into(),
+            listen: request.listen,
+            token: "00".repeat(32),
+        })
+    }
+
+    fn migrate_vm(
+        &self,
+        name: &str,
+        request: MigrateRequest,
+    ) -> Result<MigrationInfo, ControlError> {
+        FakeHost::check_broken(name)?;
+        self.record(format!("migrate_vm({name}, {})", request.destination));
+        let vms = self.vms.lock().unwrap();
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        if vm.state != VmState::Running {
+            return Err(ControlError::Conflict("the VM is not running".into()));
+        }
+        Ok(fake_migration("1", name, MigrationPhase::Handshake))
+    }
+
+    /// Migration `1` is under way, `done` has ended, `broken` fails, others do not exist.
+    fn get_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        FakeHost::check_broken(id)?;
+        match id {
+            "1" => Ok(fake_migration(id, "db", MigrationPhase::Precopy)),
+            "done" => Ok(fake_migration(id, "db", MigrationPhase::Completed)),
+            _ => Err(ControlError::NotFound(format!("migration {id}"))),
+        }
+    }
+
+    fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        let info = self.get_migration(id)?;
+        if info.phase == MigrationPhase::Completed {
+            return Err(ControlError::Conflict("it has ended".into()));
+        }
+        Ok(info)
+    }
+}
+
+fn fake_migration(id: &str, vm: &str, phase: MigrationPhase) -> MigrationInfo {
+    MigrationInfo {
+        id: id.into(),
+        direction: MigrationDirection::Outgoing,
+        vm: vm.into(),
+        phase,
+        round: 1,
+        bytes: 4096,
+        pages: 1,
+        dirty_rate_mib_s: 0.5,
+        link_rate_mib_s: 100.0,
+        expected_downtime_ms: 1.0,
+        throttle_percent: 0,
+        downtime_ms: (phase == MigrationPhase::Completed).then_some(2.0),
+        elapsed_ms: 10.0,
+        error: None,
     }
 }

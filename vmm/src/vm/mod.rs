@@ -1,12 +1,13 @@
 //! One VM: its KVM VM, memory, loaded guest, devices and vCPUs, built from a config. Running it
 //! is [`runner`]'s job.
 
+pub mod incoming;
 mod runner;
 pub mod snapshot;
 
 pub use runner::{
-    ConsoleInput, ControlError, ControlReceiver, RunOptions, RunState, VmCommand, VmControl,
-    VmReply,
+    ConsoleInput, ControlError, ControlReceiver, MigrationAccess, RunOptions, RunState, VmCommand,
+    VmControl, VmReply,
 };
 pub use snapshot::{SnapshotError, SnapshotPaths, SnapshotStats};
 

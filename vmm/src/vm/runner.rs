@@ -70,7 +70,36 @@ pub enum VmCommand {
     Snapshot(SnapshotPaths),
     /// Press Ctrl-Alt-Del on the guest's keyboard: a cooperating guest shuts down or reboots.
     SendCtrlAltDel,
+    /// Hand out guest memory and the KVM VM, for a migration to read pages and the dirty log.
+    MigrationAccess,
+    /// The whole machine state as a snapshot state file; the VM must be paused.
+    CaptureState,
 }
+
+/// What a migration reads while the VM runs: its memory and its KVM VM (for the dirty log).
+#[derive(Clone)]
+pub struct MigrationAccess {
+    /// Guest memory (the same mappings the VM uses).
+    pub memory: crate::memory::GuestMemoryMmap,
+    /// The KVM VM.
+    pub vm_fd: Arc<kvm_ioctls::VmFd>,
+    /// Whether the config keeps KVM's dirty log on all the time.
+    pub track_dirty_pages: bool,
+}
+
+impl std::fmt::Debug for MigrationAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationAccess")
+    }
+}
+
+impl PartialEq for MigrationAccess {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.vm_fd, &other.vm_fd)
+    }
+}
+
+impl Eq for MigrationAccess {}
 
 /// The VM's answer to a [`VmCommand`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +110,10 @@ pub enum VmReply {
     Stopping,
     /// The snapshot was written.
     Snapshot(SnapshotStats),
+    /// Memory and KVM VM for a migration.
+    Access(MigrationAccess),
+    /// The machine state (a snapshot state file's bytes).
+    MachineState(Vec<u8>),
 }
 
 /// Why a command failed.
@@ -203,8 +236,26 @@ impl Running {
         result.map(VmReply::Snapshot)
     }
 
-    fn write_snapshot(&mut self, paths: &SnapshotPaths) -> Result<SnapshotStats, ControlError> {
-        let started = std::time::Instant::now();
+    /// The paused machine's state as a snapshot state file's bytes.
+    fn capture_state(&mut self) -> Result<VmReply, ControlError> {
+        if self.state != RunState::Paused {
+            return Err(ControlError::Failed("the VM must be paused".into()));
+        }
+        let machine = self.machine_snapshot()?;
+        let fail = |e: snapshot::SnapshotError| ControlError::Failed(e.to_string());
+        let state = snapshot::encode_state(&machine).map_err(fail)?;
+        let memory_bytes = crate::memory::total_bytes(&self.vm.memory);
+        let file = snapshot::state_file_bytes(
+            &state,
+            self.vm.name(),
+            machine.vcpus.len() as u32,
+            memory_bytes,
+        )
+        .map_err(fail)?;
+        Ok(VmReply::MachineState(file))
+    }
+
+    fn machine_snapshot(&mut self) -> Result<snapshot::MachineSnapshot, ControlError> {
         let vcpus = self
             .all_vcpus(|| VcpuRequest::SaveState)?
             .into_iter()
@@ -215,10 +266,14 @@ impl Running {
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let machine = self
-            .vm
+        self.vm
             .capture(vcpus)
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
+            .map_err(|e| ControlError::Failed(e.to_string()))
+    }
+
+    fn write_snapshot(&mut self, paths: &SnapshotPaths) -> Result<SnapshotStats, ControlError> {
+        let started = std::time::Instant::now();
+        let machine = self.machine_snapshot()?;
         let stats = snapshot::write(paths, &machine, &self.vm.memory)
             .map_err(|e| ControlError::Failed(e.to_string()))?;
         log::info!(
@@ -240,6 +295,12 @@ impl Running {
                 Ok(VmReply::Stopping)
             }
             VmCommand::Snapshot(paths) => self.snapshot(&paths),
+            VmCommand::MigrationAccess => Ok(VmReply::Access(MigrationAccess {
+                memory: self.vm.memory.clone(),
+                vm_fd: self.vm.vm_fd.clone(),
+                track_dirty_pages: self.vm.config.machine_config.track_dirty_pages,
+            })),
+            VmCommand::CaptureState => self.capture_state(),
             VmCommand::SendCtrlAltDel => {
                 if self.state != RunState::Running {
                     return Err(ControlError::Failed("the VM is paused".into()));

@@ -315,7 +315,7 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap, total: u64) -> std::io::Resu
 
 /// One byte per page, 1 when the page holds data (in memory or swapped out), from
 /// /proc/self/pagemap; None if the kernel will not say.
-fn resident_pages(base: *const u8, len: usize) -> Option<Vec<u8>> {
+pub(crate) fn resident_pages(base: *const u8, len: usize) -> Option<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;

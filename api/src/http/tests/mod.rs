@@ -104,7 +104,17 @@ fn case(method: &'static str, template: &'static str, name: &str, status: u16) -
     Case {
         method,
         template,
-        path: template.replace("{name}", name),
+        path: template.replace("{name}", name).replace("{id}", "1"),
+        body: None,
+        status,
+    }
+}
+
+fn migration(method: &'static str, id: &str, status: u16) -> Case {
+    Case {
+        method,
+        template: "/v1/migrations/{id}",
+        path: format!("/v1/migrations/{id}"),
         body: None,
         status,
     }
@@ -190,6 +200,29 @@ fn conformance_cases() -> Vec<Case> {
         case("PUT", VM, "db", 409).json(&config("db")),
         case("PUT", VM, "nope", 404).json(&config("nope")),
         case("PUT", VM, "broken", 500).json(&config("broken")),
+        case("POST", "/v1/vms/{name}/migrate", "db", 202)
+            .json(r#"{"destination": "127.0.0.1:7000", "token": "ab", "downtime_ms": 5}"#),
+        case("POST", "/v1/vms/{name}/migrate", "idle", 409)
+            .json(r#"{"destination": "127.0.0.1:7000", "token": "ab"}"#),
+        case("POST", "/v1/vms/{name}/migrate", "nope", 404)
+            .json(r#"{"destination": "127.0.0.1:7000", "token": "ab"}"#),
+        case("POST", "/v1/vms/{name}/migrate", "broken", 500)
+            .json(r#"{"destination": "127.0.0.1:7000", "token": "ab"}"#),
+        case("POST", "/v1/vms/{name}/migrate", "db", 400).json(r#"{"destination": 1}"#),
+        case("POST", "/v1/migrations/incoming", "", 201)
+            .json(r#"{"listen": "127.0.0.1:0", "name": "new"}"#),
+        case("POST", "/v1/migrations/incoming", "", 409)
+            .json(r#"{"listen": "127.0.0.1:0", "name": "db"}"#),
+        case("POST", "/v1/migrations/incoming", "", 500)
+            .json(r#"{"listen": "127.0.0.1:0", "name": "broken"}"#),
+        case("POST", "/v1/migrations/incoming", "", 400).json(r#"{"listen": "x"}"#),
+        migration("GET", "1", 200),
+        migration("GET", "nope", 404),
+        migration("GET", "broken", 500),
+        migration("DELETE", "1", 200),
+        migration("DELETE", "done", 409),
+        migration("DELETE", "nope", 404),
+        migration("DELETE", "broken", 500),
         case("DELETE", VM, "idle", 204),
         case("DELETE", VM, "idle", 404),
         case("DELETE", VM, "broken", 500),
@@ -249,7 +282,7 @@ fn every_documented_reply_is_given_and_fits_its_schema() {
     let tcp = tcp::start();
     for route in super::control_api::ROUTES {
         let (method, template) = (route.method.as_str(), route.template);
-        let path = template.replace("{name}", "web");
+        let path = template.replace("{name}", "web").replace("{id}", "1");
         let host = format!("Host: {}", tcp.addr);
         let auth = format!("Authorization: Bearer {}", tcp.token);
         for (status, head) in [

@@ -1,0 +1,113 @@
+//! The control API's live-migration types: a host asked to receive a VM, a VM sent to another
+//! host, and a migration's progress.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/migrations/incoming`: receive one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// Where to listen: `IP:PORT` (port 0 picks one) or `unix:/absolute/path`.
+    pub listen: String,
+    /// The name the VM gets on this host.
+    pub name: String,
+}
+
+/// A listener waiting for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingInfo {
+    /// The migration's id (for `GET /v1/migrations/{id}`).
+    pub id: String,
+    /// Where it listens (the real port when 0 was asked for).
+    pub listen: String,
+    /// The one-time token the sender must prove it holds (32 random bytes, hex).
+    pub token: String,
+}
+
+/// `POST /v1/vms/{name}/migrate`: send a running VM to a host that expects it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination's listener: `IP:PORT` or `unix:/absolute/path`.
+    pub destination: String,
+    /// The token the destination's `POST /v1/migrations/incoming` returned.
+    pub token: String,
+    /// The longest pause allowed at the switch, milliseconds (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Give up after this many seconds of pre-copy (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// Send at most this many MiB per second (default: as fast as the link goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
+    /// Slow the vCPUs down step by step while the guest dirties memory faster than it can be
+    /// sent (default false).
+    #[serde(default)]
+    pub auto_converge: bool,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Waiting for the source to connect.
+    Listening,
+    /// Checking the handshake.
+    Handshake,
+    /// Copying memory while the VM runs.
+    Precopy,
+    /// The VM is paused; the last pages and the state move.
+    Switching,
+    /// The VM runs on the destination.
+    Completed,
+    /// Given up; see `error`.
+    Failed,
+    /// Cancelled by request; the source VM runs on.
+    Cancelled,
+}
+
+/// Whether this host sends or receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationDirection {
+    /// This host sends the VM.
+    Outgoing,
+    /// This host receives it.
+    Incoming,
+}
+
+/// A migration's progress (`GET /v1/migrations/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Its id.
+    pub id: String,
+    /// Sending or receiving.
+    pub direction: MigrationDirection,
+    /// The VM's name on this host.
+    pub vm: String,
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// The pre-copy round under way (0: every page).
+    pub round: u32,
+    /// Bytes sent or received on the stream.
+    pub bytes: u64,
+    /// Pages sent or received as bytes (zero pages excluded).
+    pub pages: u64,
+    /// Pages the guest dirtied per second in the last round, in MiB/s.
+    pub dirty_rate_mib_s: f64,
+    /// The measured link rate, MiB/s.
+    pub link_rate_mib_s: f64,
+    /// The pause the last dirty set would take at the link rate, milliseconds.
+    pub expected_downtime_ms: f64,
+    /// The share of time auto-converge keeps the vCPUs paused, percent.
+    pub throttle_percent: u32,
+    /// The pause the VM had (source paused to destination running), milliseconds, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// Time since the migration started (until it ended, once it has), milliseconds.
+    pub elapsed_ms: f64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

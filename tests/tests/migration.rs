@@ -1,0 +1,538 @@
+//! Live migration between two `lockstep host` processes on KVM, over loopback TCP and a Unix
+//! socket: the guest's counter goes on with nothing lost or repeated and its memory intact, the
+//! source gives the VM up; a wrong token, a destination killed mid-stream, a garbage or truncated
+//! stream all leave the source running (and the destination serving, with nothing left behind).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use lockstep_tests::host::TestHost;
+use lockstep_tests::{guest_images, require_kvm, GuestReport, VmConfigBuilder};
+use lockstep_vmm::migration::protocol::{self, Handshake, Kind};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn vm_config(name: &str, script: &str, vcpus: u32, mem_mib: u64) -> Value {
+    VmConfigBuilder::new(&guest_images().elf)
+        .boot_args(&format!("lks.mode=run lks.run=\"{script}\""))
+        .vcpus(vcpus)
+        .mem_mib(mem_mib)
+        .set("name", json!(name))
+        .build()
+}
+
+/// The counter values of a serial transcript.
+fn counters(serial: &str) -> Vec<u64> {
+    GuestReport::parse(serial)
+        .all("counter")
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Opens a listener on `host` for a VM called `name`; returns (id, listen, token).
+fn incoming(host: &TestHost, listen: &str, name: &str) -> (String, String, String) {
+    let reply = host.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": listen, "name": name })),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let v = reply.json();
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    (s("id"), s("listen"), s("token"))
+}
+
+fn migrate(host: &TestHost, vm: &str, body: Value) -> String {
+    let reply = host.call(
+        "POST",
+        "/v1/vms/{name}/migrate",
+        &format!("/v1/vms/{vm}/migrate"),
+        Some(&body),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+fn migration(host: &TestHost, id: &str) -> Value {
+    let reply = host.call(
+        "GET",
+        "/v1/migrations/{id}",
+        &format!("/v1/migrations/{id}"),
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// Waits until a migration has ended; returns its last progress.
+fn wait_ended(host: &TestHost, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = migration(host, id);
+        if ["completed", "failed", "cancelled"].contains(&info["phase"].as_str().unwrap()) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id} did not end within {timeout:?}: {info}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn vm_status(host: &TestHost, vm: &str) -> u16 {
+    host.call("GET", "/v1/vms/{name}", &format!("/v1/vms/{vm}"), None)
+        .status
+}
+
+/// Checks that the host still serves and holds no trace of `vm`.
+fn nothing_left(host: &TestHost, vm: &str) {
+    assert_eq!(host.call("GET", "/v1/host", "/v1/host", None).status, 200);
+    assert_eq!(vm_status(host, vm), 404, "no VM {vm} on the destination");
+    assert!(
+        !host.dir().join("state").join(vm).exists(),
+        "no folder left for {vm}"
+    );
+}
+
+/// Waits until the counter in `serial()` has gone past `after`.
+fn counter_moves(serial: impl Fn() -> String, after: u64) {
+    let deadline = Instant::now() + WAIT;
+    while counters(&serial()).last().copied().unwrap_or(0) <= after {
+        assert!(Instant::now() < deadline, "the counter is stuck at {after}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Migrates a counting guest with a filled memory block from one host to another over `listen`,
+/// and checks that it carries on there exactly where it was.
+fn migrate_and_check(listen: &str, vcpus: u32, mem_mib: u64) -> Value {
+    let script = "memfill 16 7;counter 100 60;memcheck";
+    let source = TestHost::start(vec![vm_config("mover", script, vcpus, mem_mib)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("mover", "LKS counter=5 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, listen, "mover");
+    let id = migrate(
+        &source,
+        "mover",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    let arrived = wait_ended(&destination, &in_id, WAIT);
+    assert_eq!(arrived["phase"], "completed", "{arrived}");
+    eprintln!("migration over {listen}: source {info}\ndestination {arrived}");
+    assert_eq!(
+        vm_status(&source, "mover"),
+        404,
+        "the source gave the VM up"
+    );
+    assert_eq!(destination.state("mover"), "running");
+
+    let after = destination.wait_serial("mover", "LKS run done", WAIT);
+    let before = source.serial("mover");
+    // A line may be cut at the switch: the two transcripts joined are the guest's whole output.
+    let all = counters(&format!("{before}{after}"));
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1) && all.first() == Some(&1),
+        "the counter goes on with nothing lost or repeated: {all:?}\nsource:\n{}\ndestination:\n{}",
+        &before[before.len().saturating_sub(400)..],
+        &after[..after.len().min(400)]
+    );
+    assert!(
+        !counters(&after).is_empty() && all.len() == 60,
+        "the destination went on counting: {all:?}"
+    );
+    assert!(
+        GuestReport::parse(&after)
+            .require("memcheck")
+            .contains("status=match"),
+        "guest memory intact: {after}"
+    );
+    info
+}
+
+#[test]
+fn a_running_vm_migrates_over_tcp() {
+    if !require_kvm("a_running_vm_migrates_over_tcp") {
+        return;
+    }
+    let info = migrate_and_check("127.0.0.1:0", 1, 512);
+    // An idle 512 MiB guest costs its touched pages, not its RAM.
+    let bytes = info["bytes"].as_u64().unwrap();
+    assert!(bytes < 128 << 20, "{bytes} bytes on the wire");
+}
+
+#[test]
+fn a_running_two_vcpu_vm_migrates_over_a_unix_socket() {
+    if !require_kvm("a_running_two_vcpu_vm_migrates_over_a_unix_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("incoming.sock");
+    migrate_and_check(&format!("unix:{}", path.display()), 2, 256);
+    assert!(!path.exists(), "the one-shot listener's socket is gone");
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_source_runs_on() {
+    if !require_kvm("a_wrong_token_is_refused_and_the_source_runs_on") {
+        return;
+    }
+    let source = TestHost::start(vec![vm_config("stay", "counter 100", 1, 128)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("stay", "LKS counter=3 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "stay");
+    let wrong: String = token.chars().rev().collect();
+    let id = migrate(
+        &source,
+        "stay",
+        json!({ "destination": listen, "token": wrong }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed");
+    assert!(
+        info["error"].as_str().unwrap().contains("authentication"),
+        "{info}"
+    );
+    let refused = wait_ended(&destination, &in_id, WAIT);
+    assert_eq!(refused["phase"], "failed");
+    assert_eq!(source.state("stay"), "running");
+    let now = counters(&source.serial("stay")).last().copied().unwrap();
+    counter_moves(|| source.serial("stay"), now);
+    nothing_left(&destination, "stay");
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_source_running_and_a_retry_succeeds() {
+    if !require_kvm(
+        "a_destination_killed_mid_stream_leaves_the_source_running_and_a_retry_succeeds",
+    ) {
+        return;
+    }
+    // 160 MiB of data: round 0 takes a while, and the destination dies during it.
+    let source = TestHost::start(vec![vm_config(
+        "tough",
+        "memfill 160 3;counter 100",
+        1,
+        256,
+    )]);
+    source.wait_serial("tough", "LKS counter=1 ", WAIT);
+    let mut doomed = TestHost::start(vec![]);
+    let (_, listen, token) = incoming(&doomed, "127.0.0.1:0", "tough");
+    let id = migrate(
+        &source,
+        "tough",
+        json!({ "destination": listen, "token": token }),
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = migration(&source, &id);
+        if info["bytes"].as_u64().unwrap() > 8 << 20 {
+            assert_eq!(info["phase"], "precopy", "{info}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pages flow: {info}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kills our own child.
+    unsafe { libc::kill(doomed.pid() as i32, libc::SIGKILL) };
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed", "{info}");
+    assert!(
+        info["error"].as_str().unwrap().contains("runs on here"),
+        "{info}"
+    );
+    assert_eq!(source.state("tough"), "running");
+    let _ = doomed.stop();
+
+    source.wait_serial("tough", "LKS counter=2 ", WAIT);
+    let second = TestHost::start(vec![]);
+    let (_, listen, token) = incoming(&second, "127.0.0.1:0", "tough");
+    let id = migrate(
+        &source,
+        "tough",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    let last = counters(&source.serial("tough"))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    counter_moves(|| second.serial("tough"), last);
+}
+
+/// A source that holds the token but sends `after_accept` once the destination has accepted
+/// the handshake, then closes.
+fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after_accept: &[u8]) {
+    let mut conn = TcpStream::connect(listen).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let nonce = protocol::expect_frame(&mut conn, Kind::Hello, "Hello").unwrap();
+    let config = lockstep_api::VmConfig::from_json(&config.to_string()).unwrap();
+    let handshake = serde_json::to_vec(&Handshake {
+        format: protocol::FORMAT_VERSION,
+        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: serde_json::to_string(&config).unwrap(),
+        regions: lockstep_vmm::memory::ram_ranges(mem_mib << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l))
+            .collect(),
+        cpuid: vec![],
+    })
+    .unwrap();
+    let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();
+    auth.extend_from_slice(&handshake);
+    protocol::write_frame(&mut conn, Kind::Auth, &auth).unwrap();
+    protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();
+    conn.write_all(after_accept).unwrap();
+    drop(conn);
+}
+
+#[test]
+fn garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behind() {
+    if !require_kvm(
+        "garbage_and_truncated_streams_leave_the_destination_serving_with_nothing_behind",
+    ) {
+        return;
+    }
+    let destination = TestHost::start(vec![]);
+    let config = vm_config("victim", "counter 100", 1, 64);
+
+    // Garbage instead of a handshake.
+    let (id, listen, _) = incoming(&destination, "127.0.0.1:0", "victim");
+    // The name is taken while the VM is expected.
+    let taken = destination.call("POST", "/v1/vms", "/v1/vms", Some(&config));
+    assert_eq!(taken.status, 409, "{}", taken.text());
+    let again = destination.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "victim" })),
+    );
+    assert_eq!(again.status, 409, "{}", again.text());
+    let mut conn = TcpStream::connect(&listen).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = [0u8; 37];
+    conn.read_exact(&mut hello).unwrap();
+    conn.write_all(&[0xff; 4096]).unwrap();
+    drop(conn);
+    assert_eq!(wait_ended(&destination, &id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "victim");
+
+    // A handshake claiming a huge frame, cut short.
+    let (id, listen, _) = incoming(&destination, "127.0.0.1:0", "victim");
+    let mut conn = TcpStream::connect(&listen).unwrap();
+    conn.read_exact(&mut hello).unwrap();
+    conn.write_all(&[Kind::Auth as u8, 0, 0, 1, 0, 1, 2, 3])
+        .unwrap();
+    drop(conn);
+    assert_eq!(wait_ended(&destination, &id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "victim");
+
+    // Past the handshake (the VM is being built): garbage, a page out of range, a frame cut
+    // short, a state that is not one.
+    let mut page_frame = vec![Kind::Pages as u8];
+    page_frame.extend_from_slice(&(8u32 + 4096).to_le_bytes());
+    page_frame.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    page_frame.extend_from_slice(&[1; 4096]);
+    let mut cut = vec![Kind::Pages as u8];
+    cut.extend_from_slice(&(8u32 + 4096 * 4).to_le_bytes());
+    cut.extend_from_slice(&0u64.to_le_bytes());
+    cut.extend_from_slice(&[7; 5000]);
+    let mut bad_state = vec![Kind::State as u8];
+    bad_state.extend_from_slice(&8u32.to_le_bytes());
+    bad_state.extend_from_slice(b"LKSSNAP\0");
+    for tail in [vec![0xee; 64], page_frame, cut, bad_state] {
+        let (id, listen, token) = incoming(&destination, "127.0.0.1:0", "victim");
+        hostile_source(&listen, &token, &config, 64, &tail);
+        let info = wait_ended(&destination, &id, WAIT);
+        assert_eq!(info["phase"], "failed", "{info}");
+        nothing_left(&destination, "victim");
+    }
+    assert!(
+        destination.log().contains("incoming migration failed"),
+        "{}",
+        destination.log()
+    );
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_running_and_a_paused_vm_arrives_paused() {
+    if !require_kvm(
+        "a_cancelled_migration_leaves_the_source_running_and_a_paused_vm_arrives_paused",
+    ) {
+        return;
+    }
+    let source = TestHost::start(vec![vm_config("calm", "memfill 160 5;counter 100", 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("calm", "LKS counter=1 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "calm");
+    let id = migrate(
+        &source,
+        "calm",
+        json!({ "destination": listen, "token": token }),
+    );
+    let deadline = Instant::now() + WAIT;
+    while migration(&source, &id)["bytes"].as_u64().unwrap() < 8 << 20 {
+        assert!(Instant::now() < deadline, "no pages flow");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let path = format!("/v1/migrations/{id}");
+    let reply = source.call("DELETE", "/v1/migrations/{id}", &path, None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "cancelled", "{info}");
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    assert_eq!(source.state("calm"), "running");
+    let now = counters(&source.serial("calm")).last().copied().unwrap();
+    counter_moves(|| source.serial("calm"), now);
+    nothing_left(&destination, "calm");
+    // Cancelling what has ended is refused.
+    assert_eq!(
+        source
+            .call("DELETE", "/v1/migrations/{id}", &path, None)
+            .status,
+        409
+    );
+
+    // A paused VM arrives paused, and carries on when resumed there.
+    let pause = source.call("POST", "/v1/vms/{name}/pause", "/v1/vms/calm/pause", None);
+    assert_eq!(pause.status, 200);
+    let (_, listen, token) = incoming(&destination, "127.0.0.1:0", "calm");
+    let id = migrate(
+        &source,
+        "calm",
+        json!({ "destination": listen, "token": token }),
+    );
+    assert_eq!(wait_ended(&source, &id, WAIT)["phase"], "completed");
+    assert_eq!(destination.state("calm"), "paused");
+    let before = source.serial("calm");
+    let last = counters(&before).last().copied().unwrap();
+    let resume = destination.call("POST", "/v1/vms/{name}/resume", "/v1/vms/calm/resume", None);
+    assert_eq!(resume.status, 200);
+    counter_moves(
+        || format!("{before}{}", destination.serial("calm")),
+        last + 2,
+    );
+    let all = counters(&format!("{before}{}", destination.serial("calm")));
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "nothing lost or repeated: {all:?}"
+    );
+}
+
+#[test]
+fn a_migration_that_cannot_finish_in_time_gives_up_and_the_source_runs_on() {
+    if !require_kvm("a_migration_that_cannot_finish_in_time_gives_up_and_the_source_runs_on") {
+        return;
+    }
+    // 160 MiB of data through an 8 MiB/s limit cannot go in 2 s.
+    let source = TestHost::start(vec![vm_config("slow", "memfill 160 9;counter 100", 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("slow", "LKS counter=1 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "slow");
+    let started = Instant::now();
+    let id = migrate(
+        &source,
+        "slow",
+        json!({ "destination": listen, "token": token, "timeout_s": 2, "max_bandwidth_mib_s": 8 }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    let took = started.elapsed();
+    assert_eq!(info["phase"], "failed", "{info}");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("gave up after 2s") && error.contains("runs on here"),
+        "{info}"
+    );
+    // The limit held: about 8 MiB/s for about 2 s.
+    let bytes = info["bytes"].as_u64().unwrap();
+    assert!(bytes < 40 << 20, "{bytes} bytes in {took:?}");
+    assert!(took < Duration::from_secs(20), "gave up after {took:?}");
+    assert_eq!(source.state("slow"), "running");
+    let now = counters(&source.serial("slow")).last().copied().unwrap();
+    counter_moves(|| source.serial("slow"), now);
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "slow");
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact() {
+    if !require_kvm("a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact") {
+        return;
+    }
+    // Some 400 MiB/s of rewritten memory for seconds, through a 64 MiB/s limit.
+    let fills: Vec<String> = (1..=40).map(|i| format!("memfill 32 {i}")).collect();
+    let script = format!("{};memcheck;counter 100 10", fills.join(";"));
+    let source = TestHost::start(vec![vm_config("busy", &script, 1, 256)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("busy", "LKS memfill mib=32 seed=2 ", WAIT);
+    let (_, listen, token) = incoming(&destination, "127.0.0.1:0", "busy");
+    let id = migrate(
+        &source,
+        "busy",
+        json!({ "destination": listen, "token": token, "max_bandwidth_mib_s": 64, "auto_converge": true }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    eprintln!("auto-converge: {info}");
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert!(info["throttle_percent"].as_u64().unwrap() > 0, "{info}");
+    let after = destination.wait_serial("busy", "LKS run done", WAIT);
+    let all = format!("{}{after}", source.serial("busy"));
+    let report = GuestReport::parse(&all);
+    let fills = report.all("memfill").count();
+    assert!(fills >= 39, "every fill ran: {fills}\n{all}");
+    assert!(
+        report.require("memcheck").contains("status=match"),
+        "the last fill's memory arrived intact: {all}"
+    );
+    let counted = counters(&all);
+    assert_eq!(counted.len(), 10, "{counted:?}");
+}
+
+#[test]
+fn a_config_the_destination_cannot_run_is_refused_before_a_page_moves() {
+    if !require_kvm("a_config_the_destination_cannot_run_is_refused_before_a_page_moves") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut config = vm_config("rooted", "counter 100", 1, 128);
+    config["drives"] =
+        json!([{ "drive_id": "data", "path_on_host": disk, "is_root_device": false }]);
+    let source = TestHost::start(vec![config]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("rooted", "LKS counter=2 ", WAIT);
+    // The disk is not where the config says any more (the source keeps its open file).
+    std::fs::rename(&disk, dir.path().join("moved.img")).unwrap();
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "rooted");
+    let id = migrate(
+        &source,
+        "rooted",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed", "{info}");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused") && error.contains("disk.img"),
+        "the reason names the problem: {error}"
+    );
+    assert_eq!(info["pages"], 0, "no page moved: {info}");
+    assert_eq!(source.state("rooted"), "running");
+    let now = counters(&source.serial("rooted")).last().copied().unwrap();
+    counter_moves(|| source.serial("rooted"), now);
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
+    nothing_left(&destination, "rooted");
+}

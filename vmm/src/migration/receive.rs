@@ -1,0 +1,495 @@
+//! The destination side: a one-shot listener, the handshake checked (MAC first), the VM built
+//! while pages stream in, the machine state decoded and checked by the snapshot decoder, and the
+//! VM started only on the source's `Go`. Any failure drops the half-built VM and whatever was
+//! made for it; the host keeps serving.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockstep_api::control::ControlError;
+use lockstep_api::migration::{IncomingInfo, IncomingRequest, MigrationDirection, MigrationPhase};
+use lockstep_api::private_fs;
+use lockstep_api::VmConfig;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{
+    self, expect_frame, open_auth, read_frame, read_u64, reason_bytes, write_frame, Conn,
+    CpuidEntry, Endpoint, Handshake, Kind, ProtocolError, PAGE,
+};
+use super::{spawn_thread, Migration, MigrationHost};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vm::incoming::IncomingVm;
+use crate::vm::snapshot::{decode_and_check, SnapshotPaths};
+
+/// How long a listener waits for its source.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one read or write may block once pages flow.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Conn::Unix(s)
+            }
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Opens a one-shot listener for a VM to be called `request.name` and returns its token.
+pub fn start_incoming(
+    host: Arc<dyn MigrationHost>,
+    request: IncomingRequest,
+) -> Result<IncomingInfo, ControlError> {
+    let bad = ControlError::BadRequest;
+    let endpoint = Endpoint::parse(&request.listen).map_err(|e| bad(format!("listen: {e}")))?;
+    let name = request.name;
+    if lockstep_api::config::validate_name(&name).is_err() || name.starts_with('.') {
+        return Err(bad(format!("name: {name:?} is not a valid VM name")));
+    }
+    if host.vm_exists(&name) {
+        return Err(ControlError::Conflict(format!(
+            "a VM named {name:?} exists already"
+        )));
+    }
+    let (listener, listen) = match &endpoint {
+        Endpoint::Tcp(addr) => {
+            let l = TcpListener::bind(addr)
+                .map_err(|e| bad(format!("listen: cannot listen on {addr}: {e}")))?;
+            let local = l.local_addr().map_err(|e| bad(e.to_string()))?;
+            (Listener::Tcp(l), local.to_string())
+        }
+        Endpoint::Unix(path) => {
+            let l = private_fs::bind_private_socket(path)
+                .map_err(|e| bad(format!("listen: {}: {e}", path.display())))?;
+            (Listener::Unix(l, path.clone()), endpoint.to_string())
+        }
+    };
+    match &listener {
+        Listener::Tcp(l) => l.set_nonblocking(true),
+        Listener::Unix(l, _) => l.set_nonblocking(true),
+    }
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let token = private_fs::random_hex(32).map_err(|e| ControlError::Internal(e.to_string()))?;
+    let migration = host.migrations().add(
+        MigrationDirection::Incoming,
+        &name,
+        MigrationPhase::Listening,
+    )?;
+    let id = migration.info().id;
+    let receiver = Receiver {
+        host,
+        migration,
+        name,
+        token: token.clone(),
+    };
+    spawn_thread(format!("migrate-in-{id}"), move || {
+        let outcome = receiver.run(listener);
+        if let Err(why) = &outcome {
+            log::warn!("{}: incoming migration failed: {why}", receiver.name);
+        }
+        receiver.migration.finish(outcome);
+    })
+    .map_err(|e| ControlError::Internal(format!("cannot start the listener: {e}")))?;
+    Ok(IncomingInfo { id, listen, token })
+}
+
+struct Receiver {
+    host: Arc<dyn MigrationHost>,
+    migration: Arc<Migration>,
+    name: String,
+    token: String,
+}
+
+/// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
+/// pages never written is nothing to do: fresh memory reads as zeros).
+struct Landing<'a> {
+    memory: &'a GuestMemoryMmap,
+    written: Vec<Vec<u64>>,
+}
+
+impl Landing<'_> {
+    /// The region index and first page in it of `count` pages from page number `pfn`, all in
+    /// one region; refused otherwise.
+    fn locate(&self, pfn: u64, count: u64) -> Result<(usize, usize), String> {
+        let bad = || format!("pages {pfn:#x}+{count} are not guest memory");
+        let start = pfn.checked_mul(PAGE as u64).ok_or_else(bad)?;
+        let len = count.checked_mul(PAGE as u64).ok_or_else(bad)?;
+        let end = start.checked_add(len).ok_or_else(bad)?;
+        if count == 0 {
+            return Err(bad());
+        }
+        self.memory
+            .iter()
+            .enumerate()
+            .find(|(_, r)| start >= r.start_addr().0 && end <= r.start_addr().0 + r.len())
+            .map(|(i, r)| (i, ((start - r.start_addr().0) / PAGE as u64) as usize))
+            .ok_or_else(bad)
+    }
+
+    fn mark(&mut self, region: usize, first: usize, count: usize, on: bool) {
+        for p in first..first + count {
+            let word = &mut self.written[region][p / 64];
+            if on {
+                *word |= 1 << (p % 64);
+            } else {
+                *word &= !(1 << (p % 64));
+            }
+        }
+    }
+
+    fn pages(&mut self, payload: &[u8]) -> Result<u64, String> {
+        let pfn = read_u64(payload, 0).ok_or("a Pages frame without its page number")?;
+        let data = &payload[8..];
+        if data.is_empty() || !data.len().is_multiple_of(PAGE) {
+            return Err(format!("a Pages frame of {} bytes of pages", data.len()));
+        }
+        let count = (data.len() / PAGE) as u64;
+        let (region, first) = self.locate(pfn, count)?;
+        self.memory
+            .write_slice(data, GuestAddress(pfn * PAGE as u64))
+            .map_err(|e| format!("writing pages {pfn:#x}: {e}"))?;
+        self.mark(region, first, count as usize, true);
+        Ok(count)
+    }
+
+    fn zero(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (Some(pfn), Some(count), 16) =
+            (read_u64(payload, 0), read_u64(payload, 8), payload.len())
+        else {
+            return Err("a malformed Zero frame".into());
+        };
+        let (region, first) = self.locate(pfn, count)?;
+        let zeros = [0u8; PAGE];
+        for p in 0..count as usize {
+            let page = first + p;
+            if self.written[region][page / 64] & (1 << (page % 64)) != 0 {
+                self.memory
+                    .write_slice(&zeros, GuestAddress((pfn + p as u64) * PAGE as u64))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        self.mark(region, first, count as usize, false);
+        Ok(())
+    }
+}
+
+/// Reads pre-copy frames into `memory` (pages checked against its regions before any write)
+/// until the machine state arrives; returns the state's bytes, and the bytes and pages
+/// received. `progress` hears of every round's end (round, bytes, pages). The stream is
+/// untrusted: anything but `Pages`, `Zero`, `RoundEnd` or `State` ends it with an error.
+pub fn land_pages(
+    memory: &GuestMemoryMmap,
+    input: &mut impl std::io::Read,
+    mut progress: impl FnMut(u32, u64, u64),
+) -> Result<(Vec<u8>, u64, u64), String> {
+    let mut landing = Landing {
+        memory,
+        written: memory
+            .iter()
+            .map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)])
+            .collect(),
+    };
+    let mut bytes = 0u64;
+    let mut pages = 0u64;
+    loop {
+        let frame = read_frame(input).map_err(|e| e.to_string())?;
+        bytes += 5 + frame.payload.len() as u64;
+        match frame.kind {
+            Kind::Pages => pages += landing.pages(&frame.payload)?,
+            Kind::Zero => landing.zero(&frame.payload)?,
+            Kind::RoundEnd => {
+                let round = frame
+                    .payload
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes)
+                    .ok_or("a malformed RoundEnd frame")?;
+                progress(round, bytes, pages);
+            }
+            Kind::State => return Ok((frame.payload, bytes, pages)),
+            Kind::Abort => {
+                return Err(format!(
+                    "the source gave up: {}",
+                    protocol::reason_text(&frame.payload)
+                ))
+            }
+            got => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "pages or the state",
+                    got,
+                }
+                .to_string())
+            }
+        }
+    }
+}
+
+fn refuse(conn: &mut Conn, why: &str) {
+    let _ = write_frame(conn, Kind::Refuse, reason_bytes(why));
+}
+
+impl Receiver {
+    fn accept(&self, listener: &Listener) -> Result<Conn, String> {
+        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+        loop {
+            match listener.accept() {
+                Ok(conn) => return Ok(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+            if self.migration.is_cancelled() {
+                return Err("cancelled by request".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no source connected within {ACCEPT_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn run(&self, listener: Listener) -> Result<(), String> {
+        let mut conn = self.accept(&listener)?;
+        // One-shot: the listener closes (and its socket file goes) once a source connected.
+        drop(listener);
+        self.migration.set_conn(conn.try_clone().ok());
+        let result = self.receive(&mut conn);
+        if let Err(why) = &result {
+            let _ = write_frame(&mut conn, Kind::Abort, reason_bytes(why));
+        }
+        result
+    }
+
+    /// Checks the handshake; on success returns the config placed for this host.
+    fn check_handshake(&self, handshake: &Handshake) -> Result<VmConfig, String> {
+        if handshake.format != protocol::FORMAT_VERSION {
+            return Err(format!(
+                "the stream is format version {}; this lockstep speaks {}",
+                handshake.format,
+                protocol::FORMAT_VERSION
+            ));
+        }
+        let ours = env!("CARGO_PKG_VERSION");
+        if handshake.lockstep_version != ours {
+            return Err(format!(
+                "the source runs lockstep {}, this host {ours}",
+                handshake.lockstep_version
+            ));
+        }
+        let hv = self.host.hypervisor();
+        let mut config =
+            VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
+        config
+            .validate(&hv.host_limits())
+            .map_err(|e| format!("the VM's config does not fit this host: {e}"))?;
+        let regions: Vec<(u64, u64)> = memory::ram_ranges(config.machine_config.mem_size_mib << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l))
+            .collect();
+        if handshake.regions != regions {
+            return Err("the VM's memory regions are not what its config gives here".into());
+        }
+        let supported: Vec<CpuidEntry> = hv
+            .supported_cpuid()
+            .as_slice()
+            .iter()
+            .map(CpuidEntry::from)
+            .collect();
+        protocol::cpuid_compatible(&handshake.cpuid, &supported)?;
+        if self.host.vm_exists(&self.name) {
+            return Err(format!("a VM named {:?} exists already", self.name));
+        }
+        self.host.place_incoming(&self.name, &mut config)?;
+        Ok(config)
+    }
+
+    fn receive(&self, conn: &mut Conn) -> Result<(), String> {
+        conn.set_timeouts(HANDSHAKE_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        self.migration.set_phase(MigrationPhase::Handshake);
+        let nonce = private_fs::random_hex(protocol::NONCE_BYTES / 2)
+            .map_err(|e| e.to_string())?
+            .into_bytes();
+        write_frame(conn, Kind::Hello, &nonce).map_err(|e| e.to_string())?;
+        let auth = expect_frame(conn, Kind::Auth, "Auth").map_err(|e| e.to_string())?;
+        let handshake = match open_auth(&self.token, &nonce, &auth) {
+            Ok(h) => h,
+            Err(e) => {
+                let why = e.to_string();
+                refuse(conn, &why);
+                return Err(why);
+            }
+        };
+        let config = match self.check_handshake(&handshake) {
+            Ok(c) => c,
+            Err(why) => {
+                refuse(conn, &why);
+                return Err(format!("refused: {why}"));
+            }
+        };
+        // From here, a failure removes what place_incoming made.
+        let result = self.receive_vm(conn, &handshake, config);
+        if result.is_err() {
+            self.host.forget_incoming(&self.name);
+        }
+        result
+    }
+
+    fn receive_vm(
+        &self,
+        conn: &mut Conn,
+        handshake: &Handshake,
+        config: VmConfig,
+    ) -> Result<(), String> {
+        let hv = self.host.hypervisor();
+        let incoming = match IncomingVm::prepare(hv, &config) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let why = format!("cannot build the VM here: {e}");
+                refuse(conn, &why);
+                return Err(why);
+            }
+        };
+        write_frame(conn, Kind::Accept, &[]).map_err(|e| e.to_string())?;
+        conn.set_timeouts(IO_TIMEOUT).map_err(|e| e.to_string())?;
+        self.migration.set_phase(MigrationPhase::Precopy);
+        let progress = |round: u32, bytes: u64, pages: u64| {
+            self.migration.update(|i| {
+                i.round = round;
+                i.bytes = bytes;
+                i.pages = pages;
+            })
+        };
+        let (state, bytes, pages) = land_pages(incoming.memory(), conn, progress)?;
+        self.migration.set_phase(MigrationPhase::Switching);
+        let switch = Instant::now();
+        self.migration.update(|i| {
+            i.bytes = bytes;
+            i.pages = pages;
+        });
+        let paths = SnapshotPaths {
+            state: "migration stream (state)".into(),
+            memory: "migration stream (memory)".into(),
+        };
+        let mem_len = memory::total_bytes(incoming.memory());
+        let snapshot = decode_and_check(&paths, &state, mem_len, &hv.host_limits())
+            .map_err(|e| e.to_string())?;
+        let sent: serde_json::Value =
+            serde_json::from_str(&handshake.config).map_err(|e| e.to_string())?;
+        if serde_json::to_value(&snapshot.config).ok() != Some(sent) {
+            return Err("the state's config is not the one the handshake named".into());
+        }
+        // The CPUID was checked at the handshake (what the source configured its vCPUs with):
+        // the vCPUs' saved CPUID is not a reliable witness, as PVM reads host bits back.
+        let vm = incoming.finish(&snapshot).map_err(|e| e.to_string())?;
+        if self.host.vm_exists(&self.name) {
+            return Err(format!("a VM named {:?} exists already", self.name));
+        }
+        write_frame(conn, Kind::Ready, &[]).map_err(|e| e.to_string())?;
+        log::debug!("{}: state loaded in {:?}", self.name, switch.elapsed());
+        // The VM starts only on Go; anything else drops it.
+        let go = expect_frame(conn, Kind::Go, "Go").map_err(|e| e.to_string())?;
+        let paused = match go.as_slice() {
+            [1] => false,
+            [0] => true,
+            _ => return Err("a malformed Go frame".into()),
+        };
+        self.host.adopt(&self.name, vm, paused)?;
+        if let Err(e) = write_frame(conn, Kind::Running, &[]) {
+            log::warn!("{}: running, but the source was not told: {e}", self.name);
+        }
+        log::info!(
+            "{}: arrived by live migration (state to running in {:?})",
+            self.name,
+            switch.elapsed()
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages_frame(pfn: u64, fill: &[u8]) -> Vec<u8> {
+        let mut payload = pfn.to_le_bytes().to_vec();
+        for &b in fill {
+            payload.extend_from_slice(&[b; PAGE]);
+        }
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::Pages, &payload).unwrap();
+        out
+    }
+
+    fn zero_frame(pfn: u64, count: u64) -> Vec<u8> {
+        let mut payload = pfn.to_le_bytes().to_vec();
+        payload.extend_from_slice(&count.to_le_bytes());
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::Zero, &payload).unwrap();
+        out
+    }
+
+    fn state_frame() -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::State, b"state").unwrap();
+        out
+    }
+
+    #[test]
+    fn pages_and_zero_runs_land_where_they_say() {
+        let mem = memory::create_guest_memory(1 << 20, false).unwrap();
+        let mut stream = pages_frame(2, &[7, 8]);
+        stream.extend(zero_frame(3, 1));
+        stream.extend(zero_frame(10, 50));
+        stream.extend(state_frame());
+        let (state, _, pages) = land_pages(&mem, &mut &stream[..], |_, _, _| {}).unwrap();
+        assert_eq!((state.as_slice(), pages), (&b"state"[..], 2));
+        let byte = |addr: u64| mem.read_obj::<u8>(GuestAddress(addr)).unwrap();
+        assert_eq!(byte(2 * 4096 + 100), 7);
+        assert_eq!(byte(3 * 4096 + 100), 0, "a page zeroed after it was sent");
+    }
+
+    #[test]
+    fn pages_outside_memory_and_cut_streams_are_refused() {
+        let mem = memory::create_guest_memory(1 << 20, false).unwrap();
+        for stream in [
+            pages_frame(256, &[1]),
+            pages_frame(255, &[1, 1]),
+            pages_frame(u64::MAX / 2, &[1]),
+            zero_frame(0, 257),
+            zero_frame(u64::MAX, 2),
+            zero_frame(1, 0),
+            pages_frame(1, &[1])[..100].to_vec(),
+            vec![Kind::Go as u8, 1, 0, 0, 0, 1],
+            Vec::new(),
+        ] {
+            assert!(land_pages(&mem, &mut &stream[..], |_, _, _| {}).is_err());
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! A VM arriving by live migration: built from its config before its memory arrives (KVM VM,
+//! fresh guest memory with its slots, devices), filled while pages stream, and finished from the
+//! machine state at the switch. Dropping an unfinished one removes it and any serial log it made.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use lockstep_api::VmConfig;
+
+use super::snapshot::files::CreatedFiles;
+use super::snapshot::{MachineSnapshot, SnapshotError};
+use super::{
+    attach_virtio_devices, create_vcpus, drive_files, new_kvm_vm, open_serial_output, Vm, VmError,
+};
+use crate::console::ConsoleClient;
+use crate::device_manager::DeviceManager;
+use crate::exit::ExitSignal;
+use crate::kvm::Hypervisor;
+use crate::memory::{self, GuestMemoryMmap};
+
+/// A VM being received.
+pub struct IncomingVm {
+    config: VmConfig,
+    // Declared before `memory`: KVM lets go of the slots before the memory is unmapped.
+    vcpus: Vec<crate::vcpu::Vcpu>,
+    msr_list: Arc<Vec<u32>>,
+    devices: DeviceManager,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    console_client: Option<ConsoleClient>,
+    created: CreatedFiles,
+}
+
+fn incompatible(why: impl Into<String>) -> VmError {
+    SnapshotError::Incompatible {
+        path: "migration stream".into(),
+        why: why.into(),
+    }
+    .into()
+}
+
+impl IncomingVm {
+    /// Checks `config` against the host and builds the VM: the KVM VM, zeroed guest memory and
+    /// its slots, the devices, the serial output and the vCPUs (their state comes at the
+    /// switch, so that the switch only sets state).
+    pub fn prepare(hv: &Hypervisor, config: &VmConfig) -> Result<IncomingVm, VmError> {
+        config.validate(&hv.host_limits())?;
+        let machine = &config.machine_config;
+        if machine.huge_pages != lockstep_api::HugePages::None {
+            return Err(incompatible("VMs on huge pages cannot migrate yet"));
+        }
+        let mut created = CreatedFiles::default();
+        if let Some(log) = &config.serial.output_path {
+            created.note_if_new(log);
+        }
+        let vm_fd = new_kvm_vm(hv)?;
+        let memory = memory::create_guest_memory(machine.mem_size_mib << 20, false)?;
+        memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
+        let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+        attach_virtio_devices(&mut devices, config)?;
+        let (serial_out, console_client) = open_serial_output(config)?;
+        devices.add_serial(serial_out)?;
+        let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
+        Ok(IncomingVm {
+            config: config.clone(),
+            vcpus,
+            msr_list,
+            devices,
+            vm_fd,
+            memory,
+            console_client,
+            created,
+        })
+    }
+
+    /// Guest memory, to be filled from the stream.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Loads the machine state (already decoded and checked by
+    /// [`super::snapshot::decode_and_check`]) into the devices, vCPUs and KVM VM: the VM is
+    /// ready to run.
+    pub fn finish(self, snapshot: &MachineSnapshot) -> Result<Vm, VmError> {
+        let config = self.config;
+        if snapshot.regions != memory::region_layout(&self.memory) {
+            return Err(incompatible("the state's memory regions are not the VM's"));
+        }
+        if snapshot.vcpus.len() != config.machine_config.vcpu_count as usize {
+            return Err(incompatible("the state's vCPU count is not the config's"));
+        }
+        self.devices
+            .restore_state(&snapshot.devices, &self.memory)
+            .map_err(incompatible)?;
+        let vcpus = self.vcpus;
+        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+            state
+                .restore(vcpu.fd())
+                .map_err(|e| incompatible(format!("vCPU {}: {e}", vcpu.index())))?;
+        }
+        snapshot
+            .vm
+            .restore(&self.vm_fd)
+            .map_err(|e| incompatible(e.to_string()))?;
+        self.created.keep();
+        let backing = drive_files(&config);
+        Ok(Vm {
+            config,
+            vcpus,
+            vm_fd: self.vm_fd,
+            memory: self.memory,
+            devices: self.devices,
+            entry: None,
+            exit: Arc::new(ExitSignal::new().map_err(|e| VmError::EventLoop(e.to_string()))?),
+            msr_list: self.msr_list,
+            console_client: self.console_client,
+            backing,
+        })
+    }
+}
