@@ -25,7 +25,10 @@ impl LoginPool {
             let rx = Arc::clone(&rx);
             std::thread::Builder::new()
                 .name("cim-login".into())
-                .spawn(move || work(&rx))?;
+                .spawn(move || {
+                    lockstep_seccomp::install(lockstep_seccomp::ThreadKind::Cim);
+                    work(&rx)
+                })?;
         }
         Ok(LoginPool { queue: tx })
     }
