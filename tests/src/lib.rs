@@ -15,3 +15,11 @@ pub use images::{guest_images, linux_images, lockstep_bin, GuestImages, LinuxIma
 pub use kvm::require_kvm;
 pub use report::GuestReport;
 pub use vm::{repo_path, run_to_exit, RunOutcome, TestVm, VmConfigBuilder};
+
+/// A loopback TCP port free at the time of asking, for a listener the test configures.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

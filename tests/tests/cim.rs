@@ -4,7 +4,6 @@
 //! a listener), pywbemcli and wbemcli, over HTTP and HTTPS with Basic auth; wrong passwords
 //! refused.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use lockstep_cim::testing::{
@@ -17,14 +16,6 @@ use serde_json::json;
 const USER: &str = "operator";
 const PASSWORD: &str = "s3cret-pass";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn hash(password: &str) -> String {
     lockstep_tests::host::hash_password(password)
 }
@@ -36,7 +27,7 @@ struct CimHost {
 }
 
 fn start() -> CimHost {
-    let (http_port, https_port) = (free_port(), free_port());
+    let (http_port, https_port) = (lockstep_tests::free_port(), lockstep_tests::free_port());
     let vm = VmConfigBuilder::new(&guest_images().elf)
         .boot_args("lks.mode=halt")
         .vcpus(2)

@@ -648,20 +648,15 @@ impl HostControl for Host {
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         let started = Instant::now();
         match self.command(&slot, VmCommand::Snapshot(paths.clone()), SNAPSHOT_TIMEOUT)? {
-            VmReply::Snapshot(stats) => {
-                // Snapshot files hold the guest's memory: 0600 whatever the umask.
-                for path in [&paths.state, &paths.memory] {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
-                }
-                Ok(SnapshotInfo {
-                    state_path: paths.state,
-                    memory_path: paths.memory,
-                    state_bytes: stats.state_bytes,
-                    memory_bytes: stats.memory_bytes,
-                    duration_ms: started.elapsed().as_secs_f64() * 1e3,
-                })
-            }
+            // Snapshot files hold the guest's memory: they are written 0600 whatever the umask
+            // (`snapshot::files::AtomicFile`).
+            VmReply::Snapshot(stats) => Ok(SnapshotInfo {
+                state_path: paths.state,
+                memory_path: paths.memory,
+                state_bytes: stats.state_bytes,
+                memory_bytes: stats.memory_bytes,
+                duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            }),
             other => Err(internal(format!("unexpected answer {other:?}"))),
         }
     }

@@ -129,21 +129,14 @@ pub(crate) fn forget_host_managed(config: &mut VmConfig, state_dir: &Path) {
                 .is_some_and(|dir| !saved_name.is_empty() && dir == saved_name.as_str());
         placed_by_a_host || resolved(path).starts_with(&state)
     };
-    if config
-        .serial
-        .output_path
-        .as_deref()
-        .is_some_and(|p| host_managed(p, SERIAL_LOG))
-    {
-        config.serial.output_path = None;
-    }
-    if config
-        .serial
-        .console_socket
-        .as_deref()
-        .is_some_and(|p| host_managed(p, CONSOLE_SOCKET))
-    {
-        config.serial.console_socket = None;
+    let serial = &mut config.serial;
+    for (path, file) in [
+        (&mut serial.output_path, SERIAL_LOG),
+        (&mut serial.console_socket, CONSOLE_SOCKET),
+    ] {
+        if path.as_deref().is_some_and(|p| host_managed(p, file)) {
+            *path = None;
+        }
     }
 }
 

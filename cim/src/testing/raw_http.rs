@@ -179,6 +179,17 @@ pub struct Abuse {
     pub valid_requests: usize,
 }
 
+impl Abuse {
+    /// Issue #11's figure: hundreds of idle or slow connections from one address and a flood
+    /// of bad logins.
+    pub const ISSUE_FIGURE: Abuse = Abuse {
+        idle: 150,
+        slow: 150,
+        bad_logins: 200,
+        valid_requests: 5,
+    };
+}
+
 /// What the abuse scenario measured.
 #[derive(Debug, Default)]
 pub struct Figures {

@@ -6,7 +6,7 @@ mod serial_input;
 
 pub use i8042::{I8042State, I8042};
 pub use serial::{SerialDevice, SerialMetrics, SerialState, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
-pub use serial_input::{InputPump, Overflow, SerialInput, PENDING_MAX};
+pub use serial_input::{InputPump, Overflow, SerialInput};
 
 /// The i8042's keyboard interrupt line (ISA IRQ 1).
 pub const I8042_IRQ: u32 = 1;

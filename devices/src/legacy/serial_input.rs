@@ -21,7 +21,7 @@ const READ_CHUNK: usize = 4096;
 /// Most reads for one readiness event, so one busy input cannot hold up the event loop.
 const READS_PER_EVENT: usize = 16;
 /// Most input held on the host while the guest has not taken it.
-pub const PENDING_MAX: usize = 1 << 20;
+const PENDING_MAX: usize = 1 << 20;
 
 /// What an input pump does when the guest leaves [`PENDING_MAX`] bytes untaken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +72,6 @@ impl<R: Read + AsRawFd + Send> InputPump<R> {
     /// True once the input has ended and everything read from it has reached the FIFO.
     pub fn is_finished(&self) -> bool {
         self.input_closed && self.pending.is_empty()
-    }
-
-    /// Bytes read from the input that the guest has not been given yet.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
     }
 
     /// Starts watching the input.

@@ -9,14 +9,6 @@ use lockstep_tests::host::TestHost;
 use lockstep_tests::{guest_images, require_kvm, VmConfigBuilder};
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What curl got: the status, the headers (lower-case names) and the body.
 struct Reply {
     status: u16,
@@ -76,7 +68,7 @@ fn tcp_needs_the_token_the_own_host_and_json() {
     if !require_kvm("tcp_needs_the_token_the_own_host_and_json") {
         return;
     }
-    let port = free_port();
+    let port = lockstep_tests::free_port();
     let host = TestHost::start_with(vec![], json!({ "api_tcp": format!("127.0.0.1:{port}") }));
     let token_file = host.dir().join("state/api.token");
     let token = std::fs::read_to_string(&token_file)
@@ -185,7 +177,7 @@ fn a_configured_token_must_be_private() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = Command::new(lockstep_tests::lockstep_bin())
         .args(["host", "--config"])
-        .arg(write_config(dir.path(), &file, free_port()))
+        .arg(write_config(dir.path(), &file, lockstep_tests::free_port()))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -196,7 +188,7 @@ fn a_configured_token_must_be_private() {
     );
 
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = free_port();
+    let port = lockstep_tests::free_port();
     let host = TestHost::start_with(
         vec![],
         json!({ "api_tcp": format!("127.0.0.1:{port}"), "api_tcp_token_path": file }),

@@ -43,16 +43,7 @@ fn a_valid_cim_client_is_answered_within_a_second_under_abuse() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let figures = availability_under_abuse(
-        to,
-        &basic("admin", PASSWORD),
-        &Abuse {
-            idle: 150,
-            slow: 150,
-            bad_logins: 200,
-            valid_requests: 5,
-        },
-    );
+    let figures = availability_under_abuse(to, &basic("admin", PASSWORD), &Abuse::ISSUE_FIGURE);
     eprintln!("{figures:#?}");
     assert!(figures.all_valid_ok(), "{figures:#?}\n{}", host.log());
     assert!(

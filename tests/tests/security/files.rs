@@ -148,14 +148,6 @@ fn guest(name: &str) -> VmConfigBuilder {
         .set("name", json!(name))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
         .unwrap()
@@ -185,11 +177,11 @@ fn every_path_the_host_makes_is_private_under_umask_000() {
         .set("vsock", json!({ "guest_cid": 3, "uds_path": vsock }))
         .build();
     let config = json!({
-        "api_tcp": format!("127.0.0.1:{}", free_port()),
+        "api_tcp": format!("127.0.0.1:{}", lockstep_tests::free_port()),
         "console_sockets": true,
         "firecracker_sockets": true,
         "vms": [{ "config": vm, "autostart": true }],
-        "cim": { "https": format!("127.0.0.1:{}", free_port()), "allow_anonymous": true },
+        "cim": { "https": format!("127.0.0.1:{}", lockstep_tests::free_port()), "allow_anonymous": true },
     });
     let host = UmaskHost::start(dir.path(), "open", config, 0o000);
     let vm_dir = host.state.join("quiet");

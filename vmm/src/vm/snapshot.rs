@@ -235,14 +235,15 @@ pub fn state_file_bytes(
     Ok(out)
 }
 
-/// Writes the state file and the memory file. The VM must be paused. Each file is written
-/// beside its destination and renamed over it, so a failure midway leaves what was there.
+/// Writes the state file and the memory file. The VM must be paused, and the caller has
+/// checked the destinations ([`files::check_destinations`], before pausing: the host does it
+/// against every running VM's files). Each file is written beside its destination and renamed
+/// over it, so a failure midway leaves what was there.
 pub fn write(
     paths: &SnapshotPaths,
     snapshot: &MachineSnapshot,
     mem: &GuestMemoryMmap,
 ) -> Result<SnapshotStats, SnapshotError> {
-    files::check_destinations(&paths.state, &paths.memory, &[])?;
     let state = encode_state(snapshot)?;
     let memory_bytes = check::regions_total(&snapshot.regions)
         .ok_or_else(|| SnapshotError::Capture("the memory regions overflow".into()))?;

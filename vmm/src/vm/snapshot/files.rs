@@ -202,12 +202,7 @@ impl AtomicFile {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let temp = parent.join(temp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)?;
+        let file = crate::private_fs::create_private_file(&temp)?;
         Ok(AtomicFile {
             file: Some(file),
             temp,
