@@ -136,6 +136,46 @@ pub fn bind_private_socket(path: &Path) -> Result<UnixListener, SocketPathError>
     })
 }
 
+/// The file of a bound Unix socket: removed on drop unless something else has replaced it
+/// since (another server's socket, a user's file).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Remembers which file is at `path` now (just bound by this process).
+    pub fn track(path: &Path) -> io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                log::warn!("{}: cannot remove the socket: {e}", self.path.display());
+            }
+        }
+    }
+}
+
 fn bind_then_listen(path: &Path) -> io::Result<UnixListener> {
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };

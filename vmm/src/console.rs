@@ -5,9 +5,8 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -221,9 +220,8 @@ impl Write for ConsoleTee {
 /// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output.
 pub struct ConsoleSocket {
     listener: UnixListener,
-    path: PathBuf,
-    /// The socket file's device and inode: only that file is removed on drop.
-    inode: (u64, u64),
+    /// Removed when the console goes, if it is still this socket's.
+    file: private_fs::SocketFile,
     serial: Arc<Mutex<SerialDevice>>,
     /// Signalled when the guest empties the receive FIFO.
     room: EventFd,
@@ -244,11 +242,9 @@ impl ConsoleSocket {
             .unwrap_or_else(|p| p.into_inner())
             .room_signal()?;
         let listener = private_fs::bind_private_socket(path)?;
-        let meta = std::fs::symlink_metadata(path)?;
         Ok(ConsoleSocket {
             listener,
-            path: path.to_owned(),
-            inode: (meta.dev(), meta.ino()),
+            file: private_fs::SocketFile::track(path)?,
             serial,
             room,
             client,
@@ -273,14 +269,14 @@ impl ConsoleSocket {
         let mut pump = InputPump::new(reader, self.serial.clone(), Overflow::Wait);
         pump.start(ops);
         self.input = Some(pump);
-        log::info!("console client connected on {}", self.path.display());
+        log::info!("console client connected on {}", self.file.path().display());
     }
 }
 
 impl MutEventSubscriber for ConsoleSocket {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::warn!("console socket {}: {e}", self.path.display());
+            log::warn!("console socket {}: {e}", self.file.path().display());
         }
         if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
             log::warn!("console socket: cannot watch the receive FIFO: {e}");
@@ -303,22 +299,12 @@ impl MutEventSubscriber for ConsoleSocket {
             pump.on_input(&events, ops);
             if pump.is_closed() {
                 *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                log::info!("console client left {}", self.path.display());
+                log::info!("console client left {}", self.file.path().display());
                 // What it sent still goes to the guest; the pump goes once that is done.
                 if pump.is_finished() {
                     self.input = None;
                 }
             }
-        }
-    }
-}
-
-impl Drop for ConsoleSocket {
-    fn drop(&mut self) {
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -2,14 +2,13 @@
 //! busy port is reported to the caller at once.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::tcp_auth::{ApiToken, TcpGuard};
 use super::HttpError;
-use crate::private_fs::{self, SocketPathError};
+use crate::private_fs::{self, SocketFile, SocketPathError};
 
 /// A Unix socket and/or a loopback TCP socket, bound and ready to accept.
 #[derive(Debug, Default)]
@@ -37,15 +36,10 @@ impl Listeners {
                 source,
             },
         })?;
-        let meta = std::fs::symlink_metadata(&path).map_err(|source| HttpError::Bind {
+        let file = SocketFile::track(&path).map_err(|source| HttpError::Bind {
             what: path.display().to_string(),
             source,
         })?;
-        let file = SocketFile {
-            path,
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
         self.unix = Some((listener, file));
         Ok(self)
     }
@@ -71,7 +65,7 @@ impl Listeners {
 
     /// The Unix socket's path, if there is one.
     pub fn unix_path(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|(_, file)| file.path.as_path())
+        self.unix.as_ref().map(|(_, file)| file.path())
     }
 
     /// The TCP socket's address (with the port actually bound), if there is one.
@@ -81,32 +75,6 @@ impl Listeners {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.unix.is_none() && self.tcp.is_none()
-    }
-}
-
-/// The file of a bound Unix socket; removed on drop unless another server has replaced it.
-#[derive(Debug)]
-pub(crate) struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketFile {
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
-        if ours {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                log::warn!("{}: cannot remove the socket: {e}", self.path.display());
-            }
-        }
     }
 }
 
