@@ -225,7 +225,9 @@ fn graceful_shutdown_asks_the_guest_then_forces() {
         return;
     }
     let host = TestHost::start(vec![
-        guest("polite", "lks.mode=halt"),
+        // Impatient: the reset must be taken on the pulse's own exit, not when the event loop
+        // is next scheduled (on a loaded machine the guest's triple fault came first).
+        guest("polite", "lks.mode=halt lks.reset=impatient"),
         guest("stubborn", "lks.mode=halt lks.cad=ignore"),
     ]);
     host.wait_serial("polite", "LKS halt", WAIT);

@@ -431,6 +431,16 @@ impl DeviceManager {
     pub fn reset_evt(&self) -> &EventFd {
         &self.reset_evt
     }
+
+    /// The reset line for a vCPU: the controller's ports and a handle on its reset eventfd.
+    pub fn reset_line(&self) -> std::io::Result<crate::vcpu::ResetLine> {
+        let start = u16::try_from(I8042_PORT).unwrap_or(u16::MAX);
+        let len = u16::try_from(I8042_PORT_LEN).unwrap_or(0);
+        Ok(crate::vcpu::ResetLine {
+            ports: start..start.saturating_add(len),
+            evt: self.reset_evt.try_clone()?,
+        })
+    }
 }
 
 #[cfg(test)]

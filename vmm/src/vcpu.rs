@@ -90,16 +90,29 @@ pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
     buses: Arc<IoBuses>,
+    /// The i8042's reset line, looked at after each write to the controller's ports.
+    reset_line: ResetLine,
     metrics: Arc<VcpuMetrics>,
+}
+
+/// The i8042 reset line as a vCPU sees it: the vCPU that pulses it ends the VM on that very
+/// exit, so the reset is the VM's exit reason even when the guest goes on to triple-fault (as
+/// the test guest does if nothing happened) before the event loop is scheduled.
+pub struct ResetLine {
+    /// The ports of the controller.
+    pub ports: std::ops::Range<u16>,
+    /// Signalled by the controller's reset command.
+    pub evt: vmm_sys_util::eventfd::EventFd,
 }
 
 impl Vcpu {
     /// Wraps a KVM vCPU.
-    pub fn new(index: u32, fd: VcpuFd, buses: Arc<IoBuses>) -> Self {
+    pub fn new(index: u32, fd: VcpuFd, buses: Arc<IoBuses>, reset_line: ResetLine) -> Self {
         Vcpu {
             index,
             fd,
             buses,
+            reset_line,
             metrics: Arc::new(VcpuMetrics::default()),
         }
     }
@@ -286,7 +299,10 @@ impl Vcpu {
                 if !self.buses.pio.write(u64::from(port), data) {
                     self.metrics.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
                 }
-                None
+                // Non-blocking: whichever of this vCPU and the event loop reads the pulse first
+                // reports the reset.
+                (self.reset_line.ports.contains(&port) && self.reset_line.evt.read().is_ok())
+                    .then_some(ExitReason::GuestReset)
             }
             VcpuExit::MmioRead(addr, data) => {
                 self.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);

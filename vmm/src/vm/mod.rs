@@ -322,7 +322,10 @@ fn create_vcpus(
                 what: "create vCPU",
                 source,
             })?;
-        vcpus.push(Vcpu::new(index, fd, buses.clone()));
+        let reset_line = devices
+            .reset_line()
+            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+        vcpus.push(Vcpu::new(index, fd, buses.clone(), reset_line));
     }
     Ok((vcpus, Arc::new(hv.msr_list().to_vec())))
 }

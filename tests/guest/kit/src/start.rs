@@ -44,6 +44,7 @@ pub(crate) extern "C" fn bsp_main(kind: u32, info: u64) -> ! {
         serial::COM1.enable_rx_interrupt();
     }
     keyboard::init(&boot, &platform);
+    crate::reset::init(&boot);
 
     let system = System {
         boot,
