@@ -165,6 +165,7 @@ pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
         }
     }
     let signals = watch_signals();
+    lockstep_vmm::migration::spawn_terminal_progress(host.clone());
     if config.firecracker_sockets {
         manage_firecracker_sockets(host.clone(), host.subscribe());
     }

@@ -281,6 +281,11 @@ pub trait HostControl: Send + Sync + 'static {
     fn cancel_migration(&self, _id: &str) -> Result<MigrationInfo, ControlError> {
         Err(no_migration())
     }
+    /// Every migration this host has run or runs, both directions, oldest first (for the
+    /// counters at `/metrics`, CIM's migration jobs and the terminal's progress line).
+    fn list_migrations(&self) -> Vec<MigrationInfo> {
+        Vec::new()
+    }
 }
 
 fn no_migration() -> ControlError {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::control::{HostControl, HostInfo, VmInfo, VmMetrics, VmState};
+use crate::migration::{MigrationDirection, MigrationInfo, MigrationPhase};
 
 /// Every VM state, for the state gauge (one series per state, 1 for the current one).
 const ALL_STATES: [VmState; 6] = [
@@ -47,14 +48,16 @@ pub fn collect(host: &dyn HostControl) -> String {
             }
         })
         .collect();
-    render(&info, &vms, &metrics)
+    let mut text = render(&info, &vms, &metrics);
+    text.push_str(&render_migrations(&host.list_migrations()));
+    text
 }
 
 /// One metric family: its help, type and samples (label text, value).
 struct Family {
     help: String,
     kind: &'static str,
-    samples: Vec<(String, u64)>,
+    samples: Vec<(String, String)>,
 }
 
 /// Families by name, written in name order; each family's samples stay together as the format
@@ -72,6 +75,17 @@ impl Exposition {
         help: &str,
         labels: &[(&str, &str)],
         value: u64,
+    ) {
+        self.add_text(name, kind, help, labels, value.to_string());
+    }
+
+    fn add_text(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        help: &str,
+        labels: &[(&str, &str)],
+        value: String,
     ) {
         let family = self
             .families
@@ -254,6 +268,104 @@ pub fn render(host: &HostInfo, vms: &[VmInfo], metrics: &[VmMetrics]) -> String 
     e.text()
 }
 
+/// The migration families: how many migrations started and how they ended, by direction (a
+/// host's opened listeners count as started incoming ones), bytes on the streams, the pause the
+/// last completed outgoing one had, and auto-converge's throttle of each one under way. Written
+/// apart from [`render`]: the host computes them from its registry of migrations.
+pub fn render_migrations(migrations: &[MigrationInfo]) -> String {
+    let mut e = Exposition::default();
+    let ended = [
+        ("completed", MigrationPhase::Completed, "completed"),
+        (
+            "failed",
+            MigrationPhase::Failed,
+            "failed (the source VM runs on, unless the error says the outcome is unknown)",
+        ),
+        (
+            "cancelled",
+            MigrationPhase::Cancelled,
+            "cancelled by request",
+        ),
+    ];
+    for direction in [MigrationDirection::Outgoing, MigrationDirection::Incoming] {
+        let mine = || migrations.iter().filter(move |m| m.direction == direction);
+        let labels = [("direction", direction.name())];
+        e.add(
+            "lockstep_migrations_started_total",
+            "counter",
+            "Live migrations started (outgoing: sends; incoming: listeners opened), by direction.",
+            &labels,
+            mine().count() as u64,
+        );
+        for (what, phase, help) in ended {
+            e.add(
+                &format!("lockstep_migrations_{what}_total"),
+                "counter",
+                &format!("Live migrations {help}, by direction."),
+                &labels,
+                mine().filter(|m| m.phase == phase).count() as u64,
+            );
+        }
+        e.add(
+            "lockstep_migrations_running",
+            "gauge",
+            "Live migrations under way, by direction.",
+            &labels,
+            mine().filter(|m| !m.phase.ended()).count() as u64,
+        );
+    }
+    let bytes = |direction| {
+        migrations
+            .iter()
+            .filter(|m| m.direction == direction)
+            .map(|m| m.bytes)
+            .sum::<u64>()
+    };
+    e.add(
+        "lockstep_migration_sent_bytes_total",
+        "counter",
+        "Bytes sent on outgoing live-migration streams.",
+        &[],
+        bytes(MigrationDirection::Outgoing),
+    );
+    e.add(
+        "lockstep_migration_received_bytes_total",
+        "counter",
+        "Bytes received on incoming live-migration streams.",
+        &[],
+        bytes(MigrationDirection::Incoming),
+    );
+    // Ids are given in order: the last completed is the one with the highest.
+    let last = migrations
+        .iter()
+        .filter(|m| m.direction == MigrationDirection::Outgoing)
+        .filter(|m| m.phase == MigrationPhase::Completed)
+        .filter_map(|m| Some((m.id.parse::<u64>().ok()?, m.downtime_ms?)))
+        .max_by_key(|(id, _)| *id);
+    if let Some((_, downtime)) = last {
+        e.add_text(
+            "lockstep_migration_last_downtime_ms",
+            "gauge",
+            "The pause of the last completed outgoing live migration (source paused to destination running), milliseconds.",
+            &[],
+            format!("{downtime:.3}"),
+        );
+    }
+    for m in migrations
+        .iter()
+        .filter(|m| m.direction == MigrationDirection::Outgoing && !m.phase.ended())
+    {
+        e.add(
+            "lockstep_migration_throttle_percent",
+            "gauge",
+            "The share of time auto-converge keeps an outgoing migration's vCPUs paused, percent.",
+            &[("vm", &m.vm), ("id", &m.id)],
+            u64::from(m.throttle_percent),
+        );
+    }
+    e.text()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +503,69 @@ mod tests {
         for state in ALL_STATES {
             assert_eq!(serde_json::to_value(state).unwrap(), state_name(state));
         }
+    }
+
+    fn migration(
+        id: &str,
+        direction: MigrationDirection,
+        phase: MigrationPhase,
+        bytes: u64,
+        downtime_ms: Option<f64>,
+    ) -> MigrationInfo {
+        MigrationInfo {
+            id: id.into(),
+            direction,
+            vm: "web".into(),
+            phase,
+            round: 1,
+            bytes,
+            pages: 0,
+            dirty_rate_mib_s: 0.0,
+            link_rate_mib_s: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle_percent: 30,
+            downtime_ms,
+            elapsed_ms: 0.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn migrations_are_counted_by_direction_and_outcome() {
+        use MigrationDirection::{Incoming, Outgoing};
+        use MigrationPhase::*;
+        let text = render_migrations(&[
+            migration("1", Outgoing, Completed, 1000, Some(4.25)),
+            migration("2", Outgoing, Failed, 10, None),
+            migration("3", Outgoing, Completed, 500, Some(7.5)),
+            migration("4", Incoming, Cancelled, 0, None),
+            migration("5", Incoming, Completed, 2000, None),
+            migration("6", Outgoing, Precopy, 70, None),
+        ]);
+        for line in [
+            "lockstep_migrations_started_total{direction=\"outgoing\"} 4",
+            "lockstep_migrations_started_total{direction=\"incoming\"} 2",
+            "lockstep_migrations_completed_total{direction=\"outgoing\"} 2",
+            "lockstep_migrations_completed_total{direction=\"incoming\"} 1",
+            "lockstep_migrations_failed_total{direction=\"outgoing\"} 1",
+            "lockstep_migrations_failed_total{direction=\"incoming\"} 0",
+            "lockstep_migrations_cancelled_total{direction=\"incoming\"} 1",
+            "lockstep_migrations_running{direction=\"outgoing\"} 1",
+            "# TYPE lockstep_migration_sent_bytes_total counter",
+            "lockstep_migration_sent_bytes_total 1580",
+            "lockstep_migration_received_bytes_total 2000",
+            "# TYPE lockstep_migration_last_downtime_ms gauge",
+            "lockstep_migration_last_downtime_ms 7.500",
+            "lockstep_migration_throttle_percent{vm=\"web\",id=\"6\"} 30",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        // Nothing ran: every counter is there at 0, and no downtime is made up.
+        let empty = render_migrations(&[]);
+        assert!(empty.contains("lockstep_migrations_started_total{direction=\"outgoing\"} 0"));
+        assert!(!empty.contains("last_downtime"), "{empty}");
     }
 }

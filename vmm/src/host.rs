@@ -800,4 +800,8 @@ impl HostControl for Host {
     fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
         self.migrations.cancel(id)
     }
+
+    fn list_migrations(&self) -> Vec<MigrationInfo> {
+        self.migrations.list()
+    }
 }

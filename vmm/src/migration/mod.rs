@@ -1,13 +1,14 @@
 //! Live migration: a running VM moves to another `lockstep host` over TCP or a Unix socket.
 //! `protocol` is the stream (bounded frames, the HMAC handshake), `send` the source (pre-copy
 //! from KVM's dirty log, the switch), `receive` the destination (a one-shot listener, the VM
-//! built while pages stream). ARCHITECTURE.md ("Live migration") describes the protocol and what
-//! each side does when the connection dies.
+//! built while pages stream), `progress` the terminal's progress lines. ARCHITECTURE.md ("Live
+//! migration") describes the protocol and what each side does when the connection dies.
 //!
 //! The host reaches a migration only through [`MigrationHost`] and the [`Migrations`] registry,
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
 mod dirty;
+mod progress;
 pub mod protocol;
 mod receive;
 mod send;
@@ -26,6 +27,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub use progress::{progress_line, spawn_terminal_progress};
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 
@@ -200,6 +202,14 @@ impl Migrations {
             let i = m.lock();
             i.direction == MigrationDirection::Incoming && i.vm == name && !ended(i.phase)
         })
+    }
+
+    /// Every migration's progress, oldest first. Entries are kept once ended: the counters at
+    /// `/metrics` are computed from them.
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        let mut all: Vec<MigrationInfo> = self.table().values().map(|m| m.info()).collect();
+        all.sort_by_key(|i| i.id.parse::<u64>().unwrap_or(u64::MAX));
+        all
     }
 
     /// A migration's progress.
