@@ -2,7 +2,8 @@
 """Regenerates cim/schema/dmtf.mof: the DMTF CIM Schema 2.41 classes lockstep implements (and
 their superclasses), with the qualifiers a client needs (keys, value maps, directions, embedded
 instance types, ...) and without the long descriptions, so the crate carries its own compact
-class definitions. Needs pywbem and a copy of the DMTF schema:
+class definitions. Needs pywbem and a copy of the DMTF schema (with DSP1081's experimental classes
+in its `experimental/` folder):
 
     python3 cim/schema/extract.py /path/to/cim-schema > cim/schema/dmtf.mof
 """
@@ -22,7 +23,13 @@ CIM_HostedService CIM_ConcreteJob CIM_AffectedJobElement CIM_Namespace CIM_Objec
 CIM_RegisteredProfile CIM_ReferencedProfile CIM_ElementConformsToProfile CIM_NamespaceInManager
 CIM_IndicationFilter CIM_ListenerDestinationCIMXML CIM_IndicationSubscription
 CIM_InstModification CIM_InstCreation CIM_InstDeletion CIM_Error
+CIM_ServiceAffectsElement CIM_VirtualSystemMigrationSettingData CIM_VirtualSystemMigrationService
+CIM_VirtualSystemMigrationCapabilities
 """.split()
+
+# Classes of the Virtual System Migration profile (DSP1081) that are only in the schema's
+# experimental folder, compiled from there after the final schema.
+EXPERIMENTAL = ["CIM_VirtualSystemMigrationService", "CIM_VirtualSystemMigrationCapabilities"]
 
 KEEP = {
     "Key", "Abstract", "Association", "Indication", "ValueMap", "Values", "Override",
@@ -46,13 +53,19 @@ def qual_values(item):
     }
 
 
+def same_method(a, b):
+    return a.tomof().lower() == b.tomof().lower()
+
+
 def main():
     schema = sys.argv[1]
     conn = pywbem_mock.FakedWBEMConnection()
     ns = "root/cimv2"
     conn.compile_schema_classes(
-        CLASSES, schema_pragma_files=[schema + "/DMTF/cim_schema_2.41.0.mof"], namespace=ns, verbose=False
+        [c for c in CLASSES if c not in EXPERIMENTAL], schema_pragma_files=[schema + "/DMTF/cim_schema_2.41.0.mof"], namespace=ns, verbose=False
     )
+    for name in EXPERIMENTAL:
+        conn.compile_mof_file(schema + "/experimental/" + name + ".mof", namespace=ns)
     done = set()
     order = []
 
@@ -81,7 +94,11 @@ def main():
                 prop.qualifiers["Override"] = pywbem.CIMQualifier("Override", pname)
         for mname in list(cls.methods):
             if sup is not None and mname in sup.methods:
-                if cls.methods[mname] == sup.methods[mname]:
+                # Compared as MOF: a class compiled from a separate file spells inherited
+                # qualifiers in its own case (IN, OUT).
+                if cls.methods[mname] == sup.methods[mname] or (
+                    name in EXPERIMENTAL and same_method(cls.methods[mname], sup.methods[mname])
+                ):
                     del cls.methods[mname]
         for item in list(cls.properties.values()) + list(cls.methods.values()):
             item.class_origin = None

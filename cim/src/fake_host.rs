@@ -1,6 +1,8 @@
 //! An in-memory `HostControl` for tests and benchmarks: VMs that change state on command and
 //! report it to subscribers, with no KVM behind them. A graceful shut down takes a little while,
-//! as a guest's would.
+//! as a guest's would. Migrations happen at once: a VM sent with the token of a listener this
+//! same fake host opened completes (and stays here); any other token fails as the handshake
+//! would.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,12 +14,18 @@ use lockstep_api::control::{
     ControlError, DeviceMetrics, HostControl, HostEvent, HostInfo, RestoreRequest, ShutdownRequest,
     SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
 };
+use lockstep_api::migration::{
+    IncomingInfo, IncomingRequest, MigrateRequest, MigrationDirection, MigrationInfo,
+    MigrationPhase,
+};
 use lockstep_api::VmConfig;
 
 /// A fake host.
 pub struct FakeHost {
     vms: Mutex<BTreeMap<String, VmDetails>>,
     subscribers: Mutex<Vec<Sender<HostEvent>>>,
+    /// Migrations and the tokens of the incoming ones.
+    migrations: Mutex<Vec<(MigrationInfo, Option<String>)>>,
     /// How long a graceful shut down takes.
     pub guest_shutdown: Duration,
 }
@@ -27,6 +35,7 @@ impl Default for FakeHost {
         FakeHost {
             vms: Mutex::new(BTreeMap::new()),
             subscribers: Mutex::new(Vec::new()),
+            migrations: Mutex::new(Vec::new()),
             guest_shutdown: Duration::from_millis(300),
         }
     }
@@ -57,6 +66,35 @@ impl FakeHost {
             );
         }
         host
+    }
+
+    /// Records a migration; returns it.
+    fn add_migration(
+        &self,
+        direction: MigrationDirection,
+        vm: &str,
+        phase: MigrationPhase,
+        token: Option<String>,
+    ) -> MigrationInfo {
+        let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        let info = MigrationInfo {
+            id: (all.len() + 1).to_string(),
+            direction,
+            vm: vm.to_string(),
+            phase,
+            round: 0,
+            bytes: 0,
+            pages: 0,
+            dirty_rate_mib_s: 0.0,
+            link_rate_mib_s: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle_percent: 0,
+            downtime_ms: None,
+            elapsed_ms: 1.0,
+            error: None,
+        };
+        all.push((info.clone(), token));
+        info
     }
 
     fn emit(&self, event: HostEvent) {
@@ -317,5 +355,98 @@ impl HostControl for FakeHost {
             .unwrap_or_else(|p| p.into_inner())
             .push(tx);
         rx
+    }
+
+    fn migrate_incoming(&self, request: IncomingRequest) -> Result<IncomingInfo, ControlError> {
+        if request.listen.is_empty() || request.name.is_empty() {
+            return Err(ControlError::BadRequest(
+                "listen and name are required".into(),
+            ));
+        }
+        if self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&request.name)
+        {
+            return Err(ControlError::Conflict(format!(
+                "a VM named {:?} exists already",
+                request.name
+            )));
+        }
+        let n = self
+            .migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        let token = format!("fake-token-{n}");
+        let info = self.add_migration(
+            MigrationDirection::Incoming,
+            &request.name,
+            MigrationPhase::Listening,
+            Some(token.clone()),
+        );
+        let listen = request.listen.replace(":0", ":45678");
+        Ok(IncomingInfo {
+            id: info.id,
+            listen,
+            token,
+        })
+    }
+
+    fn migrate_vm(
+        &self,
+        name: &str,
+        request: MigrateRequest,
+    ) -> Result<MigrationInfo, ControlError> {
+        let state = self.get_vm(name)?.info.state;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(ControlError::Conflict(format!(
+                "VM {name:?} is not running"
+            )));
+        }
+        let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        let listener = all.iter_mut().find(|(m, token)| {
+            m.phase == MigrationPhase::Listening && token.as_deref() == Some(&request.token)
+        });
+        let (phase, error) = match listener {
+            Some((incoming, _)) => {
+                incoming.phase = MigrationPhase::Completed;
+                (MigrationPhase::Completed, None)
+            }
+            None => (
+                MigrationPhase::Failed,
+                Some("the destination: authentication failed".to_string()),
+            ),
+        };
+        drop(all);
+        let mut info = self.add_migration(MigrationDirection::Outgoing, name, phase, None);
+        let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((m, _)) = all.iter_mut().find(|(m, _)| m.id == info.id) {
+            m.error = error;
+            m.bytes = 4096;
+            m.downtime_ms = (phase == MigrationPhase::Completed).then_some(1.5);
+            info = m.clone();
+        }
+        Ok(info)
+    }
+
+    fn get_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(m, _)| m.id == id)
+            .map(|(m, _)| m.clone())
+            .ok_or_else(|| ControlError::NotFound(format!("migration {id}")))
+    }
+
+    fn list_migrations(&self) -> Vec<MigrationInfo> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
     }
 }

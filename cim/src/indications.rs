@@ -1,16 +1,18 @@
 //! Indication subscriptions (DSP1054 as pywbem's subscription manager uses them): filters,
 //! CIM-XML listener destinations and subscriptions created in root/interop, and delivery of
-//! CIM_InstModification (EnabledState changes), CIM_InstCreation and CIM_InstDeletion of VMs
-//! to each subscribed listener by ExportIndication, retried while the listener is down.
+//! CIM_InstModification (EnabledState changes), CIM_InstCreation and CIM_InstDeletion of VMs,
+//! and CIM_InstModification of a migration job when it ends (the host's migration registry,
+//! looked at twice a second), to each subscribed listener by ExportIndication, retried while
+//! the listener is down.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use lockstep_api::control::HostEvent;
 
@@ -306,20 +308,72 @@ impl Indications {
     }
 }
 
+/// How often the migration registry is looked at for jobs that ended.
+const MIGRATION_POLL: Duration = Duration::from_millis(500);
+
 fn event_loop(cimom: Weak<Cimom>, events: Receiver<HostEvent>, stop: Arc<AtomicBool>) {
+    // Migrations that had ended before this thread started raise nothing.
+    let mut migrations = match cimom.upgrade() {
+        Some(c) => EndedMigrations::new(&c),
+        None => return,
+    };
+    let mut polled = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let event = match events.recv_timeout(Duration::from_millis(500)) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) => continue,
+        let event = match events.recv_timeout(MIGRATION_POLL) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let Some(cimom) = cimom.upgrade() else { return };
-        if let Some(indication) = indication_for(&cimom, &event) {
+        if let Some(indication) = event.and_then(|e| indication_for(&cimom, &e)) {
             dispatch(&cimom, indication);
         }
+        if polled.elapsed() >= MIGRATION_POLL {
+            polled = Instant::now();
+            for indication in migrations.newly_ended(&cimom) {
+                dispatch(&cimom, indication);
+            }
+        }
+    }
+}
+
+/// The migrations whose end has been announced (or had ended before the endpoint started).
+struct EndedMigrations {
+    seen: HashSet<String>,
+}
+
+impl EndedMigrations {
+    fn new(cimom: &Cimom) -> Self {
+        EndedMigrations {
+            seen: cimom
+                .host
+                .list_migrations()
+                .into_iter()
+                .filter(|m| m.phase.ended())
+                .map(|m| m.id)
+                .collect(),
+        }
+    }
+
+    /// A CIM_InstModification for each migration job that ended since the last call: the job
+    /// as it ended (JobState 7, 8 or 10, PercentComplete 100) and, before, running (4).
+    fn newly_ended(&mut self, cimom: &Cimom) -> Vec<Instance> {
+        let snap = Snapshot::new(&*cimom.host);
+        let mut out = Vec::new();
+        for m in snap.migrations() {
+            if !m.phase.ended() || !self.seen.insert(m.id.clone()) {
+                continue;
+            }
+            let now = model::migration_job(m, model::memory_of(&snap, &m.vm));
+            let mut before = now.clone();
+            before.set(Cow::Borrowed("JobState"), Value::from(4u16));
+            before.set(Cow::Borrowed("OperationalStatus"), Value::u16_array(&[2]));
+            out.push(wrap(cimom, "CIM_InstModification", now, Some(before)));
+        }
+        out
     }
 }
 
@@ -364,6 +418,16 @@ fn indication_for(cimom: &Cimom, event: &HostEvent) -> Option<Instance> {
         }
         HostEvent::VmModified { .. } => return None,
     };
+    Some(wrap(cimom, class, source, previous))
+}
+
+/// An indication of `class` about `source` (and its `previous` state).
+fn wrap(
+    cimom: &Cimom,
+    class: &'static str,
+    source: Instance,
+    previous: Option<Instance>,
+) -> Instance {
     let seq = cimom.indications.sequence.fetch_add(1, Ordering::Relaxed);
     let path = source
         .path
@@ -400,7 +464,7 @@ fn indication_for(cimom: &Cimom, event: &HostEvent) -> Option<Instance> {
             Value::Embedded(Box::new(p)),
         );
     }
-    Some(ind)
+    ind
 }
 
 /// Sends an indication to every enabled subscription whose filter selects it.
@@ -610,6 +674,55 @@ fn delivery_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_job_that_ends_raises_one_modification() {
+        use lockstep_api::control::HostControl;
+        use lockstep_api::migration::{IncomingRequest, MigrateRequest};
+        let host = Arc::new(crate::fake_host::FakeHost::with_vms(1));
+        let cimom = Cimom::new(host.clone(), "h".into(), None, Default::default()).unwrap();
+        host.start_vm("vm000").unwrap();
+        let incoming = host
+            .migrate_incoming(IncomingRequest {
+                listen: "127.0.0.1:0".into(),
+                name: "moved".into(),
+            })
+            .unwrap();
+        // Ended before the watch started: nothing.
+        let mut ended = EndedMigrations::new(&cimom);
+        assert!(ended.newly_ended(&cimom).is_empty());
+        host.migrate_vm(
+            "vm000",
+            MigrateRequest {
+                destination: incoming.listen,
+                token: incoming.token,
+                downtime_ms: None,
+                timeout_s: None,
+                max_bandwidth_mib_s: None,
+                auto_converge: false,
+            },
+        )
+        .unwrap();
+        let raised = ended.newly_ended(&cimom);
+        assert_eq!(raised.len(), 2, "the incoming and the outgoing job");
+        for ind in &raised {
+            assert_eq!(ind.class, "CIM_InstModification");
+            let Some(Value::Embedded(now)) = ind.get("SourceInstance") else {
+                panic!("no SourceInstance: {ind:?}")
+            };
+            let Some(Value::Embedded(before)) = ind.get("PreviousInstance") else {
+                panic!("no PreviousInstance: {ind:?}")
+            };
+            assert_eq!(now.class, model::MIGRATION_JOB_CLASS);
+            assert_eq!(now.get("JobState").and_then(Value::as_u64), Some(7));
+            assert_eq!(
+                now.get("PercentComplete").and_then(Value::as_u64),
+                Some(100)
+            );
+            assert_eq!(before.get("JobState").and_then(Value::as_u64), Some(4));
+        }
+        assert!(ended.newly_ended(&cimom).is_empty(), "raised once");
+    }
 
     #[test]
     fn urls() {

@@ -20,6 +20,7 @@ pub mod indications;
 mod login_pool;
 mod memory;
 pub mod methods;
+pub mod migration;
 pub mod model;
 pub mod ops;
 pub mod pull;

@@ -167,7 +167,8 @@ impl Jobs {
     }
 }
 
-fn host_fault(e: ControlError) -> CimFault {
+/// A host's refusal as a CIM error.
+pub(crate) fn host_fault(e: ControlError) -> CimFault {
     match e {
         ControlError::NotFound(m) => {
             CimFault::new(CimStatus::NotFound, format!("no VM named {m:?}"))
@@ -247,6 +248,15 @@ pub fn invoke(
                 };
             modify_resource_settings(cimom, params, Some(vm))?
         }
+        ("LKS_VirtualSystemMigrationService", "MigrateVirtualSystemToHost") => {
+            crate::migration::migrate_to_host(cimom, params)?
+        }
+        ("LKS_VirtualSystemMigrationService", "CheckVirtualSystemIsMigratableToHost") => {
+            crate::migration::check_migratable(cimom, params)?
+        }
+        ("LKS_VirtualSystemMigrationService", "PrepareIncomingMigration") => {
+            crate::migration::prepare_incoming(cimom, params)?
+        }
         (_, m) => {
             return Err(CimFault::new(
                 CimStatus::MethodNotAvailable,
@@ -261,7 +271,8 @@ pub fn invoke(
     Ok(())
 }
 
-type MethodResult = CimResult<(u32, Vec<(&'static str, Value)>)>;
+/// A method's return value and output parameters.
+pub(crate) type MethodResult = CimResult<(u32, Vec<(&'static str, Value)>)>;
 
 /// `ddddddddhhmmss.mmmmmm:000` to a duration.
 fn parse_interval(text: &str) -> Option<Duration> {
@@ -417,7 +428,8 @@ fn embedded(v: &Value, what: &str) -> CimResult<Instance> {
     }
 }
 
-fn embedded_param(params: Params<'_>, name: &str) -> CimResult<Option<Instance>> {
+/// An embedded instance parameter, if given.
+pub(crate) fn embedded_param(params: Params<'_>, name: &str) -> CimResult<Option<Instance>> {
     match params.get(name) {
         None | Some(Param::Null) => Ok(None),
         Some(Param::Value(v)) => embedded(v, name).map(Some),

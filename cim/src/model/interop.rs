@@ -93,6 +93,12 @@ pub const PROFILES: &[Profile] = &[
         version: "1.0.0",
         scoped_by: Some("DSP1042"),
     },
+    Profile {
+        id: "DSP1081",
+        name: "Virtual System Migration",
+        version: "1.0.0",
+        scoped_by: Some("DSP1042"),
+    },
 ];
 
 fn profile_path(id: &str) -> ObjectPath {
@@ -232,6 +238,7 @@ fn central_instances(cimom: &Cimom, snap: &Snapshot<'_>, id: &str) -> Vec<Object
         "DSP1045" => vec![pool_path("memory")],
         "DSP1047" => vec![pool_path("storage")],
         "DSP1050" => vec![pool_path("ethernet")],
+        "DSP1081" => vec![super::migration::migration_service_path(cimom)],
         _ => Vec::new(),
     }
 }

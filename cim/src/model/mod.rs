@@ -4,6 +4,7 @@
 
 mod devices;
 mod interop;
+mod migration;
 mod settings;
 mod systems;
 
@@ -12,8 +13,13 @@ use std::cell::OnceCell;
 use std::collections::HashMap;
 
 use lockstep_api::control::{HostControl, HostInfo, VmDetails, VmInfo, VmMetrics, VmState};
+use lockstep_api::migration::MigrationInfo;
 
 pub use interop::{INTEROP_NS, PROFILES};
+pub use migration::{
+    memory_of, migration_id_of, migration_job, migration_job_path, MIGRATION_JOB_CLASS,
+    MIGRATION_SERVICE_CLASS, MIGRATION_SETTINGS_CLASS, MIGRATION_TYPE_LIVE,
+};
 pub use settings::{apply_change, config_from_embedded, rasd_to_config_change, ConfigChange};
 pub(crate) use settings::{disk_rasd_path, memory_rasd_path, nic_rasd_path, processor_rasd_path};
 pub use systems::{vm_path, VSMS_NAME};
@@ -40,6 +46,7 @@ pub struct Snapshot<'a> {
     vms: OnceCell<Vec<VmInfo>>,
     details: OnceCell<Vec<VmDetails>>,
     metrics: OnceCell<HashMap<String, VmMetrics>>,
+    migrations: OnceCell<Vec<MigrationInfo>>,
 }
 
 impl<'a> Snapshot<'a> {
@@ -51,13 +58,18 @@ impl<'a> Snapshot<'a> {
             vms: OnceCell::new(),
             details: OnceCell::new(),
             metrics: OnceCell::new(),
+            migrations: OnceCell::new(),
         }
     }
 
     /// What was fetched, when it was only the host's report and the VM list (the inputs a
-    /// cached response can be checked against); `None` once configs or counters were read.
+    /// cached response can be checked against); `None` once configs, counters or migrations
+    /// were read.
     pub fn light_inputs(&self) -> Option<(Option<&HostInfo>, Option<&[VmInfo]>)> {
-        if self.details.get().is_some() || self.metrics.get().is_some() {
+        if self.details.get().is_some()
+            || self.metrics.get().is_some()
+            || self.migrations.get().is_some()
+        {
             return None;
         }
         Some((self.info.get(), self.vms.get().map(Vec::as_slice)))
@@ -81,6 +93,11 @@ impl<'a> Snapshot<'a> {
                 .filter_map(|vm| self.host.get_vm(&vm.name).ok())
                 .collect()
         })
+    }
+
+    /// The host's migrations, oldest first.
+    pub fn migrations(&self) -> &[MigrationInfo] {
+        self.migrations.get_or_init(|| self.host.list_migrations())
     }
 
     /// Each VM's counters, by name.
@@ -164,6 +181,31 @@ const PROVIDERS: &[Provider] = &[
         class: "LKS_AffectedJobElement",
         space: Space::Cimv2,
         build: systems::affected_job_elements,
+    },
+    Provider {
+        class: "LKS_VirtualSystemMigrationService",
+        space: Space::Cimv2,
+        build: migration::migration_service,
+    },
+    Provider {
+        class: "LKS_VirtualSystemMigrationCapabilities",
+        space: Space::Cimv2,
+        build: migration::migration_capabilities,
+    },
+    Provider {
+        class: "LKS_VirtualSystemMigrationSettingData",
+        space: Space::Cimv2,
+        build: migration::migration_settings,
+    },
+    Provider {
+        class: "LKS_MigrationJob",
+        space: Space::Cimv2,
+        build: migration::migration_jobs,
+    },
+    Provider {
+        class: "LKS_ServiceAffectsElement",
+        space: Space::Cimv2,
+        build: migration::service_affects_element,
     },
     Provider {
         class: "LKS_VirtualSystemSettingData",

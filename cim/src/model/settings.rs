@@ -102,19 +102,18 @@ pub(super) fn settings_define_state(
         .collect()
 }
 
-pub(super) fn element_setting_data(
-    _cimom: &Cimom,
-    snap: &Snapshot<'_>,
-    _ns: &str,
-) -> Vec<Instance> {
-    snap.vms()
+pub(super) fn element_setting_data(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
+    let mut out: Vec<Instance> = snap
+        .vms()
         .iter()
         .map(|vm| {
             vm_to_settings("LKS_ElementSettingData", &vm.name)
                 .with("IsDefault", 1u16)
                 .with("IsCurrent", 1u16)
         })
-        .collect()
+        .collect();
+    out.push(super::migration::migration_element_settings(cimom));
+    out
 }
 
 fn rasd_base(path: ObjectPath, rt: u16, vm: &str) -> Instance {

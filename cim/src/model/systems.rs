@@ -156,6 +156,7 @@ pub(super) fn element_capabilities(cimom: &Cimom, snap: &Snapshot<'_>, _ns: &str
         )
         .with("Characteristics", Value::u16_array(&[2])),
     );
+    out.push(super::migration::migration_element_capabilities(cimom));
     out
 }
 
@@ -190,14 +191,17 @@ pub(super) fn management_capabilities(
 }
 
 pub(super) fn hosted_service(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
-    vec![keyed(
-        CIMV2_NS,
-        "LKS_HostedService",
-        vec![
-            ("Antecedent", host_path(cimom).into()),
-            ("Dependent", vsms_path(cimom).into()),
-        ],
-    )]
+    vec![
+        keyed(
+            CIMV2_NS,
+            "LKS_HostedService",
+            vec![
+                ("Antecedent", host_path(cimom).into()),
+                ("Dependent", vsms_path(cimom).into()),
+            ],
+        ),
+        super::migration::hosted_migration_service(cimom),
+    ]
 }
 
 pub(super) fn jobs(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instance> {
@@ -257,10 +261,10 @@ pub(super) fn jobs(cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str) -> Vec<Instan
 
 pub(super) fn affected_job_elements(
     cimom: &Cimom,
-    _snap: &Snapshot<'_>,
+    snap: &Snapshot<'_>,
     _ns: &str,
 ) -> Vec<Instance> {
-    cimom
+    let mut out: Vec<Instance> = cimom
         .jobs
         .list()
         .into_iter()
@@ -278,5 +282,7 @@ pub(super) fn affected_job_elements(
                 .with("ElementEffects", Value::u16_array(&[5])),
             )
         })
-        .collect()
+        .collect();
+    out.extend(super::migration::affected_by_migrations(snap));
+    out
 }

@@ -1,0 +1,469 @@
+//! The migration service's methods (DSP1081): MigrateVirtualSystemToHost (a job backed by the
+//! host's migration registry), CheckVirtualSystemIsMigratableToHost, and lockstep's
+//! PrepareIncomingMigration, which opens the destination's one-shot listener and hands out the
+//! token the source must present.
+//!
+//! The flow: the client calls PrepareIncomingMigration on the destination's service
+//! (`Listen`, `SystemName`) and gets `DestinationHost`, `Token` and the incoming job; then
+//! MigrateVirtualSystemToHost on the source's service with the VM, that `DestinationHost` and
+//! an embedded LKS_VirtualSystemMigrationSettingData carrying `Token` (and, if wanted,
+//! MaxDowntime, Bandwidth, PrecopyTimeout, AutoConverge). The source's job moves to 100 and
+//! ends Completed (7), or Exception (10) with ErrorDescription.
+
+use std::time::{Duration, Instant};
+
+use lockstep_api::migration::{IncomingRequest, MigrateRequest, MigrationPhase};
+
+use crate::cimom::{Cimom, Params};
+use crate::error::{CimFault, CimResult, CimStatus};
+use crate::methods::{embedded_param, host_fault, MethodResult};
+use crate::model::{self, MIGRATION_TYPE_LIVE};
+use crate::value::{Instance, ObjectPath, Value};
+use crate::xml::Param;
+
+/// How long MigrateVirtualSystemToHost waits for the destination to accept the handshake (so
+/// that an unreachable destination or a wrong token is a CIM error, not only a failed job).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(15);
+/// Return code: Method Parameters Checked - Job Started.
+const JOB_STARTED: u32 = 4096;
+
+fn invalid(msg: impl Into<String>) -> CimFault {
+    CimFault::new(CimStatus::InvalidParameter, msg)
+}
+
+/// The VM a `ComputerSystem` reference names (one of this host's LKS_VirtualComputerSystem).
+fn vm_of(params: Params<'_>) -> CimResult<String> {
+    let path: &ObjectPath = match params.get("ComputerSystem") {
+        Some(Param::Value(Value::Ref(p))) => p,
+        Some(Param::InstanceName(p)) => p,
+        _ => {
+            return Err(invalid(
+                "ComputerSystem must reference the LKS_VirtualComputerSystem to migrate",
+            ))
+        }
+    };
+    if !path.class.eq_ignore_ascii_case("LKS_VirtualComputerSystem") {
+        return Err(invalid(format!(
+            "ComputerSystem must be an LKS_VirtualComputerSystem, not {}",
+            path.class
+        )));
+    }
+    path.key_str("Name")
+        .map(str::to_string)
+        .ok_or_else(|| invalid("ComputerSystem has no Name key"))
+}
+
+/// What MigrateVirtualSystemToHost and CheckVirtualSystemIsMigratableToHost were asked.
+struct Asked {
+    vm: String,
+    request: MigrateRequest,
+}
+
+/// `IP:PORT` or `unix:/absolute/path`, as the migration stream takes them.
+fn check_destination(text: &str) -> CimResult<()> {
+    let ok = match text.strip_prefix("unix:") {
+        Some(path) => path.starts_with('/'),
+        None => text.parse::<std::net::SocketAddr>().is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "DestinationHost {:?} is neither IP:PORT (IPv6 as [addr]:port) nor unix:/absolute/path",
+            text.chars().take(256).collect::<String>()
+        )))
+    }
+}
+
+fn number(settings: &Instance, name: &str) -> CimResult<Option<u64>> {
+    match settings.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("MigrationSettingData.{name} must be a number"))),
+    }
+}
+
+/// Bandwidth in BandwidthUnit to MiB/s (0: no limit).
+fn bandwidth_mib_s(settings: &Instance) -> CimResult<Option<u64>> {
+    let Some(amount) = number(settings, "Bandwidth")? else {
+        return Ok(None);
+    };
+    let unit: String = settings
+        .get_str("BandwidthUnit")
+        .unwrap_or("byte / second * 2^20")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let mib = match unit.as_str() {
+        "byte/second*2^20" | "byte*2^20/second" => amount,
+        "byte/second*2^30" | "byte*2^30/second" => amount.saturating_mul(1024),
+        _ => {
+            return Err(invalid(format!(
+                "MigrationSettingData.BandwidthUnit {unit:?}: use \"byte / second * 2^20\" or \"byte / second * 2^30\""
+            )))
+        }
+    };
+    Ok((mib > 0).then_some(mib))
+}
+
+/// Reads the parameters both methods share.
+fn asked(params: Params<'_>) -> CimResult<Asked> {
+    let vm = vm_of(params)?;
+    let destination = params
+        .string("DestinationHost")?
+        .ok_or_else(|| invalid("DestinationHost is required (IP:PORT or unix:/path)"))?
+        .trim()
+        .to_string();
+    check_destination(&destination)?;
+    for name in ["NewSystemSettingData", "NewResourceSettingData"] {
+        if !matches!(params.get(name), None | Some(Param::Null)) {
+            return Err(CimFault::new(
+                CimStatus::NotSupported,
+                format!("{name} is not supported: the VM keeps its settings on the destination"),
+            ));
+        }
+    }
+    let settings = embedded_param(params, "MigrationSettingData")?.ok_or_else(|| {
+        invalid("MigrationSettingData (an embedded LKS_VirtualSystemMigrationSettingData with the destination's Token) is required")
+    })?;
+    if !settings
+        .class
+        .eq_ignore_ascii_case(model::MIGRATION_SETTINGS_CLASS)
+        && !settings
+            .class
+            .eq_ignore_ascii_case("CIM_VirtualSystemMigrationSettingData")
+    {
+        return Err(invalid(format!(
+            "MigrationSettingData must be an {}, not {}",
+            model::MIGRATION_SETTINGS_CLASS,
+            settings.class
+        )));
+    }
+    if let Some(kind) = number(&settings, "MigrationType")? {
+        if kind != u64::from(MIGRATION_TYPE_LIVE) {
+            return Err(CimFault::new(
+                CimStatus::NotSupported,
+                format!("MigrationType {kind}: only 2 (Live) is supported"),
+            ));
+        }
+    }
+    if let Some(transport) = number(&settings, "TransportType")? {
+        // TCP for IP:PORT, IPC for unix:/path.
+        if !(transport == 5 || transport == 6) {
+            return Err(CimFault::new(
+                CimStatus::NotSupported,
+                format!("TransportType {transport}: only 5 (TCP) and 6 (IPC) are supported"),
+            ));
+        }
+    }
+    let token = settings
+        .get_str("Token")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            invalid("MigrationSettingData.Token is required: the token the destination's PrepareIncomingMigration returned")
+        })?
+        .to_string();
+    let auto_converge = match settings.get("AutoConverge") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Str(s)) if s.eq_ignore_ascii_case("true") => true,
+        Some(Value::Str(s)) if s.eq_ignore_ascii_case("false") => false,
+        Some(_) => {
+            return Err(invalid(
+                "MigrationSettingData.AutoConverge must be a boolean",
+            ))
+        }
+    };
+    Ok(Asked {
+        vm,
+        request: MigrateRequest {
+            destination,
+            token,
+            downtime_ms: number(&settings, "MaxDowntime")?,
+            timeout_s: number(&settings, "PrecopyTimeout")?,
+            max_bandwidth_mib_s: bandwidth_mib_s(&settings)?,
+            auto_converge,
+        },
+    })
+}
+
+/// MigrateVirtualSystemToHost: starts sending the VM and waits for the destination's answer to
+/// the handshake; returns 4096 and the job, or a CIM error (unknown VM, bad parameters, the
+/// destination unreachable or refusing) with the VM running on here.
+pub fn migrate_to_host(cimom: &Cimom, params: Params<'_>) -> MethodResult {
+    let Asked { vm, request } = asked(params)?;
+    let started = cimom.host.migrate_vm(&vm, request).map_err(host_fault)?;
+    let deadline = Instant::now() + HANDSHAKE_WAIT;
+    let mut info = started;
+    while info.phase == MigrationPhase::Handshake && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        info = cimom.host.get_migration(&info.id).map_err(host_fault)?;
+    }
+    if matches!(
+        info.phase,
+        MigrationPhase::Failed | MigrationPhase::Cancelled
+    ) {
+        return Err(CimFault::new(
+            CimStatus::Failed,
+            format!(
+                "migration {} of {vm} did not start: {}; the VM runs on here",
+                info.id,
+                info.error.as_deref().unwrap_or("no reason given")
+            ),
+        ));
+    }
+    Ok((
+        JOB_STARTED,
+        vec![("Job", model::migration_job_path(&info.id).into())],
+    ))
+}
+
+/// CheckVirtualSystemIsMigratableToHost: the parameters are valid and the VM runs (or is
+/// paused). The destination is not contacted: its one-shot listener takes one connection, and
+/// its own checks (token, config, CPU) come in the handshake of the migration itself.
+pub fn check_migratable(cimom: &Cimom, params: Params<'_>) -> MethodResult {
+    let Asked { vm, .. } = asked(params)?;
+    let details = cimom.host.get_vm(&vm).map_err(host_fault)?;
+    use lockstep_api::control::VmState;
+    let migratable = matches!(details.info.state, VmState::Running | VmState::Paused);
+    Ok((0, vec![("IsMigratable", Value::Bool(migratable))]))
+}
+
+/// PrepareIncomingMigration: opens the one-shot listener for a VM to be named `SystemName`.
+pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
+    let listen = params
+        .string("Listen")?
+        .ok_or_else(|| invalid("Listen is required (IP:PORT, port 0 for any, or unix:/path)"))?;
+    let name = params
+        .string("SystemName")?
+        .ok_or_else(|| invalid("SystemName is required: the name the VM gets here"))?;
+    let info = cimom
+        .host
+        .migrate_incoming(IncomingRequest {
+            listen: listen.trim().to_string(),
+            name: name.to_string(),
+        })
+        .map_err(host_fault)?;
+    Ok((
+        JOB_STARTED,
+        vec![
+            ("DestinationHost", Value::from(info.listen)),
+            ("Token", Value::from(info.token)),
+            ("Job", model::migration_job_path(&info.id).into()),
+        ],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::fake_host::FakeHost;
+    use crate::model::{Snapshot, CIMV2_NS, INTEROP_NS};
+    use lockstep_api::control::HostControl;
+
+    fn cimom() -> Arc<Cimom> {
+        let host = Arc::new(FakeHost::with_vms(1));
+        host.start_vm("vm000").unwrap();
+        Cimom::new(host, "h".into(), None, Default::default()).unwrap()
+    }
+
+    /// `inst` with `name` set to `value`, whether it had one or not.
+    fn but(mut inst: Instance, name: &'static str, value: Value) -> Instance {
+        inst.set(std::borrow::Cow::Borrowed(name), value);
+        inst
+    }
+
+    fn settings(token: &str) -> Instance {
+        Instance::new(model::MIGRATION_SETTINGS_CLASS)
+            .with("Token", token)
+            .with("MaxDowntime", 50u64)
+            .with("Bandwidth", 2u16)
+            .with("BandwidthUnit", "byte / second * 2^30")
+            .with("AutoConverge", true)
+    }
+
+    fn migrate_params(vm: &str, destination: &str, settings: Instance) -> Vec<(String, Param)> {
+        vec![
+            (
+                "ComputerSystem".into(),
+                Param::Value(model::vm_path(vm).into()),
+            ),
+            (
+                "DestinationHost".into(),
+                Param::Value(Value::from(destination)),
+            ),
+            (
+                "MigrationSettingData".into(),
+                Param::Value(Value::Embedded(Box::new(settings))),
+            ),
+        ]
+    }
+
+    fn out<'a>(out: &'a [(&'static str, Value)], name: &str) -> &'a Value {
+        &out.iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    #[test]
+    fn a_vm_migrates_through_the_service_and_its_job_ends_completed() {
+        let cimom = cimom();
+        let prepare = [
+            (
+                "Listen".to_string(),
+                Param::Value(Value::from("127.0.0.1:0")),
+            ),
+            ("SystemName".to_string(), Param::Value(Value::from("moved"))),
+        ];
+        let (rc, prepared) = prepare_incoming(&cimom, Params(&prepare)).unwrap();
+        assert_eq!(rc, 4096);
+        let destination = out(&prepared, "DestinationHost")
+            .as_str()
+            .unwrap()
+            .to_string();
+        let token = out(&prepared, "Token").as_str().unwrap().to_string();
+        assert_eq!(destination, "127.0.0.1:45678");
+
+        let params = migrate_params("vm000", &destination, settings(&token));
+        let (rc, checked) = check_migratable(&cimom, Params(&params)).unwrap();
+        assert_eq!((rc, out(&checked, "IsMigratable")), (0, &Value::Bool(true)));
+        let (rc, started) = migrate_to_host(&cimom, Params(&params)).unwrap();
+        assert_eq!(rc, 4096);
+        let Value::Ref(job) = out(&started, "Job") else {
+            panic!("no job reference: {started:?}")
+        };
+        let snap = Snapshot::new(&*cimom.host);
+        let job = model::get(&cimom, &snap, job).expect("the job is served");
+        assert_eq!(job.get("JobState").and_then(Value::as_u64), Some(7));
+        assert_eq!(
+            job.get("PercentComplete").and_then(Value::as_u64),
+            Some(100)
+        );
+        assert_eq!(job.get_str("Direction"), Some("outgoing"));
+        assert!(job.get("ErrorDescription").is_none());
+        // Both ends' jobs are served, the incoming one too.
+        let jobs = model::enumerate(&cimom, &snap, CIMV2_NS, "CIM_ConcreteJob");
+        assert_eq!(
+            jobs.iter()
+                .filter(|j| j.class == model::MIGRATION_JOB_CLASS)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_cim_errors() {
+        let cimom = cimom();
+        let status = |params: Vec<(String, Param)>| {
+            migrate_to_host(&cimom, Params(&params)).unwrap_err().status
+        };
+        let good = || settings("fake-token-0");
+        assert_eq!(
+            status(migrate_params("nosuchvm", "127.0.0.1:4000", good())),
+            CimStatus::NotFound
+        );
+        // No listener has this token: the handshake fails, and so does the method.
+        let refused = migrate_to_host(
+            &cimom,
+            Params(&migrate_params("vm000", "127.0.0.1:4000", good())),
+        )
+        .unwrap_err();
+        assert_eq!(refused.status, CimStatus::Failed);
+        assert!(
+            refused.description.contains("authentication")
+                && refused.description.contains("runs on here"),
+            "{}",
+            refused.description
+        );
+        assert_eq!(
+            status(migrate_params("vm000", "somewhere", good())),
+            CimStatus::InvalidParameter
+        );
+        assert_eq!(
+            status(migrate_params(
+                "vm000",
+                "127.0.0.1:4000",
+                Instance::new(model::MIGRATION_SETTINGS_CLASS)
+            )),
+            CimStatus::InvalidParameter,
+            "no token"
+        );
+        assert_eq!(
+            status(migrate_params(
+                "vm000",
+                "127.0.0.1:4000",
+                good().with("MigrationType", 4u16)
+            )),
+            CimStatus::NotSupported
+        );
+        assert_eq!(
+            status(migrate_params(
+                "vm000",
+                "127.0.0.1:4000",
+                but(good(), "BandwidthUnit", "bit / second".into())
+            )),
+            CimStatus::InvalidParameter
+        );
+        assert_eq!(
+            cimom.host.get_vm("vm000").unwrap().info.state,
+            lockstep_api::control::VmState::Running
+        );
+    }
+
+    #[test]
+    fn settings_map_onto_the_control_apis_request() {
+        let params = migrate_params("vm000", "unix:/run/in.sock", settings("t"));
+        let asked = asked(Params(&params)).unwrap();
+        assert_eq!(
+            asked.request,
+            MigrateRequest {
+                destination: "unix:/run/in.sock".into(),
+                token: "t".into(),
+                downtime_ms: Some(50),
+                timeout_s: None,
+                max_bandwidth_mib_s: Some(2048),
+                auto_converge: true,
+            }
+        );
+        let unlimited = but(settings("t"), "Bandwidth", 0u16.into());
+        let params = migrate_params("vm000", "[::1]:7000", unlimited);
+        assert_eq!(asked_bandwidth(&params), None);
+    }
+
+    fn asked_bandwidth(params: &[(String, Param)]) -> Option<u64> {
+        asked(Params(params)).unwrap().request.max_bandwidth_mib_s
+    }
+
+    #[test]
+    fn the_profile_is_registered_with_the_service_as_its_central_instance() {
+        let cimom = cimom();
+        let snap = Snapshot::new(&*cimom.host);
+        let profiles = model::enumerate(&cimom, &snap, INTEROP_NS, "CIM_RegisteredProfile");
+        assert!(profiles.iter().any(|p| {
+            p.get_str("RegisteredName") == Some("Virtual System Migration")
+                && p.get_str("RegisteredVersion") == Some("1.0.0")
+        }));
+        let conforms = model::enumerate(&cimom, &snap, INTEROP_NS, "CIM_ElementConformsToProfile");
+        assert!(conforms.iter().any(|c| {
+            matches!(c.get("ManagedElement"), Some(Value::Ref(p)) if p.class == model::MIGRATION_SERVICE_CLASS)
+        }));
+        for (class, count) in [
+            ("LKS_VirtualSystemMigrationService", 1),
+            ("LKS_VirtualSystemMigrationCapabilities", 1),
+            ("LKS_VirtualSystemMigrationSettingData", 1),
+            ("LKS_ServiceAffectsElement", 1),
+        ] {
+            assert_eq!(
+                model::enumerate(&cimom, &snap, CIMV2_NS, class).len(),
+                count,
+                "{class}"
+            );
+        }
+        let hosted = model::enumerate(&cimom, &snap, CIMV2_NS, "LKS_HostedService");
+        assert!(hosted.iter().any(|h| {
+            matches!(h.get("Dependent"), Some(Value::Ref(p)) if p.class == model::MIGRATION_SERVICE_CLASS)
+        }));
+    }
+}
