@@ -189,6 +189,10 @@ fn init_logging() {
     } else {
         builder.format(|buf, record| {
             use std::io::Write;
+            // Live migration progress lines on the terminal make way for the log line.
+            if let Some(clear) = lockstep_vmm::migration::clear_for_log_line() {
+                buf.write_all(clear.as_bytes())?;
+            }
             writeln!(buf, "[lockstep {}] {}", record.level(), record.args())
         });
     }

@@ -182,6 +182,7 @@ fn all_provided(cimom: &Cimom, namespace: &str) -> Vec<&'static str> {
         "CIM_ElementSettingData",
         "CIM_SettingsDefineState",
         "CIM_AffectedJobElement",
+        "CIM_ServiceAffectsElement",
         "CIM_ElementConformsToProfile",
         "CIM_AbstractIndicationSubscription",
     ] {

@@ -208,6 +208,32 @@ pub fn run_pywbem(target: &Target, extra: &[&str]) {
     );
 }
 
+/// Runs `pywbem_migration.py`: a live migration from `source` to `destination` through their
+/// CIM endpoints (both with the same credentials), with extra arguments (`--vm`, `--new-name`,
+/// ...); panics on any failed check.
+pub fn run_pywbem_migration(source: &Target, destination: &Target, extra: &[&str]) {
+    let script = tests_dir().join("pywbem_migration.py");
+    let mut cmd = client("python3");
+    cmd.arg(script).args([
+        "--source",
+        &source.url,
+        "--destination",
+        &destination.url,
+        "--user",
+        &source.user,
+        "--password",
+        &source.password,
+    ]);
+    cmd.args(extra);
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "pywbem migration checks failed from {} to {}",
+        source.url,
+        destination.url
+    );
+}
+
 /// Runs pywbemcli against `target`. `instance query` goes through a one-line shim: pywbemcli
 /// 1.4 calls `list()` on pywbem's IterQueryInstances result, which is not iterable, so that
 /// command fails against every real server; the shim makes the result iterable.

@@ -128,6 +128,16 @@ impl TestHost {
     /// [`TestHost::start_with`], the host process inside a network namespace (to reach its
     /// taps).
     pub fn start_in(vms: Vec<Value>, extra: Value, netns: Option<&str>) -> TestHost {
+        Self::launch(vms, extra, netns, false)
+    }
+
+    /// [`TestHost::start`] with the host's standard error on a pseudo-terminal, as when a
+    /// person runs it; what it writes there is copied into its log.
+    pub fn start_on_terminal(vms: Vec<Value>) -> TestHost {
+        Self::launch(vms, json!({}), None, true)
+    }
+
+    fn launch(vms: Vec<Value>, extra: Value, netns: Option<&str>, terminal: bool) -> TestHost {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = dir.path().join("api.sock");
         let mut config = json!({
@@ -149,12 +159,22 @@ impl TestHost {
             }
             None => Command::new(lockstep_bin()),
         };
+        let log_file = std::fs::File::create(&log).unwrap();
+        let stderr = if terminal {
+            let (mut master, slave) = crate::vm::open_pty();
+            let mut copy = log_file;
+            // Until the host exits (the terminal's master side then reads EIO).
+            std::thread::spawn(move || std::io::copy(&mut master, &mut copy));
+            Stdio::from(slave)
+        } else {
+            Stdio::from(log_file)
+        };
         let child = command
             .args(["host", "--config"])
             .arg(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(stderr)
             .spawn()
             .expect("start lockstep host");
         let host = TestHost {

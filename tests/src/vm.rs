@@ -127,7 +127,7 @@ enum Console {
 
 /// A new pseudo-terminal: the master side (the test's keyboard) and the slave side (lockstep's
 /// stdin).
-fn open_pty() -> (std::fs::File, std::fs::File) {
+pub(crate) fn open_pty() -> (std::fs::File, std::fs::File) {
     use std::os::fd::FromRawFd;
     let (mut master, mut slave) = (-1, -1);
     // SAFETY: openpty writes two descriptors into the given integers; the name, termios and

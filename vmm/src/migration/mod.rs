@@ -27,7 +27,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
-pub use progress::{progress_line, spawn_terminal_progress};
+pub use progress::{clear_for_log_line, progress_line, spawn_terminal_progress};
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 

@@ -2,10 +2,12 @@
 //! terminal, one line per migration under way (phase, round, percent, link rate, expected
 //! downtime), redrawn in place four times a second; a migration that ends leaves its last line
 //! (outcome, time, downtime or error) above them. Nothing is written when standard error is not
-//! a terminal.
+//! a terminal. A log line clears the live lines first ([`clear_for_log_line`]), and they are
+//! drawn again below it at the next redraw.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +16,18 @@ use lockstep_api::migration::{MigrationInfo, MigrationPhase};
 
 /// How often the lines are redrawn.
 const TICK: Duration = Duration::from_millis(250);
+
+/// Live lines on the terminal now (0 when the thread does not run).
+static DRAWN: AtomicUsize = AtomicUsize::new(0);
+
+/// What a log line written to standard error must start with: the escape that clears the live
+/// progress lines, when there are some (the next redraw puts them back below the log line).
+pub fn clear_for_log_line() -> Option<String> {
+    match DRAWN.swap(0, Ordering::AcqRel) {
+        0 => None,
+        n => Some(format!("\x1b[{n}F\x1b[J")),
+    }
+}
 
 /// Starts the progress thread when standard error is a terminal; returns whether it did.
 pub fn spawn_terminal_progress(host: Arc<dyn HostControl>) -> bool {
@@ -28,12 +42,24 @@ pub fn spawn_terminal_progress(host: Arc<dyn HostControl>) -> bool {
             let mut screen = Screen::default();
             loop {
                 std::thread::sleep(TICK);
-                let text = screen.redraw(&*host);
-                if !text.is_empty() {
-                    let mut err = std::io::stderr().lock();
-                    // A terminal that cannot be written to only loses the progress lines.
-                    let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
+                let migrations = host.list_migrations();
+                if DRAWN.load(Ordering::Acquire) == 0
+                    && !migrations.iter().any(|m| screen.wanted(m))
+                {
+                    continue;
                 }
+                let memory: HashMap<String, u64> = host
+                    .list_vms()
+                    .into_iter()
+                    .map(|vm| (vm.name, vm.mem_size_mib << 20))
+                    .collect();
+                let mut err = std::io::stderr().lock();
+                // A log line may have cleared the live lines since the last redraw.
+                screen.drawn = DRAWN.load(Ordering::Acquire);
+                let text = screen.draw(&migrations, &memory);
+                // A terminal that cannot be written to only loses the progress lines.
+                let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
+                DRAWN.store(screen.drawn, Ordering::Release);
             }
         });
     if let Err(e) = spawned {
@@ -52,26 +78,13 @@ struct Screen {
 }
 
 impl Screen {
-    /// The text that replaces the live lines with the host's migrations now.
-    fn redraw(&mut self, host: &dyn HostControl) -> String {
-        let migrations = host.list_migrations();
-        let wanted = |m: &&MigrationInfo| !m.phase.ended() || self.live.contains(&m.id);
-        if self.drawn == 0 && !migrations.iter().any(|m| wanted(&m)) {
-            return String::new();
-        }
-        let memory: std::collections::HashMap<String, u64> = host
-            .list_vms()
-            .into_iter()
-            .map(|vm| (vm.name, vm.mem_size_mib << 20))
-            .collect();
-        self.draw(&migrations, &memory)
+    /// Whether `m` has a line to show: under way, or ended since the last drawing.
+    fn wanted(&self, m: &MigrationInfo) -> bool {
+        !m.phase.ended() || self.live.contains(&m.id)
     }
 
-    fn draw(
-        &mut self,
-        migrations: &[MigrationInfo],
-        memory: &std::collections::HashMap<String, u64>,
-    ) -> String {
+    /// The text that replaces the live lines with `migrations`.
+    fn draw(&mut self, migrations: &[MigrationInfo], memory: &HashMap<String, u64>) -> String {
         let mut out = String::new();
         if self.drawn > 0 {
             // To the start of the first live line, and clear to the end of the screen.
@@ -169,6 +182,13 @@ mod tests {
             progress_line(&failed, None),
             "migration 4 outgoing web: failed after 1.23 s: cannot connect"
         );
+    }
+
+    #[test]
+    fn a_log_line_clears_the_live_lines_once() {
+        DRAWN.store(2, Ordering::Release);
+        assert_eq!(clear_for_log_line().as_deref(), Some("\x1b[2F\x1b[J"));
+        assert_eq!(clear_for_log_line(), None);
     }
 
     #[test]
