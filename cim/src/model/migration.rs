@@ -90,7 +90,7 @@ pub(super) fn migration_settings(_cimom: &Cimom, _snap: &Snapshot<'_>, _ns: &str
         .with("AutoConverge", false)]
 }
 
-/// The job's JobState, OperationalStatus and whether it is an error.
+/// The job's JobState and OperationalStatus in a phase.
 fn job_state(phase: MigrationPhase) -> (u16, &'static [u16]) {
     match phase {
         // Running, OK.
