@@ -3,6 +3,7 @@
 //! each module is one area of issue #12.
 
 mod basic;
+mod dirty;
 
 use std::time::{Duration, Instant};
 
