@@ -21,12 +21,13 @@ auto-converge at 200). Figures per row, medians of --runs each, runs alternating
   * bytes on the wire (lockstep's `bytes`, QEMU's `ram.transferred`) and rounds (lockstep's last
     `round` + 1: rounds 0 to the switch's; QEMU's `ram.dirty-sync-count`, its last sync being
     the switch's);
+  * console lines lost: `counter` lines the guest printed that are in neither log (QEMU's serial
+    can drop what is in flight at the switch);
   * the dirty rate the VMM measured in its last pre-copy round (lockstep's `dirty_rate_mib_s`,
     QEMU's `dirty-pages-rate` times the page size, which QEMU measures over whole seconds: n/a for
-    shorter migrations): on a 2-core machine the guest's vCPU shares the cores with both VMMs'
-    migration threads, so it dirties less than it asks for; and the
-    rate the guest itself achieved in its last 200 ms before the pause (`memdirty`'s
-    `dirtied_kib=` on its lines).
+    shorter migrations), and the rate the guest itself achieved in its last 200 ms before the
+    pause (`memdirty`'s `dirtied_kib=` on its lines): on a 2-core machine the guest's vCPU shares
+    the cores with both VMMs' migration threads, so it may dirty less than it asks for.
 
 Both VMMs get the same downtime budget (--budget-ms, 20 by default, lockstep's default; QEMU's
 `downtime-limit`) and no bandwidth cap (QEMU's `max-bandwidth` is raised from its 128 MiB/s
@@ -36,7 +37,8 @@ Same-host rows (--same-host): lockstep over a Unix socket, idle 512 MiB and 2 Gi
 whatever the host does for a Unix-socket destination (today memory is copied as over TCP; the
 memfd path, once it lands, is meant to make them flat).
 
-Usage: bench/migrate.py [--runs N] [--budget-ms MS] [--same-host] [--only ROW,...] [--json FILE]
+Usage: bench/migrate.py [--runs N] [--budget-ms MS] [--tick-ms MS] [--same-host] [--only ROW,...]
+                        [--no-qemu] [--json FILE]
 (bench/run.sh migrate builds first)
 """
 
@@ -110,28 +112,30 @@ def guest_dirty_rate(before, window_ns=200_000_000):
 
 
 def guest_gap(before, after, tick_ms):
-    """The guest's gap at the switch, ms, by its KVM clock and by its TSC: the longest interval
-    between consecutive lines among the two either side of where the destination's log starts,
-    minus the tick interval. `before` and `after` are the source's and destination's logs (a line
-    cut at the switch is whole when they are joined)."""
+    """The guest's gap at the switch, ms, by its KVM clock and by its TSC, and how many of its
+    lines never arrived: the longest interval between consecutive lines among the two either side
+    of where the destination's log starts, minus the ticks it spans. `before` and `after` are the
+    source's and destination's logs (a line cut at the switch is whole when they are joined; a
+    line lost at the switch makes the interval span two ticks)."""
     lines = counter_lines(before + after)
     first_after = counter_lines(after)
     if len(lines) < 6 or not first_after:
-        return None, None
+        return None, None, None
     numbers = [n for n, _, _ in lines]
-    if any(b != a + 1 for a, b in zip(numbers, numbers[1:])):
-        raise RuntimeError(f"the guest's counter skipped or repeated: {numbers}")
+    if any(b <= a for a, b in zip(numbers, numbers[1:])):
+        raise RuntimeError(f"the guest's counter went back or repeated: {numbers}")
+    lost = sum(b - a - 1 for a, b in zip(numbers, numbers[1:]))
     switch = numbers.index(first_after[0][0])
-    # TSC ticks per ns, from the intervals away from the switch.
-    rates = [(t2 - t1) / (n2 - n1) for (_, n1, t1), (_, n2, t2) in zip(lines, lines[1:])
-             if n2 > n1 and t2 > t1]
+    # TSC ticks per KVM-clock ns, from every interval.
+    rates = [(t2 - t1) / (s2 - s1) for (_, s1, t1), (_, s2, t2) in zip(lines, lines[1:]) if s2 > s1 and t2 > t1]
     tsc_per_ns = statistics.median(rates) if rates else None
     window = lines[max(0, switch - 2):switch + 3]
-    ns_gap = max(b[1] - a[1] for a, b in zip(window, window[1:])) / 1e6 - tick_ms
+    pairs = list(zip(window, window[1:]))
+    ns_gap = max((b[1] - a[1]) / 1e6 - (b[0] - a[0]) * tick_ms for a, b in pairs)
     tsc_gap = None
     if tsc_per_ns:
-        tsc_gap = max(b[2] - a[2] for a, b in zip(window, window[1:])) / tsc_per_ns / 1e6 - tick_ms
-    return max(ns_gap, 0.0), (max(tsc_gap, 0.0) if tsc_gap is not None else None)
+        tsc_gap = max((b[2] - a[2]) / tsc_per_ns / 1e6 - (b[0] - a[0]) * tick_ms for a, b in pairs)
+    return max(ns_gap, 0.0), (max(tsc_gap, 0.0) if tsc_gap is not None else None), lost
 
 
 def read(path):
@@ -234,8 +238,9 @@ def run_lockstep(image, source, destination, work, row, run, budget_ms, tick_ms)
         deadline = time.time() + 10
         while len(counter_lines(destination.serial(name))) < 5 and time.time() < deadline:
             time.sleep(0.02)
-        ns_gap, tsc_gap = guest_gap(source.serial(name), destination.serial(name), tick_ms)
+        ns_gap, tsc_gap, lost = guest_gap(source.serial(name), destination.serial(name), tick_ms)
         return {"downtime_ms": info["downtime_ms"], "gap_kvmclock_ms": ns_gap, "gap_tsc_ms": tsc_gap,
+                "lines_lost": lost,
                 "total_ms": info["elapsed_ms"], "bytes": info["bytes"],
                 # Rounds 0..=round: the last (the switch's) counted, as QEMU's last sync is.
                 "rounds": info["round"] + 1, "dirty_rate_mib_s": info["dirty_rate_mib_s"],
@@ -354,11 +359,12 @@ def run_qemu(image, work, row, run, budget_ms, tick_ms):
         deadline = time.time() + 10
         while len(counter_lines(read(dst_log))) < 5 and time.time() < deadline:
             time.sleep(0.02)
-        ns_gap, tsc_gap = guest_gap(read(src_log), read(dst_log), tick_ms)
+        ns_gap, tsc_gap, lost = guest_gap(read(src_log), read(dst_log), tick_ms)
         events_ms = (resumed - stopped) * 1e3
         return {"downtime_ms": max(events_ms, info.get("downtime", 0)), "stop_to_resume_ms": events_ms,
                 "qemu_downtime_ms": info.get("downtime"),
-                "gap_kvmclock_ms": ns_gap, "gap_tsc_ms": tsc_gap, "total_ms": info["total-time"],
+                "gap_kvmclock_ms": ns_gap, "gap_tsc_ms": tsc_gap, "lines_lost": lost,
+                "total_ms": info["total-time"],
                 "bytes": info["ram"]["transferred"], "rounds": info["ram"]["dirty-sync-count"],
                 "dirty_rate_mib_s": dirty_rate, "guest_dirty_mib_s": guest_dirty_rate(read(src_log)),
                 "throttle_percent": info.get("cpu-throttle-percentage", 0)}
@@ -380,6 +386,7 @@ METRICS = [
     ("total_ms", "total time", lambda v: f"{v:.0f} ms", True),
     ("bytes", "bytes on the wire", lambda v: f"{v / 2**20:.1f} MiB", True),
     ("rounds", "rounds", lambda v: f"{v:g}", False),
+    ("lines_lost", "guest console lines lost at the switch (sum of the runs)", lambda v: f"{v:g}", False),
     ("dirty_rate_mib_s", "dirty rate the VMM measured (last round)", lambda v: f"{v:.0f} MiB/s", False),
     ("guest_dirty_mib_s", "guest's own dirty rate, its last 200 ms before the pause", lambda v: f"{v:.0f} MiB/s",
      False),
@@ -439,6 +446,8 @@ def main():
         value = summary[key][vmm][metric]
         if value is None:
             return "n/a"
+        if metric == "lines_lost":
+            return fmt(sum(r[metric] or 0 for r in results[key][vmm]))
         if metric != "downtime_ms":
             return fmt(value)
         values = [r[metric] for r in results[key][vmm]]
