@@ -152,7 +152,7 @@ fn run(block: &mut Block, request: &Request) {
         "memdirty start mib={} mib_per_s={} seconds={} addr={:#x}",
         request.mib, request.mib_per_s, request.seconds, block.addr
     ));
-    let pages_per_s = u128::from(request.mib_per_s * PAGES_PER_MIB);
+    let pages_per_s = u128::from(request.mib_per_s.saturating_mul(PAGES_PER_MIB));
     let tick_ns = request.tick_ms.map(|ms| ms * 1_000_000);
     let start = now_ns();
     let end = start.saturating_add(request.seconds * 1_000_000_000);
@@ -183,7 +183,7 @@ fn run(block: &mut Block, request: &Request) {
             base = now;
             written = 0;
         }
-        let due = (u128::from(now - base) * pages_per_s / NS_PER_S) as u64;
+        let due = (u128::from(now.saturating_sub(base)) * pages_per_s / NS_PER_S) as u64;
         if due > written {
             for _ in 0..(due - written).min(CHUNK_PAGES) {
                 if !block.holds(pass - 1, cursor) {
@@ -206,7 +206,7 @@ fn run(block: &mut Block, request: &Request) {
         }
         keyboard::nap_us((wake.saturating_sub(now) / 1000).max(1));
     };
-    let ms = (now_ns() - start) / 1_000_000;
+    let ms = now_ns().saturating_sub(start) / 1_000_000;
     let run = Run {
         pass,
         cursor,
