@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds what the benchmarks need (release lockstep, the test guest, QEMU) and runs one of them.
-#   bench/run.sh boot|io|snapshot [args...]     e.g. bench/run.sh io --runs 5 --only block
+#   bench/run.sh boot|io|snapshot|migrate [args...]     e.g. bench/run.sh io --runs 5 --only block
 # (bench/cim.sh builds what it needs itself.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bench="${1:?usage: bench/run.sh boot|io|snapshot [args...]}"
+bench="${1:?usage: bench/run.sh boot|io|snapshot|migrate [args...]}"
 shift
-case "$bench" in boot | io | snapshot) ;; *) echo "bench/run.sh: no benchmark $bench" >&2; exit 2 ;; esac
+case "$bench" in boot | io | snapshot | migrate) ;; *) echo "bench/run.sh: no benchmark $bench" >&2; exit 2 ;; esac
 # QEMU, python3 and the rest: everything the benchmarks start (scripts/host-programs.tsv).
 scripts/setup-host.sh
 cargo build --release --quiet --bin lockstep

@@ -4,6 +4,7 @@
 
 mod basic;
 mod cim;
+mod dirty;
 
 use std::time::{Duration, Instant};
 

@@ -26,6 +26,8 @@ use crate::vm::snapshot::{decode_and_check, SnapshotPaths};
 
 /// How long a listener waits for its source.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a listener looks for its source's connection.
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
 /// How long the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one read or write may block once pages flow.
@@ -270,7 +272,9 @@ impl Receiver {
             if Instant::now() > deadline {
                 return Err(format!("no source connected within {ACCEPT_TIMEOUT:?}"));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // The source's connection waits for this look: 20 ms cost a migration 10 ms on
+            // average (bench/run.sh migrate), 2 ms costs 1 ms for 500 cheap wake-ups a second.
+            std::thread::sleep(ACCEPT_POLL);
         }
     }
 

@@ -212,7 +212,10 @@ impl PageWriter<'_> {
             let mut page = 0;
             while page < pages {
                 if !wanted(page) {
-                    page += 1;
+                    // A word of clear bits skips its 64 pages at once: the switch's scan of a
+                    // large, mostly clean guest (0.4 ms for 2 GiB page by page).
+                    let clear_word = bits.is_some_and(|b| b[index].get(page / 64) == Some(&0));
+                    page += if clear_word { 64 - page % 64 } else { 1 };
                     continue;
                 }
                 let pfn = base_pfn + page as u64;

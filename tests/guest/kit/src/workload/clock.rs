@@ -59,10 +59,7 @@ pub(super) fn counter(args: &mut Args) {
         if !sleep_until(&mut next, interval) {
             break "key";
         }
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
-        let reading = kvmclock::read();
-        let tsc = reading.map_or_else(rdtsc, |r| r.tsc);
-        report::line(format_args!("counter={n} ns={} tsc={tsc}", ShowNs(reading)));
+        tick(None);
         ticks += 1;
         if count.is_some_and(|count| ticks >= count) {
             break "count";
@@ -73,6 +70,23 @@ pub(super) fn counter(args: &mut Args) {
         "counter-end last={} ticks={ticks} stopped_by={stopped_by}",
         COUNTER.load(Ordering::Relaxed)
     ));
+}
+
+/// Adds one to the counter and prints `LKS counter=<n> ns=<ns> tsc=<tsc>`, with
+/// ` dirtied_kib=<k>` when given (`memdirty`'s ticks: one transcript check covers both).
+pub(super) fn tick(dirtied_kib: Option<u64>) {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+    let reading = kvmclock::read();
+    let tsc = reading.map_or_else(rdtsc, |r| r.tsc);
+    let mut console = report::ConsoleGuard::lock();
+    console.write(format_args!(
+        "LKS counter={n} ns={} tsc={tsc}",
+        ShowNs(reading)
+    ));
+    match dirtied_kib {
+        Some(kib) => console.write(format_args!(" dirtied_kib={kib}\n")),
+        None => console.write(format_args!("\n")),
+    }
 }
 
 /// When the tick after the one due at `due` is: one `interval` later, or, if that has passed

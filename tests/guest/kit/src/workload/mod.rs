@@ -1,6 +1,7 @@
 //! Device commands for the monitor and for `lks.run` scripts: listing devices, block I/O with
 //! verifiable patterns, networking, entropy, vsock streams, benchmarks timed by the host, hostile
-//! descriptor chains, and the clock, counter and memory commands of pause and snapshot tests.
+//! descriptor chains, the clock, counter and memory commands of pause and snapshot tests, and a
+//! memory writer for migration tests.
 //! Every command prints one or more machine-readable lines `LKS <command> ...` (see the README for
 //! each format).
 //!
@@ -9,6 +10,7 @@
 
 mod blk;
 mod clock;
+mod dirty;
 mod hostile;
 mod memory;
 mod net;
@@ -110,6 +112,7 @@ pub const HELP: &str = "  devices                          list virtio devices
   counter <interval_ms> [count]    a counter in guest memory, with both clocks, every interval
   memfill <MiB> <seed>             fill a block of RAM kept across commands with the pattern
   memcheck                         checksum that block again and compare it with the pattern
+  memdirty <MiB> <MiB_per_s> <seconds> [tick_ms]   rewrite a block at a set rate, then check it
   blk <n> info|id|flush            block device facts, ID string, cache flush
   blk <n> write <sector> <count> <seed>   write the seeded pattern
   blk <n> read <sector> <count> [seed]    read, checksum, compare with the pattern
@@ -146,6 +149,7 @@ pub fn execute(machine: &mut Machine, command: &[u8], args: &mut Args) -> bool {
         b"counter" => clock::counter(args),
         b"memfill" => memory::fill(machine, args),
         b"memcheck" => memory::check(machine),
+        b"memdirty" => dirty::command(machine, args),
         b"blk" => blk::command(machine, args),
         b"net" => net::command(machine, args),
         b"rng" => rng::command(machine, args),
