@@ -290,6 +290,27 @@ impl PageWriter<'_> {
 
 const MIB: f64 = (1 << 20) as f64;
 
+/// A last round expected to take no longer than this is not worth another round.
+const NEGLIGIBLE_SWITCH: Duration = Duration::from_millis(1);
+
+/// Whether pre-copy should stop and switch: the last round would fit the downtime budget, and
+/// another round would not make it much shorter. While the dirty set still at least halves from
+/// one round to the next (the guest dirties far slower than the link carries), one more round
+/// costs a fraction of the last and shortens the pause the guest sees, so the budget is a
+/// ceiling, not a target.
+fn converged(
+    expected_s: f64,
+    budget: Duration,
+    dirty_bytes: u64,
+    previous_dirty: Option<u64>,
+) -> bool {
+    if expected_s > budget.as_secs_f64() {
+        return false;
+    }
+    let shrinking = previous_dirty.map_or(true, |before| dirty_bytes.saturating_mul(2) <= before);
+    expected_s <= NEGLIGIBLE_SWITCH.as_secs_f64() || !shrinking
+}
+
 impl Sender {
     fn command(&self, command: VmCommand) -> Result<VmReply, String> {
         self.host.vm_command(&self.vm, command, VM_TIMEOUT)
@@ -384,6 +405,7 @@ impl Sender {
         let started = Instant::now();
         let mut busy = Duration::ZERO;
         let mut dirty: Option<Vec<Bits>> = None;
+        let mut previous_dirty: Option<u64> = None;
         let mut round = 0u32;
         loop {
             let round_start = Instant::now();
@@ -416,9 +438,10 @@ impl Sender {
             );
             dirty = Some(next);
             self.check_cancel()?;
-            if expected <= self.downtime.as_secs_f64() {
+            if converged(expected, self.downtime, dirty_bytes, previous_dirty) {
                 break;
             }
+            previous_dirty = Some(dirty_bytes);
             if let Some(throttle) = &throttle {
                 // One step at most every 200 ms: a step needs time to show in the dirty rate.
                 if round >= 1 && last_step.elapsed() >= Duration::from_millis(200) {
@@ -546,5 +569,33 @@ impl Sender {
         );
         self.host.remove_migrated(&self.vm);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn a_last_round_over_budget_never_switches() {
+        assert!(!converged(0.021, BUDGET, 1 << 20, Some(1 << 30)));
+        assert!(!converged(0.021, BUDGET, 1 << 20, Some(1 << 20)));
+    }
+
+    #[test]
+    fn a_dirty_set_that_still_halves_gets_another_round() {
+        // Within budget, but the set went from 64 MiB to 8 MiB: one more round is cheap.
+        assert!(!converged(0.008, BUDGET, 8 << 20, Some(64 << 20)));
+        // After the first round there is nothing to compare with: the set surely shrank.
+        assert!(!converged(0.008, BUDGET, 8 << 20, None));
+    }
+
+    #[test]
+    fn a_dirty_set_that_stopped_shrinking_or_a_negligible_one_switches() {
+        assert!(converged(0.008, BUDGET, 8 << 20, Some(10 << 20)));
+        assert!(converged(0.0005, BUDGET, 1 << 20, Some(64 << 20)));
+        assert!(converged(0.0005, BUDGET, 1 << 20, None));
     }
 }
