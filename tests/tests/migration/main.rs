@@ -3,6 +3,7 @@
 //! each module is one area of issue #12.
 
 mod basic;
+mod local;
 
 use std::time::{Duration, Instant};
 

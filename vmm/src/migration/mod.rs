@@ -8,6 +8,7 @@
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
 mod dirty;
+mod local;
 pub mod protocol;
 mod receive;
 mod send;

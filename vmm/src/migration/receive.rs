@@ -361,6 +361,20 @@ impl Receiver {
         result
     }
 
+    /// Whether to take the same-host path a source offered (see `local`).
+    fn same_host(&self, conn: &Conn, handshake: &Handshake) -> bool {
+        if !handshake.same_host {
+            return false;
+        }
+        match super::local::check_peer(conn) {
+            Ok(()) => true,
+            Err(why) => {
+                log::info!("{}: memory will be copied: {why}", self.name);
+                false
+            }
+        }
+    }
+
     fn receive_vm(
         &self,
         conn: &mut Conn,
@@ -368,7 +382,14 @@ impl Receiver {
         config: VmConfig,
     ) -> Result<(), String> {
         let hv = self.host.hypervisor();
-        let incoming = match IncomingVm::prepare(hv, &config) {
+        let memory = match self.same_host(conn, handshake) {
+            true => {
+                write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
+                Some(super::local::receive_memory(conn, &handshake.regions)?)
+            }
+            false => None,
+        };
+        let incoming = match IncomingVm::prepare(hv, &config, memory) {
             Ok(vm) => vm,
             Err(e) => {
                 let why = format!("cannot build the VM here: {e}");

@@ -40,10 +40,15 @@ fn incompatible(why: impl Into<String>) -> VmError {
 }
 
 impl IncomingVm {
-    /// Checks `config` against the host and builds the VM: the KVM VM, zeroed guest memory and
-    /// its slots, the devices, the serial output and the vCPUs (their state comes at the
-    /// switch, so that the switch only sets state).
-    pub fn prepare(hv: &Hypervisor, config: &VmConfig) -> Result<IncomingVm, VmError> {
+    /// Checks `config` against the host and builds the VM: the KVM VM, guest memory (zeroed, or
+    /// `memory` when a same-host source handed its pages over) and its slots, the devices, the
+    /// serial output and the vCPUs (their state comes at the switch, so that the switch only
+    /// sets state).
+    pub fn prepare(
+        hv: &Hypervisor,
+        config: &VmConfig,
+        memory: Option<GuestMemoryMmap>,
+    ) -> Result<IncomingVm, VmError> {
         config.validate(&hv.host_limits())?;
         let machine = &config.machine_config;
         if machine.huge_pages != lockstep_api::HugePages::None {
@@ -54,7 +59,10 @@ impl IncomingVm {
             created.note_if_new(log);
         }
         let vm_fd = new_kvm_vm(hv)?;
-        let memory = memory::create_guest_memory(machine.mem_size_mib << 20, false)?;
+        let memory = match memory {
+            Some(m) => m,
+            None => memory::create_guest_memory(machine.mem_size_mib << 20, false)?,
+        };
         memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
         let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
         attach_virtio_devices(&mut devices, config)?;

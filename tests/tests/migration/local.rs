@@ -1,0 +1,202 @@
+//! Same-host migration (issue #12 point 6): over a Unix socket between two hosts of the same
+//! user, guest memory is handed over as memfds instead of being copied, so the bytes on the
+//! wire and the pause do not grow with memory size; a local peer passing bogus descriptors is
+//! refused and the destination serves on.
+
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use lockstep_tests::host::TestHost;
+use lockstep_tests::require_kvm;
+use lockstep_vmm::migration::protocol::{self, Handshake, Kind};
+use serde_json::Value;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::*;
+
+/// The generous bound on a same-host pause (the benchmark measures the real figure).
+const MAX_PAUSE_MS: f64 = 100.0;
+
+fn unix_listen(dir: &tempfile::TempDir, name: &str) -> String {
+    format!("unix:{}", dir.path().join(name).display())
+}
+
+#[test]
+fn a_same_host_migration_hands_memory_over_instead_of_copying_it() {
+    if !require_kvm("a_same_host_migration_hands_memory_over_instead_of_copying_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The guest fills 16 MiB and checks it after the move: copied, that is 16 MiB on the wire.
+    let info = migrate_and_check(&unix_listen(&dir, "in.sock"), 1, 512);
+    let bytes = info["bytes"].as_u64().unwrap();
+    let pause = info["downtime_ms"].as_f64().unwrap();
+    eprintln!("same host, 512 MiB: {bytes} bytes on the wire, pause {pause:.1} ms");
+    assert_eq!(info["pages"], 0, "no page was copied: {info}");
+    assert!(bytes < 1 << 20, "only the state on the wire: {bytes} bytes");
+    assert!(pause < MAX_PAUSE_MS, "pause {pause:.1} ms");
+}
+
+/// Migrates an idle counting guest of `mem_mib` over the same-host path; returns the source's
+/// last progress.
+fn idle_move(mem_mib: u64) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let source = TestHost::start(vec![vm_config("idle", "counter 100", 1, mem_mib)]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("idle", "LKS counter=3 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "idle");
+    let id = migrate(
+        &source,
+        "idle",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "completed");
+    let last = counters(&source.serial("idle")).last().copied().unwrap();
+    counter_moves(|| destination.serial("idle"), last);
+    info
+}
+
+#[test]
+fn the_same_host_pause_does_not_grow_with_memory_size() {
+    if !require_kvm("the_same_host_pause_does_not_grow_with_memory_size") {
+        return;
+    }
+    let small = idle_move(512);
+    let large = idle_move(2048);
+    let figures = |v: &Value| {
+        (
+            v["downtime_ms"].as_f64().unwrap(),
+            v["bytes"].as_u64().unwrap(),
+        )
+    };
+    let ((p512, b512), (p2g, b2g)) = (figures(&small), figures(&large));
+    eprintln!(
+        "same-host pause: 512 MiB {p512:.1} ms ({b512} bytes), 2 GiB {p2g:.1} ms ({b2g} bytes)"
+    );
+    assert!(
+        p512 < MAX_PAUSE_MS && p2g < MAX_PAUSE_MS,
+        "pauses {p512:.1} ms and {p2g:.1} ms"
+    );
+    // What moves is the state: the same few bytes whatever the memory size.
+    assert!(
+        b2g < b512 + (64 << 10) && b512 < 1 << 20,
+        "{b512} and {b2g} bytes"
+    );
+    assert_eq!(
+        (small["pages"].as_u64(), large["pages"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+/// A local peer that holds the token, offers the same-host path and passes `fds` for the
+/// regions of a `mem_mib` guest; returns what the destination answered after the descriptors.
+fn hostile_local_source(
+    path: &str,
+    token: &str,
+    config: &Value,
+    mem_mib: u64,
+    fds: &[RawFd],
+) -> protocol::Frame {
+    let mut conn = UnixStream::connect(path.strip_prefix("unix:").unwrap()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let nonce = protocol::expect_frame(&mut conn, Kind::Hello, "Hello").unwrap();
+    let config = lockstep_api::VmConfig::from_json(&config.to_string()).unwrap();
+    let regions: Vec<(u64, u64)> = lockstep_vmm::memory::ram_ranges(mem_mib << 20)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    let handshake = serde_json::to_vec(&Handshake {
+        format: protocol::FORMAT_VERSION,
+        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: serde_json::to_string(&config).unwrap(),
+        regions: regions.clone(),
+        cpuid: vec![],
+        same_host: true,
+    })
+    .unwrap();
+    let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();
+    auth.extend_from_slice(&handshake);
+    protocol::write_frame(&mut conn, Kind::Auth, &auth).unwrap();
+    let accept = protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();
+    assert_eq!(accept, [1], "the destination takes the same-host path");
+    let mut frame = vec![Kind::Fds as u8];
+    frame.extend_from_slice(&(16 * regions.len() as u32).to_le_bytes());
+    for (a, l) in &regions {
+        frame.extend_from_slice(&a.to_le_bytes());
+        frame.extend_from_slice(&l.to_le_bytes());
+    }
+    conn.send_with_fds(&[&frame[..]], fds).unwrap();
+    protocol::read_frame(&mut conn).unwrap()
+}
+
+fn memfd(len: u64, seal: bool) -> std::fs::File {
+    // SAFETY: a NUL-terminated name; the new descriptor is owned by the File.
+    let file = unsafe {
+        std::fs::File::from_raw_fd(libc::memfd_create(
+            c"hostile".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        ))
+    };
+    file.set_len(len).unwrap();
+    if seal {
+        // SAFETY: F_ADD_SEALS on our own descriptor.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+    file
+}
+
+#[test]
+fn bogus_descriptors_from_a_local_peer_are_refused_and_the_destination_serves_on() {
+    if !require_kvm("bogus_descriptors_from_a_local_peer_are_refused_and_the_destination_serves_on")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let destination = TestHost::start(vec![]);
+    let config = vm_config("victim", "counter 100", 1, 64);
+    let plain = tempfile::tempfile().unwrap();
+    plain.set_len(64 << 20).unwrap();
+    let small = memfd(32 << 20, true);
+    let unsealed = memfd(64 << 20, false);
+    let good = memfd(64 << 20, true);
+    let cases: [(&str, Vec<RawFd>, &str); 5] = [
+        ("a regular file", vec![plain.as_raw_fd()], "not a memfd"),
+        (
+            "a memfd of the wrong size",
+            vec![small.as_raw_fd()],
+            "not 67108864",
+        ),
+        (
+            "an unsealed memfd",
+            vec![unsealed.as_raw_fd()],
+            "not sealed",
+        ),
+        ("no descriptor", vec![], "0 memory descriptors"),
+        (
+            "more descriptors than regions",
+            vec![good.as_raw_fd(); 2],
+            "2 memory descriptors",
+        ),
+    ];
+    for (what, fds, why) in cases {
+        let (id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "victim");
+        let answer = hostile_local_source(&listen, &token, &config, 64, &fds);
+        assert_eq!(answer.kind, Kind::Abort, "{what}");
+        let info = wait_ended(&destination, &id, WAIT);
+        assert_eq!(info["phase"], "failed", "{what}: {info}");
+        let error = info["error"].as_str().unwrap();
+        assert!(error.contains(why), "{what}: {error}");
+        nothing_left(&destination, "victim");
+    }
+}

@@ -1,0 +1,313 @@
+//! Same-host migration: over a Unix socket between two lockstep processes of the same user,
+//! guest memory is not copied. Guest RAM is memfds mapped shared (`memory::create_guest_memory`);
+//! the source passes them with SCM_RIGHTS in one `Fds` frame and the destination maps the same
+//! pages, so the switch moves only vCPU and device state and does not grow with memory size.
+//!
+//! The source offers it in the handshake (`Handshake::same_host`, under the HMAC); the
+//! destination takes it only over a Unix socket whose peer (SO_PEERCRED) runs as its own user,
+//! and answers `Accept` with a 1. It then reads the `Fds` frame with its descriptors and checks
+//! every one before mapping it: as many as the announced regions (at most [`MAX_FDS`]), each a
+//! memfd (a shmem or hugetlbfs file whose seals can be read) of exactly its region's size with
+//! its size sealed (so that the source cannot shrink it under the mapping), then answers a
+//! second, empty `Accept` once the VM is built on them.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::protocol::{read_u64, Conn, Kind};
+use crate::memory::{self, GuestMemoryMmap};
+
+/// Most descriptors one `Fds` frame may carry (guest RAM has one or two regions).
+pub const MAX_FDS: usize = 4;
+
+/// `statfs` magic numbers of the file systems memfds live on.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// True when the source can offer the same-host path: a Unix socket, every region a memfd.
+pub fn can_offer(conn: &Conn, memory: &GuestMemoryMmap) -> bool {
+    matches!(conn, Conn::Unix(_)) && memory::memfds(memory).is_some()
+}
+
+/// The destination's check of the peer: a Unix socket, the same user as this process.
+pub fn check_peer(conn: &Conn) -> Result<(), String> {
+    let Conn::Unix(stream) = conn else {
+        return Err("not over a Unix socket".into());
+    };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which lives on this stack.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me {
+        return Err(format!(
+            "the peer (pid {}) runs as uid {}, this host as uid {me}",
+            cred.pid, cred.uid
+        ));
+    }
+    Ok(())
+}
+
+/// The source: sends the `Fds` frame, the regions with their memfds, in one message.
+pub fn send_memory(conn: &Conn, memory: &GuestMemoryMmap) -> Result<(), String> {
+    let Conn::Unix(stream) = conn else {
+        return Err("the same-host path needs a Unix socket".into());
+    };
+    let files = memory::memfds(memory).ok_or("guest memory is not backed by memfds")?;
+    let mut payload = Vec::with_capacity(16 * files.len());
+    for region in memory.iter() {
+        payload.extend_from_slice(&region.start_addr().0.to_le_bytes());
+        payload.extend_from_slice(&region.len().to_le_bytes());
+    }
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut frame = vec![Kind::Fds as u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    let sent = stream
+        .send_with_fds(&[&frame[..]], &fds)
+        .map_err(|e| format!("sending the memory descriptors: {e}"))?;
+    if sent != frame.len() {
+        // A short send of a few dozen bytes on a blocking stream: send the rest plainly (the
+        // descriptors went with the first byte).
+        use std::io::Write;
+        let mut s: &UnixStream = stream;
+        s.write_all(&frame[sent..])
+            .map_err(|e| format!("sending the memory descriptors: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The destination: reads the `Fds` frame and its descriptors, checks each against `regions`
+/// and maps them. Anything else, or anything wrong, is refused; every received descriptor is
+/// closed on the way out.
+pub fn receive_memory(conn: &Conn, regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, String> {
+    let Conn::Unix(stream) = conn else {
+        return Err("the same-host path needs a Unix socket".into());
+    };
+    let mut header = [0u8; 5];
+    let mut raw = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: header.len(),
+    }];
+    // SAFETY: the iovec points at `header`, which outlives the call; any bytes are valid there.
+    let (got, count) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| format!("receiving the memory descriptors: {e}"))?;
+    let files: Vec<File> = raw[..count.min(MAX_FDS)]
+        .iter()
+        // SAFETY: the kernel just gave us these descriptors; nothing else owns them.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if got == 0 {
+        return Err("the connection closed before the memory descriptors".into());
+    }
+    let mut s: &UnixStream = stream;
+    s.read_exact(&mut header[got..])
+        .map_err(|e| format!("the Fds frame header: {e}"))?;
+    if header[0] != Kind::Fds as u8 {
+        return Err(format!(
+            "expected the memory descriptors, got frame type {}",
+            header[0]
+        ));
+    }
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    if len > Kind::Fds.max_len() {
+        return Err(format!("an Fds frame of {len} bytes"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)
+        .map_err(|e| format!("the Fds frame: {e}"))?;
+    let announced: Vec<(u64, u64)> = (0..payload.len() / 16)
+        .filter_map(|i| Some((read_u64(&payload, 16 * i)?, read_u64(&payload, 16 * i + 8)?)))
+        .collect();
+    if !payload.len().is_multiple_of(16) || announced != regions {
+        return Err("the Fds frame's regions are not the handshake's".into());
+    }
+    if files.len() != regions.len() {
+        return Err(format!(
+            "{} memory descriptors for {} regions",
+            files.len(),
+            regions.len()
+        ));
+    }
+    let mut mapped = Vec::with_capacity(files.len());
+    for (file, &(base, len)) in files.into_iter().zip(regions) {
+        let huge = check_memfd(&file, len)
+            .map_err(|why| format!("the descriptor for the region at {base:#x}: {why}"))?;
+        mapped.push(
+            memory::map_memfd(file, GuestAddress(base), len, huge).map_err(|e| e.to_string())?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())
+}
+
+/// Checks that `file` is a memfd of `len` bytes whose size cannot change; returns whether it is
+/// on huge pages.
+fn check_memfd(file: &File, len: u64) -> Result<bool, String> {
+    let meta = file.metadata().map_err(|e| format!("fstat: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() != len {
+        return Err(format!("{} bytes, not {len}", meta.len()));
+    }
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into `fs`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(format!("fstatfs: {}", std::io::Error::last_os_error()));
+    }
+    let huge = match fs.f_type as i64 {
+        TMPFS_MAGIC => false,
+        HUGETLBFS_MAGIC => true,
+        other => return Err(format!("not a memfd (file system {other:#x})")),
+    };
+    // SAFETY: F_GET_SEALS takes no argument and reads only the descriptor.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(format!(
+            "not a memfd (F_GET_SEALS: {})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals & needed != needed {
+        return Err("its size is not sealed".into());
+    }
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err("it is sealed against writing".into());
+    }
+    Ok(huge)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    fn pair() -> (Conn, Conn) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Conn::Unix(a), Conn::Unix(b))
+    }
+
+    #[test]
+    fn memory_is_handed_over_not_copied() {
+        let mem = memory::create_guest_memory(16 << 20, false).unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x8000)).unwrap();
+        let (a, b) = pair();
+        assert!(can_offer(&a, &mem));
+        check_peer(&b).unwrap();
+        send_memory(&a, &mem).unwrap();
+        let there = receive_memory(&b, &memory::region_layout(&mem)).unwrap();
+        assert_eq!(
+            there.read_obj::<u32>(GuestAddress(0x8000)).unwrap(),
+            0x1234_5678
+        );
+        // The same pages: a write on one side shows on the other.
+        there.write_obj(7u64, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 7);
+    }
+
+    /// Sends an `Fds` frame announcing `regions` with `fds` attached.
+    fn send_raw(conn: &Conn, regions: &[(u64, u64)], fds: &[RawFd]) {
+        let Conn::Unix(s) = conn else { unreachable!() };
+        let mut frame = vec![Kind::Fds as u8];
+        frame.extend_from_slice(&(16 * regions.len() as u32).to_le_bytes());
+        for (a, l) in regions {
+            frame.extend_from_slice(&a.to_le_bytes());
+            frame.extend_from_slice(&l.to_le_bytes());
+        }
+        s.send_with_fds(&[&frame[..]], fds).unwrap();
+    }
+
+    fn memfd(len: u64, seal: bool) -> File {
+        // SAFETY: a NUL-terminated name; the new descriptor is owned by the File.
+        let file = unsafe {
+            File::from_raw_fd(libc::memfd_create(
+                c"t".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            ))
+        };
+        file.set_len(len).unwrap();
+        if seal {
+            // SAFETY: F_ADD_SEALS on our own descriptor.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, memory::MEMFD_SEALS) };
+        }
+        file
+    }
+
+    #[test]
+    fn bogus_descriptors_are_refused() {
+        let regions = [(0u64, 1u64 << 20)];
+        let refused = |regions_sent: &[(u64, u64)], fds: &[RawFd]| {
+            let (a, b) = pair();
+            send_raw(&a, regions_sent, fds);
+            receive_memory(&b, &regions).unwrap_err()
+        };
+        let good = memfd(1 << 20, true);
+        // A regular file of the right size.
+        let mut plain = tempfile::tempfile().unwrap();
+        plain.write_all(&vec![0; 1 << 20]).unwrap();
+        let why = refused(&regions, &[plain.as_raw_fd()]);
+        assert!(why.contains("not a memfd"), "{why}");
+        // The wrong size, an unsealed memfd, a pipe.
+        let why = refused(&regions, &[memfd(2 << 20, true).as_raw_fd()]);
+        assert!(why.contains("not 1048576"), "{why}");
+        let why = refused(&regions, &[memfd(1 << 20, false).as_raw_fd()]);
+        assert!(why.contains("not sealed"), "{why}");
+        let (r, _w) = std::io::pipe().unwrap();
+        assert!(refused(&regions, &[r.as_raw_fd()]).contains("not a regular file"));
+        // Too few, too many, other regions than announced.
+        assert!(refused(&regions, &[]).contains("0 memory descriptors"));
+        let many: Vec<RawFd> = vec![good.as_raw_fd(); MAX_FDS + 2];
+        assert!(receive_many_is_refused(&regions, &many));
+        assert!(refused(&[(4096, 1 << 20)], &[good.as_raw_fd()]).contains("not the handshake's"));
+        // And the good one passes.
+        let (a, b) = pair();
+        send_raw(&a, &regions, &[good.as_raw_fd()]);
+        receive_memory(&b, &regions).unwrap();
+    }
+
+    fn receive_many_is_refused(regions: &[(u64, u64)], fds: &[RawFd]) -> bool {
+        let (a, b) = pair();
+        send_raw(&a, regions, fds);
+        receive_memory(&b, regions).is_err()
+    }
+
+    #[test]
+    fn other_frames_are_refused() {
+        let (a, b) = pair();
+        let Conn::Unix(mut s) = a else { unreachable!() };
+        s.write_all(&[Kind::State as u8, 0, 0, 0, 0]).unwrap();
+        assert!(receive_memory(&b, &[(0, 4096)])
+            .unwrap_err()
+            .contains("expected the memory descriptors"));
+        let (a, b) = pair();
+        drop(a);
+        assert!(receive_memory(&b, &[(0, 4096)]).is_err());
+    }
+}
