@@ -200,3 +200,40 @@ fn bogus_descriptors_from_a_local_peer_are_refused_and_the_destination_serves_on
         nothing_left(&destination, "victim");
     }
 }
+
+#[test]
+fn takeover_moves_every_running_vm_into_a_new_process_and_the_old_one_exits() {
+    if !require_kvm("takeover_moves_every_running_vm_into_a_new_process_and_the_old_one_exits") {
+        return;
+    }
+    let old = TestHost::start(vec![
+        vm_config("one", "counter 100", 1, 128),
+        vm_config("two", "counter 100", 2, 256),
+    ]);
+    old.wait_serial("one", "LKS counter=3 ", WAIT);
+    old.wait_serial("two", "LKS counter=3 ", WAIT);
+    let old_pid = old.pid();
+    let (new, code) = old.take_over();
+    assert_eq!(code, Some(0), "the old host exits 0:\n{}", new.log());
+    assert_ne!(new.pid(), old_pid);
+    // The old process is gone: the control API that answers is the new one's.
+    assert_eq!(new.call("GET", "/v1/host", "/v1/host", None).status, 200);
+    let list = new.call("GET", "/v1/vms", "/v1/vms", None).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    for vm in ["one", "two"] {
+        assert_eq!(new.state(vm), "running", "{}", new.log());
+        let moved = counters(&new.serial(vm)).last().copied().unwrap();
+        counter_moves(|| new.serial(vm), moved + 2);
+        // One serial log, written by the old process and then the new: the whole transcript.
+        let all = counters(&new.serial(vm));
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "{vm}: the counter goes on with nothing lost or repeated: {all:?}"
+        );
+    }
+    assert!(
+        new.log().contains("2 running VMs moved into this process"),
+        "{}",
+        new.log()
+    );
+}

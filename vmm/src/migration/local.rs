@@ -39,6 +39,12 @@ pub fn check_peer(conn: &Conn) -> Result<(), String> {
     let Conn::Unix(stream) = conn else {
         return Err("not over a Unix socket".into());
     };
+    same_user(stream)
+}
+
+/// Checks that the process at the other end of `stream` (SO_PEERCRED) runs as this process's
+/// effective user.
+pub fn same_user(stream: &UnixStream) -> Result<(), String> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,

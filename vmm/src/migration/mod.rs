@@ -27,6 +27,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub use local::same_user;
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 
