@@ -1,6 +1,7 @@
 //! Puts the VM's devices on its buses and wires their interrupts to KVM. Device logic itself is
 //! in the `lockstep-devices` crate.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -176,6 +177,8 @@ pub struct DeviceManager {
     reset_evt: EventFd,
     virtio: Vec<VirtioEntry>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    /// Taps handed over by a same-host migration, by interface id: `add_net` uses them.
+    passed_taps: BTreeMap<String, std::fs::File>,
 }
 
 impl DeviceManager {
@@ -217,6 +220,7 @@ impl DeviceManager {
             reset_evt,
             virtio: Vec::new(),
             subscribers: Vec::new(),
+            passed_taps: BTreeMap::new(),
         })
     }
 
@@ -314,8 +318,13 @@ impl DeviceManager {
     /// Adds a virtio-net interface on its tap; `field` names its config entry for errors.
     pub fn add_net(&mut self, config: &NetConfig, field: &str) -> Result<VirtioSlot, DeviceError> {
         let what = format!("network interface {}", config.iface_id);
+        let passed = self.passed_taps.remove(&config.iface_id);
         let (device, slot, transport) = self.add_virtio(&what, |interrupt| {
-            Net::new(config, interrupt).map_err(|e| DeviceError::Backend {
+            match passed {
+                Some(file) => Net::with_passed_tap(config, file, interrupt),
+                None => Net::new(config, interrupt),
+            }
+            .map_err(|e| DeviceError::Backend {
                 field: format!("{field}.host_dev_name"),
                 message: e.to_string(),
             })
@@ -331,6 +340,31 @@ impl DeviceManager {
             },
         });
         Ok(slot)
+    }
+
+    /// Taps another process handed over (interface id, descriptor), for `add_net` to use
+    /// instead of opening them.
+    pub fn use_passed_taps(&mut self, taps: Vec<(String, std::fs::File)>) {
+        self.passed_taps = taps.into_iter().collect();
+    }
+
+    /// Another descriptor on every network interface's tap (interface id, descriptor), in the
+    /// order they were added.
+    pub fn tap_files(&self) -> std::io::Result<Vec<(String, std::fs::File)>> {
+        self.virtio
+            .iter()
+            .filter_map(|entry| match &entry.device {
+                AttachedDevice::Net { id, device, .. } => Some((id, device)),
+                _ => None,
+            })
+            .map(|(id, device)| {
+                let file = device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tap_file()?;
+                Ok((id.clone(), file))
+            })
+            .collect()
     }
 
     /// Adds the virtio-vsock device, listening on its Unix socket.

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -22,8 +23,10 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::protocol::{read_u64, Conn, Kind};
 use crate::memory::{self, GuestMemoryMmap};
 
-/// Most descriptors one `Fds` frame may carry (guest RAM has one or two regions).
-pub const MAX_FDS: usize = 4;
+/// Most memory regions an `Fds` frame may announce (guest RAM has one or two).
+pub const MAX_REGIONS: usize = 4;
+/// Most descriptors one `Fds` frame may carry: the regions' memfds and the taps.
+pub const MAX_FDS: usize = MAX_REGIONS + 32;
 
 /// `statfs` magic numbers of the file systems memfds live on.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -75,12 +78,24 @@ pub fn same_user(stream: &UnixStream) -> Result<(), String> {
     Ok(())
 }
 
-/// The source: sends the `Fds` frame, the regions with their memfds, in one message.
-pub fn send_memory(conn: &Conn, memory: &GuestMemoryMmap) -> Result<(), String> {
+/// The source: sends the `Fds` frame, the regions with their memfds and the taps, in one
+/// message.
+pub fn send_memory(
+    conn: &Conn,
+    memory: &GuestMemoryMmap,
+    taps: &[(String, Arc<File>)],
+) -> Result<(), String> {
     let Conn::Unix(stream) = conn else {
         return Err("the same-host path needs a Unix socket".into());
     };
-    let files = memory::memfds(memory).ok_or("guest memory is not backed by memfds")?;
+    let mut files = memory::memfds(memory).ok_or("guest memory is not backed by memfds")?;
+    files.extend(taps.iter().map(|(_, f)| &**f));
+    if files.len() > MAX_FDS {
+        return Err(format!(
+            "{} descriptors to pass, at most {MAX_FDS}",
+            files.len()
+        ));
+    }
     let mut payload = Vec::with_capacity(16 * files.len());
     for region in memory.iter() {
         payload.extend_from_slice(&region.start_addr().0.to_le_bytes());
@@ -104,10 +119,15 @@ pub fn send_memory(conn: &Conn, memory: &GuestMemoryMmap) -> Result<(), String> 
     Ok(())
 }
 
-/// The destination: reads the `Fds` frame and its descriptors, checks each against `regions`
-/// and maps them. Anything else, or anything wrong, is refused; every received descriptor is
-/// closed on the way out.
-pub fn receive_memory(conn: &Conn, regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, String> {
+/// The destination: reads the `Fds` frame and its descriptors, checks the memfds against
+/// `regions` and maps them; returns the memory and the `taps` tap descriptors that followed
+/// (each checked when its device takes it, `Tap::from_passed`). Anything else, or anything
+/// wrong, is refused; every received descriptor is closed on the way out.
+pub fn receive_memory(
+    conn: &Conn,
+    regions: &[(u64, u64)],
+    taps: usize,
+) -> Result<(GuestMemoryMmap, Vec<File>), String> {
     let Conn::Unix(stream) = conn else {
         return Err("the same-host path needs a Unix socket".into());
     };
@@ -120,7 +140,7 @@ pub fn receive_memory(conn: &Conn, regions: &[(u64, u64)]) -> Result<GuestMemory
     // SAFETY: the iovec points at `header`, which outlives the call; any bytes are valid there.
     let (got, count) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
         .map_err(|e| format!("receiving the memory descriptors: {e}"))?;
-    let files: Vec<File> = raw[..count.min(MAX_FDS)]
+    let mut files: Vec<File> = raw[..count.min(MAX_FDS)]
         .iter()
         // SAFETY: the kernel just gave us these descriptors; nothing else owns them.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
@@ -150,13 +170,14 @@ pub fn receive_memory(conn: &Conn, regions: &[(u64, u64)]) -> Result<GuestMemory
     if !payload.len().is_multiple_of(16) || announced != regions {
         return Err("the Fds frame's regions are not the handshake's".into());
     }
-    if files.len() != regions.len() {
+    if files.len() != regions.len() + taps {
         return Err(format!(
-            "{} memory descriptors for {} regions",
+            "{} descriptors for {} memory regions and {taps} taps",
             files.len(),
             regions.len()
         ));
     }
+    let taps = files.split_off(regions.len());
     let mut mapped = Vec::with_capacity(files.len());
     for (file, &(base, len)) in files.into_iter().zip(regions) {
         let huge = check_memfd(&file, len)
@@ -165,7 +186,8 @@ pub fn receive_memory(conn: &Conn, regions: &[(u64, u64)]) -> Result<GuestMemory
             memory::map_memfd(file, GuestAddress(base), len, huge).map_err(|e| e.to_string())?,
         );
     }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())
+    let memory = GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())?;
+    Ok((memory, taps))
 }
 
 /// Checks that `file` is a memfd of `len` bytes whose size cannot change; returns whether it is
@@ -227,8 +249,9 @@ mod tests {
         let (a, b) = pair();
         assert!(can_offer(&a, &mem));
         check_peer(&b).unwrap();
-        send_memory(&a, &mem).unwrap();
-        let there = receive_memory(&b, &memory::region_layout(&mem)).unwrap();
+        send_memory(&a, &mem, &[]).unwrap();
+        let (there, taps) = receive_memory(&b, &memory::region_layout(&mem), 0).unwrap();
+        assert!(taps.is_empty());
         assert_eq!(
             there.read_obj::<u32>(GuestAddress(0x8000)).unwrap(),
             0x1234_5678
@@ -272,7 +295,7 @@ mod tests {
         let refused = |regions_sent: &[(u64, u64)], fds: &[RawFd]| {
             let (a, b) = pair();
             send_raw(&a, regions_sent, fds);
-            receive_memory(&b, &regions).unwrap_err()
+            receive_memory(&b, &regions, 0).unwrap_err()
         };
         let good = memfd(1 << 20, true);
         // A regular file of the right size.
@@ -288,20 +311,20 @@ mod tests {
         let (r, _w) = std::io::pipe().unwrap();
         assert!(refused(&regions, &[r.as_raw_fd()]).contains("not a regular file"));
         // Too few, too many, other regions than announced.
-        assert!(refused(&regions, &[]).contains("0 memory descriptors"));
+        assert!(refused(&regions, &[]).contains("0 descriptors"));
         let many: Vec<RawFd> = vec![good.as_raw_fd(); MAX_FDS + 2];
         assert!(receive_many_is_refused(&regions, &many));
         assert!(refused(&[(4096, 1 << 20)], &[good.as_raw_fd()]).contains("not the handshake's"));
         // And the good one passes.
         let (a, b) = pair();
         send_raw(&a, &regions, &[good.as_raw_fd()]);
-        receive_memory(&b, &regions).unwrap();
+        receive_memory(&b, &regions, 0).unwrap();
     }
 
     fn receive_many_is_refused(regions: &[(u64, u64)], fds: &[RawFd]) -> bool {
         let (a, b) = pair();
         send_raw(&a, regions, fds);
-        receive_memory(&b, regions).is_err()
+        receive_memory(&b, regions, 0).is_err()
     }
 
     #[test]
@@ -309,11 +332,11 @@ mod tests {
         let (a, b) = pair();
         let Conn::Unix(mut s) = a else { unreachable!() };
         s.write_all(&[Kind::State as u8, 0, 0, 0, 0]).unwrap();
-        assert!(receive_memory(&b, &[(0, 4096)])
+        assert!(receive_memory(&b, &[(0, 4096)], 0)
             .unwrap_err()
             .contains("expected the memory descriptors"));
         let (a, b) = pair();
         drop(a);
-        assert!(receive_memory(&b, &[(0, 4096)]).is_err());
+        assert!(receive_memory(&b, &[(0, 4096)], 0).is_err());
     }
 }

@@ -60,7 +60,8 @@ pub enum Kind {
     /// Either side: giving up, with the reason (UTF-8).
     Abort = 12,
     /// Source, same host only: the guest memory regions (address and length, u64 LE each), one
-    /// memfd for each passed with the frame (SCM_RIGHTS). See `migration::local`.
+    /// memfd for each passed with the frame (SCM_RIGHTS), then the taps of the network
+    /// interfaces in config order. See `migration::local`.
     Fds = 13,
 }
 
@@ -97,7 +98,7 @@ impl Kind {
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
             Kind::Go | Kind::Accept => 1,
-            Kind::Fds => (16 * super::local::MAX_FDS) as u32,
+            Kind::Fds => (16 * super::local::MAX_REGIONS) as u32,
             Kind::Ready | Kind::Running => 0,
         }
     }

@@ -382,14 +382,16 @@ impl Receiver {
         config: VmConfig,
     ) -> Result<(), String> {
         let hv = self.host.hypervisor();
-        let memory = match self.same_host(conn, handshake) {
+        let (memory, taps) = match self.same_host(conn, handshake) {
             true => {
                 write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
-                Some(super::local::receive_memory(conn, &handshake.regions)?)
+                let taps = config.network_interfaces.len();
+                let (memory, taps) = super::local::receive_memory(conn, &handshake.regions, taps)?;
+                (Some(memory), taps)
             }
-            false => None,
+            false => (None, Vec::new()),
         };
-        let incoming = match IncomingVm::prepare(hv, &config, memory) {
+        let incoming = match IncomingVm::prepare(hv, &config, memory, taps) {
             Ok(vm) => vm,
             Err(e) => {
                 let why = format!("cannot build the VM here: {e}");

@@ -374,7 +374,7 @@ impl Sender {
         if same_host && accept == [1] {
             // Same host: the memory goes as memfds, the VM is built on them, and the switch
             // moves only the state.
-            super::local::send_memory(&writer, &access.memory)?;
+            super::local::send_memory(&writer, &access.memory, &access.taps)?;
             expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
             self.check_cancel()?;
             let pages = self.page_writer(writer, &access, None);

@@ -41,13 +41,15 @@ fn incompatible(why: impl Into<String>) -> VmError {
 
 impl IncomingVm {
     /// Checks `config` against the host and builds the VM: the KVM VM, guest memory (zeroed, or
-    /// `memory` when a same-host source handed its pages over) and its slots, the devices, the
+    /// `memory` when a same-host source handed its pages over) and its slots, the devices (on
+    /// the `taps` handed over, one per network interface in config order, when there are), the
     /// serial output and the vCPUs (their state comes at the switch, so that the switch only
     /// sets state).
     pub fn prepare(
         hv: &Hypervisor,
         config: &VmConfig,
         memory: Option<GuestMemoryMmap>,
+        taps: Vec<std::fs::File>,
     ) -> Result<IncomingVm, VmError> {
         config.validate(&hv.host_limits())?;
         let machine = &config.machine_config;
@@ -65,6 +67,8 @@ impl IncomingVm {
         };
         memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
         let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+        let ids = config.network_interfaces.iter().map(|i| i.iface_id.clone());
+        devices.use_passed_taps(ids.zip(taps).collect());
         attach_virtio_devices(&mut devices, config)?;
         let (serial_out, console_client) = open_serial_output(config)?;
         devices.add_serial(serial_out)?;

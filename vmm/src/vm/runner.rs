@@ -85,6 +85,9 @@ pub struct MigrationAccess {
     pub vm_fd: Arc<kvm_ioctls::VmFd>,
     /// Whether the config keeps KVM's dirty log on all the time.
     pub track_dirty_pages: bool,
+    /// Another descriptor on every network interface's tap (interface id, descriptor), for a
+    /// same-host migration to hand over.
+    pub taps: Vec<(String, Arc<std::fs::File>)>,
 }
 
 impl std::fmt::Debug for MigrationAccess {
@@ -299,6 +302,14 @@ impl Running {
                 memory: self.vm.memory.clone(),
                 vm_fd: self.vm.vm_fd.clone(),
                 track_dirty_pages: self.vm.config.machine_config.track_dirty_pages,
+                taps: self
+                    .vm
+                    .devices
+                    .tap_files()
+                    .map_err(|e| ControlError::Failed(format!("the taps: {e}")))?
+                    .into_iter()
+                    .map(|(id, file)| (id, Arc::new(file)))
+                    .collect(),
             })),
             VmCommand::CaptureState => self.capture_state(),
             VmCommand::SendCtrlAltDel => {
