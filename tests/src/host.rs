@@ -316,6 +316,44 @@ impl TestHost {
         (host, code)
     }
 
+    /// Starts a takeover of this host as [`TestHost::take_over`] does, for one that must fail:
+    /// waits until the new process has ended (this one must serve on) and returns its exit
+    /// code and its log.
+    pub fn failed_take_over(&mut self) -> (Option<i32>, String) {
+        let log = self.dir.path().join("host-takeover.log");
+        let mut child = Command::new(lockstep_bin())
+            .args(["host", "--config"])
+            .arg(self.dir.path().join("host.json"))
+            .arg("--takeover")
+            .arg(self.dir.path().join("state").join("takeover.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep host --takeover");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let new_log = || std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(status) = child.try_wait().expect("wait") {
+                return (status.code(), new_log());
+            }
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!(
+                    "the old host ended ({status}):\n{}\n{}",
+                    self.log(),
+                    new_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the takeover did not end:\n{}\n{}",
+                self.log(),
+                new_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the host with SIGTERM and returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         // SAFETY: signals our own child.

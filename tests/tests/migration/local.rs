@@ -312,3 +312,38 @@ fn the_tap_is_handed_over_and_a_udp_stream_goes_on_across_a_same_host_migration(
     let serial = destination.wait_serial("talker", "LKS run done", WAIT);
     assert!(serial.contains("LKS run done"));
 }
+
+#[test]
+fn a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back() {
+    if !require_kvm("a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // "b" has a vsock device, whose socket the old process holds until its VM is gone: it
+    // cannot move on the same host yet. "a" moves first (VMs go in name order), then comes back.
+    let mut b = vm_config("b", "counter 100", 1, 64);
+    b["vsock"] = json!({ "guest_cid": 3, "uds_path": dir.path().join("b.vsock") });
+    let mut old = TestHost::start(vec![vm_config("a", "counter 100", 1, 128), b]);
+    old.wait_serial("a", "LKS counter=3 ", WAIT);
+    old.wait_serial("b", "LKS counter=3 ", WAIT);
+    let (code, log) = old.failed_take_over();
+    assert_eq!(code, Some(1), "the new process gives up:\n{log}");
+    assert!(log.contains("takeover: b:"), "{log}");
+    assert!(
+        log.contains("a went back to the old host"),
+        "{log}\n{}",
+        old.log()
+    );
+    // The old host serves on with both VMs, and "a" counts on there.
+    assert_eq!(old.call("GET", "/v1/host", "/v1/host", None).status, 200);
+    for vm in ["a", "b"] {
+        assert_eq!(old.state(vm), "running", "{}", old.log());
+        let now = counters(&old.serial(vm)).last().copied().unwrap();
+        counter_moves(|| old.serial(vm), now + 1);
+        let all = counters(&old.serial(vm));
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "{vm}: nothing lost or repeated: {all:?}"
+        );
+    }
+}
