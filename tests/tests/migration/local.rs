@@ -102,6 +102,30 @@ fn hostile_local_source(
     mem_mib: u64,
     fds: &[RawFd],
 ) -> protocol::Frame {
+    let (mut conn, regions) = local_handshake(path, token, config, mem_mib, true, None);
+    let accept = protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();
+    assert_eq!(accept, [1], "the destination takes the same-host path");
+    let mut frame = vec![Kind::Fds as u8];
+    frame.extend_from_slice(&(16 * regions.len() as u32).to_le_bytes());
+    for (a, l) in &regions {
+        frame.extend_from_slice(&a.to_le_bytes());
+        frame.extend_from_slice(&l.to_le_bytes());
+    }
+    conn.send_with_fds(&[&frame[..]], fds).unwrap();
+    protocol::read_frame(&mut conn).unwrap()
+}
+
+/// Connects to `path` and sends an authenticated handshake for a `mem_mib` guest (offering
+/// the same-host path or not, from another lockstep version if given); returns the connection
+/// and the regions.
+fn local_handshake(
+    path: &str,
+    token: &str,
+    config: &Value,
+    mem_mib: u64,
+    same_host: bool,
+    version: Option<&str>,
+) -> (UnixStream, Vec<(u64, u64)>) {
     let mut conn = UnixStream::connect(path.strip_prefix("unix:").unwrap()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -113,26 +137,17 @@ fn hostile_local_source(
         .collect();
     let handshake = serde_json::to_vec(&Handshake {
         format: protocol::FORMAT_VERSION,
-        lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
+        lockstep_version: version.unwrap_or(env!("CARGO_PKG_VERSION")).to_string(),
         config: serde_json::to_string(&config).unwrap(),
         regions: regions.clone(),
         cpuid: vec![],
-        same_host: true,
+        same_host,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();
     auth.extend_from_slice(&handshake);
     protocol::write_frame(&mut conn, Kind::Auth, &auth).unwrap();
-    let accept = protocol::expect_frame(&mut conn, Kind::Accept, "Accept").unwrap();
-    assert_eq!(accept, [1], "the destination takes the same-host path");
-    let mut frame = vec![Kind::Fds as u8];
-    frame.extend_from_slice(&(16 * regions.len() as u32).to_le_bytes());
-    for (a, l) in &regions {
-        frame.extend_from_slice(&a.to_le_bytes());
-        frame.extend_from_slice(&l.to_le_bytes());
-    }
-    conn.send_with_fds(&[&frame[..]], fds).unwrap();
-    protocol::read_frame(&mut conn).unwrap()
+    (conn, regions)
 }
 
 fn memfd(len: u64, seal: bool) -> std::fs::File {
@@ -191,6 +206,27 @@ fn bogus_descriptors_from_a_local_peer_are_refused_and_the_destination_serves_on
             "2 descriptors",
         ),
     ];
+    // Another lockstep version is refused over the copying stream, and accepted on the same
+    // host (a VMM upgrade), where the state decoder has the last word.
+    for same_host in [false, true] {
+        let (id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "victim");
+        let (mut conn, _) =
+            local_handshake(&listen, &token, &config, 64, same_host, Some("0.0.0-other"));
+        let answer = protocol::read_frame(&mut conn).unwrap();
+        match same_host {
+            false => assert_eq!(
+                (
+                    answer.kind,
+                    protocol::reason_text(&answer.payload).contains("0.0.0-other")
+                ),
+                (Kind::Refuse, true)
+            ),
+            true => assert_eq!((answer.kind, answer.payload), (Kind::Accept, vec![1])),
+        }
+        drop(conn);
+        assert_eq!(wait_ended(&destination, &id, WAIT)["phase"], "failed");
+        nothing_left(&destination, "victim");
+    }
     for (what, fds, why) in cases {
         let (id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "victim");
         let answer = hostile_local_source(&listen, &token, &config, 64, &fds);

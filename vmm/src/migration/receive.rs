@@ -286,8 +286,10 @@ impl Receiver {
         result
     }
 
-    /// Checks the handshake; on success returns the config placed for this host.
-    fn check_handshake(&self, handshake: &Handshake) -> Result<VmConfig, String> {
+    /// Checks the handshake; on success returns the config placed for this host. On the same
+    /// host (`local`) another lockstep version may send (a VMM upgrade): the format version,
+    /// the config and, at the switch, the state decoder decide.
+    fn check_handshake(&self, handshake: &Handshake, local: bool) -> Result<VmConfig, String> {
         if handshake.format != protocol::FORMAT_VERSION {
             return Err(format!(
                 "the stream is format version {}; this lockstep speaks {}",
@@ -296,7 +298,7 @@ impl Receiver {
             ));
         }
         let ours = env!("CARGO_PKG_VERSION");
-        if handshake.lockstep_version != ours {
+        if handshake.lockstep_version != ours && !local {
             return Err(format!(
                 "the source runs lockstep {}, this host {ours}",
                 handshake.lockstep_version
@@ -346,7 +348,8 @@ impl Receiver {
                 return Err(why);
             }
         };
-        let config = match self.check_handshake(&handshake) {
+        let local = self.same_host(conn, &handshake);
+        let config = match self.check_handshake(&handshake, local) {
             Ok(c) => c,
             Err(why) => {
                 refuse(conn, &why);
@@ -354,7 +357,7 @@ impl Receiver {
             }
         };
         // From here, a failure removes what place_incoming made.
-        let result = self.receive_vm(conn, &handshake, config);
+        let result = self.receive_vm(conn, &handshake, config, local);
         if result.is_err() {
             self.host.forget_incoming(&self.name);
         }
@@ -380,9 +383,10 @@ impl Receiver {
         conn: &mut Conn,
         handshake: &Handshake,
         config: VmConfig,
+        local: bool,
     ) -> Result<(), String> {
         let hv = self.host.hypervisor();
-        let (memory, taps) = match self.same_host(conn, handshake) {
+        let (memory, taps) = match local {
             true => {
                 write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
                 let taps = config.network_interfaces.len();
