@@ -354,14 +354,16 @@ fn a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back() {
     if !require_kvm("a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    // "b" has a vsock device, whose socket the old process holds until its VM is gone: it
-    // cannot move on the same host yet. "a" moves first (VMs go in name order), then comes back.
-    let mut b = vm_config("b", "counter 100", 1, 64);
-    b["vsock"] = json!({ "guest_cid": 3, "uds_path": dir.path().join("b.vsock") });
-    let mut old = TestHost::start(vec![vm_config("a", "counter 100", 1, 128), b]);
+    let mut old = TestHost::start(vec![
+        vm_config("a", "counter 100", 1, 128),
+        vm_config("b", "counter 100", 1, 64),
+    ]);
     old.wait_serial("a", "LKS counter=3 ", WAIT);
     old.wait_serial("b", "LKS counter=3 ", WAIT);
+    // A file where the new process would listen for "b": it is never taken over, so "b"
+    // cannot move. "a" moves first (VMs go in name order), then comes back.
+    let in_the_way = old.dir().join("state").join(".takeover-b.sock");
+    std::fs::write(&in_the_way, "not a socket").unwrap();
     let (code, log) = old.failed_take_over();
     assert_eq!(code, Some(1), "the new process gives up:\n{log}");
     assert!(log.contains("takeover: b:"), "{log}");
@@ -370,6 +372,7 @@ fn a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back() {
         "{log}\n{}",
         old.log()
     );
+    assert_eq!(std::fs::read(&in_the_way).unwrap(), b"not a socket");
     // The old host serves on with both VMs, and "a" counts on there.
     assert_eq!(old.call("GET", "/v1/host", "/v1/host", None).status, 200);
     for vm in ["a", "b"] {
@@ -382,4 +385,52 @@ fn a_takeover_that_cannot_move_every_vm_gives_the_moved_ones_back() {
             "{vm}: nothing lost or repeated: {all:?}"
         );
     }
+}
+
+#[test]
+fn the_vsock_socket_is_handed_over_and_answers_on_the_destination() {
+    if !require_kvm("the_vsock_socket_is_handed_over_and_answers_on_the_destination") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut vm = vm_config("sock", "counter 100 30;vsock listen 6000 60", 1, 128);
+    vm["vsock"] = json!({ "guest_cid": 3, "uds_path": uds });
+    let source = TestHost::start(vec![vm]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("sock", "LKS counter=3 ", WAIT);
+    let (in_id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "sock");
+    let id = migrate(
+        &source,
+        "sock",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "completed");
+    // The source's VM is gone and left the socket file to the destination.
+    assert_eq!(vm_status(&source, "sock"), 404);
+    assert!(uds.exists(), "the vsock socket file stays");
+    destination.wait_serial("sock", "LKS vsock listening port=6000", WAIT);
+    let mut conn = UnixStream::connect(&uds).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(
+        ok.starts_with("OK "),
+        "the destination answers CONNECT: {ok:?}"
+    );
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    conn.write_all(&data).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    reader.read_to_end(&mut echoed).unwrap();
+    assert!(
+        echoed == data,
+        "the echo through the destination is byte-exact"
+    );
 }

@@ -22,6 +22,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::protocol::{read_u64, Conn, Kind};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::vm::incoming::HandedOver;
 
 /// Most memory regions an `Fds` frame may announce (guest RAM has one or two).
 pub const MAX_REGIONS: usize = 4;
@@ -84,12 +85,14 @@ pub fn send_memory(
     conn: &Conn,
     memory: &GuestMemoryMmap,
     taps: &[(String, Arc<File>)],
+    vsock: Option<&File>,
 ) -> Result<(), String> {
     let Conn::Unix(stream) = conn else {
         return Err("the same-host path needs a Unix socket".into());
     };
     let mut files = memory::memfds(memory).ok_or("guest memory is not backed by memfds")?;
     files.extend(taps.iter().map(|(_, f)| &**f));
+    files.extend(vsock);
     if files.len() > MAX_FDS {
         return Err(format!(
             "{} descriptors to pass, at most {MAX_FDS}",
@@ -120,14 +123,16 @@ pub fn send_memory(
 }
 
 /// The destination: reads the `Fds` frame and its descriptors, checks the memfds against
-/// `regions` and maps them; returns the memory and the `taps` tap descriptors that followed
-/// (each checked when its device takes it, `Tap::from_passed`). Anything else, or anything
-/// wrong, is refused; every received descriptor is closed on the way out.
+/// `regions` and maps them; returns the memory, the `taps` tap descriptors that followed and
+/// the vsock listener when `vsock` (each checked when its device takes it: `Tap::from_passed`,
+/// `UnixBackend::from_passed`). Anything else, or anything wrong, is refused; every received
+/// descriptor is closed on the way out.
 pub fn receive_memory(
     conn: &Conn,
     regions: &[(u64, u64)],
     taps: usize,
-) -> Result<(GuestMemoryMmap, Vec<File>), String> {
+    vsock: bool,
+) -> Result<HandedOver, String> {
     let Conn::Unix(stream) = conn else {
         return Err("the same-host path needs a Unix socket".into());
     };
@@ -170,13 +175,15 @@ pub fn receive_memory(
     if !payload.len().is_multiple_of(16) || announced != regions {
         return Err("the Fds frame's regions are not the handshake's".into());
     }
-    if files.len() != regions.len() + taps {
+    if files.len() != regions.len() + taps + usize::from(vsock) {
         return Err(format!(
-            "{} descriptors for {} memory regions and {taps} taps",
+            "{} descriptors for {} memory regions, {taps} taps and {} vsock socket",
             files.len(),
-            regions.len()
+            regions.len(),
+            usize::from(vsock)
         ));
     }
+    let vsock = vsock.then(|| files.pop()).flatten();
     let taps = files.split_off(regions.len());
     let mut mapped = Vec::with_capacity(files.len());
     for (file, &(base, len)) in files.into_iter().zip(regions) {
@@ -187,7 +194,11 @@ pub fn receive_memory(
         );
     }
     let memory = GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())?;
-    Ok((memory, taps))
+    Ok(HandedOver {
+        memory,
+        taps,
+        vsock,
+    })
 }
 
 /// Checks that `file` is a memfd of `len` bytes whose size cannot change; returns whether it is
@@ -249,9 +260,10 @@ mod tests {
         let (a, b) = pair();
         assert!(can_offer(&a, &mem));
         check_peer(&b).unwrap();
-        send_memory(&a, &mem, &[]).unwrap();
-        let (there, taps) = receive_memory(&b, &memory::region_layout(&mem), 0).unwrap();
-        assert!(taps.is_empty());
+        send_memory(&a, &mem, &[], None).unwrap();
+        let handed = receive_memory(&b, &memory::region_layout(&mem), 0, false).unwrap();
+        assert!(handed.taps.is_empty() && handed.vsock.is_none());
+        let there = handed.memory;
         assert_eq!(
             there.read_obj::<u32>(GuestAddress(0x8000)).unwrap(),
             0x1234_5678
@@ -295,7 +307,7 @@ mod tests {
         let refused = |regions_sent: &[(u64, u64)], fds: &[RawFd]| {
             let (a, b) = pair();
             send_raw(&a, regions_sent, fds);
-            receive_memory(&b, &regions, 0).unwrap_err()
+            receive_memory(&b, &regions, 0, false).unwrap_err()
         };
         let good = memfd(1 << 20, true);
         // A regular file of the right size.
@@ -318,13 +330,13 @@ mod tests {
         // And the good one passes.
         let (a, b) = pair();
         send_raw(&a, &regions, &[good.as_raw_fd()]);
-        receive_memory(&b, &regions, 0).unwrap();
+        receive_memory(&b, &regions, 0, false).unwrap();
     }
 
     fn receive_many_is_refused(regions: &[(u64, u64)], fds: &[RawFd]) -> bool {
         let (a, b) = pair();
         send_raw(&a, regions, fds);
-        receive_memory(&b, regions, 0).is_err()
+        receive_memory(&b, regions, 0, false).is_err()
     }
 
     #[test]
@@ -332,11 +344,11 @@ mod tests {
         let (a, b) = pair();
         let Conn::Unix(mut s) = a else { unreachable!() };
         s.write_all(&[Kind::State as u8, 0, 0, 0, 0]).unwrap();
-        assert!(receive_memory(&b, &[(0, 4096)], 0)
+        assert!(receive_memory(&b, &[(0, 4096)], 0, false)
             .unwrap_err()
             .contains("expected the memory descriptors"));
         let (a, b) = pair();
         drop(a);
-        assert!(receive_memory(&b, &[(0, 4096)], 0).is_err());
+        assert!(receive_memory(&b, &[(0, 4096)], 0, false).is_err());
     }
 }

@@ -307,8 +307,9 @@ impl Receiver {
         let hv = self.host.hypervisor();
         let mut config =
             VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
-        config
-            .validate(&hv.host_limits())
+        // On the same host the vsock listener comes along: its socket file exists.
+        let vsock_handed = local && config.vsock.is_some();
+        crate::vm::incoming::validate(&config, &hv.host_limits(), vsock_handed)
             .map_err(|e| format!("the VM's config does not fit this host: {e}"))?;
         let regions: Vec<(u64, u64)> = memory::ram_ranges(config.machine_config.mem_size_mib << 20)
             .into_iter()
@@ -386,16 +387,21 @@ impl Receiver {
         local: bool,
     ) -> Result<(), String> {
         let hv = self.host.hypervisor();
-        let (memory, taps) = match local {
+        let handed = match local {
             true => {
                 write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
                 let taps = config.network_interfaces.len();
-                let (memory, taps) = super::local::receive_memory(conn, &handshake.regions, taps)?;
-                (Some(memory), taps)
+                let vsock = config.vsock.is_some();
+                Some(super::local::receive_memory(
+                    conn,
+                    &handshake.regions,
+                    taps,
+                    vsock,
+                )?)
             }
-            false => (None, Vec::new()),
+            false => None,
         };
-        let incoming = match IncomingVm::prepare(hv, &config, memory, taps) {
+        let incoming = match IncomingVm::prepare(hv, &config, handed) {
             Ok(vm) => vm,
             Err(e) => {
                 let why = format!("cannot build the VM here: {e}");
@@ -447,6 +453,7 @@ impl Receiver {
             [0] => true,
             _ => return Err("a malformed Go frame".into()),
         };
+        vm.own_passed_sockets();
         self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);

@@ -374,7 +374,8 @@ impl Sender {
         if same_host && accept == [1] {
             // Same host: the memory goes as memfds, the VM is built on them, and the switch
             // moves only the state.
-            super::local::send_memory(&writer, &access.memory, &access.taps)?;
+            let vsock = access.vsock.as_ref().map(|(f, _)| &**f);
+            super::local::send_memory(&writer, &access.memory, &access.taps, vsock)?;
             expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
             self.check_cancel()?;
             let pages = self.page_writer(writer, &access, None);
@@ -562,6 +563,10 @@ impl Sender {
             self.vm
         );
         self.migration.update(|i| i.downtime_ms = Some(downtime));
+        if log.is_none() {
+            // Same host: the destination owns the VM's sockets now.
+            pages.access.sockets_handed_over();
+        }
         log::info!(
             "{}: migrated to {} (pause {downtime:.1} ms, {} bytes)",
             self.vm,
