@@ -304,7 +304,7 @@ fn listen_path(state_dir: &Path, name: &str) -> PathBuf {
 pub fn take_over(host: &Arc<Host>, socket: &Path, state_dir: &Path) -> Result<usize, String> {
     let stream = UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach the host at {}: {e}", socket.display()))?;
-    lockstep_vmm::migration::same_user(&stream)?;
+    lockstep_vmm::migration::same_user(&stream).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(MOVE_TIMEOUT + Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;

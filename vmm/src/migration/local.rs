@@ -12,11 +12,12 @@
 //! second, empty `Accept` once the VM is built on them.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -33,22 +34,102 @@ pub const MAX_FDS: usize = MAX_REGIONS + 32;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
+/// Why memory could not be handed over, or a handed-over descriptor was refused.
+#[derive(Debug, Error)]
+pub enum LocalError {
+    /// The same-host path needs a Unix socket.
+    #[error("not over a Unix socket")]
+    NotUnix,
+    /// The peer's credentials could not be read.
+    #[error("SO_PEERCRED: {0}")]
+    PeerCred(#[source] io::Error),
+    /// The peer runs as another user.
+    #[error("the peer (pid {pid}) runs as uid {uid}, this host as uid {me}")]
+    OtherUser {
+        /// The peer's process.
+        pid: i32,
+        /// The peer's user.
+        uid: u32,
+        /// This process's user.
+        me: u32,
+    },
+    /// The VM's memory is not memfds (a restored VM maps its snapshot file).
+    #[error("guest memory is not backed by memfds")]
+    NotMemfds,
+    /// More descriptors than one frame carries.
+    #[error("{0} descriptors to pass, at most {MAX_FDS}")]
+    TooManyFds(usize),
+    /// Sending or receiving failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// What the socket said.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection closed first.
+    #[error("the connection closed before the memory descriptors")]
+    Closed,
+    /// Another frame came.
+    #[error("expected the memory descriptors, got frame type {0}")]
+    Unexpected(u8),
+    /// A frame longer than an `Fds` frame may be.
+    #[error("an Fds frame of {0} bytes")]
+    TooLong(u32),
+    /// The announced regions are not the handshake's.
+    #[error("the Fds frame's regions are not the handshake's")]
+    Regions,
+    /// Not as many descriptors as the regions and devices need.
+    #[error(
+        "{got} descriptors for {regions} memory regions, {taps} taps and {vsock} vsock socket"
+    )]
+    Count {
+        /// Descriptors received.
+        got: usize,
+        /// Regions announced.
+        regions: usize,
+        /// Network interfaces in the config.
+        taps: usize,
+        /// 1 with a vsock device.
+        vsock: usize,
+    },
+    /// A memory descriptor is not a memfd of its region's size with its size sealed.
+    #[error("the descriptor for the region at {base:#x}: {why}")]
+    Descriptor {
+        /// The region's guest address.
+        base: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Mapping the memory failed.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The regions do not form guest memory.
+    #[error("invalid guest memory layout: {0}")]
+    Layout(#[from] vm_memory::GuestRegionCollectionError),
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> LocalError {
+    move |source| LocalError::Io { what, source }
+}
+
 /// True when the source can offer the same-host path: a Unix socket, every region a memfd.
 pub fn can_offer(conn: &Conn, memory: &GuestMemoryMmap) -> bool {
     matches!(conn, Conn::Unix(_)) && memory::memfds(memory).is_some()
 }
 
 /// The destination's check of the peer: a Unix socket, the same user as this process.
-pub fn check_peer(conn: &Conn) -> Result<(), String> {
+pub fn check_peer(conn: &Conn) -> Result<(), LocalError> {
     let Conn::Unix(stream) = conn else {
-        return Err("not over a Unix socket".into());
+        return Err(LocalError::NotUnix);
     };
     same_user(stream)
 }
 
 /// Checks that the process at the other end of `stream` (SO_PEERCRED) runs as this process's
 /// effective user.
-pub fn same_user(stream: &UnixStream) -> Result<(), String> {
+pub fn same_user(stream: &UnixStream) -> Result<(), LocalError> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -66,15 +147,16 @@ pub fn same_user(stream: &UnixStream) -> Result<(), String> {
         )
     };
     if rc != 0 {
-        return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+        return Err(LocalError::PeerCred(io::Error::last_os_error()));
     }
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     if cred.uid != me {
-        return Err(format!(
-            "the peer (pid {}) runs as uid {}, this host as uid {me}",
-            cred.pid, cred.uid
-        ));
+        return Err(LocalError::OtherUser {
+            pid: cred.pid,
+            uid: cred.uid,
+            me,
+        });
     }
     Ok(())
 }
@@ -86,18 +168,15 @@ pub fn send_memory(
     memory: &GuestMemoryMmap,
     taps: &[(String, Arc<File>)],
     vsock: Option<&File>,
-) -> Result<(), String> {
+) -> Result<(), LocalError> {
     let Conn::Unix(stream) = conn else {
-        return Err("the same-host path needs a Unix socket".into());
+        return Err(LocalError::NotUnix);
     };
-    let mut files = memory::memfds(memory).ok_or("guest memory is not backed by memfds")?;
+    let mut files = memory::memfds(memory).ok_or(LocalError::NotMemfds)?;
     files.extend(taps.iter().map(|(_, f)| &**f));
     files.extend(vsock);
     if files.len() > MAX_FDS {
-        return Err(format!(
-            "{} descriptors to pass, at most {MAX_FDS}",
-            files.len()
-        ));
+        return Err(LocalError::TooManyFds(files.len()));
     }
     let mut payload = Vec::with_capacity(16 * files.len());
     for region in memory.iter() {
@@ -110,14 +189,14 @@ pub fn send_memory(
     frame.extend_from_slice(&payload);
     let sent = stream
         .send_with_fds(&[&frame[..]], &fds)
-        .map_err(|e| format!("sending the memory descriptors: {e}"))?;
+        .map_err(|e| io_error("sending the memory descriptors")(errno(e)))?;
     if sent != frame.len() {
         // A short send of a few dozen bytes on a blocking stream: send the rest plainly (the
         // descriptors went with the first byte).
         use std::io::Write;
         let mut s: &UnixStream = stream;
         s.write_all(&frame[sent..])
-            .map_err(|e| format!("sending the memory descriptors: {e}"))?;
+            .map_err(io_error("sending the memory descriptors"))?;
     }
     Ok(())
 }
@@ -132,9 +211,9 @@ pub fn receive_memory(
     regions: &[(u64, u64)],
     taps: usize,
     vsock: bool,
-) -> Result<HandedOver, String> {
+) -> Result<HandedOver, LocalError> {
     let Conn::Unix(stream) = conn else {
-        return Err("the same-host path needs a Unix socket".into());
+        return Err(LocalError::NotUnix);
     };
     let mut header = [0u8; 5];
     let mut raw = [-1 as RawFd; MAX_FDS];
@@ -144,61 +223,60 @@ pub fn receive_memory(
     }];
     // SAFETY: the iovec points at `header`, which outlives the call; any bytes are valid there.
     let (got, count) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
-        .map_err(|e| format!("receiving the memory descriptors: {e}"))?;
+        .map_err(|e| io_error("receiving the memory descriptors")(errno(e)))?;
     let mut files: Vec<File> = raw[..count.min(MAX_FDS)]
         .iter()
         // SAFETY: the kernel just gave us these descriptors; nothing else owns them.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
         .collect();
     if got == 0 {
-        return Err("the connection closed before the memory descriptors".into());
+        return Err(LocalError::Closed);
     }
     let mut s: &UnixStream = stream;
     s.read_exact(&mut header[got..])
-        .map_err(|e| format!("the Fds frame header: {e}"))?;
+        .map_err(io_error("the Fds frame header"))?;
     if header[0] != Kind::Fds as u8 {
-        return Err(format!(
-            "expected the memory descriptors, got frame type {}",
-            header[0]
-        ));
+        return Err(LocalError::Unexpected(header[0]));
     }
     let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     if len > Kind::Fds.max_len() {
-        return Err(format!("an Fds frame of {len} bytes"));
+        return Err(LocalError::TooLong(len));
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)
-        .map_err(|e| format!("the Fds frame: {e}"))?;
+        .map_err(io_error("the Fds frame"))?;
     let announced: Vec<(u64, u64)> = (0..payload.len() / 16)
         .filter_map(|i| Some((read_u64(&payload, 16 * i)?, read_u64(&payload, 16 * i + 8)?)))
         .collect();
     if !payload.len().is_multiple_of(16) || announced != regions {
-        return Err("the Fds frame's regions are not the handshake's".into());
+        return Err(LocalError::Regions);
     }
     if files.len() != regions.len() + taps + usize::from(vsock) {
-        return Err(format!(
-            "{} descriptors for {} memory regions, {taps} taps and {} vsock socket",
-            files.len(),
-            regions.len(),
-            usize::from(vsock)
-        ));
+        return Err(LocalError::Count {
+            got: files.len(),
+            regions: regions.len(),
+            taps,
+            vsock: usize::from(vsock),
+        });
     }
     let vsock = vsock.then(|| files.pop()).flatten();
     let taps = files.split_off(regions.len());
     let mut mapped = Vec::with_capacity(files.len());
     for (file, &(base, len)) in files.into_iter().zip(regions) {
-        let huge = check_memfd(&file, len)
-            .map_err(|why| format!("the descriptor for the region at {base:#x}: {why}"))?;
-        mapped.push(
-            memory::map_memfd(file, GuestAddress(base), len, huge).map_err(|e| e.to_string())?,
-        );
+        let huge = check_memfd(&file, len).map_err(|why| LocalError::Descriptor { base, why })?;
+        mapped.push(memory::map_memfd(file, GuestAddress(base), len, huge)?);
     }
-    let memory = GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())?;
+    let memory = GuestMemoryMmap::from_regions(mapped)?;
     Ok(HandedOver {
         memory,
         taps,
         vsock,
     })
+}
+
+/// vmm-sys-util's error as the `io::Error` it stands for.
+fn errno(e: vmm_sys_util::errno::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
 }
 
 /// Checks that `file` is a memfd of `len` bytes whose size cannot change; returns whether it is
@@ -307,7 +385,9 @@ mod tests {
         let refused = |regions_sent: &[(u64, u64)], fds: &[RawFd]| {
             let (a, b) = pair();
             send_raw(&a, regions_sent, fds);
-            receive_memory(&b, &regions, 0, false).unwrap_err()
+            receive_memory(&b, &regions, 0, false)
+                .unwrap_err()
+                .to_string()
         };
         let good = memfd(1 << 20, true);
         // A regular file of the right size.
@@ -346,6 +426,7 @@ mod tests {
         s.write_all(&[Kind::State as u8, 0, 0, 0, 0]).unwrap();
         assert!(receive_memory(&b, &[(0, 4096)], 0, false)
             .unwrap_err()
+            .to_string()
             .contains("expected the memory descriptors"));
         let (a, b) = pair();
         drop(a);

@@ -27,7 +27,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
-pub use local::same_user;
+pub use local::{same_user, LocalError};
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 

@@ -392,12 +392,10 @@ impl Receiver {
                 write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
                 let taps = config.network_interfaces.len();
                 let vsock = config.vsock.is_some();
-                Some(super::local::receive_memory(
-                    conn,
-                    &handshake.regions,
-                    taps,
-                    vsock,
-                )?)
+                Some(
+                    super::local::receive_memory(conn, &handshake.regions, taps, vsock)
+                        .map_err(|e| e.to_string())?,
+                )
             }
             false => None,
         };

@@ -375,7 +375,8 @@ impl Sender {
             // Same host: the memory goes as memfds, the VM is built on them, and the switch
             // moves only the state.
             let vsock = access.vsock.as_ref().map(|(f, _)| &**f);
-            super::local::send_memory(&writer, &access.memory, &access.taps, vsock)?;
+            super::local::send_memory(&writer, &access.memory, &access.taps, vsock)
+                .map_err(|e| e.to_string())?;
             expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
             self.check_cancel()?;
             let pages = self.page_writer(writer, &access, None);
