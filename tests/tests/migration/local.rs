@@ -244,10 +244,14 @@ fn takeover_moves_every_running_vm_into_a_new_process_and_the_old_one_exits() {
     if !require_kvm("takeover_moves_every_running_vm_into_a_new_process_and_the_old_one_exits") {
         return;
     }
-    let old = TestHost::start(vec![
-        vm_config("one", "counter 100", 1, 128),
-        vm_config("two", "counter 100", 2, 256),
-    ]);
+    // With console sockets: the old process holds them until each switch.
+    let old = TestHost::start_with(
+        vec![
+            vm_config("one", "counter 100", 1, 128),
+            vm_config("two", "counter 100", 2, 256),
+        ],
+        json!({ "console_sockets": true }),
+    );
     old.wait_serial("one", "LKS counter=3 ", WAIT);
     old.wait_serial("two", "LKS counter=3 ", WAIT);
     let old_pid = old.pid();
@@ -274,6 +278,17 @@ fn takeover_moves_every_running_vm_into_a_new_process_and_the_old_one_exits() {
         "{}",
         new.log()
     );
+    // The console sockets are the new process's, at the same place.
+    for vm in ["one", "two"] {
+        let path = new.dir().join("state").join(vm).join("console.sock");
+        let _client = UnixStream::connect(&path).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let line = format!("console client connected on {}", path.display());
+        while !new.log().contains(&line) {
+            assert!(std::time::Instant::now() < deadline, "{}", new.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 #[test]

@@ -274,6 +274,21 @@ pub fn receive_memory(
     })
 }
 
+/// Removes the socket file at `path` (the same-host source's console socket, in this host's
+/// folder for the VM) so that the VM binds its own there once it runs here; the source's
+/// console, which tracks its file, then leaves the new one alone. Anything but a socket stays.
+pub fn clear_console_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!(
+                "{}: cannot take the console socket over: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
 /// vmm-sys-util's error as the `io::Error` it stands for.
 fn errno(e: vmm_sys_util::errno::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())

@@ -43,8 +43,9 @@ pub trait MigrationHost: Send + Sync + 'static {
     /// True when a VM has that name here.
     fn vm_exists(&self, name: &str) -> bool;
     /// Checks an arriving VM's config and gives it its place under `name` (serial log, console
-    /// socket, folder), as for a restored VM.
-    fn place_incoming(&self, name: &str, config: &mut VmConfig) -> Result<(), String>;
+    /// socket, folder), as for a restored VM. From a same-host source (`local`) a live console
+    /// socket at that place is the source's, this VM's after the switch (a takeover).
+    fn place_incoming(&self, name: &str, config: &mut VmConfig, local: bool) -> Result<(), String>;
     /// Runs a received VM under `name` (or keeps it paused).
     fn adopt(&self, name: &str, vm: Vm, paused: bool) -> Result<(), String>;
     /// Removes what `place_incoming` made for a VM that did not arrive (an empty folder).

@@ -328,7 +328,7 @@ impl Receiver {
         if self.host.vm_exists(&self.name) {
             return Err(format!("a VM named {:?} exists already", self.name));
         }
-        self.host.place_incoming(&self.name, &mut config)?;
+        self.host.place_incoming(&self.name, &mut config, local)?;
         Ok(config)
     }
 
@@ -452,6 +452,12 @@ impl Receiver {
             _ => return Err("a malformed Go frame".into()),
         };
         vm.own_passed_sockets();
+        if local {
+            if let Some(path) = &vm.config().serial.console_socket {
+                // A takeover: the source's console socket is in the way; clients reconnect.
+                super::local::clear_console_socket(path);
+            }
+        }
         self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
