@@ -85,8 +85,16 @@ fn manage_firecracker_sockets(host: Arc<Host>, events: mpsc::Receiver<HostEvent>
     });
 }
 
-/// `lockstep host --config host.json [--user USER]`.
-pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
+/// `lockstep host --config host.json [--user USER] [--takeover SOCKET]`.
+pub fn host(config_path: &Path, user: Option<&str>, takeover: Option<&Path>) -> ExitCode {
+    if takeover.is_some() && user.is_some() {
+        // Root is given up before any thread starts, and the endpoints are bound only once the
+        // old host has let go of them, after the VMs (and their threads) moved in.
+        return fail(
+            EXIT_CONFIG_ERROR,
+            "--takeover cannot be combined with --user yet",
+        );
+    }
     let user = match user.map(privileges::lookup).transpose() {
         Ok(u) => u,
         Err(e) => return fail(EXIT_CONFIG_ERROR, &e.to_string()),
@@ -152,13 +160,17 @@ pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
         Some(Ok(token)) => Some(token),
         Some(Err(e)) => return fail(EXIT_VMM_ERROR, &e),
     };
-    // Bound now, served once the VMs at start are there: a client connecting early waits.
-    let listeners = Listeners::new()
-        .bind_unix(&config.api_socket)
-        .and_then(|l| match (config.api_tcp, token) {
-            (Some(addr), Some(token)) => l.bind_tcp(addr, token),
-            _ => Ok(l),
-        });
+    // Bound now, served once the VMs at start are there: a client connecting early waits. A
+    // takeover binds them once the old host has let go of them.
+    let bind = || {
+        Listeners::new()
+            .bind_unix(&config.api_socket)
+            .and_then(|l| match (config.api_tcp, token.clone()) {
+                (Some(addr), Some(token)) => l.bind_tcp(addr, token),
+                _ => Ok(l),
+            })
+    };
+    let mut listeners = takeover.is_none().then(bind);
     if let Some(user) = &user {
         if let Err(e) = drop_root(user, &config.state_dir) {
             return fail(EXIT_VMM_ERROR, &e.to_string());
@@ -169,7 +181,15 @@ pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
     if config.firecracker_sockets {
         manage_firecracker_sockets(host.clone(), host.subscribe());
     }
-    for (vm, autostart) in vms {
+    if let Some(socket) = takeover {
+        // The VMs are the old host's (the config's are there already).
+        match crate::takeover::take_over(&host, socket, &config.state_dir) {
+            Ok(moved) => log::info!("takeover: {moved} running VMs moved into this process"),
+            Err(e) => return fail(EXIT_VMM_ERROR, &format!("takeover: {e}")),
+        }
+        listeners = Some(bind());
+    }
+    for (vm, autostart) in vms.into_iter().filter(|_| takeover.is_none()) {
         let name = vm.display_name().to_string();
         // One VM that cannot be defined or booted does not stop the host.
         if let Err(e) = host.create_vm(vm, autostart) {
@@ -181,21 +201,42 @@ pub fn host(config_path: &Path, user: Option<&str>) -> ExitCode {
         Some(Ok(server)) => Some(server),
         Some(Err(e)) => return fail(EXIT_VMM_ERROR, &e),
     };
+    let listeners = listeners.unwrap_or_else(bind);
     let api = match listeners.and_then(|l| http::spawn(host.clone(), l)) {
         Ok(api) => api,
         Err(e) => return fail(EXIT_VMM_ERROR, &format!("control API: {e}")),
     };
     log::info!("control API on {}", config.api_socket.display());
+    let takeover_socket = match crate::takeover::listen(host.clone(), &config.state_dir) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("{e}: no takeover of this host's VMs");
+            None
+        }
+    };
+    let handed_over = || {
+        takeover_socket
+            .as_ref()
+            .is_some_and(|t| t.handover.requested())
+    };
     lockstep_seccomp::install(ThreadKind::Main);
-    while signals.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(100));
+    while signals.load(Ordering::SeqCst) == 0 && !handed_over() {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    log::info!("stopping: signal {}", signals.load(Ordering::SeqCst));
+    match handed_over() {
+        true => log::info!("stopping: a new process took every VM over"),
+        false => log::info!("stopping: signal {}", signals.load(Ordering::SeqCst)),
+    }
     if let Err(e) = api.stop() {
         log::warn!("control API: {e}");
     }
     drop(cim);
     host.stop_all();
+    if let Some(listening) = takeover_socket {
+        let handover = listening.handover.clone();
+        drop(listening);
+        handover.confirm();
+    }
     ExitCode::SUCCESS
 }
 

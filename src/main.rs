@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 mod host_mode;
 mod privileges;
+mod takeover;
 
 use clap::{Parser, Subcommand};
 use lockstep_api::VmConfig;
@@ -67,6 +68,11 @@ enum Command {
         /// that user.
         #[arg(long, value_name = "USER")]
         user: Option<String>,
+        /// Take every VM of the host listening on this takeover socket (its
+        /// `<state_dir>/takeover.sock`) into this process, then serve the control API in its
+        /// place: the old process exits 0 once its VMs have moved.
+        #[arg(long, value_name = "SOCKET")]
+        takeover: Option<PathBuf>,
         #[command(flatten)]
         seccomp: SeccompArgs,
     },
@@ -140,7 +146,12 @@ fn main() -> ExitCode {
             };
             host_mode::firecracker(&sock, &id, config)
         }
-        Command::Host { config, user, .. } => host_mode::host(&config, user.as_deref()),
+        Command::Host {
+            config,
+            user,
+            takeover,
+            ..
+        } => host_mode::host(&config, user.as_deref(), takeover.as_deref()),
         Command::HashPassword => {
             let mut password = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut password) {

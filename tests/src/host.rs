@@ -278,6 +278,102 @@ impl TestHost {
         }
     }
 
+    /// Starts a new host process on this one's config with `--takeover` on this one's takeover
+    /// socket, waits until this one has exited and the new one serves the control API; returns
+    /// the new host and this one's exit code.
+    pub fn take_over(mut self) -> (TestHost, Option<i32>) {
+        let log = self.dir.path().join("host-takeover.log");
+        let mut child = Command::new(lockstep_bin())
+            .args(["host", "--config"])
+            .arg(self.dir.path().join("host.json"))
+            .arg("--takeover")
+            .arg(self.dir.path().join("state").join("takeover.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep host --takeover");
+        let logs = |old: &TestHost| {
+            format!(
+                "old host:\n{}\nnew host:\n{}",
+                old.log(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let code = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status.code();
+            }
+            if let Some(status) = child.try_wait().expect("wait") {
+                panic!("the new host ended ({status}) first:\n{}", logs(&self));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old host did not exit:\n{}",
+                logs(&self)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while !self.api.exists() {
+            if let Some(status) = child.try_wait().expect("wait") {
+                panic!("the new host ended ({status}):\n{}", logs(&self));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new host's control API never came up:\n{}",
+                logs(&self)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let host = TestHost {
+            child,
+            dir,
+            api: self.api.clone(),
+            log,
+        };
+        (host, code)
+    }
+
+    /// Starts a takeover of this host as [`TestHost::take_over`] does, for one that must fail:
+    /// waits until the new process has ended (this one must serve on) and returns its exit
+    /// code and its log.
+    pub fn failed_take_over(&mut self) -> (Option<i32>, String) {
+        let log = self.dir.path().join("host-takeover.log");
+        let mut child = Command::new(lockstep_bin())
+            .args(["host", "--config"])
+            .arg(self.dir.path().join("host.json"))
+            .arg("--takeover")
+            .arg(self.dir.path().join("state").join("takeover.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lockstep host --takeover");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let new_log = || std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(status) = child.try_wait().expect("wait") {
+                return (status.code(), new_log());
+            }
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!(
+                    "the old host ended ({status}):\n{}\n{}",
+                    self.log(),
+                    new_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the takeover did not end:\n{}\n{}",
+                self.log(),
+                new_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the host with SIGTERM and returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         // SAFETY: signals our own child.

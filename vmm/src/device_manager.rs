@@ -1,6 +1,7 @@
 //! Puts the VM's devices on its buses and wires their interrupts to KVM. Device logic itself is
 //! in the `lockstep-devices` crate.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -176,6 +177,10 @@ pub struct DeviceManager {
     reset_evt: EventFd,
     virtio: Vec<VirtioEntry>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    /// Taps handed over by a same-host migration, by interface id: `add_net` uses them.
+    passed_taps: BTreeMap<String, std::fs::File>,
+    /// The vsock listener handed over by a same-host migration: `add_vsock` uses it.
+    passed_vsock: Option<std::os::unix::net::UnixListener>,
 }
 
 impl DeviceManager {
@@ -217,6 +222,8 @@ impl DeviceManager {
             reset_evt,
             virtio: Vec::new(),
             subscribers: Vec::new(),
+            passed_taps: BTreeMap::new(),
+            passed_vsock: None,
         })
     }
 
@@ -314,8 +321,13 @@ impl DeviceManager {
     /// Adds a virtio-net interface on its tap; `field` names its config entry for errors.
     pub fn add_net(&mut self, config: &NetConfig, field: &str) -> Result<VirtioSlot, DeviceError> {
         let what = format!("network interface {}", config.iface_id);
+        let passed = self.passed_taps.remove(&config.iface_id);
         let (device, slot, transport) = self.add_virtio(&what, |interrupt| {
-            Net::new(config, interrupt).map_err(|e| DeviceError::Backend {
+            match passed {
+                Some(file) => Net::with_passed_tap(config, file, interrupt),
+                None => Net::new(config, interrupt),
+            }
+            .map_err(|e| DeviceError::Backend {
                 field: format!("{field}.host_dev_name"),
                 message: e.to_string(),
             })
@@ -333,10 +345,69 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Taps another process handed over (interface id, descriptor), for `add_net` to use
+    /// instead of opening them.
+    pub fn use_passed_taps(&mut self, taps: Vec<(String, std::fs::File)>) {
+        self.passed_taps = taps.into_iter().collect();
+    }
+
+    /// The vsock listener another process handed over, for `add_vsock` to use instead of
+    /// binding its socket.
+    pub fn use_passed_vsock(&mut self, listener: Option<std::fs::File>) {
+        self.passed_vsock =
+            listener.map(|f| std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(f)));
+    }
+
+    /// The VM runs here now: the vsock socket file handed over goes with its device.
+    pub fn own_passed_sockets(&self) {
+        for entry in &self.virtio {
+            if let AttachedDevice::Vsock { device, .. } = &entry.device {
+                device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .own_socket_file();
+            }
+        }
+    }
+
+    /// Another descriptor on the vsock device's listener, and the flag that keeps its socket
+    /// file when the device goes (for a same-host migration to set once the VM runs elsewhere).
+    pub fn vsock_listener(
+        &self,
+    ) -> std::io::Result<Option<(std::fs::File, Arc<std::sync::atomic::AtomicBool>)>> {
+        for entry in &self.virtio {
+            if let AttachedDevice::Vsock { device, .. } = &entry.device {
+                let device = device.lock().unwrap_or_else(|p| p.into_inner());
+                return device.hand_over().map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Another descriptor on every network interface's tap (interface id, descriptor), in the
+    /// order they were added.
+    pub fn tap_files(&self) -> std::io::Result<Vec<(String, std::fs::File)>> {
+        self.virtio
+            .iter()
+            .filter_map(|entry| match &entry.device {
+                AttachedDevice::Net { id, device, .. } => Some((id, device)),
+                _ => None,
+            })
+            .map(|(id, device)| {
+                let file = device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tap_file()?;
+                Ok((id.clone(), file))
+            })
+            .collect()
+    }
+
     /// Adds the virtio-vsock device, listening on its Unix socket.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<VirtioSlot, DeviceError> {
+        let passed = self.passed_vsock.take();
         let (device, slot, transport) = self.add_virtio("the vsock device", |interrupt| {
-            Vsock::new(config, interrupt).map_err(|e| DeviceError::Backend {
+            Vsock::with_listener(config, passed, interrupt).map_err(|e| DeviceError::Backend {
                 field: "vsock.uds_path".into(),
                 message: e.to_string(),
             })

@@ -142,6 +142,7 @@ fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after
             .map(|(a, l)| (a.0, l))
             .collect(),
         cpuid: vec![],
+        same_host: false,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();

@@ -5,6 +5,7 @@
 mod basic;
 mod cim;
 mod dirty;
+mod local;
 
 use std::time::{Duration, Instant};
 

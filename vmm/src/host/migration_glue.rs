@@ -47,14 +47,21 @@ impl MigrationHost for Host {
         self.vms().contains_key(name)
     }
 
-    fn place_incoming(&self, name: &str, config: &mut VmConfig) -> Result<(), String> {
+    fn place_incoming(&self, name: &str, config: &mut VmConfig, local: bool) -> Result<(), String> {
         // Another host placed the serial log and console: they are placed afresh here.
         config.serial.output_path = None;
         config.serial.console_socket = None;
         host_paths::forget_host_managed(config, &self.state_dir);
         self.check_paths(name, config).map_err(|e| e.to_string())?;
         self.place(config, name).map_err(|e| e.to_string())?;
-        self.check_paths(name, config).map_err(|e| e.to_string())
+        // A same-host source on this state folder (a takeover) holds the console socket placed
+        // here until the switch: it is not checked as someone else's.
+        let console = local.then(|| config.serial.console_socket.take()).flatten();
+        let checked = self.check_paths(name, config).map_err(|e| e.to_string());
+        if console.is_some() {
+            config.serial.console_socket = console;
+        }
+        checked
     }
 
     fn adopt(&self, name: &str, vm: Vm, paused: bool) -> Result<(), String> {

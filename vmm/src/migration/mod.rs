@@ -8,6 +8,7 @@
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
 mod dirty;
+mod local;
 mod progress;
 pub mod protocol;
 mod receive;
@@ -27,6 +28,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub use local::{same_user, LocalError};
 pub use progress::{clear_for_log_line, progress_line, spawn_terminal_progress};
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
@@ -43,8 +45,9 @@ pub trait MigrationHost: Send + Sync + 'static {
     /// True when a VM has that name here.
     fn vm_exists(&self, name: &str) -> bool;
     /// Checks an arriving VM's config and gives it its place under `name` (serial log, console
-    /// socket, folder), as for a restored VM.
-    fn place_incoming(&self, name: &str, config: &mut VmConfig) -> Result<(), String>;
+    /// socket, folder), as for a restored VM. From a same-host source (`local`) a live console
+    /// socket at that place is the source's, this VM's after the switch (a takeover).
+    fn place_incoming(&self, name: &str, config: &mut VmConfig, local: bool) -> Result<(), String>;
     /// Runs a received VM under `name` (or keeps it paused).
     fn adopt(&self, name: &str, vm: Vm, paused: bool) -> Result<(), String>;
     /// Removes what `place_incoming` made for a VM that did not arrive (an empty folder).

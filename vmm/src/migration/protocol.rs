@@ -37,7 +37,8 @@ pub enum Kind {
     Hello = 1,
     /// Source to destination: the MAC, then the handshake (JSON).
     Auth = 2,
-    /// Destination: the handshake is accepted; pages may come.
+    /// Destination: the handshake is accepted; pages may come. One byte 1: the same-host path
+    /// the source offered is taken (`Fds` comes next, then a second, empty `Accept`).
     Accept = 3,
     /// Destination: refused, with the reason (UTF-8).
     Refuse = 4,
@@ -58,6 +59,10 @@ pub enum Kind {
     Running = 11,
     /// Either side: giving up, with the reason (UTF-8).
     Abort = 12,
+    /// Source, same host only: the guest memory regions (address and length, u64 LE each), one
+    /// memfd for each passed with the frame (SCM_RIGHTS), then the taps of the network
+    /// interfaces in config order. See `migration::local`.
+    Fds = 13,
 }
 
 impl Kind {
@@ -77,6 +82,7 @@ impl Kind {
             10 => Go,
             11 => Running,
             12 => Abort,
+            13 => Fds,
             _ => return None,
         })
     }
@@ -91,8 +97,9 @@ impl Kind {
             Kind::Zero => 16,
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
-            Kind::Go => 1,
-            Kind::Accept | Kind::Ready | Kind::Running => 0,
+            Kind::Go | Kind::Accept => 1,
+            Kind::Fds => (16 * super::local::MAX_REGIONS) as u32,
+            Kind::Ready | Kind::Running => 0,
         }
     }
 }
@@ -287,6 +294,10 @@ pub struct Handshake {
     pub regions: Vec<(u64, u64)>,
     /// The CPUID the guest was given (vCPU 0's).
     pub cpuid: Vec<CpuidEntry>,
+    /// The source offers to hand guest memory over as memfds instead of copying it (over a
+    /// Unix socket, memory backed by memfds).
+    #[serde(default)]
+    pub same_host: bool,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -587,6 +598,7 @@ mod tests {
             config: "{}".into(),
             regions: vec![(0, 4096)],
             cpuid: vec![],
+            same_host: false,
         })
         .unwrap()
     }

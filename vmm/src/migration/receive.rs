@@ -290,8 +290,10 @@ impl Receiver {
         result
     }
 
-    /// Checks the handshake; on success returns the config placed for this host.
-    fn check_handshake(&self, handshake: &Handshake) -> Result<VmConfig, String> {
+    /// Checks the handshake; on success returns the config placed for this host. On the same
+    /// host (`local`) another lockstep version may send (a VMM upgrade): the format version,
+    /// the config and, at the switch, the state decoder decide.
+    fn check_handshake(&self, handshake: &Handshake, local: bool) -> Result<VmConfig, String> {
         if handshake.format != protocol::FORMAT_VERSION {
             return Err(format!(
                 "the stream is format version {}; this lockstep speaks {}",
@@ -300,7 +302,7 @@ impl Receiver {
             ));
         }
         let ours = env!("CARGO_PKG_VERSION");
-        if handshake.lockstep_version != ours {
+        if handshake.lockstep_version != ours && !local {
             return Err(format!(
                 "the source runs lockstep {}, this host {ours}",
                 handshake.lockstep_version
@@ -309,8 +311,9 @@ impl Receiver {
         let hv = self.host.hypervisor();
         let mut config =
             VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
-        config
-            .validate(&hv.host_limits())
+        // On the same host the vsock listener comes along: its socket file exists.
+        let vsock_handed = local && config.vsock.is_some();
+        crate::vm::incoming::validate(&config, &hv.host_limits(), vsock_handed)
             .map_err(|e| format!("the VM's config does not fit this host: {e}"))?;
         let regions: Vec<(u64, u64)> = memory::ram_ranges(config.machine_config.mem_size_mib << 20)
             .into_iter()
@@ -329,7 +332,7 @@ impl Receiver {
         if self.host.vm_exists(&self.name) {
             return Err(format!("a VM named {:?} exists already", self.name));
         }
-        self.host.place_incoming(&self.name, &mut config)?;
+        self.host.place_incoming(&self.name, &mut config, local)?;
         Ok(config)
     }
 
@@ -350,7 +353,8 @@ impl Receiver {
                 return Err(why);
             }
         };
-        let config = match self.check_handshake(&handshake) {
+        let local = self.same_host(conn, &handshake);
+        let config = match self.check_handshake(&handshake, local) {
             Ok(c) => c,
             Err(why) => {
                 refuse(conn, &why);
@@ -358,11 +362,25 @@ impl Receiver {
             }
         };
         // From here, a failure removes what place_incoming made.
-        let result = self.receive_vm(conn, &handshake, config);
+        let result = self.receive_vm(conn, &handshake, config, local);
         if result.is_err() {
             self.host.forget_incoming(&self.name);
         }
         result
+    }
+
+    /// Whether to take the same-host path a source offered (see `local`).
+    fn same_host(&self, conn: &Conn, handshake: &Handshake) -> bool {
+        if !handshake.same_host {
+            return false;
+        }
+        match super::local::check_peer(conn) {
+            Ok(()) => true,
+            Err(why) => {
+                log::info!("{}: memory will be copied: {why}", self.name);
+                false
+            }
+        }
     }
 
     fn receive_vm(
@@ -370,9 +388,22 @@ impl Receiver {
         conn: &mut Conn,
         handshake: &Handshake,
         config: VmConfig,
+        local: bool,
     ) -> Result<(), String> {
         let hv = self.host.hypervisor();
-        let incoming = match IncomingVm::prepare(hv, &config) {
+        let handed = match local {
+            true => {
+                write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
+                let taps = config.network_interfaces.len();
+                let vsock = config.vsock.is_some();
+                Some(
+                    super::local::receive_memory(conn, &handshake.regions, taps, vsock)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            false => None,
+        };
+        let incoming = match IncomingVm::prepare(hv, &config, handed) {
             Ok(vm) => vm,
             Err(e) => {
                 let why = format!("cannot build the VM here: {e}");
@@ -424,6 +455,13 @@ impl Receiver {
             [0] => true,
             _ => return Err("a malformed Go frame".into()),
         };
+        vm.own_passed_sockets();
+        if local {
+            if let Some(path) = &vm.config().serial.console_socket {
+                // A takeover: the source's console socket is in the way; clients reconnect.
+                super::local::clear_console_socket(path);
+            }
+        }
         self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);

@@ -195,7 +195,7 @@ impl PageWriter<'_> {
                 .map_err(|e| e.to_string())?;
             let host = slice.ptr_guard().as_ptr();
             let resident = match bits {
-                None => crate::vm::snapshot::resident_pages(host, len),
+                None => crate::memory::data_pages(region),
                 Some(_) => None,
             };
             let wanted = |p: usize| match bits {
@@ -307,7 +307,7 @@ fn converged(
     if expected_s > budget.as_secs_f64() {
         return false;
     }
-    let shrinking = previous_dirty.map_or(true, |before| dirty_bytes.saturating_mul(2) <= before);
+    let shrinking = previous_dirty.is_none_or(|before| dirty_bytes.saturating_mul(2) <= before);
     expected_s <= NEGLIGIBLE_SWITCH.as_secs_f64() || !shrinking
 }
 
@@ -324,7 +324,11 @@ impl Sender {
         }
     }
 
-    fn handshake_bytes(&self, access: &MigrationAccess) -> Result<Vec<u8>, String> {
+    fn handshake_bytes(
+        &self,
+        access: &MigrationAccess,
+        same_host: bool,
+    ) -> Result<Vec<u8>, String> {
         let config = self
             .host
             .running_config(&self.vm)
@@ -338,8 +342,28 @@ impl Sender {
             config: serde_json::to_string(&config).map_err(|e| e.to_string())?,
             regions: crate::memory::region_layout(&access.memory),
             cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+            same_host,
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
+    }
+
+    fn page_writer<'a>(
+        &'a self,
+        writer: Conn,
+        access: &'a MigrationAccess,
+        deadline: Option<(Instant, Duration)>,
+    ) -> PageWriter<'a> {
+        PageWriter {
+            out: BufWriter::with_capacity(1 << 20, writer),
+            access,
+            frame: Vec::with_capacity(8 + protocol::MAX_PAGES_PER_FRAME * PAGE),
+            bytes: 0,
+            pages: 0,
+            progress: &self.migration,
+            bandwidth: self.bandwidth,
+            started: Instant::now(),
+            deadline,
+        }
     }
 
     fn run(&self) -> Result<(), Failure> {
@@ -362,14 +386,26 @@ impl Sender {
             VmReply::Access(a) => a,
             other => return Err(format!("unexpected answer {other:?}").into()),
         };
-        let handshake = self.handshake_bytes(&access)?;
+        let same_host = super::local::can_offer(&writer, &access.memory);
+        let handshake = self.handshake_bytes(&access, same_host)?;
         let mut auth = protocol::mac(&self.token, &nonce, &handshake)
             .ok_or("the token cannot key an HMAC")?
             .to_vec();
         auth.extend_from_slice(&handshake);
         write_frame(&mut writer, Kind::Auth, &auth).map_err(|e| e.to_string())?;
-        expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
+        let accept = expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
         self.check_cancel()?;
+        if same_host && accept == [1] {
+            // Same host: the memory goes as memfds, the VM is built on them, and the switch
+            // moves only the state.
+            let vsock = access.vsock.as_ref().map(|(f, _)| &**f);
+            super::local::send_memory(&writer, &access.memory, &access.taps, vsock)
+                .map_err(|e| e.to_string())?;
+            expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
+            self.check_cancel()?;
+            let pages = self.page_writer(writer, &access, None);
+            return self.switch(None, Vec::new(), pages, &mut reader, 0);
+        }
 
         self.migration.set_phase(MigrationPhase::Precopy);
         // The slots are briefly gone while logging starts: the vCPUs wait meanwhile.
@@ -391,17 +427,8 @@ impl Sender {
             false => None,
         };
         let mut last_step = Instant::now();
-        let mut pages = PageWriter {
-            out: BufWriter::with_capacity(1 << 20, writer),
-            access: &access,
-            frame: Vec::with_capacity(8 + protocol::MAX_PAGES_PER_FRAME * PAGE),
-            bytes: 0,
-            pages: 0,
-            progress: &self.migration,
-            bandwidth: self.bandwidth,
-            started: Instant::now(),
-            deadline: Some((Instant::now() + self.timeout, self.timeout)),
-        };
+        let deadline = Some((Instant::now() + self.timeout, self.timeout));
+        let mut pages = self.page_writer(writer, &access, deadline);
         let started = Instant::now();
         let mut busy = Duration::ZERO;
         let mut dirty: Option<Vec<Bits>> = None;
@@ -470,13 +497,13 @@ impl Sender {
         // The VM runs freely again before the switch pauses it for good.
         drop(throttle);
         let pending = dirty.unwrap_or_default();
-        self.switch(&log, pending, pages, &mut reader, round + 1)
+        self.switch(Some(&log), pending, pages, &mut reader, round + 1)
     }
 
     /// Pauses the VM and moves the rest; resumes it on any failure before `Go`.
     fn switch(
         &self,
-        log: &DirtyLog,
+        log: Option<&DirtyLog>,
         pending: Vec<Bits>,
         mut pages: PageWriter,
         reader: &mut Conn,
@@ -491,14 +518,16 @@ impl Sender {
         }
         let before_go = (|| -> Result<(), String> {
             pages.deadline = None;
-            // What the last round left, and what was written since.
-            let mut last = log.take()?;
-            for (region, more) in last.iter_mut().zip(&pending) {
-                for (word, extra) in region.iter_mut().zip(more) {
-                    *word |= extra;
+            // What the last round left, and what was written since (none on the same host).
+            if let Some(log) = log {
+                let mut last = log.take()?;
+                for (region, more) in last.iter_mut().zip(&pending) {
+                    for (word, extra) in region.iter_mut().zip(more) {
+                        *word |= extra;
+                    }
                 }
+                pages.send(Some(&last))?;
             }
-            pages.send(Some(&last))?;
             log::debug!(
                 "{}: switch: last pages sent at {:?}",
                 self.vm,
@@ -561,6 +590,10 @@ impl Sender {
             self.vm
         );
         self.migration.update(|i| i.downtime_ms = Some(downtime));
+        if log.is_none() {
+            // Same host: the destination owns the VM's sockets now.
+            pages.access.sockets_handed_over();
+        }
         log::info!(
             "{}: migrated to {} (pause {downtime:.1} ms, {} bytes)",
             self.vm,

@@ -18,6 +18,33 @@ use crate::exit::ExitSignal;
 use crate::kvm::Hypervisor;
 use crate::memory::{self, GuestMemoryMmap};
 
+/// What a same-host source handed over: guest memory (its memfds mapped), the taps of the
+/// network interfaces in config order, and the vsock device's listener.
+#[derive(Debug)]
+pub struct HandedOver {
+    /// Guest memory.
+    pub memory: GuestMemoryMmap,
+    /// One tap per network interface, in config order.
+    pub taps: Vec<std::fs::File>,
+    /// The vsock listener, when the VM has a vsock device.
+    pub vsock: Option<std::fs::File>,
+}
+
+/// Checks an arriving VM's config as a new VM's; when its vsock listener is `vsock_handed`
+/// over, its socket file exists already (the listener is checked when the device takes it).
+pub fn validate(
+    config: &VmConfig,
+    limits: &lockstep_api::HostLimits,
+    vsock_handed: bool,
+) -> Result<(), lockstep_api::ConfigError> {
+    if !vsock_handed {
+        return config.validate(limits);
+    }
+    let mut without = config.clone();
+    without.vsock = None;
+    without.validate(limits)
+}
+
 /// A VM being received.
 pub struct IncomingVm {
     config: VmConfig,
@@ -40,11 +67,20 @@ fn incompatible(why: impl Into<String>) -> VmError {
 }
 
 impl IncomingVm {
-    /// Checks `config` against the host and builds the VM: the KVM VM, zeroed guest memory and
-    /// its slots, the devices, the serial output and the vCPUs (their state comes at the
-    /// switch, so that the switch only sets state).
-    pub fn prepare(hv: &Hypervisor, config: &VmConfig) -> Result<IncomingVm, VmError> {
-        config.validate(&hv.host_limits())?;
+    /// Checks `config` against the host and builds the VM: the KVM VM, guest memory (zeroed, or
+    /// the memory a same-host source `handed` over) and its slots, the devices (on the taps and
+    /// vsock listener handed over, if any), the serial output and the vCPUs (their state comes
+    /// at the switch, so that the switch only sets state).
+    pub fn prepare(
+        hv: &Hypervisor,
+        config: &VmConfig,
+        handed: Option<HandedOver>,
+    ) -> Result<IncomingVm, VmError> {
+        validate(
+            config,
+            &hv.host_limits(),
+            handed.as_ref().is_some_and(|h| h.vsock.is_some()),
+        )?;
         let machine = &config.machine_config;
         if machine.huge_pages != lockstep_api::HugePages::None {
             return Err(incompatible("VMs on huge pages cannot migrate yet"));
@@ -54,9 +90,19 @@ impl IncomingVm {
             created.note_if_new(log);
         }
         let vm_fd = new_kvm_vm(hv)?;
-        let memory = memory::create_guest_memory(machine.mem_size_mib << 20, false)?;
+        let (memory, taps, vsock) = match handed {
+            Some(h) => (h.memory, h.taps, h.vsock),
+            None => (
+                memory::create_guest_memory(machine.mem_size_mib << 20, false)?,
+                Vec::new(),
+                None,
+            ),
+        };
         memory::register_memory_slots(&vm_fd, &memory, machine.track_dirty_pages)?;
         let mut devices = DeviceManager::new(vm_fd.clone(), memory.clone())?;
+        let ids = config.network_interfaces.iter().map(|i| i.iface_id.clone());
+        devices.use_passed_taps(ids.zip(taps).collect());
+        devices.use_passed_vsock(vsock);
         attach_virtio_devices(&mut devices, config)?;
         let (serial_out, console_client) = open_serial_output(config)?;
         devices.add_serial(serial_out)?;

@@ -242,6 +242,12 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// A same-host migration switched: the socket files handed over are this VM's now (until
+    /// then, dropping it leaves them to the source).
+    pub fn own_passed_sockets(&self) {
+        self.devices.own_passed_sockets();
+    }
+
     /// Files the VM reads while it runs (its drives' images, the memory file a restored VM
     /// maps): overwriting one would change the guest's disk or memory under it.
     pub fn backing_files(&self) -> &[snapshot::files::BackingFile] {

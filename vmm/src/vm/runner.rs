@@ -85,6 +85,22 @@ pub struct MigrationAccess {
     pub vm_fd: Arc<kvm_ioctls::VmFd>,
     /// Whether the config keeps KVM's dirty log on all the time.
     pub track_dirty_pages: bool,
+    /// Another descriptor on every network interface's tap (interface id, descriptor), for a
+    /// same-host migration to hand over.
+    pub taps: Vec<(String, Arc<std::fs::File>)>,
+    /// Another descriptor on the vsock device's listener, and the flag that keeps its socket
+    /// file when the VM goes.
+    pub vsock: Option<(Arc<std::fs::File>, Arc<std::sync::atomic::AtomicBool>)>,
+}
+
+impl MigrationAccess {
+    /// Says that another process on this host owns the VM's sockets now (a same-host migration
+    /// has switched): their files stay when this VM goes.
+    pub fn sockets_handed_over(&self) {
+        if let Some((_, flag)) = &self.vsock {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for MigrationAccess {
@@ -299,6 +315,20 @@ impl Running {
                 memory: self.vm.memory.clone(),
                 vm_fd: self.vm.vm_fd.clone(),
                 track_dirty_pages: self.vm.config.machine_config.track_dirty_pages,
+                taps: self
+                    .vm
+                    .devices
+                    .tap_files()
+                    .map_err(|e| ControlError::Failed(format!("the taps: {e}")))?
+                    .into_iter()
+                    .map(|(id, file)| (id, Arc::new(file)))
+                    .collect(),
+                vsock: self
+                    .vm
+                    .devices
+                    .vsock_listener()
+                    .map_err(|e| ControlError::Failed(format!("the vsock socket: {e}")))?
+                    .map(|(file, flag)| (Arc::new(file), flag)),
             })),
             VmCommand::CaptureState => self.capture_state(),
             VmCommand::SendCtrlAltDel => {

@@ -282,12 +282,8 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap, total: u64) -> std::io::Resu
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let base = slice.ptr_guard().as_ptr();
         // A restored VM's memory maps the old snapshot: untouched pages hold data, so all of it
-        // is written; fresh anonymous memory can be asked which pages exist.
-        let resident = if region.file_offset().is_none() {
-            resident_pages(base, len)
-        } else {
-            None
-        };
+        // is written; fresh memory (a memfd) can be asked which pages exist.
+        let resident = crate::memory::data_pages(region);
         let mut page = 0;
         let pages = len / PAGE;
         while page < pages {

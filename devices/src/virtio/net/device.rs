@@ -292,6 +292,22 @@ impl Net {
         Net::with_tap(&config.iface_id, tap, config.guest_mac, interrupt)
     }
 
+    /// Builds the device on a tap another lockstep process handed over (checked to be the
+    /// config's tap).
+    pub fn with_passed_tap(
+        config: &NetConfig,
+        file: std::fs::File,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<Net, NetError> {
+        let tap = Tap::from_passed(file, &config.host_dev_name)?;
+        Net::with_tap(&config.iface_id, tap, config.guest_mac, interrupt)
+    }
+
+    /// Another descriptor on its tap (for a same-host migration to hand over).
+    pub fn tap_file(&self) -> std::io::Result<std::fs::File> {
+        self.tap.try_clone_file()
+    }
+
     /// Builds the device on an open tap.
     pub(super) fn with_tap(
         iface_id: &str,

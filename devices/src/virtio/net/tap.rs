@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use thiserror::Error;
 use vmm_sys_util::ioctl::{ioctl_with_ref, ioctl_with_val};
-use vmm_sys_util::ioctl_iow_nr;
+use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 
 use super::frame::VNET_HDR_LEN;
 
@@ -17,6 +17,7 @@ const TUNTAP: std::os::raw::c_uint = 0x54;
 ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, std::os::raw::c_int);
 ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, std::os::raw::c_uint);
 ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, std::os::raw::c_int);
+ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, std::os::raw::c_uint);
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -82,6 +83,43 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// Takes a tap another lockstep process opened and passed over a Unix socket (a same-host
+    /// migration), after checking with TUNGETIFF that it is the tap `name` opened as [`Tap::open`]
+    /// opens taps (a tap, no packet information, with the vnet header).
+    pub fn from_passed(file: File, name: &str) -> Result<Tap, TapError> {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _rest: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a `struct ifreq`; `req` has its layout and size (40 bytes)
+        // and lives for the duration of the call.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, TUNGETIFF(), &mut req) };
+        if rc < 0 {
+            return Err(TapError::Open {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        let wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if &req.name[..len] != name.as_bytes() || req.flags & wanted != wanted {
+            return Err(TapError::BadName {
+                name: name.to_string(),
+                reason: "the descriptor handed over is not this tap, opened with a vnet header",
+            });
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// Another descriptor on this tap, to hand it to another process.
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Attaches to the tap interface `name` (the kernel creates a non-persistent one if it does
     /// not exist and the process may), with a 12-byte vnet header and no offloads yet.
     pub fn open(name: &str) -> Result<Tap, TapError> {
@@ -284,10 +322,20 @@ mod tests {
     }
 
     #[test]
+    fn a_passed_descriptor_that_is_no_tap_is_refused() {
+        let file = File::open("/dev/null").unwrap();
+        assert!(matches!(
+            Tap::from_passed(file, "tap0"),
+            Err(TapError::Open { .. })
+        ));
+    }
+
+    #[test]
     fn ioctl_numbers_match_linux() {
         assert_eq!(TUNSETIFF(), 0x4004_54ca);
         assert_eq!(TUNSETOFFLOAD(), 0x4004_54d0);
         assert_eq!(TUNSETVNETHDRSZ(), 0x4004_54d8);
+        assert_eq!(TUNGETIFF(), 0x8004_54d2);
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }
 }

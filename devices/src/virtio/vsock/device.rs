@@ -130,17 +130,45 @@ fn valid_cid(cid: u64) -> bool {
 }
 
 impl Vsock {
+    /// Another descriptor on the listener, and the flag that keeps its socket file when this
+    /// device goes (see [`UnixBackend::hand_over`]).
+    pub fn hand_over(
+        &self,
+    ) -> std::io::Result<(std::fs::File, Arc<std::sync::atomic::AtomicBool>)> {
+        self.backend.hand_over()
+    }
+
+    /// The VM is this process's now (a same-host migration switched): the socket file it was
+    /// handed goes with this device.
+    pub fn own_socket_file(&self) {
+        self.backend.own_socket_file();
+    }
+
     /// Builds the device and starts listening on `config.uds_path`.
     pub fn new(config: &VsockConfig, interrupt: Arc<VirtioInterrupt>) -> Result<Vsock, VsockError> {
+        Self::with_listener(config, None, interrupt)
+    }
+
+    /// Builds the device on `listener` when another lockstep process handed over its socket
+    /// (checked to listen on `config.uds_path`), or listening afresh.
+    pub fn with_listener(
+        config: &VsockConfig,
+        listener: Option<std::os::unix::net::UnixListener>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<Vsock, VsockError> {
         if !valid_cid(config.guest_cid) {
             return Err(VsockError::InvalidCid(config.guest_cid));
         }
         let metrics = Arc::new(VsockMetrics::default());
-        let backend = UnixBackend::bind(&config.uds_path, config.guest_cid, metrics.clone())
-            .map_err(|source| VsockError::Bind {
-                path: config.uds_path.clone(),
-                source,
-            })?;
+        let (cid, path) = (config.guest_cid, &config.uds_path);
+        let backend = match listener {
+            Some(l) => UnixBackend::from_passed(l, path, cid, metrics.clone()),
+            None => UnixBackend::bind(path, cid, metrics.clone()),
+        }
+        .map_err(|source| VsockError::Bind {
+            path: config.uds_path.clone(),
+            source,
+        })?;
         let timer = nonblocking_timer().map_err(VsockError::Io)?;
         Ok(Vsock {
             base: DeviceBase::new(

@@ -12,10 +12,10 @@ use std::io::{ErrorKind, Read};
 use std::ops::Bound;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,6 +49,9 @@ pub struct UnixBackend {
     uds_path: PathBuf,
     /// The socket file's device and inode: only that file is removed on drop.
     uds_inode: (u64, u64),
+    /// Set once the listener was handed to another process that now owns the socket file (a
+    /// same-host migration): the file then stays on drop.
+    handed_over: Arc<AtomicBool>,
     listener: UnixListener,
     guest_cid: u64,
     connections: BTreeMap<ConnKey, Connection>,
@@ -76,11 +79,66 @@ impl UnixBackend {
             let _ = std::fs::remove_file(uds_path);
             return Err(e);
         }
+        Self::on_listener(listener, uds_path, guest_cid, metrics)
+    }
+
+    /// Takes the listener of `uds_path` another lockstep process handed over (a same-host
+    /// migration), after checking that it is a listening stream socket bound to that path and
+    /// that the file there is still a socket. The socket file stays when this backend goes
+    /// until [`UnixBackend::own_socket_file`] says the VM is this process's (it is the source's
+    /// until the switch).
+    pub fn from_passed(
+        listener: UnixListener,
+        uds_path: &Path,
+        guest_cid: u64,
+        metrics: Arc<VsockMetrics>,
+    ) -> std::io::Result<UnixBackend> {
+        let addr = listener.local_addr()?;
+        let listening = {
+            let mut on: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: SO_ACCEPTCONN writes one int into `on`, which lives on this stack.
+            let rc = unsafe {
+                libc::getsockopt(
+                    listener.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut on as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            rc == 0 && on == 1
+        };
+        let is_socket =
+            std::fs::symlink_metadata(uds_path).is_ok_and(|m| m.file_type().is_socket());
+        if addr.as_pathname() != Some(uds_path) || !listening || !is_socket {
+            return Err(std::io::Error::other(format!(
+                "the descriptor handed over is not the socket listening on {}",
+                uds_path.display()
+            )));
+        }
+        let backend = Self::on_listener(listener, uds_path, guest_cid, metrics)?;
+        backend.handed_over.store(true, Ordering::SeqCst);
+        Ok(backend)
+    }
+
+    /// The VM is this process's now: the socket file goes with this backend.
+    pub fn own_socket_file(&self) {
+        self.handed_over.store(false, Ordering::SeqCst);
+    }
+
+    fn on_listener(
+        listener: UnixListener,
+        uds_path: &Path,
+        guest_cid: u64,
+        metrics: Arc<VsockMetrics>,
+    ) -> std::io::Result<UnixBackend> {
         listener.set_nonblocking(true)?;
         let meta = std::fs::symlink_metadata(uds_path)?;
         Ok(UnixBackend {
             uds_path: uds_path.to_path_buf(),
             uds_inode: (meta.dev(), meta.ino()),
+            handed_over: Arc::default(),
             listener,
             guest_cid,
             connections: BTreeMap::new(),
@@ -97,6 +155,16 @@ impl UnixBackend {
     /// The guest's context id changed (a restore).
     pub fn set_guest_cid(&mut self, guest_cid: u64) {
         self.guest_cid = guest_cid;
+    }
+
+    /// Another descriptor on the listening socket, and the flag to set once another process
+    /// owns it (a same-host migration): the socket file then stays when this backend goes.
+    pub fn hand_over(&self) -> std::io::Result<(std::fs::File, Arc<AtomicBool>)> {
+        let fd = self.listener.try_clone()?;
+        Ok((
+            std::fs::File::from(std::os::fd::OwnedFd::from(fd)),
+            self.handed_over.clone(),
+        ))
     }
 
     /// The listening socket.
@@ -448,8 +516,9 @@ impl Drop for UnixBackend {
     fn drop(&mut self) {
         // The socket file is ours: leave no stale path that would stop the next bind. A file
         // someone else has put there since is not ours to remove.
-        let ours = std::fs::symlink_metadata(&self.uds_path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.uds_inode);
+        let ours = !self.handed_over.load(Ordering::SeqCst)
+            && std::fs::symlink_metadata(&self.uds_path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == self.uds_inode);
         if ours {
             let _ = std::fs::remove_file(&self.uds_path);
         }

@@ -233,3 +233,30 @@ fn the_socket_file_goes_with_the_backend() {
     drop(b);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_passed_listener_leaves_the_socket_file_until_the_vm_is_ours() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.as_path().join("v.sock");
+    let source = backend(&dir);
+    let (file, handed) = source.hand_over().unwrap();
+    let listener = || UnixListener::from(OwnedFd::from(file.try_clone().unwrap()));
+    let metrics = || Arc::new(VsockMetrics::default());
+    // Another socket, or a path it is not bound to, is refused.
+    let other = dir.as_path().join("other.sock");
+    let stranger = UnixListener::bind(&other).unwrap();
+    assert!(UnixBackend::from_passed(stranger, &path, GUEST_CID, metrics()).is_err());
+    assert!(UnixBackend::from_passed(listener(), &other, GUEST_CID, metrics()).is_err());
+    // A destination that never switched leaves the file to the source.
+    drop(UnixBackend::from_passed(listener(), &path, GUEST_CID, metrics()).unwrap());
+    assert!(path.exists());
+    // After the switch the source leaves it, and the destination owns it.
+    let destination = UnixBackend::from_passed(listener(), &path, GUEST_CID, metrics()).unwrap();
+    destination.own_socket_file();
+    handed.store(true, Ordering::SeqCst);
+    drop(source);
+    assert!(path.exists());
+    UnixStream::connect(&path).unwrap();
+    drop(destination);
+    assert!(!path.exists());
+}
