@@ -235,6 +235,7 @@ fn move_vm(
         timeout_s: None,
         max_bandwidth_mib_s: None,
         auto_converge: false,
+        share_memory: Some(true),
     };
     let started = host.migrate_vm(name, request).map_err(|e| e.to_string())?;
     let info = wait_ended(host, &started.id)?;

@@ -45,6 +45,10 @@ pub struct MigrateRequest {
     /// sent (default false).
     #[serde(default)]
     pub auto_converge: bool,
+    /// Over a Unix socket to a host of the same user, hand guest memory over instead of
+    /// copying it (default true); false copies it as over TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_memory: Option<bool>,
 }
 
 /// Where a migration is.

@@ -700,6 +700,7 @@ mod tests {
                 timeout_s: None,
                 max_bandwidth_mib_s: None,
                 auto_converge: false,
+                share_memory: None,
             },
         )
         .unwrap();

@@ -185,6 +185,7 @@ fn asked(params: Params<'_>) -> CimResult<Asked> {
             timeout_s: number(&settings, "PrecopyTimeout")?,
             max_bandwidth_mib_s: bandwidth_mib_s(&settings)?,
             auto_converge,
+            share_memory: None,
         },
     })
 }
@@ -425,6 +426,7 @@ mod tests {
                 timeout_s: None,
                 max_bandwidth_mib_s: Some(2048),
                 auto_converge: true,
+                share_memory: None,
             }
         );
         let unlimited = but(settings("t"), "Bandwidth", 0u16.into());

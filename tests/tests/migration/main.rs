@@ -112,16 +112,26 @@ pub(crate) fn counter_moves(serial: impl Fn() -> String, after: u64) {
 /// Migrates a counting guest with a filled memory block from one host to another over `listen`,
 /// and checks that it carries on there exactly where it was.
 pub(crate) fn migrate_and_check(listen: &str, vcpus: u32, mem_mib: u64) -> Value {
+    migrate_and_check_with(listen, vcpus, mem_mib, json!({}))
+}
+
+/// [`migrate_and_check`] with more fields in the migrate request.
+pub(crate) fn migrate_and_check_with(
+    listen: &str,
+    vcpus: u32,
+    mem_mib: u64,
+    extra: Value,
+) -> Value {
     let script = "memfill 16 7;counter 100 60;memcheck";
     let source = TestHost::start(vec![vm_config("mover", script, vcpus, mem_mib)]);
     let destination = TestHost::start(vec![]);
     source.wait_serial("mover", "LKS counter=5 ", WAIT);
     let (in_id, listen, token) = incoming(&destination, listen, "mover");
-    let id = migrate(
-        &source,
-        "mover",
-        json!({ "destination": listen, "token": token }),
-    );
+    let mut request = json!({ "destination": listen, "token": token });
+    for (key, value) in extra.as_object().into_iter().flatten() {
+        request[key] = value.clone();
+    }
+    let id = migrate(&source, "mover", request);
     let info = wait_ended(&source, &id, WAIT);
     assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
     let arrived = wait_ended(&destination, &in_id, WAIT);

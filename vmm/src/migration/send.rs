@@ -71,6 +71,7 @@ pub fn start_outgoing(
             .max_bandwidth_mib_s
             .map(|m| m.saturating_mul(1 << 20)),
         auto_converge: request.auto_converge,
+        share_memory: request.share_memory.unwrap_or(true),
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
         let outcome = sender.run().map_err(Failure::text);
@@ -125,6 +126,8 @@ struct Sender {
     /// Bytes per second at most.
     bandwidth: Option<u64>,
     auto_converge: bool,
+    /// Whether to offer a same-host destination the memory itself.
+    share_memory: bool,
 }
 
 /// Writes pages to the stream: runs of non-zero pages as `Pages`, runs of zero pages as `Zero`.
@@ -386,7 +389,7 @@ impl Sender {
             VmReply::Access(a) => a,
             other => return Err(format!("unexpected answer {other:?}").into()),
         };
-        let same_host = super::local::can_offer(&writer, &access.memory);
+        let same_host = self.share_memory && super::local::can_offer(&writer, &access.memory);
         let handshake = self.handshake_bytes(&access, same_host)?;
         let mut auth = protocol::mac(&self.token, &nonce, &handshake)
             .ok_or("the token cannot key an HMAC")?
