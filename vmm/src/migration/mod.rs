@@ -7,6 +7,7 @@
 //! The host reaches a migration only through [`MigrationHost`] and the [`Migrations`] registry,
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
+mod devices;
 mod dirty;
 pub mod protocol;
 mod receive;
@@ -26,6 +27,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub(crate) use devices::flush_drives;
 pub use receive::{land_pages, start_incoming};
 pub use send::start_outgoing;
 

@@ -420,10 +420,12 @@ impl Receiver {
             [0] => true,
             _ => return Err("a malformed Go frame".into()),
         };
+        let announcers = super::devices::announcers(&self.name, vm.devices());
         self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
         }
+        super::devices::announce(&self.name, announcers);
         log::info!(
             "{}: arrived by live migration (state to running in {:?})",
             self.name,

@@ -459,12 +459,18 @@ impl Sender {
         self.migration.set_phase(MigrationPhase::Switching);
         let paused_at = Instant::now();
         let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
+        // Most of the drives' dirty data goes while the guest still runs; the flush after the
+        // pause then has little left to write.
+        self.command(VmCommand::FlushDrives)?;
         match self.command(VmCommand::Pause)? {
             VmReply::State(RunState::Paused) => {}
             other => return Err(format!("cannot pause the VM: {other:?}").into()),
         }
         let before_go = (|| -> Result<(), String> {
             pages.deadline = None;
+            // The destination opens the same images: every write the guest saw complete must
+            // be on the storage first.
+            self.command(VmCommand::FlushDrives)?;
             // What the last round left, and what was written since.
             let mut last = log.take()?;
             for (region, more) in last.iter_mut().zip(&pending) {
