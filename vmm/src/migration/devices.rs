@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use lockstep_api::migration::{NetworkOverride, VsockOverride};
+use lockstep_api::VmConfig;
 use lockstep_devices::virtio::net::Announcer;
 
 use crate::device_manager::{AttachedDevice, DeviceManager};
@@ -73,5 +75,104 @@ pub(crate) fn announce(vm: &str, announcers: Vec<Announcer>) {
     });
     if let Err(e) = spawned {
         log::warn!("{vm}: cannot start announcing the VM's interfaces: {e}");
+    }
+}
+
+/// What the destination's listener was told to use instead of the source's backends.
+#[derive(Debug, Default)]
+pub(crate) struct Overrides {
+    /// Taps by interface id.
+    pub nets: Vec<NetworkOverride>,
+    /// The vsock socket's path.
+    pub vsock: Option<VsockOverride>,
+}
+
+impl Overrides {
+    /// Puts the overrides into an arriving VM's config (which is validated afterwards, as a
+    /// new VM's); an override naming what the config does not have is refused.
+    pub(crate) fn apply(&self, config: &mut VmConfig) -> Result<(), String> {
+        for o in &self.nets {
+            let net = config
+                .network_interfaces
+                .iter_mut()
+                .find(|n| n.iface_id == o.iface_id)
+                .ok_or_else(|| {
+                    format!(
+                        "network_overrides: the VM has no interface {:?}",
+                        o.iface_id
+                    )
+                })?;
+            net.host_dev_name = o.host_dev_name.clone();
+        }
+        if let Some(o) = &self.vsock {
+            let vsock = config
+                .vsock
+                .as_mut()
+                .ok_or("vsock_override: the VM has no vsock device")?;
+            vsock.uds_path = o.uds_path.clone();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"},
+                                       {"iface_id": "eth1", "host_dev_name": "tap1"}],
+                "vsock": {"guest_cid": 3, "uds_path": "/run/a.sock"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn overrides_replace_the_named_backends_only() {
+        let mut c = config();
+        let o = Overrides {
+            nets: vec![NetworkOverride {
+                iface_id: "eth1".into(),
+                host_dev_name: "here1".into(),
+            }],
+            vsock: Some(VsockOverride {
+                uds_path: "/run/b.sock".into(),
+            }),
+        };
+        o.apply(&mut c).unwrap();
+        let taps: Vec<&str> = c
+            .network_interfaces
+            .iter()
+            .map(|n| n.host_dev_name.as_str())
+            .collect();
+        assert_eq!(taps, ["tap0", "here1"]);
+        assert_eq!(
+            c.vsock.unwrap().uds_path,
+            std::path::Path::new("/run/b.sock")
+        );
+        Overrides::default().apply(&mut config()).unwrap();
+    }
+
+    #[test]
+    fn an_override_for_what_the_vm_lacks_is_refused() {
+        let o = Overrides {
+            nets: vec![NetworkOverride {
+                iface_id: "eth9".into(),
+                host_dev_name: "x".into(),
+            }],
+            vsock: None,
+        };
+        assert!(o.apply(&mut config()).unwrap_err().contains("eth9"));
+        let mut c = config();
+        c.vsock = None;
+        let o = Overrides {
+            nets: vec![],
+            vsock: Some(VsockOverride {
+                uds_path: "/x".into(),
+            }),
+        };
+        assert!(o.apply(&mut c).unwrap_err().contains("vsock"));
     }
 }

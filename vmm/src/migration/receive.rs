@@ -108,6 +108,10 @@ pub fn start_incoming(
         migration,
         name,
         token: token.clone(),
+        overrides: super::devices::Overrides {
+            nets: request.network_overrides,
+            vsock: request.vsock_override,
+        },
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
         let outcome = receiver.run(listener);
@@ -125,6 +129,8 @@ struct Receiver {
     migration: Arc<Migration>,
     name: String,
     token: String,
+    /// This host's taps and vsock socket instead of the source's.
+    overrides: super::devices::Overrides,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
@@ -305,6 +311,7 @@ impl Receiver {
         let hv = self.host.hypervisor();
         let mut config =
             VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
+        self.overrides.apply(&mut config)?;
         config
             .validate(&hv.host_limits())
             .map_err(|e| format!("the VM's config does not fit this host: {e}"))?;
