@@ -4,6 +4,7 @@
 
 mod basic;
 mod devices;
+mod failures;
 
 use std::time::{Duration, Instant};
 
