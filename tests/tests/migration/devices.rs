@@ -23,7 +23,7 @@ const MAC_BYTES: [u8; 6] = [0x06, 0x00, 0x0a, 0x4e, 0x00, 0x07];
 
 /// Migrates `vm` from `source` to `destination` over a fresh Unix socket, with `overrides`
 /// merged into the incoming request; returns the source's last progress.
-fn migrate_over_unix(
+pub(crate) fn migrate_over_unix(
     source: &TestHost,
     destination: &TestHost,
     vm: &str,
@@ -132,13 +132,13 @@ fn disk_writes_go_on_across_the_switch_with_no_pass_lost_and_the_image_complete(
 
 /// A namespace with a bridge `br0` at the host address, and two taps on it: the source's and
 /// the destination's (one L2 segment, as two hosts' ports on one switch).
-struct Bridged {
-    ns: NetNs,
-    tap_b: String,
+pub(crate) struct Bridged {
+    pub(crate) ns: NetNs,
+    pub(crate) tap_b: String,
 }
 
 impl Bridged {
-    fn create() -> Bridged {
+    pub(crate) fn create() -> Bridged {
         let ns = NetNs::create();
         let tap_b = format!("{}b", ns.tap());
         ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
@@ -176,7 +176,7 @@ impl Bridged {
             .build()
     }
 
-    fn overrides(&self) -> Value {
+    pub(crate) fn overrides(&self) -> Value {
         json!({ "network_overrides": [{ "iface_id": "eth0", "host_dev_name": self.tap_b }] })
     }
 

@@ -5,6 +5,7 @@
 mod basic;
 mod devices;
 mod failures;
+mod linux;
 
 use std::time::{Duration, Instant};
 
