@@ -421,13 +421,7 @@ fn udp_request_response_loses_at_most_what_the_pause_explains() {
     );
 }
 
-// Flaky for a reason outside migration: with a second host busy beside it, about one run in
-// three the guest's `vsock listen` never gets the host's first bytes (it ends with
-// `received=0 closed_by=timeout`, before any migration, or on the destination's new
-// connection), which looks like a lost wake-up between the vsock device's RX path and the test
-// guest's driver. Run it with `--ignored` until that is found.
 #[test]
-#[ignore = "the vsock RX path sometimes loses the host's first bytes under load (see above)"]
 fn vsock_connections_are_reset_by_the_switch_and_new_ones_work() {
     if !require_kvm("vsock_connections_are_reset_by_the_switch_and_new_ones_work") {
         return;
