@@ -212,7 +212,11 @@ fn answer(host: &Arc<Host>, request: Request) -> Result<Value, String> {
         }
         Request::Receive { name, listen } => {
             let info = host
-                .migrate_incoming(IncomingRequest { listen, name })
+                .migrate_incoming(IncomingRequest {
+                    listen,
+                    name,
+                    ..Default::default()
+                })
                 .map_err(text)?;
             Ok(json!({ "incoming": info }))
         }
@@ -346,6 +350,7 @@ fn move_in(host: &Arc<Host>, peer: &mut Peer, state_dir: &Path, name: &str) -> R
         .migrate_incoming(IncomingRequest {
             listen,
             name: name.to_string(),
+            ..Default::default()
         })
         .map_err(|e| e.to_string())?;
     let result = peer.ask(&Request::Move {

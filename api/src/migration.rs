@@ -4,13 +4,38 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/migrations/incoming`: receive one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingRequest {
     /// Where to listen: `IP:PORT` (port 0 picks one) or `unix:/absolute/path`.
     pub listen: String,
     /// The name the VM gets on this host.
     pub name: String,
+    /// Taps of this host to use instead of the ones the source's config names (as
+    /// Firecracker's `network_overrides` on snapshot load).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Where the vsock device's socket goes on this host instead of the source's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// One network interface of an arriving VM put on another tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, as the VM's config names it.
+    pub iface_id: String,
+    /// The tap on this host.
+    pub host_dev_name: String,
+}
+
+/// An arriving VM's vsock socket put elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The Unix socket host programs connect to on this host.
+    pub uds_path: std::path::PathBuf,
 }
 
 /// A listener waiting for one VM.

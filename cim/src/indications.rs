@@ -686,6 +686,7 @@ mod tests {
             .migrate_incoming(IncomingRequest {
                 listen: "127.0.0.1:0".into(),
                 name: "moved".into(),
+                ..Default::default()
             })
             .unwrap();
         // Ended before the watch started: nothing.

@@ -245,6 +245,7 @@ pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
         .migrate_incoming(IncomingRequest {
             listen: listen.trim().to_string(),
             name: name.to_string(),
+            ..Default::default()
         })
         .map_err(host_fault)?;
     Ok((

@@ -4,7 +4,10 @@
 
 mod basic;
 mod cim;
+mod devices;
 mod dirty;
+mod failures;
+mod linux;
 mod local;
 
 use std::time::{Duration, Instant};
@@ -34,11 +37,16 @@ pub(crate) fn counters(serial: &str) -> Vec<u64> {
 
 /// Opens a listener on `host` for a VM called `name`; returns (id, listen, token).
 pub(crate) fn incoming(host: &TestHost, listen: &str, name: &str) -> (String, String, String) {
+    incoming_with(host, &json!({ "listen": listen, "name": name }))
+}
+
+/// [`incoming`] with the whole request body; returns (id, listen, token).
+pub(crate) fn incoming_with(host: &TestHost, body: &Value) -> (String, String, String) {
     let reply = host.call(
         "POST",
         "/v1/migrations/incoming",
         "/v1/migrations/incoming",
-        Some(&json!({ "listen": listen, "name": name })),
+        Some(body),
     );
     assert_eq!(reply.status, 201, "{}", reply.text());
     let v = reply.json();

@@ -7,6 +7,7 @@
 //! The host reaches a migration only through [`MigrationHost`] and the [`Migrations`] registry,
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
+mod devices;
 mod dirty;
 mod local;
 mod progress;
@@ -28,6 +29,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub(crate) use devices::flush_drives;
 pub use local::{same_user, LocalError};
 pub use progress::{clear_for_log_line, progress_line, spawn_terminal_progress};
 pub use receive::{land_pages, start_incoming};

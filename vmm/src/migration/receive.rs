@@ -110,6 +110,10 @@ pub fn start_incoming(
         migration,
         name,
         token: token.clone(),
+        overrides: super::devices::Overrides {
+            nets: request.network_overrides,
+            vsock: request.vsock_override,
+        },
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
         let outcome = receiver.run(listener);
@@ -127,6 +131,8 @@ struct Receiver {
     migration: Arc<Migration>,
     name: String,
     token: String,
+    /// This host's taps and vsock socket instead of the source's.
+    overrides: super::devices::Overrides,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
@@ -311,6 +317,7 @@ impl Receiver {
         let hv = self.host.hypervisor();
         let mut config =
             VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
+        self.overrides.apply(&mut config)?;
         // On the same host the vsock listener comes along: its socket file exists.
         let vsock_handed = local && config.vsock.is_some();
         crate::vm::incoming::validate(&config, &hv.host_limits(), vsock_handed)
@@ -462,10 +469,12 @@ impl Receiver {
                 super::local::clear_console_socket(path);
             }
         }
+        let announcers = super::devices::announcers(&self.name, vm.devices());
         self.host.adopt(&self.name, vm, paused)?;
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
         }
+        super::devices::announce(&self.name, announcers);
         log::info!(
             "{}: arrived by live migration (state to running in {:?})",
             self.name,

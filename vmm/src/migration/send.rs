@@ -513,14 +513,20 @@ impl Sender {
         round: u32,
     ) -> Result<(), Failure> {
         self.migration.set_phase(MigrationPhase::Switching);
-        let paused_at = Instant::now();
+        // Most of the drives' dirty data goes while the guest still runs; the flush after the
+        // pause then has little left to write.
+        self.command(VmCommand::FlushDrives)?;
         let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
+        let paused_at = Instant::now();
         match self.command(VmCommand::Pause)? {
             VmReply::State(RunState::Paused) => {}
             other => return Err(format!("cannot pause the VM: {other:?}").into()),
         }
         let before_go = (|| -> Result<(), String> {
             pages.deadline = None;
+            // The destination opens the same images: every write the guest saw complete must
+            // be on the storage first.
+            self.command(VmCommand::FlushDrives)?;
             // What the last round left, and what was written since (none on the same host).
             if let Some(log) = log {
                 let mut last = log.take()?;

@@ -248,6 +248,11 @@ impl Vm {
         self.devices.own_passed_sockets();
     }
 
+    /// The VM's devices (live migration flushes drives and announces interfaces).
+    pub(crate) fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
     /// Files the VM reads while it runs (its drives' images, the memory file a restored VM
     /// maps): overwriting one would change the guest's disk or memory under it.
     pub fn backing_files(&self) -> &[snapshot::files::BackingFile] {

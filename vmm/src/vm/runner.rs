@@ -74,6 +74,8 @@ pub enum VmCommand {
     MigrationAccess,
     /// The whole machine state as a snapshot state file; the VM must be paused.
     CaptureState,
+    /// Make every drive's completed writes durable (live migration's switch).
+    FlushDrives,
 }
 
 /// What a migration reads while the VM runs: its memory and its KVM VM (for the dirty log).
@@ -331,6 +333,10 @@ impl Running {
                     .map(|(file, flag)| (Arc::new(file), flag)),
             })),
             VmCommand::CaptureState => self.capture_state(),
+            VmCommand::FlushDrives => {
+                crate::migration::flush_drives(&self.vm.devices).map_err(ControlError::Failed)?;
+                Ok(VmReply::State(self.state))
+            }
             VmCommand::SendCtrlAltDel => {
                 if self.state != RunState::Running {
                     return Err(ControlError::Failed("the VM is paused".into()));

@@ -129,6 +129,12 @@ impl Block {
         self.metrics.clone()
     }
 
+    /// Makes every completed write durable (see [`Disk::sync_for_handover`]); requests are
+    /// served whole on the event loop, so a paused VM has none half-done.
+    pub fn sync_for_handover(&self) -> std::io::Result<()> {
+        self.disk.sync_for_handover()
+    }
+
     /// Serves every request the driver has made available.
     pub fn process_queue(&mut self) {
         let (disk, id, metrics, drive_id) = (&self.disk, &self.id, &self.metrics, &self.drive_id);

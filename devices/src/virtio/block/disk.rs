@@ -88,6 +88,15 @@ impl Disk {
         }
     }
 
+    /// Makes every completed write durable whatever the cache mode: before another host opens
+    /// the same image (live migration's switch), the data must be on the storage they share.
+    pub fn sync_for_handover(&self) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
     /// Host iovecs for guest buffers; every buffer must lie inside one memory region.
     fn iovecs(
         mem: &GuestMemoryMmap,

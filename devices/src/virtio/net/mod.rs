@@ -7,6 +7,7 @@
 //! the device: a frame leaves the tap only when the guest has room for it (at most one is
 //! read ahead), and a frame the tap cannot take yet stays in the transmit queue.
 
+mod announce;
 mod device;
 mod event_handler;
 pub mod frame;
@@ -14,6 +15,7 @@ mod moderation;
 mod state;
 mod tap;
 
+pub use announce::{rarp_frame, Announcer};
 pub use device::{Net, NetConfig, NetError, NetMetrics};
 pub use frame::{MAX_FRAME_LEN, VNET_HDR_LEN};
 pub use state::NetState;

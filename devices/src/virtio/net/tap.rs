@@ -259,6 +259,14 @@ impl Tap {
         retry_interrupted(|| (&self.file).write(frame))
     }
 
+    /// A second handle on the same tap (a duplicated descriptor).
+    pub fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// A tap stand-in for tests: our end of a non-blocking datagram pair, and the host's end.
     /// Our end's send buffer holds only a few frames, so the "tap" fills up.
     #[cfg(test)]

@@ -377,8 +377,7 @@ fn listen(vsock: &mut Vsock, port: u32, seconds: u64, echo: &mut [u8]) {
         }
         while let Some(packet) = vsock.recv() {
             let header = packet.header;
-            if conn.is_none()
-                && header.op == op::REQUEST
+            if header.op == op::REQUEST
                 && header.dst_port == port
                 && header.dst_cid == vsock.guest_cid
             {
@@ -388,9 +387,12 @@ fn listen(vsock: &mut Vsock, port: u32, seconds: u64, echo: &mut [u8]) {
                 accepted.peer_fwd_cnt = header.fwd_cnt;
                 accepted.send(vsock, op::RESPONSE, 0, &[]);
                 conn = Some(accepted);
-            } else if conn.as_ref().is_none_or(|c| !c.matches(&header)) {
-                refuse(vsock, &header);
+                // The peer may send at once: what follows belongs to the connection's pump,
+                // not to this loop, which would drop it.
+                vsock.recycle(packet);
+                break;
             }
+            refuse(vsock, &header);
             vsock.recycle(packet);
         }
         if conn.is_none() {
