@@ -88,6 +88,11 @@ pub(crate) struct Overrides {
 }
 
 impl Overrides {
+    /// True when the listener overrides nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nets.is_empty() && self.vsock.is_none()
+    }
+
     /// Puts the overrides into an arriving VM's config (which is validated afterwards, as a
     /// new VM's); an override naming what the config does not have is refused.
     pub(crate) fn apply(&self, config: &mut VmConfig) -> Result<(), String> {

@@ -381,6 +381,14 @@ impl Receiver {
         if !handshake.same_host {
             return false;
         }
+        if !self.overrides.is_empty() {
+            // The listener named taps or a vsock socket of its own: the source's cannot come.
+            log::info!(
+                "{}: memory will be copied: the listener overrides taps or the vsock socket",
+                self.name
+            );
+            return false;
+        }
         match super::local::check_peer(conn) {
             Ok(()) => true,
             Err(why) => {
