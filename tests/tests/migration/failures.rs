@@ -2,7 +2,8 @@
 //! the test), the destination killed with SIGKILL at random points, no listener at the
 //! address. Each leaves the source running and the destination serving with nothing left of
 //! the VM, and a second try succeeds. The random points come from a printed seed
-//! (`LKS_MIGRATION_SEED` replays one).
+//! (`LKS_MIGRATION_SEED` replays one); `LKS_MIGRATION_TRIALS` sets how many
+//! (`bench/run.sh migrate-faults` runs 100).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -40,6 +41,16 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n.max(1)
     }
+}
+
+/// How many trials a failure test runs: `LKS_MIGRATION_TRIALS` (the bench script asks 100),
+/// else `default`.
+fn trials(default: u32) -> u32 {
+    std::env::var("LKS_MIGRATION_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
 }
 
 /// Checks that a failed migration left the source's VM running (its counter moves) and the
@@ -161,7 +172,7 @@ fn connections_cut_at_random_points_and_no_listener_leave_the_source_running() {
         source_runs_on(&source, &destination, "cut", &info);
     }
 
-    for trial in 0..10 {
+    for trial in 0..trials(10) {
         // A few cuts in the first kilobytes (the handshake), the others anywhere.
         let cut_at = match trial {
             0 | 1 => rng.below(600),
@@ -199,7 +210,7 @@ fn a_destination_killed_at_random_points_leaves_the_source_running() {
     let mut rng = Rng::new("a_destination_killed_at_random_points");
     let source = TestHost::start(vec![vm_config("hardy", "memfill 48 6;counter 100", 1, 128)]);
     source.wait_serial("hardy", "LKS counter=1 ", WAIT);
-    for trial in 0..5 {
+    for trial in 0..trials(5) {
         // Killed before the source connects, or a random time after the migration started:
         // in the handshake or in pre-copy (48 MiB at 48 MiB/s: about a second of it).
         let kill_after = match trial {
