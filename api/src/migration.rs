@@ -175,6 +175,26 @@ pub struct MigrationInfo {
 }
 
 impl MigrationInfo {
+    /// A migration that has just started: nothing sent, nothing measured.
+    pub fn new(id: String, direction: MigrationDirection, vm: &str, phase: MigrationPhase) -> Self {
+        MigrationInfo {
+            id,
+            direction,
+            vm: vm.to_string(),
+            phase,
+            round: 0,
+            bytes: 0,
+            pages: 0,
+            dirty_rate_mib_s: 0.0,
+            link_rate_mib_s: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle_percent: 0,
+            downtime_ms: None,
+            elapsed_ms: 0.0,
+            error: None,
+        }
+    }
+
     /// An estimate of how far along it is, 0 to 100, for progress displays (CIM's
     /// PercentComplete, the terminal). Waiting and the handshake count as 0; round 0, which
     /// sends every page that is not all zeros, runs from 5 to 80 by the bytes sent over
@@ -203,20 +223,9 @@ mod tests {
 
     fn info(phase: MigrationPhase, round: u32, bytes: u64) -> MigrationInfo {
         MigrationInfo {
-            id: "1".into(),
-            direction: MigrationDirection::Outgoing,
-            vm: "vm".into(),
-            phase,
             round,
             bytes,
-            pages: 0,
-            dirty_rate_mib_s: 0.0,
-            link_rate_mib_s: 0.0,
-            expected_downtime_ms: 0.0,
-            throttle_percent: 0,
-            downtime_ms: None,
-            elapsed_ms: 0.0,
-            error: None,
+            ..MigrationInfo::new("1".into(), MigrationDirection::Outgoing, "vm", phase)
         }
     }
 

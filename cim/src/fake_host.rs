@@ -78,20 +78,8 @@ impl FakeHost {
     ) -> MigrationInfo {
         let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
         let info = MigrationInfo {
-            id: (all.len() + 1).to_string(),
-            direction,
-            vm: vm.to_string(),
-            phase,
-            round: 0,
-            bytes: 0,
-            pages: 0,
-            dirty_rate_mib_s: 0.0,
-            link_rate_mib_s: 0.0,
-            expected_downtime_ms: 0.0,
-            throttle_percent: 0,
-            downtime_ms: None,
             elapsed_ms: 1.0,
-            error: None,
+            ..MigrationInfo::new((all.len() + 1).to_string(), direction, vm, phase)
         };
         all.push((info.clone(), token));
         info

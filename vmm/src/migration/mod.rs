@@ -89,22 +89,7 @@ pub struct Migration {
 impl Migration {
     fn new(id: String, direction: MigrationDirection, vm: &str, phase: MigrationPhase) -> Self {
         Migration {
-            info: Mutex::new(MigrationInfo {
-                id,
-                direction,
-                vm: vm.to_string(),
-                phase,
-                round: 0,
-                bytes: 0,
-                pages: 0,
-                dirty_rate_mib_s: 0.0,
-                link_rate_mib_s: 0.0,
-                expected_downtime_ms: 0.0,
-                throttle_percent: 0,
-                downtime_ms: None,
-                elapsed_ms: 0.0,
-                error: None,
-            }),
+            info: Mutex::new(MigrationInfo::new(id, direction, vm, phase)),
             started: Instant::now(),
             took: Mutex::new(None),
             cancel: AtomicBool::new(false),
@@ -166,13 +151,6 @@ pub struct Migrations {
     table: Mutex<BTreeMap<String, Arc<Migration>>>,
 }
 
-fn ended(phase: MigrationPhase) -> bool {
-    matches!(
-        phase,
-        MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
-    )
-}
-
 impl Migrations {
     fn table(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Migration>>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
@@ -189,7 +167,7 @@ impl Migrations {
         let mut table = self.table();
         if table.values().any(|m| {
             let i = m.lock();
-            i.vm == vm && !ended(i.phase)
+            i.vm == vm && !i.phase.ended()
         }) {
             return Err(ControlError::Conflict(format!(
                 "a migration of {vm:?} is under way"
@@ -205,7 +183,7 @@ impl Migrations {
     pub fn name_reserved(&self, name: &str) -> bool {
         self.table().values().any(|m| {
             let i = m.lock();
-            i.direction == MigrationDirection::Incoming && i.vm == name && !ended(i.phase)
+            i.direction == MigrationDirection::Incoming && i.vm == name && !i.phase.ended()
         })
     }
 
@@ -234,7 +212,7 @@ impl Migrations {
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("migration {id}")))?;
         let phase = migration.lock().phase;
-        if ended(phase) {
+        if phase.ended() {
             return Err(ControlError::Conflict(format!(
                 "migration {id} has ended ({phase:?})"
             )));
