@@ -279,11 +279,10 @@ impl TestHost {
     }
 
     /// Starts a new host process on this one's config with `--takeover` on this one's takeover
-    /// socket, waits until this one has exited and the new one serves the control API; returns
-    /// the new host and this one's exit code.
-    pub fn take_over(mut self) -> (TestHost, Option<i32>) {
+    /// socket; returns it and its log file.
+    fn spawn_takeover(&self) -> (std::process::Child, PathBuf) {
         let log = self.dir.path().join("host-takeover.log");
-        let mut child = Command::new(lockstep_bin())
+        let child = Command::new(lockstep_bin())
             .args(["host", "--config"])
             .arg(self.dir.path().join("host.json"))
             .arg("--takeover")
@@ -293,6 +292,14 @@ impl TestHost {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start lockstep host --takeover");
+        (child, log)
+    }
+
+    /// Starts a new host process on this one's config with `--takeover` on this one's takeover
+    /// socket, waits until this one has exited and the new one serves the control API; returns
+    /// the new host and this one's exit code.
+    pub fn take_over(mut self) -> (TestHost, Option<i32>) {
+        let (mut child, log) = self.spawn_takeover();
         let logs = |old: &TestHost| {
             format!(
                 "old host:\n{}\nnew host:\n{}",
@@ -340,17 +347,7 @@ impl TestHost {
     /// waits until the new process has ended (this one must serve on) and returns its exit
     /// code and its log.
     pub fn failed_take_over(&mut self) -> (Option<i32>, String) {
-        let log = self.dir.path().join("host-takeover.log");
-        let mut child = Command::new(lockstep_bin())
-            .args(["host", "--config"])
-            .arg(self.dir.path().join("host.json"))
-            .arg("--takeover")
-            .arg(self.dir.path().join("state").join("takeover.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start lockstep host --takeover");
+        let (mut child, log) = self.spawn_takeover();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let new_log = || std::fs::read_to_string(&log).unwrap_or_default();
