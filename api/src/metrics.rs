@@ -523,6 +523,7 @@ mod tests {
             dirty_rate_mib_s: 0.0,
             link_rate_mib_s: 0.0,
             expected_downtime_ms: 0.0,
+            remaining_bytes: 0,
             throttle_percent: 30,
             downtime_ms,
             elapsed_ms: 0.0,

@@ -162,6 +162,10 @@ pub struct MigrationInfo {
     pub link_rate_mib_s: f64,
     /// The pause the last dirty set would take at the link rate, milliseconds.
     pub expected_downtime_ms: f64,
+    /// What is left to send: the pages the guest dirtied during the last round, in bytes (the
+    /// whole memory's non-zero part before round 0 ends is not known in advance).
+    #[serde(default)]
+    pub remaining_bytes: u64,
     /// The share of time auto-converge keeps the vCPUs paused, percent.
     pub throttle_percent: u32,
     /// The pause the VM had (source paused to destination running), milliseconds, once known.
@@ -188,6 +192,7 @@ impl MigrationInfo {
             dirty_rate_mib_s: 0.0,
             link_rate_mib_s: 0.0,
             expected_downtime_ms: 0.0,
+            remaining_bytes: 0,
             throttle_percent: 0,
             downtime_ms: None,
             elapsed_ms: 0.0,

@@ -392,6 +392,7 @@ fn fake_migration(id: &str, vm: &str, phase: MigrationPhase) -> MigrationInfo {
         dirty_rate_mib_s: 0.5,
         link_rate_mib_s: 100.0,
         expected_downtime_ms: 1.0,
+        remaining_bytes: 0,
         throttle_percent: 0,
         downtime_ms: (phase == MigrationPhase::Completed).then_some(2.0),
         elapsed_ms: 10.0,

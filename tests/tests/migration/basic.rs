@@ -349,8 +349,30 @@ fn a_guest_dirtying_faster_than_the_link_is_slowed_down_and_arrives_intact() {
         "busy",
         json!({ "destination": listen, "token": token, "max_bandwidth_mib_s": 64, "auto_converge": true }),
     );
+    // Past round 0 the progress says what is left: the set dirtied during the last round.
+    let deadline = Instant::now() + WAIT;
+    let during = loop {
+        let info = migration(&source, &id);
+        if info["phase"] == "precopy" && info["round"].as_u64().unwrap() >= 1 {
+            break info;
+        }
+        assert!(
+            info["phase"] == "handshake" || info["phase"] == "precopy",
+            "still copying after round 0: {info}"
+        );
+        assert!(Instant::now() < deadline, "no round 1: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        during["remaining_bytes"].as_u64().unwrap() >= 4096,
+        "a guest rewriting memory leaves pages to send: {during}"
+    );
     let info = wait_ended(&source, &id, WAIT);
     eprintln!("auto-converge: {info}");
+    assert_eq!(
+        info["remaining_bytes"], 0,
+        "nothing left once it ran there: {info}"
+    );
     assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
     assert!(info["throttle_percent"].as_u64().unwrap() > 0, "{info}");
     let after = destination.wait_serial("busy", "LKS run done", WAIT);

@@ -159,6 +159,7 @@ mod tests {
             dirty_rate_mib_s: 1.0,
             link_rate_mib_s: 812.34,
             expected_downtime_ms: 3.06,
+            remaining_bytes: 0,
             throttle_percent: 0,
             downtime_ms: Some(4.25),
             elapsed_ms: 1234.0,

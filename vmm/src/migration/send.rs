@@ -460,6 +460,7 @@ impl Sender {
                 i.link_rate_mib_s = link / MIB;
                 i.dirty_rate_mib_s = dirty_rate / MIB;
                 i.expected_downtime_ms = expected * 1e3;
+                i.remaining_bytes = dirty_bytes;
             });
             log::debug!(
                 "{}: migration round {round}: {} bytes in {took:?}; {dirty_bytes} dirty bytes",
@@ -598,7 +599,10 @@ impl Sender {
             "{}: switch: Ready and Running after {downtime:.1} ms",
             self.vm
         );
-        self.migration.update(|i| i.downtime_ms = Some(downtime));
+        self.migration.update(|i| {
+            i.downtime_ms = Some(downtime);
+            i.remaining_bytes = 0;
+        });
         if log.is_none() {
             // Same host: the destination owns the VM's sockets now.
             pages.access.sockets_handed_over();
