@@ -244,6 +244,14 @@ fn with_etcd_gone_or_frozen_a_claim_fails_within_its_timeout() {
         "a frozen etcd must not give a win or a loss: {got:?}"
     );
     assert!(took < bound, "the claim took {took:?}");
+    // The outcome of a claim that timed out is unknown until read: etcd, thawed, may or may not
+    // apply the request it had received. Either way the record is whole and one of the two.
+    let now = etcd.arbiter(TIMEOUT).read("gone").unwrap().unwrap();
+    assert!(
+        now == seen || (now.record.live == "host-b" && now.record.epoch == 2),
+        "{now:?}"
+    );
+    let seen = now;
 
     // Gone: nothing listens any more.
     etcd.kill();

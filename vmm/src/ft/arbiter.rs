@@ -8,7 +8,7 @@
 //! beat it. So of any number of contenders that observed the same record, exactly one wins, and
 //! every other gets [`ArbiterError::Lost`] naming the winner. Anything short of etcd's
 //! "succeeded" (etcd unreachable, a timeout, an answer that cannot be read) is an error, never a
-//! win.
+//! win; only a later [`Arbiter::read`] can tell whether such a claim was applied after all.
 //!
 //! Optional liveness: a host can hold a lease ([`Arbiter::grant_lease`], kept with
 //! [`Arbiter::keep_alive`]) and attach `/lockstep/ft/<pair-id>/alive/<host id>` to it
@@ -179,7 +179,10 @@ impl Arbiter {
     /// Makes `me` the pair's live side if the record is still `expected` (`None`: still absent).
     /// On success returns the new record (epoch one more than `expected`'s, 1 for the first).
     /// If another side got there first, [`ArbiterError::Lost`] names it; if etcd cannot be
-    /// reached or its answer read, the claim is an error and must be treated as not won.
+    /// reached or its answer read, the claim is an error and must be treated as not won. Such an
+    /// error leaves the outcome unknown (etcd may have applied a write whose answer was lost):
+    /// before acting on it, [`read`](Self::read) the record again; a record naming `me` at the
+    /// claimed epoch means the claim did win.
     pub fn claim(
         &self,
         pair: &str,
