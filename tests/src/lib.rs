@@ -2,6 +2,7 @@
 //! the guest images, starts a VM as a real `lockstep run` process, waits for serial output,
 //! types into the console, and tears everything down even when a test panics.
 
+pub mod etcd;
 pub mod host;
 pub mod images;
 pub mod kvm;

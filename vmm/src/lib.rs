@@ -7,6 +7,7 @@ pub mod device_manager;
 pub mod device_state;
 pub mod event_loop;
 pub mod exit;
+pub mod ft;
 pub mod host;
 mod host_paths;
 pub mod kvm;
