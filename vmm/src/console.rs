@@ -217,7 +217,8 @@ impl Write for ConsoleTee {
 }
 
 /// The interactive console's Unix socket: accepts a client (a new one replaces the old), feeds
-/// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output.
+/// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output. A client already in
+/// `client` when it starts (handed over by a same-host migration) is served from the start.
 pub struct ConsoleSocket {
     listener: UnixListener,
     /// Removed when the console goes, if it is still this socket's.
@@ -256,6 +257,12 @@ impl ConsoleSocket {
         let Ok((stream, _)) = self.listener.accept() else {
             return;
         };
+        self.connect(stream, ops);
+        log::info!("console client connected on {}", self.file.path().display());
+    }
+
+    /// Makes `stream` the client: its keystrokes go to COM1, the output to it.
+    fn connect(&mut self, stream: UnixStream, ops: &mut EventOps) {
         if let Some(mut old) = self.input.take() {
             old.stop(ops);
         }
@@ -269,7 +276,6 @@ impl ConsoleSocket {
         let mut pump = InputPump::new(reader, self.serial.clone(), Overflow::Wait);
         pump.start(ops);
         self.input = Some(pump);
-        log::info!("console client connected on {}", self.file.path().display());
     }
 }
 
@@ -280,6 +286,15 @@ impl MutEventSubscriber for ConsoleSocket {
         }
         if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
             log::warn!("console socket: cannot watch the receive FIFO: {e}");
+        }
+        // A client a same-host migration handed over keeps its session.
+        let handed = self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stream) = handed {
+            self.connect(stream, ops);
+            log::info!(
+                "console client handed over on {}",
+                self.file.path().display()
+            );
         }
     }
 

@@ -76,6 +76,9 @@ pub enum VmCommand {
     CaptureState,
     /// Make every drive's completed writes durable (live migration's switch).
     FlushDrives,
+    /// Another descriptor on every open vsock connection's host socket with its state, and on
+    /// the console client's; the VM must be paused (a same-host migration's switch).
+    HandOverConnections,
 }
 
 /// What a migration reads while the VM runs: its memory and its KVM VM (for the dirty log).
@@ -132,6 +135,8 @@ pub enum VmReply {
     Access(MigrationAccess),
     /// The machine state (a snapshot state file's bytes).
     MachineState(Vec<u8>),
+    /// The open connections, for a same-host migration to hand over.
+    Connections(crate::migration::SharedConnections),
 }
 
 /// Why a command failed.
@@ -255,6 +260,27 @@ impl Running {
     }
 
     /// The paused machine's state as a snapshot state file's bytes.
+    fn hand_over_connections(&mut self) -> Result<VmReply, ControlError> {
+        if self.state != RunState::Paused {
+            return Err(ControlError::Failed("the VM must be paused".into()));
+        }
+        let fail = |e: std::io::Error| ControlError::Failed(format!("the connections: {e}"));
+        let vsock = self.vm.devices.vsock_connections().map_err(fail)?;
+        let console = match &self.vm.console_client {
+            Some(client) => client
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|s| s.try_clone())
+                .transpose()
+                .map_err(fail)?,
+            None => None,
+        };
+        Ok(VmReply::Connections(crate::migration::SharedConnections(
+            Arc::new(crate::migration::HandedConnections { vsock, console }),
+        )))
+    }
+
     fn capture_state(&mut self) -> Result<VmReply, ControlError> {
         if self.state != RunState::Paused {
             return Err(ControlError::Failed("the VM must be paused".into()));
@@ -333,6 +359,7 @@ impl Running {
                     .map(|(file, flag)| (Arc::new(file), flag)),
             })),
             VmCommand::CaptureState => self.capture_state(),
+            VmCommand::HandOverConnections => self.hand_over_connections(),
             VmCommand::FlushDrives => {
                 crate::migration::flush_drives(&self.vm.devices).map_err(ControlError::Failed)?;
                 Ok(VmReply::State(self.state))
