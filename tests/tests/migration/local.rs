@@ -629,3 +629,33 @@ fn a_console_client_keeps_its_session_across_a_same_host_migration() {
         destination.log()
     );
 }
+
+#[test]
+fn a_console_client_keeps_its_session_across_a_takeover() {
+    if !require_kvm("a_console_client_keeps_its_session_across_a_takeover") {
+        return;
+    }
+    use std::io::Write;
+    let vm = VmConfigBuilder::new(&guest_images().elf)
+        .boot_args("lks.mode=monitor")
+        .mem_mib(128)
+        .set("name", json!("chat"))
+        .build();
+    let old = TestHost::start_with(vec![vm], json!({ "console_sockets": true }));
+    old.wait_serial("chat", "lks> ", WAIT);
+    let path = old.dir().join("state").join("chat").join("console.sock");
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut seen = String::new();
+    client.write_all(b"echo typed-before\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-before");
+    read_until(&mut client, &mut seen, "lks> ");
+    let (new, code) = old.take_over();
+    assert_eq!(code, Some(0), "the old host exits 0:\n{}", new.log());
+    assert_eq!(new.state("chat"), "running", "{}", new.log());
+    // The old process is gone; the client's connection is the new one's.
+    client.write_all(b"echo typed-after\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-after");
+}
