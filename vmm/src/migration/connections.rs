@@ -28,9 +28,14 @@ use super::protocol::{Conn, Kind};
 pub const MAX_VSOCK_CONNS: usize = 200;
 /// Most descriptors one `Conns` frame carries.
 pub const MAX_CONN_FDS: usize = MAX_VSOCK_CONNS + 1;
-/// Longest `Conns` payload: every connection's state with a full transmit buffer.
-pub const MAX_CONNS_BYTES: u32 =
-    (MAX_VSOCK_CONNS * (lockstep_devices::virtio::vsock::TX_BUF_SIZE as usize + 256) + 64) as u32;
+/// Most console input handed over (what the console holds for a guest that does not read).
+pub const MAX_CONSOLE_INPUT: usize = 1 << 20;
+/// Longest `Conns` payload: every connection's state with a full transmit buffer, and the
+/// console's input.
+pub const MAX_CONNS_BYTES: u32 = (MAX_VSOCK_CONNS
+    * (lockstep_devices::virtio::vsock::TX_BUF_SIZE as usize + 256)
+    + MAX_CONSOLE_INPUT
+    + 64) as u32;
 
 /// What a same-host source hands over at the switch.
 #[derive(Debug, Default)]
@@ -39,6 +44,8 @@ pub struct HandedConnections {
     pub vsock: Vec<(VsockConnState, UnixStream)>,
     /// The console socket's connected client.
     pub console: Option<UnixStream>,
+    /// What the console client typed that had not reached the guest yet.
+    pub console_input: Vec<u8>,
 }
 
 /// [`HandedConnections`] as a VM's reply carries them (compared by identity).
@@ -59,6 +66,7 @@ impl Eq for SharedConnections {}
 struct ConnsPayload {
     vsock: Vec<VsockConnState>,
     console: bool,
+    console_input: Vec<u8>,
 }
 
 /// Why connections could not be handed over, or handed-over ones were refused.
@@ -133,6 +141,7 @@ pub fn send_connections(conn: &Conn, handed: &HandedConnections) -> Result<(), C
     let payload = ConnsPayload {
         vsock: handed.vsock.iter().map(|(s, _)| s.clone()).collect(),
         console: handed.console.is_some(),
+        console_input: handed.console_input.clone(),
     };
     let payload = bincode::serde::encode_to_vec(&payload, bincode_config())
         .map_err(|e| ConnsError::Encoding(e.to_string()))?;
@@ -205,6 +214,14 @@ pub fn receive_connections(conn: &Conn, has_vsock: bool) -> Result<HandedConnect
             console,
         });
     }
+    if payload.console_input.len() > MAX_CONSOLE_INPUT
+        || (!payload.console && !payload.console_input.is_empty())
+    {
+        return Err(ConnsError::Encoding(format!(
+            "{} bytes of console input",
+            payload.console_input.len()
+        )));
+    }
     if !payload.vsock.is_empty() && !has_vsock {
         return Err(ConnsError::NoVsock);
     }
@@ -221,7 +238,11 @@ pub fn receive_connections(conn: &Conn, has_vsock: bool) -> Result<HandedConnect
         .into_iter()
         .zip(fds.into_iter().map(UnixStream::from))
         .collect();
-    Ok(HandedConnections { vsock, console })
+    Ok(HandedConnections {
+        vsock,
+        console,
+        console_input: payload.console_input,
+    })
 }
 
 /// Checks that `fd` is a connected Unix stream socket.
@@ -316,9 +337,15 @@ mod tests {
     /// `fds` attached, whatever they are.
     fn send_raw(conn: &Conn, vsock: Vec<VsockConnState>, console: bool, fds: &[RawFd]) {
         let Conn::Unix(s) = conn else { unreachable!() };
-        let payload =
-            bincode::serde::encode_to_vec(ConnsPayload { vsock, console }, bincode_config())
-                .unwrap();
+        let payload = bincode::serde::encode_to_vec(
+            ConnsPayload {
+                vsock,
+                console,
+                console_input: Vec::new(),
+            },
+            bincode_config(),
+        )
+        .unwrap();
         let mut frame = vec![Kind::Conns as u8];
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         s.send_with_fds(&[&frame[..]], fds).unwrap();
@@ -333,11 +360,13 @@ mod tests {
         let handed = HandedConnections {
             vsock: vec![(state(1234), mine)],
             console: Some(console),
+            console_input: b"typed ahead".to_vec(),
         };
         send_connections(&a, &handed).unwrap();
         let got = receive_connections(&b, true).unwrap();
         assert_eq!(got.vsock.len(), 1);
         assert_eq!(got.vsock[0].0, state(1234));
+        assert_eq!(got.console_input, b"typed ahead");
         // The same sockets: what the far ends write arrives on the received descriptors.
         use std::io::Read;
         theirs.write_all(b"v").unwrap();

@@ -133,7 +133,9 @@ impl IncomingVm {
         }
         match (&self.console_client, handed.console) {
             (Some(client), Some(stream)) => {
-                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                let mut slot = client.lock().unwrap_or_else(|p| p.into_inner());
+                slot.stream = Some(stream);
+                slot.handed_input = handed.console_input;
             }
             (None, Some(_)) => log::info!("the console client handed over has no console here"),
             _ => {}

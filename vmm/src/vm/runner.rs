@@ -217,6 +217,9 @@ struct Running {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// The console socket, when the VM has one (its client's unread keystrokes go with a
+    /// same-host migration).
+    console: Option<Arc<Mutex<ConsoleSocket>>>,
 }
 
 impl Running {
@@ -270,14 +273,26 @@ impl Running {
             Some(client) => client
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .stream
                 .as_ref()
                 .map(|s| s.try_clone())
                 .transpose()
                 .map_err(fail)?,
             None => None,
         };
+        let console_input = match (&console, &self.console) {
+            (Some(_), Some(socket)) => socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pending_input(),
+            _ => Vec::new(),
+        };
         Ok(VmReply::Connections(crate::migration::SharedConnections(
-            Arc::new(crate::migration::HandedConnections { vsock, console }),
+            Arc::new(crate::migration::HandedConnections {
+                vsock,
+                console,
+                console_input,
+            }),
         )))
     }
 
@@ -423,6 +438,7 @@ impl Vm {
         for subscriber in self.devices.event_subscribers() {
             devices_loop.add_subscriber(subscriber.clone());
         }
+        let mut console = None;
         if let (Some(path), Some(client), Some(serial)) = (
             self.config.serial.console_socket.clone(),
             self.console_client.clone(),
@@ -430,7 +446,9 @@ impl Vm {
         ) {
             match ConsoleSocket::bind(&path, serial.clone(), client) {
                 Ok(socket) => {
-                    devices_loop.add_subscriber(Arc::new(Mutex::new(socket)));
+                    let socket = Arc::new(Mutex::new(socket));
+                    devices_loop.add_subscriber(socket.clone());
+                    console = Some(socket);
                 }
                 Err(e) => log::warn!("{}: console socket {}: {e}", self.name(), path.display()),
             }
@@ -459,6 +477,7 @@ impl Vm {
             vm: self,
             vcpus,
             state,
+            console,
         };
         // Everything this thread opens for the VM is open now; from here on it runs the device
         // loop and the control plane's commands under the owner's filter.
