@@ -783,3 +783,59 @@ fn handed_over_connections_go_on_without_a_reset() {
     );
     assert_eq!(g.metrics().events_sent.load(Ordering::Relaxed), 0);
 }
+
+/// Guest bytes the host program had not taken yet at the switch go with the connection, and
+/// reach it once, in order, from the destination.
+#[test]
+fn guest_bytes_queued_for_a_slow_host_are_handed_over_whole() {
+    let mem = memory();
+    let mut g = Harness::new(&mem);
+    g.post_rx(8);
+    let (_listener, mut host) = g.guest_connect(5000);
+    // The host program reads nothing: its socket fills and the device queues the rest.
+    let blob: Vec<u8> = (0..(TX_BUF_SIZE - 1024))
+        .map(|i| (i.wrapping_mul(13) % 251) as u8)
+        .collect();
+    for chunk in blob.chunks(32 << 10) {
+        g.send(&from_guest(Op::Rw, 5000, 1234), chunk);
+    }
+    let key = super::connection::ConnKey {
+        local_port: 1234,
+        peer_port: 5000,
+    };
+    let queued = g
+        .dev
+        .lock()
+        .unwrap()
+        .backend
+        .connection(key)
+        .unwrap()
+        .buffered();
+    assert!(queued > 0, "the host socket took everything");
+    let state = g.dev.lock().unwrap().save_state();
+    let handed = g.dev.lock().unwrap().hand_over_connections().unwrap();
+    assert_eq!(handed[0].0.tx_data.len(), queued);
+    let Harness {
+        rings,
+        dir,
+        dev,
+        events,
+        ..
+    } = g;
+    drop(events);
+    drop(dev);
+    let uds = dir.as_path().join("v2.sock");
+    let mut dev = new_device(uds.clone());
+    dev.use_handed_connections(handed);
+    dev.restore_state(&state, mem.clone()).unwrap();
+    let mut g = Harness::with_device(&mem, dev, rings, dir, uds);
+    // The host reads now: everything the guest sent, once.
+    let got = g.host_read(&mut host, blob.len());
+    assert_eq!(got, blob);
+    host.set_nonblocking(true).unwrap();
+    g.pump();
+    assert!(
+        matches!(host.read(&mut [0u8; 16]), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "nothing more"
+    );
+}
