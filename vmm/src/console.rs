@@ -173,7 +173,17 @@ impl<R: AsRawFd> AsRawFd for EscapedInput<R> {
 
 /// The connected interactive console client, if any, shared by the serial output and the socket
 /// that accepts clients.
-pub type ConsoleClient = Arc<Mutex<Option<UnixStream>>>;
+pub type ConsoleClient = Arc<Mutex<ClientSlot>>;
+
+/// What [`ConsoleClient`] holds.
+#[derive(Debug, Default)]
+pub struct ClientSlot {
+    /// The connected client.
+    pub stream: Option<UnixStream>,
+    /// Keystrokes a same-host source had read from the client but not given the guest yet; they
+    /// go to the guest first.
+    pub handed_input: Vec<u8>,
+}
 
 /// Serial output that goes to its sink (file or stdout) and, as well, to the interactive console
 /// client when one is connected. A client too slow to take the output misses some of it; the
@@ -201,11 +211,11 @@ impl Write for ConsoleTee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.sink.write(buf)?;
         let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = client.as_mut() {
+        if let Some(stream) = client.stream.as_mut() {
             match stream.write(&buf[..n]) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => *client = None,
+                Err(_) => client.stream = None,
             }
         }
         Ok(n)
@@ -217,7 +227,8 @@ impl Write for ConsoleTee {
 }
 
 /// The interactive console's Unix socket: accepts a client (a new one replaces the old), feeds
-/// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output.
+/// its keystrokes to COM1 and lets [`ConsoleTee`] send it the output. A client already in
+/// `client` when it starts (handed over by a same-host migration) is served from the start.
 pub struct ConsoleSocket {
     listener: UnixListener,
     /// Removed when the console goes, if it is still this socket's.
@@ -256,6 +267,22 @@ impl ConsoleSocket {
         let Ok((stream, _)) = self.listener.accept() else {
             return;
         };
+        self.connect(stream, &[], ops);
+        log::info!("console client connected on {}", self.file.path().display());
+    }
+
+    /// What the client typed that has not reached the guest yet (for a same-host migration
+    /// to hand over with the client).
+    pub fn pending_input(&self) -> Vec<u8> {
+        self.input
+            .as_ref()
+            .map(InputPump::pending)
+            .unwrap_or_default()
+    }
+
+    /// Makes `stream` the client: its keystrokes (after `typed`, read from it before) go to
+    /// COM1, the output to it.
+    fn connect(&mut self, stream: UnixStream, typed: &[u8], ops: &mut EventOps) {
         if let Some(mut old) = self.input.take() {
             old.stop(ops);
         }
@@ -265,11 +292,14 @@ impl ConsoleSocket {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).stream = Some(stream);
         let mut pump = InputPump::new(reader, self.serial.clone(), Overflow::Wait);
+        pump.preload(typed);
         pump.start(ops);
+        if !typed.is_empty() {
+            pump.on_room(ops);
+        }
         self.input = Some(pump);
-        log::info!("console client connected on {}", self.file.path().display());
     }
 }
 
@@ -280,6 +310,18 @@ impl MutEventSubscriber for ConsoleSocket {
         }
         if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
             log::warn!("console socket: cannot watch the receive FIFO: {e}");
+        }
+        // A client a same-host migration handed over keeps its session.
+        let (handed, typed) = {
+            let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            (slot.stream.take(), std::mem::take(&mut slot.handed_input))
+        };
+        if let Some(stream) = handed {
+            self.connect(stream, &typed, ops);
+            log::info!(
+                "console client handed over on {}",
+                self.file.path().display()
+            );
         }
     }
 
@@ -298,7 +340,7 @@ impl MutEventSubscriber for ConsoleSocket {
         } else if let Some(pump) = self.input.as_mut().filter(|p| p.fd() == events.fd()) {
             pump.on_input(&events, ops);
             if pump.is_closed() {
-                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.client.lock().unwrap_or_else(|p| p.into_inner()).stream = None;
                 log::info!("console client left {}", self.file.path().display());
                 // What it sent still goes to the guest; the pump goes once that is done.
                 if pump.is_finished() {
@@ -436,5 +478,83 @@ mod tests {
             mgr.run_with_timeout(1).unwrap();
         }
         assert_eq!(exit.reason(), Some(ExitReason::Requested { signal: None }));
+    }
+
+    /// A console client handed over to another console (a same-host migration) keeps its
+    /// session: what the old console had read but the guest had not taken comes first, then
+    /// what the client types next.
+    #[test]
+    fn a_handed_over_client_keeps_its_unread_keystrokes() {
+        use event_manager::{EventManager, SubscriberOps};
+        use lockstep_devices::bus::BusDevice;
+        use lockstep_devices::EventFdTrigger;
+
+        let serial = |irq: &EventFd| {
+            let s = Arc::new(Mutex::new(SerialDevice::new(
+                EventFdTrigger::new(irq.try_clone().unwrap()),
+                Box::new(io::sink()),
+            )));
+            s.lock().unwrap().write(1, &[0x01]); // IER: received-data interrupt.
+            s
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (irq_a, irq_b) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let client_a: ConsoleClient = Arc::default();
+        let socket_a = Arc::new(Mutex::new(
+            ConsoleSocket::bind(&dir.path().join("a.sock"), serial(&irq_a), client_a.clone())
+                .unwrap(),
+        ));
+        let mut mgr_a = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        mgr_a.add_subscriber(socket_a.clone());
+        let mut person = UnixStream::connect(dir.path().join("a.sock")).unwrap();
+        // The guest on A reads nothing: 64 bytes fill its FIFO, the rest waits in the console.
+        let typed: Vec<u8> = (0..200).map(|i| b'a' + (i % 26) as u8).collect();
+        person.write_all(&typed).unwrap();
+        for _ in 0..200 {
+            if socket_a.lock().unwrap().pending_input().len() == 136 {
+                break;
+            }
+            mgr_a.run_with_timeout(10).unwrap();
+        }
+        let pending = socket_a.lock().unwrap().pending_input();
+        assert_eq!(pending, typed[64..]);
+
+        // B takes the client (a same-host destination); A stops.
+        let serial_b = serial(&irq_b);
+        let client_b: ConsoleClient = Arc::default();
+        {
+            let mut slot = client_b.lock().unwrap();
+            let a = client_a.lock().unwrap();
+            slot.stream = Some(a.stream.as_ref().unwrap().try_clone().unwrap());
+            slot.handed_input = pending.clone();
+        }
+        let socket_b =
+            ConsoleSocket::bind(&dir.path().join("b.sock"), serial_b.clone(), client_b).unwrap();
+        let mut mgr_b = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        mgr_b.add_subscriber(Arc::new(Mutex::new(socket_b)));
+        person.write_all(b"more").unwrap();
+        let mut expect = pending;
+        expect.extend_from_slice(b"more");
+        let mut received = Vec::new();
+        for _ in 0..2000 {
+            if received.len() >= expect.len() {
+                break;
+            }
+            mgr_b.run_with_timeout(1).unwrap();
+            let mut s = serial_b.lock().unwrap();
+            let mut b = [0u8];
+            loop {
+                s.read(5, &mut b);
+                if b[0] & 1 == 0 {
+                    break;
+                }
+                s.read(0, &mut b);
+                received.push(b[0]);
+            }
+        }
+        assert_eq!(received, expect);
     }
 }

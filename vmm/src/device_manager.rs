@@ -16,7 +16,7 @@ use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
 use lockstep_devices::virtio::net::{Net, NetConfig, NetMetrics};
 use lockstep_devices::virtio::rng::{Rng, RngMetrics};
-use lockstep_devices::virtio::vsock::{Vsock, VsockConfig, VsockMetrics};
+use lockstep_devices::virtio::vsock::{Vsock, VsockConfig, VsockConnState, VsockMetrics};
 use lockstep_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use lockstep_devices::EventFdTrigger;
 use thiserror::Error;
@@ -356,6 +356,38 @@ impl DeviceManager {
     pub fn use_passed_vsock(&mut self, listener: Option<std::fs::File>) {
         self.passed_vsock =
             listener.map(|f| std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(f)));
+    }
+
+    /// Every open vsock connection's state with another descriptor on its host socket (none
+    /// without a vsock device).
+    pub fn vsock_connections(
+        &self,
+    ) -> std::io::Result<Vec<(VsockConnState, std::os::unix::net::UnixStream)>> {
+        for entry in &self.virtio {
+            if let AttachedDevice::Vsock { device, .. } = &entry.device {
+                let device = device.lock().unwrap_or_else(|p| p.into_inner());
+                return device.hand_over_connections();
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Connections a same-host migration handed over, for the vsock device's restore to adopt;
+    /// false without a vsock device.
+    pub fn use_handed_connections(
+        &self,
+        connections: Vec<(VsockConnState, std::os::unix::net::UnixStream)>,
+    ) -> bool {
+        for entry in &self.virtio {
+            if let AttachedDevice::Vsock { device, .. } = &entry.device {
+                device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .use_handed_connections(connections);
+                return true;
+            }
+        }
+        false
     }
 
     /// The VM runs here now: the vsock socket file handed over goes with its device.

@@ -59,6 +59,18 @@ impl<R: Read + AsRawFd + Send> InputPump<R> {
         }
     }
 
+    /// Input read before, not yet in the FIFO (another process's pump, handed over by a
+    /// same-host migration), to go to the guest first; at most the pending limit is kept.
+    pub fn preload(&mut self, bytes: &[u8]) {
+        let room = PENDING_MAX.saturating_sub(self.pending.len());
+        self.pending.extend(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// What was read from the input and has not reached the FIFO yet.
+    pub fn pending(&self) -> Vec<u8> {
+        self.pending.iter().copied().collect()
+    }
+
     /// The input descriptor.
     pub fn fd(&self) -> RawFd {
         self.input.as_raw_fd()

@@ -153,6 +153,7 @@ fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after
             .collect(),
         cpuid: vec![],
         same_host: false,
+        connections: false,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();

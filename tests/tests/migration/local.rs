@@ -142,6 +142,7 @@ fn local_handshake(
         regions: regions.clone(),
         cpuid: vec![],
         same_host,
+        connections: false,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();
@@ -448,4 +449,213 @@ fn the_vsock_socket_is_handed_over_and_answers_on_the_destination() {
         echoed == data,
         "the echo through the destination is byte-exact"
     );
+}
+
+/// Reads `stream` until its output holds `needle`; panics on end of file or a quiet 20 s.
+fn read_until(stream: &mut UnixStream, seen: &mut String, needle: &str) {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    while !seen.contains(needle) {
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}\n{seen}"));
+        assert!(
+            n > 0,
+            "the console closed while waiting for {needle:?}:\n{seen}"
+        );
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[test]
+fn a_vsock_connection_carries_numbered_messages_across_a_same_host_migration() {
+    if !require_kvm("a_vsock_connection_carries_numbered_messages_across_a_same_host_migration") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut vm = vm_config("talk", "vsock listen 6000 90;vsock info", 1, 128);
+    vm["vsock"] = json!({ "guest_cid": 3, "uds_path": uds });
+    let source = TestHost::start(vec![vm]);
+    let destination = TestHost::start(vec![]);
+    source.wait_serial("talk", "LKS vsock listening port=6000", WAIT);
+    let mut conn = UnixStream::connect(&uds).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+
+    // A writer numbers its messages and sends one every 2 ms until told to stop; a reader
+    // keeps every byte echoed back until the guest closes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, sent, mut conn) = (stop.clone(), sent.clone(), conn.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let msg = format!("message {:06}\n", sent.load(Ordering::SeqCst));
+                conn.write_all(msg.as_bytes()).unwrap();
+                all.extend_from_slice(msg.as_bytes());
+                sent.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            all
+        })
+    };
+    let echoed = Arc::new(Mutex::new(Vec::new()));
+    let reading = {
+        let echoed = echoed.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return None,
+                    Ok(n) => echoed.lock().unwrap().extend_from_slice(&buf[..n]),
+                    Err(e) => return Some(e.to_string()),
+                }
+            }
+        })
+    };
+    let echoed_count = || {
+        echoed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    };
+    let wait_echoed = |n: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while echoed_count() < n {
+            assert!(std::time::Instant::now() < deadline, "{n} echoes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_echoed(50);
+    let (in_id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "talk");
+    let id = migrate(
+        &source,
+        "talk",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert_eq!(info["pages"], 0, "the same-host path: {info}");
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "completed");
+    // Messages went on during the move; more after it, through the destination.
+    let at_switch = sent.load(Ordering::SeqCst);
+    wait_echoed(at_switch + 50);
+    stop.store(true, Ordering::SeqCst);
+    let all = writer.join().unwrap();
+    let error = reading.join().unwrap();
+    assert_eq!(error, None, "the connection failed");
+    let echoed = echoed.lock().unwrap().clone();
+    let lines = all.iter().filter(|&&b| b == b'\n').count();
+    assert!(
+        echoed == all,
+        "every message echoed once, in order: sent {lines} messages ({} bytes), got {} bytes back",
+        all.len(),
+        echoed.len()
+    );
+    let after = destination.wait_serial("talk", "LKS run done", WAIT);
+    let report = GuestReport::parse(&format!("{}{after}", source.serial("talk")));
+    let listen: Vec<&str> = report.all("vsock listen port").collect();
+    assert!(
+        listen.len() == 1
+            && listen[0].contains(&format!("received={} ", all.len()))
+            && listen[0].contains("closed_by=peer-shutdown"),
+        "the guest's one connection took every byte and ended by the host's shutdown: {listen:?}"
+    );
+    let infos: Vec<&str> = report.all("vsock info").collect();
+    assert!(
+        infos.len() == 1 && infos[0].contains("resets=0"),
+        "no transport reset reached the guest: {infos:?}"
+    );
+}
+
+#[test]
+fn a_console_client_keeps_its_session_across_a_same_host_migration() {
+    if !require_kvm("a_console_client_keeps_its_session_across_a_same_host_migration") {
+        return;
+    }
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let vm = VmConfigBuilder::new(&guest_images().elf)
+        .boot_args("lks.mode=monitor")
+        .mem_mib(128)
+        .set("name", json!("chat"))
+        .build();
+    let consoles = json!({ "console_sockets": true });
+    let source = TestHost::start_with(vec![vm], consoles.clone());
+    let destination = TestHost::start_with(vec![], consoles);
+    source.wait_serial("chat", "lks> ", WAIT);
+    let path = source.dir().join("state").join("chat").join("console.sock");
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut seen = String::new();
+    client.write_all(b"echo typed-before\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-before");
+    read_until(&mut client, &mut seen, "lks> ");
+
+    let (in_id, listen, token) = incoming(&destination, &unix_listen(&dir, "in.sock"), "chat");
+    let id = migrate(
+        &source,
+        "chat",
+        json!({ "destination": listen, "token": token }),
+    );
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+    assert_eq!(info["pages"], 0, "the same-host path: {info}");
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "completed");
+    assert_eq!(vm_status(&source, "chat"), 404);
+
+    // The same connection, now served by the destination: keys reach the guest and its
+    // answer comes back.
+    client.write_all(b"echo typed-after\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-after");
+    assert!(
+        destination.log().contains("console client handed over"),
+        "{}",
+        destination.log()
+    );
+}
+
+#[test]
+fn a_console_client_keeps_its_session_across_a_takeover() {
+    if !require_kvm("a_console_client_keeps_its_session_across_a_takeover") {
+        return;
+    }
+    use std::io::Write;
+    let vm = VmConfigBuilder::new(&guest_images().elf)
+        .boot_args("lks.mode=monitor")
+        .mem_mib(128)
+        .set("name", json!("chat"))
+        .build();
+    let old = TestHost::start_with(vec![vm], json!({ "console_sockets": true }));
+    old.wait_serial("chat", "lks> ", WAIT);
+    let path = old.dir().join("state").join("chat").join("console.sock");
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut seen = String::new();
+    client.write_all(b"echo typed-before\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-before");
+    read_until(&mut client, &mut seen, "lks> ");
+    let (new, code) = old.take_over();
+    assert_eq!(code, Some(0), "the old host exits 0:\n{}", new.log());
+    assert_eq!(new.state("chat"), "running", "{}", new.log());
+    // The old process is gone; the client's connection is the new one's.
+    client.write_all(b"echo typed-after\r").unwrap();
+    read_until(&mut client, &mut seen, "\ntyped-after");
 }

@@ -7,6 +7,7 @@
 //! The host reaches a migration only through [`MigrationHost`] and the [`Migrations`] registry,
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
+mod connections;
 mod devices;
 mod dirty;
 mod local;
@@ -29,6 +30,7 @@ use crate::kvm::Hypervisor;
 use crate::vm::{Vm, VmCommand, VmReply};
 use protocol::Conn;
 
+pub use connections::{HandedConnections, SharedConnections};
 pub(crate) use devices::flush_drives;
 pub use local::{same_user, LocalError};
 pub use progress::{clear_for_log_line, progress_line, spawn_terminal_progress};

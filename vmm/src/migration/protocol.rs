@@ -63,6 +63,10 @@ pub enum Kind {
     /// memfd for each passed with the frame (SCM_RIGHTS), then the taps of the network
     /// interfaces in config order. See `migration::local`.
     Fds = 13,
+    /// Source, same host only, right after `State` when the destination took it (`Accept`
+    /// `[1, 1]`): the open vsock connections' states with their host sockets, and the console
+    /// client's socket (SCM_RIGHTS). See `migration::connections`.
+    Conns = 14,
 }
 
 impl Kind {
@@ -83,6 +87,7 @@ impl Kind {
             11 => Running,
             12 => Abort,
             13 => Fds,
+            14 => Conns,
             _ => return None,
         })
     }
@@ -97,7 +102,9 @@ impl Kind {
             Kind::Zero => 16,
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
-            Kind::Go | Kind::Accept => 1,
+            Kind::Go => 1,
+            Kind::Accept => 2,
+            Kind::Conns => super::connections::MAX_CONNS_BYTES,
             Kind::Fds => (16 * super::local::MAX_REGIONS) as u32,
             Kind::Ready | Kind::Running => 0,
         }
@@ -298,6 +305,10 @@ pub struct Handshake {
     /// Unix socket, memory backed by memfds).
     #[serde(default)]
     pub same_host: bool,
+    /// The source hands open vsock and console connections over on the same-host path, when
+    /// the destination answers `Accept` `[1, 1]` (see `migration::connections`).
+    #[serde(default)]
+    pub connections: bool,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -599,6 +610,7 @@ mod tests {
             regions: vec![(0, 4096)],
             cpuid: vec![],
             same_host: false,
+            connections: false,
         })
         .unwrap()
     }

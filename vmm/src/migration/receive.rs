@@ -408,7 +408,9 @@ impl Receiver {
         let hv = self.host.hypervisor();
         let handed = match local {
             true => {
-                write_frame(conn, Kind::Accept, &[1]).map_err(|e| e.to_string())?;
+                // A source that offers its open connections gets a second 1: take them.
+                let answer: &[u8] = if handshake.connections { &[1, 1] } else { &[1] };
+                write_frame(conn, Kind::Accept, answer).map_err(|e| e.to_string())?;
                 let taps = config.network_interfaces.len();
                 let vsock = config.vsock.is_some();
                 Some(
@@ -437,6 +439,12 @@ impl Receiver {
             })
         };
         let (state, bytes, pages) = land_pages(incoming.memory(), conn, progress)?;
+        let mut incoming = incoming;
+        if local && handshake.connections {
+            let handed = super::connections::receive_connections(conn, incoming.has_vsock())
+                .map_err(|e| e.to_string())?;
+            incoming.adopt_connections(handed);
+        }
         self.migration.set_phase(MigrationPhase::Switching);
         let switch = Instant::now();
         self.migration.update(|i| {
@@ -473,7 +481,7 @@ impl Receiver {
         vm.own_passed_sockets();
         if local {
             if let Some(path) = &vm.config().serial.console_socket {
-                // A takeover: the source's console socket is in the way; clients reconnect.
+                // A takeover: the source's console socket is in the way (its client came along).
                 super::local::clear_console_socket(path);
             }
         }

@@ -143,6 +143,8 @@ struct PageWriter<'a> {
     started: Instant,
     /// Pre-copy gives up past this (the last round, with the VM paused, has none).
     deadline: Option<(Instant, Duration)>,
+    /// Same host: the open vsock and console connections follow the state.
+    hand_over_connections: bool,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -346,6 +348,7 @@ impl Sender {
             regions: crate::memory::region_layout(&access.memory),
             cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
             same_host,
+            connections: same_host,
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
     }
@@ -366,6 +369,7 @@ impl Sender {
             bandwidth: self.bandwidth,
             started: Instant::now(),
             deadline,
+            hand_over_connections: false,
         }
     }
 
@@ -398,7 +402,7 @@ impl Sender {
         write_frame(&mut writer, Kind::Auth, &auth).map_err(|e| e.to_string())?;
         let accept = expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
         self.check_cancel()?;
-        if same_host && accept == [1] {
+        if same_host && (accept == [1] || accept == [1, 1]) {
             // Same host: the memory goes as memfds, the VM is built on them, and the switch
             // moves only the state.
             let vsock = access.vsock.as_ref().map(|(f, _)| &**f);
@@ -406,7 +410,9 @@ impl Sender {
                 .map_err(|e| e.to_string())?;
             expect_frame(&mut reader, Kind::Accept, "Accept").map_err(refused)?;
             self.check_cancel()?;
-            let pages = self.page_writer(writer, &access, None);
+            let mut pages = self.page_writer(writer, &access, None);
+            // The destination takes the open connections too.
+            pages.hand_over_connections = accept == [1, 1];
             return self.switch(None, Vec::new(), pages, &mut reader, 0);
         }
 
@@ -552,6 +558,14 @@ impl Sender {
                 .and_then(|()| pages.out.flush())
                 .map_err(|e| format!("sending the state: {e}"))?;
             pages.bytes += state.len() as u64 + 10;
+            if pages.hand_over_connections {
+                let handed = match self.command(VmCommand::HandOverConnections)? {
+                    VmReply::Connections(c) => c,
+                    other => return Err(format!("unexpected answer {other:?}")),
+                };
+                super::connections::send_connections(pages.out.get_ref(), &handed.0)
+                    .map_err(|e| e.to_string())?;
+            }
             log::debug!(
                 "{}: switch: {} bytes of state sent at {:?}",
                 self.vm,

@@ -119,6 +119,29 @@ impl IncomingVm {
         })
     }
 
+    /// True when the VM has a vsock device.
+    pub fn has_vsock(&self) -> bool {
+        self.config.vsock.is_some()
+    }
+
+    /// Takes the open connections a same-host source handed over at the switch: the vsock
+    /// device adopts its connections when [`IncomingVm::finish`] loads its state (the guest
+    /// sees no reset), and the console client is the console's from the start.
+    pub fn adopt_connections(&mut self, handed: crate::migration::HandedConnections) {
+        if !self.devices.use_handed_connections(handed.vsock) {
+            log::debug!("vsock connections handed over to a VM without a vsock device");
+        }
+        match (&self.console_client, handed.console) {
+            (Some(client), Some(stream)) => {
+                let mut slot = client.lock().unwrap_or_else(|p| p.into_inner());
+                slot.stream = Some(stream);
+                slot.handed_input = handed.console_input;
+            }
+            (None, Some(_)) => log::info!("the console client handed over has no console here"),
+            _ => {}
+        }
+    }
+
     /// Guest memory, to be filled from the stream.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory

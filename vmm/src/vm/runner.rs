@@ -76,6 +76,9 @@ pub enum VmCommand {
     CaptureState,
     /// Make every drive's completed writes durable (live migration's switch).
     FlushDrives,
+    /// Another descriptor on every open vsock connection's host socket with its state, and on
+    /// the console client's; the VM must be paused (a same-host migration's switch).
+    HandOverConnections,
 }
 
 /// What a migration reads while the VM runs: its memory and its KVM VM (for the dirty log).
@@ -132,6 +135,8 @@ pub enum VmReply {
     Access(MigrationAccess),
     /// The machine state (a snapshot state file's bytes).
     MachineState(Vec<u8>),
+    /// The open connections, for a same-host migration to hand over.
+    Connections(crate::migration::SharedConnections),
 }
 
 /// Why a command failed.
@@ -212,6 +217,9 @@ struct Running {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// The console socket, when the VM has one (its client's unread keystrokes go with a
+    /// same-host migration).
+    console: Option<Arc<Mutex<ConsoleSocket>>>,
 }
 
 impl Running {
@@ -255,6 +263,39 @@ impl Running {
     }
 
     /// The paused machine's state as a snapshot state file's bytes.
+    fn hand_over_connections(&mut self) -> Result<VmReply, ControlError> {
+        if self.state != RunState::Paused {
+            return Err(ControlError::Failed("the VM must be paused".into()));
+        }
+        let fail = |e: std::io::Error| ControlError::Failed(format!("the connections: {e}"));
+        let vsock = self.vm.devices.vsock_connections().map_err(fail)?;
+        let console = match &self.vm.console_client {
+            Some(client) => client
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stream
+                .as_ref()
+                .map(|s| s.try_clone())
+                .transpose()
+                .map_err(fail)?,
+            None => None,
+        };
+        let console_input = match (&console, &self.console) {
+            (Some(_), Some(socket)) => socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pending_input(),
+            _ => Vec::new(),
+        };
+        Ok(VmReply::Connections(crate::migration::SharedConnections(
+            Arc::new(crate::migration::HandedConnections {
+                vsock,
+                console,
+                console_input,
+            }),
+        )))
+    }
+
     fn capture_state(&mut self) -> Result<VmReply, ControlError> {
         if self.state != RunState::Paused {
             return Err(ControlError::Failed("the VM must be paused".into()));
@@ -333,6 +374,7 @@ impl Running {
                     .map(|(file, flag)| (Arc::new(file), flag)),
             })),
             VmCommand::CaptureState => self.capture_state(),
+            VmCommand::HandOverConnections => self.hand_over_connections(),
             VmCommand::FlushDrives => {
                 crate::migration::flush_drives(&self.vm.devices).map_err(ControlError::Failed)?;
                 Ok(VmReply::State(self.state))
@@ -396,6 +438,7 @@ impl Vm {
         for subscriber in self.devices.event_subscribers() {
             devices_loop.add_subscriber(subscriber.clone());
         }
+        let mut console = None;
         if let (Some(path), Some(client), Some(serial)) = (
             self.config.serial.console_socket.clone(),
             self.console_client.clone(),
@@ -403,7 +446,9 @@ impl Vm {
         ) {
             match ConsoleSocket::bind(&path, serial.clone(), client) {
                 Ok(socket) => {
-                    devices_loop.add_subscriber(Arc::new(Mutex::new(socket)));
+                    let socket = Arc::new(Mutex::new(socket));
+                    devices_loop.add_subscriber(socket.clone());
+                    console = Some(socket);
                 }
                 Err(e) => log::warn!("{}: console socket {}: {e}", self.name(), path.display()),
             }
@@ -432,6 +477,7 @@ impl Vm {
             vm: self,
             vcpus,
             state,
+            console,
         };
         // Everything this thread opens for the VM is open now; from here on it runs the device
         // loop and the control plane's commands under the owner's filter.

@@ -20,6 +20,7 @@ use event_manager::EventSet;
 use super::packet::{
     Header, Op, HOST_CID, MAX_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+use super::state::{VsockConnPhase, VsockConnState};
 
 /// Receive buffer each connection advertises to the guest (`buf_alloc`), and so the most guest
 /// data it ever holds.
@@ -27,6 +28,8 @@ pub const TX_BUF_SIZE: u32 = 256 << 10;
 /// When the guest's view of our free buffer drops below this and the real free space is at
 /// least this, a CREDIT_UPDATE is sent: one max-size packet's worth.
 const CREDIT_LOW_WATER: u32 = MAX_PAYLOAD as u32;
+/// Longest preamble we queue for the host (`OK <port>\n`).
+const CONNECT_REPLY_MAX: usize = 16;
 /// What an emptied TX buffer keeps allocated.
 const IDLE_BUF_CAPACITY: usize = 4096;
 /// How long the guest has to answer a REQUEST.
@@ -279,6 +282,115 @@ impl Connection {
             reset_wanted: false,
             deadline: None,
         }
+    }
+
+    /// The connection as a same-host migration hands it over (its socket goes beside it).
+    pub fn save(&self, now: Instant) -> VsockConnState {
+        VsockConnState {
+            local_port: self.key.local_port,
+            peer_port: self.key.peer_port,
+            phase: match self.phase {
+                Phase::Requesting { sent } => VsockConnPhase::Requesting { sent },
+                Phase::Responding => VsockConnPhase::Responding,
+                Phase::Established => VsockConnPhase::Established,
+                Phase::Closing => VsockConnPhase::Closing,
+            },
+            peer_buf_alloc: self.credit.peer_buf_alloc,
+            peer_fwd_cnt: self.credit.peer_fwd_cnt.0,
+            rx_cnt: self.credit.rx_cnt.0,
+            fwd_cnt_told: self.credit.fwd_cnt_told.0,
+            credit_requested: self.credit.requested,
+            update_wanted: self.credit.update_wanted,
+            tx_data: self.tx.data.iter().copied().collect(),
+            tx_preamble: self.tx.preamble as u32,
+            tx_fwd_cnt: self.tx.fwd_cnt.0,
+            host_readable: self.host.readable,
+            host_eof: self.host.eof,
+            host_no_recv: self.host.no_recv,
+            host_hup: self.host.hup,
+            host_shut: self.host.shut,
+            guest_shut: self.guest_shut,
+            told_guest: self.told_guest,
+            reset_wanted: self.reset_wanted,
+            deadline_ms: self
+                .deadline
+                .map(|d| d.saturating_duration_since(now).as_millis() as u64),
+        }
+    }
+
+    /// Rebuilds a connection another lockstep process handed over, on its host socket; the
+    /// state is untrusted and checked (buffers within the credit we advertise, flags that
+    /// exist, deadlines no longer than ours).
+    pub fn restore(
+        stream: UnixStream,
+        guest_cid: u64,
+        s: &VsockConnState,
+        now: Instant,
+    ) -> Result<Connection, String> {
+        let preamble = s.tx_preamble as usize;
+        if preamble > s.tx_data.len()
+            || preamble > CONNECT_REPLY_MAX
+            || s.tx_data.len() - preamble > TX_BUF_SIZE as usize
+        {
+            return Err(format!(
+                "{} bytes queued for the host ({preamble} of them ours)",
+                s.tx_data.len()
+            ));
+        }
+        if [s.host_shut, s.guest_shut, s.told_guest]
+            .iter()
+            .any(|f| f & !SHUTDOWN_BOTH != 0)
+        {
+            return Err("unknown shutdown flags".into());
+        }
+        let longest = REQUEST_TIMEOUT.max(SHUTDOWN_TIMEOUT);
+        let deadline = match s.deadline_ms.map(Duration::from_millis) {
+            Some(d) if d > longest => return Err(format!("a deadline {d:?} away")),
+            Some(d) => Some(now + d),
+            None => None,
+        };
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let key = ConnKey {
+            local_port: s.local_port,
+            peer_port: s.peer_port,
+        };
+        let phase = match s.phase {
+            VsockConnPhase::Requesting { sent } => Phase::Requesting { sent },
+            VsockConnPhase::Responding => Phase::Responding,
+            VsockConnPhase::Established => Phase::Established,
+            VsockConnPhase::Closing => Phase::Closing,
+        };
+        let mut c = Connection::new(stream, guest_cid, key, phase);
+        c.credit = Credit {
+            peer_buf_alloc: s.peer_buf_alloc,
+            peer_fwd_cnt: Wrapping(s.peer_fwd_cnt),
+            rx_cnt: Wrapping(s.rx_cnt),
+            fwd_cnt_told: Wrapping(s.fwd_cnt_told),
+            requested: s.credit_requested,
+            update_wanted: s.update_wanted,
+        };
+        c.tx = TxBuffer {
+            data: s.tx_data.iter().copied().collect(),
+            preamble,
+            fwd_cnt: Wrapping(s.tx_fwd_cnt),
+        };
+        c.host = HostEnd {
+            readable: s.host_readable,
+            eof: s.host_eof,
+            no_recv: s.host_no_recv,
+            hup: s.host_hup,
+            shut: s.host_shut,
+        };
+        c.guest_shut = s.guest_shut;
+        c.told_guest = s.told_guest;
+        c.reset_wanted = s.reset_wanted;
+        c.deadline = deadline;
+        Ok(c)
+    }
+
+    /// Another descriptor on the host socket, for a same-host migration to hand over.
+    pub fn dup_stream(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
     }
 
     /// The connection's key.

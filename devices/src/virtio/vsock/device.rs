@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::{read_tx, write_event, Op, RxBuffer, TxError, MAX_PAYLOAD};
-use super::state::VsockState;
+use super::state::{VsockConnState, VsockState};
 use super::unix_backend::UnixBackend;
 use crate::virtio::device::{next_chain, nonblocking_timer, read_config_bytes};
 use crate::virtio::{
@@ -23,6 +23,7 @@ use crate::virtio::{
     VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
+use std::os::unix::net::UnixStream;
 
 /// Queue indexes (virtio 1.2 section 5.10.2).
 pub const RX_QUEUE: usize = 0;
@@ -123,6 +124,8 @@ pub struct Vsock {
     pub(super) timer_deadline: Option<Instant>,
     /// Sockets the event loop watches, with what for.
     pub(super) watched: HashMap<RawFd, EventSet>,
+    /// Connections a same-host migration handed over, for the next restore to adopt.
+    handed_connections: Option<Vec<(VsockConnState, UnixStream)>>,
 }
 
 fn valid_cid(cid: u64) -> bool {
@@ -142,6 +145,18 @@ impl Vsock {
     /// handed goes with this device.
     pub fn own_socket_file(&self) {
         self.backend.own_socket_file();
+    }
+
+    /// Every open connection's state and another descriptor on its host socket, for a
+    /// same-host migration to hand over (the VM is paused).
+    pub fn hand_over_connections(&self) -> std::io::Result<Vec<(VsockConnState, UnixStream)>> {
+        self.backend.hand_over_connections(Instant::now())
+    }
+
+    /// Connections another lockstep process handed over (a same-host migration): the next
+    /// [`Vsock::restore_state`] adopts them instead of resetting the transport.
+    pub fn use_handed_connections(&mut self, connections: Vec<(VsockConnState, UnixStream)>) {
+        self.handed_connections = Some(connections);
     }
 
     /// Builds the device and starts listening on `config.uds_path`.
@@ -187,6 +202,7 @@ impl Vsock {
             timer,
             timer_deadline: None,
             watched: HashMap::new(),
+            handed_connections: None,
         })
     }
 
@@ -448,7 +464,8 @@ impl Vsock {
     }
 
     /// Restores a saved state. Connections are not part of it: open ones are closed, and an
-    /// active guest driver gets a TRANSPORT_RESET event so that it drops its own.
+    /// active guest driver gets a TRANSPORT_RESET event so that it drops its own, unless a
+    /// same-host migration handed them over ([`Vsock::use_handed_connections`]).
     pub fn restore_state(
         &mut self,
         state: &VsockState,
@@ -470,8 +487,22 @@ impl Vsock {
         }
         self.guest_cid = state.guest_cid;
         self.backend.set_guest_cid(state.guest_cid);
-        self.drop_connections();
-        self.reset_event_pending = state.base.activated;
+        match self.handed_connections.take() {
+            // A same-host migration: the connections go on, and the guest sees no reset.
+            Some(handed) => {
+                self.backend
+                    .adopt_connections(handed, Instant::now())
+                    .map_err(ActivateError::BadState)?;
+                self.reset_event_pending = false;
+                if let Err(e) = self.wake_evt.write(1) {
+                    log::warn!("virtio-vsock: cannot wake the event loop: {e}");
+                }
+            }
+            None => {
+                self.drop_connections();
+                self.reset_event_pending = state.base.activated;
+            }
+        }
         Ok(())
     }
 }

@@ -20,7 +20,8 @@ mod unix_backend;
 
 pub use connection::TX_BUF_SIZE;
 pub use device::{Vsock, VsockConfig, VsockError, VsockMetrics};
-pub use state::VsockState;
+pub use state::{VsockConnPhase, VsockConnState, VsockState};
+pub use unix_backend::MAX_CONNECTIONS;
 
 #[cfg(test)]
 mod tests;

@@ -725,3 +725,117 @@ fn a_runaway_available_index_breaks_the_device_instead_of_hanging_the_loop() {
         );
     }
 }
+
+#[test]
+fn handed_over_connections_go_on_without_a_reset() {
+    let mem = memory();
+    let mut g = Harness::new(&mem);
+    g.post_rx(8);
+    let (_listener, mut host) = g.guest_connect(5000);
+    g.send(&from_guest(Op::Rw, 5000, 1234), b"before");
+    assert_eq!(g.host_read(&mut host, 6), b"before");
+    g.rings[EVENT_QUEUE].publish(&[(EVT_BUF, 4, F_WRITE)]);
+    let state = g.dev.lock().unwrap().save_state();
+    let handed = g.dev.lock().unwrap().hand_over_connections().unwrap();
+    assert_eq!(handed.len(), 1);
+    assert_eq!(
+        (handed[0].0.local_port, handed[0].0.peer_port),
+        (1234, 5000)
+    );
+
+    // The source goes away; its socket descriptors close, the handed-over ones stay.
+    let Harness {
+        rings,
+        dir,
+        dev,
+        events,
+        ..
+    } = g;
+    drop(events);
+    drop(dev);
+    let uds = dir.as_path().join("v2.sock");
+
+    // A state that claims more queued bytes than the credit allows is refused.
+    let mut bad = handed[0].0.clone();
+    bad.tx_data = vec![0; TX_BUF_SIZE as usize + 1];
+    let stream = handed[0].1.try_clone().unwrap();
+    let mut dev = new_device(dir.as_path().join("v3.sock"));
+    dev.use_handed_connections(vec![(bad, stream)]);
+    assert!(dev.restore_state(&state, mem.clone()).is_err());
+
+    let mut dev = new_device(uds.clone());
+    dev.use_handed_connections(handed);
+    dev.restore_state(&state, mem.clone()).unwrap();
+    let mut g = Harness::with_device(&mem, dev, rings, dir, uds);
+    assert_eq!(g.connections(), 1);
+    // Both directions go on, on the same ports.
+    g.send(&from_guest(Op::Rw, 5000, 1234), b"after");
+    assert_eq!(g.host_read(&mut host, 5), b"after");
+    host.write_all(b"back").unwrap();
+    let (h, payload) = g.expect(Op::Rw);
+    assert_eq!(
+        (h.src_port, h.dst_port, payload.as_slice()),
+        (1234, 5000, &b"back"[..])
+    );
+    assert!(
+        g.rings[EVENT_QUEUE].take_used().is_empty(),
+        "no transport reset"
+    );
+    assert_eq!(g.metrics().events_sent.load(Ordering::Relaxed), 0);
+}
+
+/// Guest bytes the host program had not taken yet at the switch go with the connection, and
+/// reach it once, in order, from the destination.
+#[test]
+fn guest_bytes_queued_for_a_slow_host_are_handed_over_whole() {
+    let mem = memory();
+    let mut g = Harness::new(&mem);
+    g.post_rx(8);
+    let (_listener, mut host) = g.guest_connect(5000);
+    // The host program reads nothing: its socket fills and the device queues the rest.
+    let blob: Vec<u8> = (0..(TX_BUF_SIZE - 1024))
+        .map(|i| (i.wrapping_mul(13) % 251) as u8)
+        .collect();
+    for chunk in blob.chunks(32 << 10) {
+        g.send(&from_guest(Op::Rw, 5000, 1234), chunk);
+    }
+    let key = super::connection::ConnKey {
+        local_port: 1234,
+        peer_port: 5000,
+    };
+    let queued = g
+        .dev
+        .lock()
+        .unwrap()
+        .backend
+        .connection(key)
+        .unwrap()
+        .buffered();
+    assert!(queued > 0, "the host socket took everything");
+    let state = g.dev.lock().unwrap().save_state();
+    let handed = g.dev.lock().unwrap().hand_over_connections().unwrap();
+    assert_eq!(handed[0].0.tx_data.len(), queued);
+    let Harness {
+        rings,
+        dir,
+        dev,
+        events,
+        ..
+    } = g;
+    drop(events);
+    drop(dev);
+    let uds = dir.as_path().join("v2.sock");
+    let mut dev = new_device(uds.clone());
+    dev.use_handed_connections(handed);
+    dev.restore_state(&state, mem.clone()).unwrap();
+    let mut g = Harness::with_device(&mem, dev, rings, dir, uds);
+    // The host reads now: everything the guest sent, once.
+    let got = g.host_read(&mut host, blob.len());
+    assert_eq!(got, blob);
+    host.set_nonblocking(true).unwrap();
+    g.pump();
+    assert!(
+        matches!(host.read(&mut [0u8; 16]), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "nothing more"
+    );
+}

@@ -24,6 +24,7 @@ use event_manager::EventSet;
 use super::connection::{ConnKey, Connection, Verdict};
 use super::device::VsockMetrics;
 use super::packet::{Header, Op, HOST_CID, TYPE_STREAM};
+use super::state::VsockConnState;
 
 /// Most host sockets (connections and host programs still sending `CONNECT`) at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -487,6 +488,57 @@ impl UnixBackend {
         }
         self.resets.clear();
         self.rr_cursor = None;
+    }
+
+    /// Every open connection's state with another descriptor on its host socket, for a
+    /// same-host migration (the VM is paused: nothing changes them meanwhile). Host programs
+    /// still sending their `CONNECT` line are not included: they close with this VM.
+    pub fn hand_over_connections(
+        &self,
+        now: Instant,
+    ) -> std::io::Result<Vec<(VsockConnState, UnixStream)>> {
+        self.connections
+            .values()
+            .map(|c| Ok((c.save(now), c.dup_stream()?)))
+            .collect()
+    }
+
+    /// Takes the connections another lockstep process handed over in place of any open here;
+    /// each must be a new key, at most [`MAX_CONNECTIONS`] in all.
+    pub fn adopt_connections(
+        &mut self,
+        handed: Vec<(VsockConnState, UnixStream)>,
+        now: Instant,
+    ) -> Result<(), String> {
+        self.close_all();
+        if handed.len() > MAX_CONNECTIONS {
+            return Err(format!(
+                "{} connections handed over, at most {MAX_CONNECTIONS}",
+                handed.len()
+            ));
+        }
+        for (state, stream) in handed {
+            let conn = Connection::restore(stream, self.guest_cid, &state, now).map_err(|why| {
+                format!("connection {}:{}: {why}", state.local_port, state.peer_port)
+            })?;
+            let key = conn.key();
+            if self.connections.contains_key(&key) {
+                return Err(format!("connection {key:?} handed over twice"));
+            }
+            self.by_fd.insert(conn.fd(), key);
+            self.connections.insert(key, conn);
+        }
+        // New host-initiated connections take ports after the ones handed over.
+        if let Some(last) = self
+            .connections
+            .keys()
+            .map(|k| k.local_port)
+            .filter(|&p| p >= FIRST_LOCAL_PORT)
+            .max()
+        {
+            self.next_local_port = last.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+        }
+        Ok(())
     }
 
     /// Every host socket with the events to watch it for; None: do not watch it (it hung up,
