@@ -428,3 +428,129 @@ fn a_config_the_destination_cannot_run_is_refused_before_a_page_moves() {
     assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "failed");
     nothing_left(&destination, "rooted");
 }
+
+/// Forwards one connection from `listener` to `to` until the destination answers Ready, which
+/// it holds back (the source never sends Go); says so on `ready`, then cuts both sides once
+/// `cut` says to.
+fn relay_holding_ready(
+    listener: std::net::TcpListener,
+    to: String,
+    ready: std::sync::mpsc::Sender<()>,
+    cut: std::sync::mpsc::Receiver<()>,
+) {
+    let (from_source, _) = listener.accept().unwrap();
+    let to_dest = TcpStream::connect(&to).unwrap();
+    let forward = {
+        let mut reader = from_source.try_clone().unwrap();
+        let mut writer = to_dest.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut writer);
+        })
+    };
+    let (mut reader, mut writer) = (
+        to_dest.try_clone().unwrap(),
+        from_source.try_clone().unwrap(),
+    );
+    loop {
+        let mut header = [0u8; 5];
+        if reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        if header[0] == Kind::Ready as u8 {
+            ready.send(()).unwrap();
+            let _ = cut.recv();
+            break;
+        }
+        let len = u32::from_le_bytes(header[1..].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        if reader.read_exact(&mut payload).is_err() {
+            break;
+        }
+        if writer.write_all(&header).is_err() || writer.write_all(&payload).is_err() {
+            break;
+        }
+    }
+    let _ = to_dest.shutdown(std::net::Shutdown::Both);
+    let _ = from_source.shutdown(std::net::Shutdown::Both);
+    let _ = forward.join();
+}
+
+#[test]
+/// A VM whose state has loaded but whose Go never comes: out of sight on the destination (no API
+/// call reaches it, the guest does not run), and once the connection closes nothing of it is left
+/// there (its new serial log and folder included), the source runs on, and a retry succeeds.
+fn an_arriving_vm_is_out_of_sight_and_stopped_until_go() {
+    if !require_kvm("an_arriving_vm_is_out_of_sight_and_stopped_until_go") {
+        return;
+    }
+    let source = TestHost::start(vec![vm_config("unseen", "counter 100", 1, 64)]);
+    source.wait_serial("unseen", "LKS counter=2 ", WAIT);
+    let destination = TestHost::start(vec![]);
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "unseen");
+    let relay_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let via = relay_listener.local_addr().unwrap().to_string();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (cut, cut_rx) = std::sync::mpsc::channel();
+    let relay =
+        std::thread::spawn(move || relay_holding_ready(relay_listener, listen, ready_tx, cut_rx));
+    let id = migrate(
+        &source,
+        "unseen",
+        json!({ "destination": via, "token": token }),
+    );
+    ready
+        .recv_timeout(WAIT)
+        .expect("the destination answers Ready");
+
+    // The VM is built and its threads launched, paused: no API reaches it, no list shows it.
+    assert_eq!(migration(&destination, &in_id)["phase"], "switching");
+    assert_eq!(vm_status(&destination, "unseen"), 404);
+    let list = destination.call("GET", "/v1/vms", "/v1/vms", None);
+    assert_eq!(list.status, 200);
+    assert!(!list.text().contains("unseen"), "{}", list.text());
+    for (method, path) in [("POST", "resume"), ("POST", "pause")] {
+        let reply = destination.call(
+            method,
+            &format!("/v1/vms/{{name}}/{path}"),
+            &format!("/v1/vms/unseen/{path}"),
+            None,
+        );
+        assert_eq!(reply.status, 404, "{path}: {}", reply.text());
+    }
+    // Not one guest instruction before Go: its counter (every 100 ms) prints nothing here.
+    let held = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < held {
+        assert!(
+            counters(&destination.serial("unseen")).is_empty(),
+            "the guest ran on the destination before Go: {}",
+            destination.serial("unseen")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // No Go ever comes: the connection closes, the source runs on, nothing is left here.
+    cut.send(()).unwrap();
+    relay.join().unwrap();
+    let arrived = wait_ended(&destination, &in_id, WAIT);
+    assert_eq!(arrived["phase"], "failed", "{arrived}");
+    let info = wait_ended(&source, &id, WAIT);
+    assert_eq!(info["phase"], "failed", "{info}");
+    assert_eq!(source.state("unseen"), "running");
+    nothing_left(&destination, "unseen");
+
+    // The destination serves on: the VM arrives there on a second try and counts on.
+    let (in_id, listen, token) = incoming(&destination, "127.0.0.1:0", "unseen");
+    let id = migrate(
+        &source,
+        "unseen",
+        json!({ "destination": listen, "token": token }),
+    );
+    assert_eq!(wait_ended(&source, &id, WAIT)["phase"], "completed");
+    assert_eq!(wait_ended(&destination, &in_id, WAIT)["phase"], "completed");
+    assert_eq!(destination.state("unseen"), "running");
+    let last = counters(&source.serial("unseen"))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    counter_moves(|| destination.serial("unseen"), last);
+}

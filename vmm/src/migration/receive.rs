@@ -465,7 +465,8 @@ impl Receiver {
         }
         // The CPUID was checked at the handshake (what the source configured its vCPUs with):
         // the vCPUs' saved CPUID is not a reliable witness, as PVM reads host bits back.
-        let vm = incoming.finish(&snapshot).map_err(|e| e.to_string())?;
+        // `created` (the new serial log) is removed on any failure before the VM runs here.
+        let (vm, created) = incoming.finish(&snapshot).map_err(|e| e.to_string())?;
         if self.host.vm_exists(&self.name) {
             return Err(format!("a VM named {:?} exists already", self.name));
         }
@@ -487,6 +488,7 @@ impl Receiver {
         }
         let announcers = super::devices::announcers(&self.name, vm.devices());
         self.host.adopt(&self.name, vm, paused)?;
+        created.keep();
         if let Err(e) = write_frame(conn, Kind::Running, &[]) {
             log::warn!("{}: running, but the source was not told: {e}", self.name);
         }

@@ -149,8 +149,9 @@ impl IncomingVm {
 
     /// Loads the machine state (already decoded and checked by
     /// [`super::snapshot::decode_and_check`]) into the devices, vCPUs and KVM VM: the VM is
-    /// ready to run.
-    pub fn finish(self, snapshot: &MachineSnapshot) -> Result<Vm, VmError> {
+    /// ready to run. The files made for it (a new serial log) come along: dropped, they go
+    /// (the VM never ran here); kept once it runs.
+    pub fn finish(self, snapshot: &MachineSnapshot) -> Result<(Vm, CreatedFiles), VmError> {
         let config = self.config;
         if snapshot.regions != memory::region_layout(&self.memory) {
             return Err(incompatible("the state's memory regions are not the VM's"));
@@ -171,9 +172,8 @@ impl IncomingVm {
             .vm
             .restore(&self.vm_fd)
             .map_err(|e| incompatible(e.to_string()))?;
-        self.created.keep();
         let backing = drive_files(&config);
-        Ok(Vm {
+        let vm = Vm {
             config,
             vcpus,
             vm_fd: self.vm_fd,
@@ -184,6 +184,7 @@ impl IncomingVm {
             msr_list: self.msr_list,
             console_client: self.console_client,
             backing,
-        })
+        };
+        Ok((vm, self.created))
     }
 }
