@@ -358,18 +358,23 @@ impl DeviceManager {
             listener.map(|f| std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(f)));
     }
 
+    /// The vsock device, locked, if the VM has one (there is at most one).
+    fn vsock(&self) -> Option<std::sync::MutexGuard<'_, Vsock>> {
+        self.virtio.iter().find_map(|entry| match &entry.device {
+            AttachedDevice::Vsock { device, .. } => {
+                Some(device.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+            _ => None,
+        })
+    }
+
     /// Every open vsock connection's state with another descriptor on its host socket (none
     /// without a vsock device).
     pub fn vsock_connections(
         &self,
     ) -> std::io::Result<Vec<(VsockConnState, std::os::unix::net::UnixStream)>> {
-        for entry in &self.virtio {
-            if let AttachedDevice::Vsock { device, .. } = &entry.device {
-                let device = device.lock().unwrap_or_else(|p| p.into_inner());
-                return device.hand_over_connections();
-            }
-        }
-        Ok(Vec::new())
+        self.vsock()
+            .map_or(Ok(Vec::new()), |device| device.hand_over_connections())
     }
 
     /// Connections a same-host migration handed over, for the vsock device's restore to adopt;
@@ -378,27 +383,15 @@ impl DeviceManager {
         &self,
         connections: Vec<(VsockConnState, std::os::unix::net::UnixStream)>,
     ) -> bool {
-        for entry in &self.virtio {
-            if let AttachedDevice::Vsock { device, .. } = &entry.device {
-                device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .use_handed_connections(connections);
-                return true;
-            }
-        }
-        false
+        self.vsock()
+            .map(|mut device| device.use_handed_connections(connections))
+            .is_some()
     }
 
     /// The VM runs here now: the vsock socket file handed over goes with its device.
     pub fn own_passed_sockets(&self) {
-        for entry in &self.virtio {
-            if let AttachedDevice::Vsock { device, .. } = &entry.device {
-                device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .own_socket_file();
-            }
+        if let Some(device) = self.vsock() {
+            device.own_socket_file();
         }
     }
 
@@ -407,13 +400,7 @@ impl DeviceManager {
     pub fn vsock_listener(
         &self,
     ) -> std::io::Result<Option<(std::fs::File, Arc<std::sync::atomic::AtomicBool>)>> {
-        for entry in &self.virtio {
-            if let AttachedDevice::Vsock { device, .. } = &entry.device {
-                let device = device.lock().unwrap_or_else(|p| p.into_inner());
-                return device.hand_over().map(Some);
-            }
-        }
-        Ok(None)
+        self.vsock().map(|device| device.hand_over()).transpose()
     }
 
     /// Another descriptor on every network interface's tap (interface id, descriptor), in the

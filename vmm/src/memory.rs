@@ -149,12 +149,14 @@ pub fn map_memfd(
 /// The memfd behind every region of `mem`, when all of them are shared memfd mappings from
 /// offset 0 (fresh guest memory is; a snapshot's private file mapping is not).
 pub fn memfds(mem: &GuestMemoryMmap) -> Option<Vec<&std::fs::File>> {
-    mem.iter()
-        .map(|r| {
-            let fo = r.file_offset()?;
-            (fo.start() == 0 && r.flags() & libc::MAP_SHARED != 0).then(|| fo.file())
-        })
-        .collect()
+    mem.iter().map(shared_file).collect()
+}
+
+/// The file behind a region mapped shared from its offset 0 (a memfd of fresh guest memory);
+/// None for anonymous memory and a snapshot's private file mapping.
+fn shared_file(region: &GuestRegionMmap<AtomicBitmap>) -> Option<&std::fs::File> {
+    let fo = region.file_offset()?;
+    (fo.start() == 0 && region.flags() & libc::MAP_SHARED != 0).then(|| fo.file())
 }
 
 /// Which pages of a region hold data (one byte a page, bit 0 set), for skipping the others as
@@ -164,16 +166,13 @@ pub fn memfds(mem: &GuestMemoryMmap) -> Option<Vec<&std::fs::File>> {
 /// asked (untouched pages hold the file's data).
 pub fn data_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<u8>> {
     let len = region.len() as usize;
-    let Some(fo) = region.file_offset() else {
+    if region.file_offset().is_none() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .ok()?;
         return crate::vm::snapshot::resident_pages(host, len);
-    };
-    if region.flags() & libc::MAP_SHARED == 0 || fo.start() != 0 {
-        return None;
     }
-    file_data_pages(fo.file(), len)
+    file_data_pages(shared_file(region)?, len)
 }
 
 fn file_data_pages(file: &std::fs::File, len: usize) -> Option<Vec<u8>> {
