@@ -262,7 +262,8 @@ impl Running {
         result.map(VmReply::Snapshot)
     }
 
-    /// The paused machine's state as a snapshot state file's bytes.
+    /// Another descriptor on every open vsock connection's host socket with its state, and on
+    /// the console client's with its unread keystrokes; the VM must be paused.
     fn hand_over_connections(&mut self) -> Result<VmReply, ControlError> {
         if self.state != RunState::Paused {
             return Err(ControlError::Failed("the VM must be paused".into()));
@@ -296,6 +297,7 @@ impl Running {
         )))
     }
 
+    /// The paused machine's state as a snapshot state file's bytes.
     fn capture_state(&mut self) -> Result<VmReply, ControlError> {
         if self.state != RunState::Paused {
             return Err(ControlError::Failed("the VM must be paused".into()));
