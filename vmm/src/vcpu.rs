@@ -143,9 +143,7 @@ impl Vcpu {
 
     /// Sets CPUID and the boot MSRs.
     pub fn configure(&self, cpuid: &CpuId, msrs: &Msrs) -> Result<(), VcpuError> {
-        self.fd
-            .set_cpuid2(cpuid)
-            .map_err(self.kvm_err("set CPUID"))?;
+        self.set_cpuid(cpuid)?;
         let set = self.fd.set_msrs(msrs).map_err(self.kvm_err("set MSRs"))?;
         if set != msrs.as_slice().len() {
             return Err(VcpuError::Msrs {
@@ -155,6 +153,11 @@ impl Vcpu {
             });
         }
         Ok(())
+    }
+
+    /// Gives the vCPU its CPUID.
+    pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
+        self.fd.set_cpuid2(cpuid).map_err(self.kvm_err("set CPUID"))
     }
 
     /// Starts the vCPU on a thread of its own. It runs until the guest stops, an error occurs, or
@@ -396,6 +399,9 @@ struct Control {
 /// How long a vCPU thread may take to answer before the owner gives up on it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the owner looks for a vCPU's answer before it blocks waiting for it.
+const REPLY_SPIN: Duration = Duration::from_millis(1);
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     index: u32,
@@ -422,20 +428,44 @@ impl VcpuHandle {
 
     /// Sends a request and waits for the answer.
     pub fn request(&self, request: VcpuRequest) -> Result<VcpuReply, String> {
+        self.post(request)?;
+        self.answer()
+    }
+
+    /// Sends a request and interrupts the thread's KVM_RUN so that it looks at it; the answer
+    /// comes from [`VcpuHandle::answer`].
+    pub fn post(&self, request: VcpuRequest) -> Result<(), String> {
         self.requests
             .send(request)
             .map_err(|_| format!("vCPU {} has stopped", self.index))?;
-        // The thread may be between its request check and KVM_RUN when the first kick lands;
-        // the handler's immediate-exit flag covers that, and kicking again is harmless.
-        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        self.kick();
+        Ok(())
+    }
+
+    /// Waits for the answer to the request posted last.
+    pub fn answer(&self) -> Result<VcpuReply, String> {
+        let stopped = || format!("vCPU {} has stopped", self.index);
+        // Most answers come within tens of microseconds: looking for one for a short while
+        // costs less than being woken late on a busy host (the pause of a live migration's
+        // switch, a fault-tolerance epoch).
+        let started = std::time::Instant::now();
+        while started.elapsed() < REPLY_SPIN {
+            match self.replies.try_recv() {
+                Ok(reply) => return Ok(reply),
+                Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
+                Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            }
+        }
+        // The thread may have been between its request check and KVM_RUN when the first kick
+        // landed; the handler's immediate-exit flag covers that, and kicking again is harmless.
+        let deadline = started + REPLY_TIMEOUT;
         loop {
-            self.kick();
             match self.replies.recv_timeout(Duration::from_millis(20)) {
                 Ok(reply) => return Ok(reply),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(format!("vCPU {} has stopped", self.index))
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(stopped()),
+                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {
+                    self.kick()
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(format!(
                         "vCPU {} did not answer within {REPLY_TIMEOUT:?}",

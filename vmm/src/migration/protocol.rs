@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +21,10 @@ use thiserror::Error;
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of a guest page on the wire.
 pub const PAGE: usize = 4096;
+/// How long a side waits actively for the peer's next frame before it blocks (see
+/// [`AwaitInput`]): longer than the source takes from its last round to its pause and the
+/// machine state, so that neither side sleeps through the switch.
+pub const SWITCH_SPIN: Duration = Duration::from_millis(5);
 /// Most pages in one `Pages` frame.
 pub const MAX_PAGES_PER_FRAME: usize = 256;
 /// Bytes of the destination's nonce and of the MAC.
@@ -499,6 +504,41 @@ impl Conn {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
         })
+    }
+}
+
+/// A stream whose reader can wait actively for input that is due very soon.
+pub trait AwaitInput: Read {
+    /// Returns once input is there or `spin` has passed; does nothing by default.
+    fn await_input(&self, _spin: Duration) {}
+}
+
+impl AwaitInput for &[u8] {}
+
+impl AwaitInput for Conn {
+    /// Looks for input, giving up the CPU between looks, for at most `spin`; the read that
+    /// follows blocks as usual if none came. Used where the peer answers within a millisecond
+    /// or so (the switch): a thread asleep in a blocking read can take far longer than that
+    /// to be woken on a busy host.
+    fn await_input(&self, spin: Duration) {
+        let fd = match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let mut look = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call; a zero timeout.
+            let ready = unsafe { libc::poll(&mut look, 1, 0) };
+            if ready != 0 || start.elapsed() >= spin {
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::{count, Bits, DirtyLog};
 use super::protocol::{
-    self, expect_frame, write_frame, Conn, CpuidEntry, Endpoint, Handshake, Kind, PAGE,
+    self, expect_frame, write_frame, AwaitInput, Conn, CpuidEntry, Endpoint, Handshake, Kind, PAGE,
+    SWITCH_SPIN,
 };
 use super::{spawn_thread, Migration, MigrationHost};
 use crate::vm::{MigrationAccess, RunState, VmCommand, VmReply};
@@ -524,6 +525,7 @@ impl Sender {
         // pause then has little left to write.
         self.command(VmCommand::FlushDrives)?;
         let was_running = self.command(VmCommand::Status)? == VmReply::State(RunState::Running);
+        let control = self.host.vm_control(&self.vm)?;
         let paused_at = Instant::now();
         match self.command(VmCommand::Pause)? {
             VmReply::State(RunState::Paused) => {}
@@ -531,9 +533,12 @@ impl Sender {
         }
         let before_go = (|| -> Result<(), String> {
             pages.deadline = None;
-            // The destination opens the same images: every write the guest saw complete must
-            // be on the storage first.
-            self.command(VmCommand::FlushDrives)?;
+            // The VM's owner thread flushes the drives (the destination opens the same images:
+            // every write the guest saw complete must be on the storage first) and captures
+            // the machine state while this thread sends the last pages.
+            let post = |command| control.post(command).map_err(|e| e.to_string());
+            let flushed = post(VmCommand::FlushDrives)?;
+            let captured = post(VmCommand::CaptureState)?;
             // What the last round left, and what was written since (none on the same host).
             if let Some(log) = log {
                 let mut last = log.take()?;
@@ -549,7 +554,8 @@ impl Sender {
                 self.vm,
                 paused_at.elapsed()
             );
-            let state = match self.command(VmCommand::CaptureState)? {
+            flushed.wait(VM_TIMEOUT).map_err(|e| e.to_string())?;
+            let state = match captured.wait(VM_TIMEOUT).map_err(|e| e.to_string())? {
                 VmReply::MachineState(bytes) => bytes,
                 other => return Err(format!("unexpected answer {other:?}")),
             };
@@ -572,6 +578,7 @@ impl Sender {
                 state.len(),
                 paused_at.elapsed()
             );
+            reader.await_input(SWITCH_SPIN);
             expect_frame(reader, Kind::Ready, "Ready")
                 .map_err(|e| format!("the destination: {e}"))?;
             self.check_cancel()
@@ -598,6 +605,7 @@ impl Sender {
         let go = write_frame(&mut pages.out, Kind::Go, &[u8::from(was_running)])
             .and_then(|()| pages.out.flush());
         let running = go.map_err(|e| e.to_string()).and_then(|()| {
+            reader.await_input(SWITCH_SPIN);
             expect_frame(reader, Kind::Running, "Running").map_err(|e| e.to_string())
         });
         if let Err(e) = running {

@@ -10,7 +10,8 @@ use lockstep_api::VmConfig;
 use super::snapshot::files::CreatedFiles;
 use super::snapshot::{MachineSnapshot, SnapshotError};
 use super::{
-    attach_virtio_devices, create_vcpus, drive_files, new_kvm_vm, open_serial_output, Vm, VmError,
+    attach_virtio_devices, create_vcpus, drive_files, host_cpuid, new_kvm_vm, open_serial_output,
+    Vm, VmError,
 };
 use crate::console::ConsoleClient;
 use crate::device_manager::DeviceManager;
@@ -107,6 +108,11 @@ impl IncomingVm {
         let (serial_out, console_client) = open_serial_output(config)?;
         devices.add_serial(serial_out)?;
         let (vcpus, msr_list) = create_vcpus(hv, &vm_fd, &devices, config)?;
+        // The CPUID the source gave its vCPUs, if it runs on a host like this one: the switch
+        // then need not set it (it sets whatever the state holds, if that differs).
+        for (vcpu, cpuid) in vcpus.iter().zip(host_cpuid(hv, &vcpus, config)) {
+            vcpu.set_cpuid(&cpuid)?;
+        }
         Ok(IncomingVm {
             config: config.clone(),
             vcpus,

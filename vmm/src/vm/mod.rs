@@ -348,15 +348,22 @@ fn configure_vcpus_for_boot(
     config: &VmConfig,
     msr_list: &[u32],
 ) -> Result<(), VmError> {
-    let machine = &config.machine_config;
-    let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
     let msrs = boot_msrs(msr_list);
-    for vcpu in vcpus {
-        let cpuid = vcpu_cpuid(hv.supported_cpuid(), vcpu.index(), &topology);
+    for (vcpu, cpuid) in vcpus.iter().zip(host_cpuid(hv, vcpus, config)) {
         vcpu.configure(&cpuid, &msrs)?;
         setup_lapic(vcpu.fd())?;
     }
     Ok(())
+}
+
+/// The CPUID this host gives each of the VM's vCPUs (its topology).
+fn host_cpuid(hv: &Hypervisor, vcpus: &[Vcpu], config: &VmConfig) -> Vec<kvm_bindings::CpuId> {
+    let machine = &config.machine_config;
+    let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
+    vcpus
+        .iter()
+        .map(|vcpu| vcpu_cpuid(hv.supported_cpuid(), vcpu.index(), &topology))
+        .collect()
 }
 
 /// Adds the config's drives (the root device first, so it is /dev/vda), network interfaces,

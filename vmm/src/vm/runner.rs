@@ -182,12 +182,44 @@ impl VmControl {
 
     /// Sends a command and waits (at most `timeout`) for the VM's answer.
     pub fn call(&self, command: VmCommand, timeout: Duration) -> Result<VmReply, ControlError> {
+        self.post(command)?.wait(timeout)
+    }
+
+    /// Sends a command; its answer comes from [`PendingReply::wait`], so that the caller can
+    /// work meanwhile.
+    pub fn post(&self, command: VmCommand) -> Result<PendingReply, ControlError> {
         let (reply_tx, reply_rx) = mpsc::channel();
         self.commands
             .send((command, reply_tx))
             .map_err(|_| ControlError::Gone)?;
         self.wake.write(1).map_err(|_| ControlError::Gone)?;
-        match reply_rx.recv_timeout(timeout) {
+        Ok(PendingReply(reply_rx))
+    }
+}
+
+/// The answer to a command sent with [`VmControl::post`].
+pub struct PendingReply(mpsc::Receiver<Result<VmReply, ControlError>>);
+
+/// How long a caller looks for a VM's answer before it blocks waiting for it.
+const ANSWER_SPIN: Duration = Duration::from_millis(1);
+
+impl PendingReply {
+    /// Waits (at most `timeout`) for the answer.
+    pub fn wait(self, timeout: Duration) -> Result<VmReply, ControlError> {
+        // Most answers come within a few hundred microseconds: looking for one for a short
+        // while costs less than being woken late on a busy host.
+        let started = std::time::Instant::now();
+        while started.elapsed() < ANSWER_SPIN.min(timeout) {
+            match self.0.try_recv() {
+                Ok(reply) => return reply,
+                Err(mpsc::TryRecvError::Disconnected) => return Err(ControlError::Gone),
+                Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            }
+        }
+        match self
+            .0
+            .recv_timeout(timeout.saturating_sub(started.elapsed()))
+        {
             Ok(reply) => reply,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ControlError::Failed(format!(
                 "no answer within {timeout:?}"
@@ -225,9 +257,14 @@ struct Running {
 impl Running {
     /// Sends `request` to every vCPU; the first failure wins.
     fn all_vcpus(&self, request: impl Fn() -> VcpuRequest) -> Result<Vec<VcpuReply>, ControlError> {
+        // Every vCPU gets its request before any answer is awaited: they carry them out side
+        // by side.
+        for vcpu in &self.vcpus {
+            vcpu.post(request()).map_err(ControlError::Failed)?;
+        }
         self.vcpus
             .iter()
-            .map(|v| match v.request(request()) {
+            .map(|v| match v.answer() {
                 Ok(VcpuReply::Failed(e)) | Err(e) => Err(ControlError::Failed(e)),
                 Ok(reply) => Ok(reply),
             })
