@@ -240,6 +240,7 @@ fn move_vm(
         max_bandwidth_mib_s: None,
         auto_converge: false,
         share_memory: Some(true),
+        ft: None,
     };
     let started = host.migrate_vm(name, request).map_err(|e| e.to_string())?;
     let info = wait_ended(host, &started.id)?;

@@ -528,6 +528,7 @@ mod tests {
             downtime_ms,
             elapsed_ms: 0.0,
             error: None,
+            ft: None,
         }
     }
 

@@ -18,6 +18,55 @@ pub struct IncomingRequest {
     /// Where the vsock device's socket goes on this host instead of the source's path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// Wait as the secondary of a fault-tolerant pair instead of taking the VM over: the VM is
+    /// built and kept up to date but runs only when the primary is gone (see [`FtOptions`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtOptions>,
+}
+
+/// One side of a fault-tolerant pair: where the arbiter is and who this host is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FtOptions {
+    /// etcd client endpoints (`IP:PORT`): the arbiter whose compare-and-swap decides which side
+    /// is live.
+    pub arbiter: Vec<String>,
+    /// This host's id in the pair's record (letters, digits, `-`, `_`, `.`).
+    pub host_id: String,
+    /// The pair's id in the arbiter (default: the VM's name on the primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair: Option<String>,
+    /// Milliseconds between checkpoints, 10 to 200 (default 50; the primary's choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_ms: Option<u64>,
+    /// Silence on the replication connection after which a side acts, milliseconds, 20 to
+    /// 10000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
+}
+
+/// What a fault-tolerant pairing is doing, in its migration's info.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FtStatus {
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// The pair's id in the arbiter.
+    pub pair: String,
+    /// Checkpoints taken (primary) or received whole (secondary).
+    pub epoch: u64,
+    /// The last checkpoint the secondary applied and acknowledged.
+    pub committed_epoch: Option<u64>,
+    /// Milliseconds since that acknowledgement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_commit_ms: Option<f64>,
+    /// The guest's pause per checkpoint, median and 99th percentile of the last 1000, ms.
+    pub pause_p50_ms: f64,
+    /// See `pause_p50_ms`.
+    pub pause_p99_ms: f64,
+    /// Checkpoint bytes sent (received) per second over the last second or so, MiB/s.
+    pub replication_mib_s: f64,
+    /// The arbiter's epoch of the pair's record as this side last saw it.
+    pub arbiter_epoch: u64,
 }
 
 /// One network interface of an arriving VM put on another tap.
@@ -74,6 +123,11 @@ pub struct MigrateRequest {
     /// copying it (default true); false copies it as over TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_memory: Option<bool>,
+    /// Pair the VM with a secondary (the destination, listening with `ft` too) instead of
+    /// moving it: after the full copy the VM keeps running here and checkpoints go to the
+    /// secondary every epoch until it is unpaired (`DELETE` of the migration) or a side fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtOptions>,
 }
 
 /// Where a migration is.
@@ -88,6 +142,10 @@ pub enum MigrationPhase {
     Precopy,
     /// The VM is paused; the last pages and the state move.
     Switching,
+    /// Fault tolerance, the primary: the VM runs here and its checkpoints go to the secondary.
+    Protecting,
+    /// Fault tolerance, the secondary: the VM is kept at the last checkpoint, ready to take over.
+    Standby,
     /// The VM runs on the destination.
     Completed,
     /// Given up; see `error`.
@@ -112,6 +170,8 @@ impl MigrationPhase {
             MigrationPhase::Handshake => "handshake",
             MigrationPhase::Precopy => "precopy",
             MigrationPhase::Switching => "switching",
+            MigrationPhase::Protecting => "protecting",
+            MigrationPhase::Standby => "standby",
             MigrationPhase::Completed => "completed",
             MigrationPhase::Failed => "failed",
             MigrationPhase::Cancelled => "cancelled",
@@ -176,6 +236,9 @@ pub struct MigrationInfo {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A fault-tolerant pairing's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtStatus>,
 }
 
 impl MigrationInfo {
@@ -197,6 +260,7 @@ impl MigrationInfo {
             downtime_ms: None,
             elapsed_ms: 0.0,
             error: None,
+            ft: None,
         }
     }
 
@@ -217,6 +281,8 @@ impl MigrationInfo {
             }
             MigrationPhase::Precopy => 80 + (self.round.min(5) as u16) * 2,
             MigrationPhase::Switching => 95,
+            // The full copy is done; the pairing goes on until a side fails or unpairs.
+            MigrationPhase::Protecting | MigrationPhase::Standby => 99,
             MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled => 100,
         }
     }

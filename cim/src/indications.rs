@@ -702,6 +702,7 @@ mod tests {
                 max_bandwidth_mib_s: None,
                 auto_converge: false,
                 share_memory: None,
+                ft: None,
             },
         )
         .unwrap();

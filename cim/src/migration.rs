@@ -186,6 +186,7 @@ fn asked(params: Params<'_>) -> CimResult<Asked> {
             max_bandwidth_mib_s: bandwidth_mib_s(&settings)?,
             auto_converge,
             share_memory: None,
+            ft: None,
         },
     })
 }
@@ -428,6 +429,7 @@ mod tests {
                 max_bandwidth_mib_s: Some(2048),
                 auto_converge: true,
                 share_memory: None,
+                ft: None,
             }
         );
         let unlimited = but(settings("t"), "Bandwidth", 0u16.into());

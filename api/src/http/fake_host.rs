@@ -397,5 +397,6 @@ fn fake_migration(id: &str, vm: &str, phase: MigrationPhase) -> MigrationInfo {
         downtime_ms: (phase == MigrationPhase::Completed).then_some(2.0),
         elapsed_ms: 10.0,
         error: None,
+        ft: None,
     }
 }

@@ -97,7 +97,9 @@ fn job_state(phase: MigrationPhase) -> (u16, &'static [u16]) {
         MigrationPhase::Listening
         | MigrationPhase::Handshake
         | MigrationPhase::Precopy
-        | MigrationPhase::Switching => (4, &[2]),
+        | MigrationPhase::Switching
+        | MigrationPhase::Protecting
+        | MigrationPhase::Standby => (4, &[2]),
         // Completed; OK and Completed.
         MigrationPhase::Completed => (7, &[2, 17]),
         // Exception; Error and Completed.

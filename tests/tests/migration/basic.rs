@@ -154,6 +154,7 @@ fn hostile_source(listen: &str, token: &str, config: &Value, mem_mib: u64, after
         cpuid: vec![],
         same_host: false,
         connections: false,
+        ft: None,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();

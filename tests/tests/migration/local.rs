@@ -143,6 +143,7 @@ fn local_handshake(
         cpuid: vec![],
         same_host,
         connections: false,
+        ft: None,
     })
     .unwrap();
     let mut auth = protocol::mac(token, &nonce, &handshake).unwrap().to_vec();

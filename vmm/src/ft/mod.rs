@@ -1,10 +1,120 @@
-//! Fault tolerance (issue #13): a VM paired with a shadow on another host. So far the arbiter
-//! that decides which side of a pair is live, on etcd; pairing itself builds on it.
+//! Fault tolerance: a VM paired with a shadow on another host. A pairing is a live migration
+//! that does not switch: after the full copy the primary keeps running its VM and sends a
+//! checkpoint (the pages dirtied since the last one, and the machine state) every epoch; the
+//! secondary stages each checkpoint whole, applies it, and acknowledges it. Either side that
+//! hears nothing from the other for the heartbeat timeout asks the arbiter (etcd) to make it
+//! the live one; exactly one can win. See ARCHITECTURE.md, "Fault tolerance".
 
 pub mod arbiter;
 pub mod gateway;
+pub(crate) mod primary;
+pub(crate) mod secondary;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lockstep_api::control::ControlError;
+use lockstep_api::migration::FtOptions;
 
 pub use arbiter::{Arbiter, ArbiterConfig, ArbiterError, FtRecord, Lease, Observed};
+
+/// The shortest and longest epoch a pairing takes, milliseconds.
+pub const EPOCH_MS: std::ops::RangeInclusive<u64> = 10..=200;
+/// The shortest and longest heartbeat timeout, milliseconds.
+pub const TIMEOUT_MS: std::ops::RangeInclusive<u64> = 20..=10_000;
+/// The most arbiter endpoints a pairing names.
+pub const MAX_ENDPOINTS: usize = 8;
+
+/// One side's pairing options, checked.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    /// etcd's endpoints.
+    pub arbiter: Vec<SocketAddr>,
+    /// This host's id in the pair's record.
+    pub host_id: String,
+    /// The pair's id in the arbiter.
+    pub pair: String,
+    /// Time between checkpoints (the primary's).
+    pub epoch: Duration,
+    /// Silence after which a side acts.
+    pub timeout: Duration,
+}
+
+impl PairOptions {
+    /// Checks a request's options; the pair's id defaults to `vm`.
+    pub fn check(options: &FtOptions, vm: &str) -> Result<PairOptions, ControlError> {
+        let bad = |why: String| ControlError::BadRequest(format!("ft: {why}"));
+        if options.arbiter.is_empty() || options.arbiter.len() > MAX_ENDPOINTS {
+            return Err(bad(format!(
+                "arbiter: name 1 to {MAX_ENDPOINTS} etcd endpoints (IP:PORT)"
+            )));
+        }
+        let arbiter = options
+            .arbiter
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|_| bad(format!("arbiter: {a:?} is not IP:PORT")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        arbiter::check_id("host", &options.host_id).map_err(|e| bad(format!("host_id: {e}")))?;
+        let pair = options.pair.clone().unwrap_or_else(|| vm.to_string());
+        arbiter::check_id("pair", &pair).map_err(|e| bad(format!("pair: {e}")))?;
+        let epoch_ms = options.epoch_ms.unwrap_or(50);
+        if !EPOCH_MS.contains(&epoch_ms) {
+            return Err(bad(format!(
+                "epoch_ms: {epoch_ms} is not within {}..={}",
+                EPOCH_MS.start(),
+                EPOCH_MS.end()
+            )));
+        }
+        let timeout_ms = options.heartbeat_timeout_ms.unwrap_or(100);
+        if !TIMEOUT_MS.contains(&timeout_ms) {
+            return Err(bad(format!(
+                "heartbeat_timeout_ms: {timeout_ms} is not within {}..={}",
+                TIMEOUT_MS.start(),
+                TIMEOUT_MS.end()
+            )));
+        }
+        Ok(PairOptions {
+            arbiter,
+            host_id: options.host_id.clone(),
+            pair,
+            epoch: Duration::from_millis(epoch_ms),
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+
+    /// How often a side says it is still there: four times per timeout.
+    pub fn heartbeat(&self) -> Duration {
+        self.timeout / 4
+    }
+}
+
+/// Pause times of the last checkpoints, for the status's percentiles.
+#[derive(Default)]
+pub(crate) struct Pauses(std::collections::VecDeque<f64>);
+
+impl Pauses {
+    const KEEP: usize = 1000;
+
+    pub(crate) fn add(&mut self, pause: Duration) {
+        if self.0.len() == Self::KEEP {
+            self.0.pop_front();
+        }
+        self.0.push_back(pause.as_secs_f64() * 1e3);
+    }
+
+    /// The `q` quantile (0 to 1) in milliseconds, 0 with none.
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
+        let mut v: Vec<f64> = self.0.iter().copied().collect();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -8,11 +8,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::vm::MigrationAccess;
 
 /// Dirty pages of one region: one bit per 4 KiB page.
-pub(super) type Bits = Vec<u64>;
+pub(crate) type Bits = Vec<u64>;
 
 /// KVM's dirty log switched on for every memory slot while it lives (and back off, unless the
 /// config keeps it on).
-pub(super) struct DirtyLog<'a> {
+pub(crate) struct DirtyLog<'a> {
     access: &'a MigrationAccess,
 }
 
@@ -57,7 +57,7 @@ impl<'a> DirtyLog<'a> {
 
     /// Pages written since the last call (by the guest, per KVM, or by the VMM and devices, per
     /// vm-memory's bitmap), and clears both.
-    pub(super) fn take(&self) -> Result<Vec<Bits>, String> {
+    pub(crate) fn take(&self) -> Result<Vec<Bits>, String> {
         self.access
             .memory
             .iter()

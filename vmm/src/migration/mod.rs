@@ -8,13 +8,13 @@
 //! which the control API reads; every migration thread is spawned by [`spawn_thread`].
 
 mod connections;
-mod devices;
-mod dirty;
+pub(crate) mod devices;
+pub(crate) mod dirty;
 mod local;
 mod progress;
 pub mod protocol;
-mod receive;
-mod send;
+pub(crate) mod receive;
+pub(crate) mod send;
 mod throttle;
 
 use std::collections::BTreeMap;
@@ -111,15 +111,20 @@ impl Migration {
         info
     }
 
-    fn update(&self, change: impl FnOnce(&mut MigrationInfo)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut MigrationInfo)) {
         change(&mut self.lock());
     }
 
-    fn set_phase(&self, phase: MigrationPhase) {
+    pub(crate) fn set_phase(&self, phase: MigrationPhase) {
         self.update(|i| i.phase = phase);
     }
 
-    fn is_cancelled(&self) -> bool {
+    /// Records that the pairing or migration ended on purpose (it ends as cancelled).
+    pub(crate) fn mark_cancelled(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 
@@ -225,6 +230,11 @@ impl Migrations {
             )));
         }
         migration.cancel.store(true, Ordering::SeqCst);
+        if phase == MigrationPhase::Protecting {
+            // The primary unpairs at its next epoch, telling the secondary (which must not
+            // take the closed connection for a dead primary).
+            return Ok(migration.info());
+        }
         if let Some(conn) = migration
             .conn
             .lock()

@@ -164,6 +164,7 @@ mod tests {
             downtime_ms: Some(4.25),
             elapsed_ms: 1234.0,
             error: None,
+            ft: None,
         }
     }
 

@@ -72,6 +72,14 @@ pub enum Kind {
     /// `[1, 1]`): the open vsock connections' states with their host sockets, and the console
     /// client's socket (SCM_RIGHTS). See `migration::connections`.
     Conns = 14,
+    /// Fault tolerance, primary: an epoch's checkpoint is whole (its number, u64 LE, then the
+    /// machine state as a snapshot state file); the `Pages` and `Zero` frames since the last
+    /// one are its memory. See `ft`.
+    Checkpoint = 15,
+    /// Fault tolerance, secondary: the checkpoint of that epoch (u64 LE) is applied.
+    Ack = 16,
+    /// Fault tolerance, either side: still here (empty).
+    Heartbeat = 17,
 }
 
 impl Kind {
@@ -93,6 +101,9 @@ impl Kind {
             12 => Abort,
             13 => Fds,
             14 => Conns,
+            15 => Checkpoint,
+            16 => Ack,
+            17 => Heartbeat,
             _ => return None,
         })
     }
@@ -107,11 +118,13 @@ impl Kind {
             Kind::Zero => 16,
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
+            Kind::Checkpoint => 8 + crate::vm::snapshot::MAX_STATE_FILE as u32,
+            Kind::Ack => 8,
             Kind::Go => 1,
             Kind::Accept => 2,
             Kind::Conns => super::connections::MAX_CONNS_BYTES,
             Kind::Fds => (16 * super::local::MAX_REGIONS) as u32,
-            Kind::Ready | Kind::Running => 0,
+            Kind::Ready | Kind::Running | Kind::Heartbeat => 0,
         }
     }
 }
@@ -314,6 +327,20 @@ pub struct Handshake {
     /// the destination answers `Accept` `[1, 1]` (see `migration::connections`).
     #[serde(default)]
     pub connections: bool,
+    /// A fault-tolerant pairing, not a move: the destination stands by as the secondary.
+    #[serde(default)]
+    pub ft: Option<FtHello>,
+}
+
+/// What the primary tells its secondary about the pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FtHello {
+    /// The pair's id in the arbiter.
+    pub pair: String,
+    /// The primary's host id (the record's `live` while it is).
+    pub primary: String,
+    /// Milliseconds between checkpoints.
+    pub epoch_ms: u64,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -490,6 +517,14 @@ impl Conn {
         }
     }
 
+    /// Bounds every read (writes keep theirs).
+    pub fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(Some(timeout)),
+            Conn::Unix(s) => s.set_read_timeout(Some(timeout)),
+        }
+    }
+
     /// Closes both directions (a blocked reader or writer then returns).
     pub fn shutdown(&self) {
         let _ = match self {
@@ -651,6 +686,7 @@ mod tests {
             cpuid: vec![],
             same_host: false,
             connections: false,
+            ft: None,
         })
         .unwrap()
     }

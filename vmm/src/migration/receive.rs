@@ -98,6 +98,10 @@ pub fn start_incoming(
         Listener::Unix(l, _) => l.set_nonblocking(true),
     }
     .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let ft = match &request.ft {
+        Some(options) => Some(crate::ft::PairOptions::check(options, &name)?),
+        None => None,
+    };
     let token = private_fs::random_hex(32).map_err(|e| ControlError::Internal(e.to_string()))?;
     let migration = host.migrations().add(
         MigrationDirection::Incoming,
@@ -114,6 +118,7 @@ pub fn start_incoming(
             nets: request.network_overrides,
             vsock: request.vsock_override,
         },
+        ft,
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
         let outcome = receiver.run(listener);
@@ -133,16 +138,56 @@ struct Receiver {
     token: String,
     /// This host's taps and vsock socket instead of the source's.
     overrides: super::devices::Overrides,
+    /// Stand by as a fault-tolerant secondary instead of taking the VM over.
+    ft: Option<crate::ft::PairOptions>,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
 /// pages never written is nothing to do: fresh memory reads as zeros).
-struct Landing<'a> {
+pub(crate) struct Landing<'a> {
     memory: &'a GuestMemoryMmap,
     written: Vec<Vec<u64>>,
 }
 
-impl Landing<'_> {
+impl<'a> Landing<'a> {
+    /// Nothing written yet: `memory` is fresh (all zeros).
+    pub(crate) fn new(memory: &'a GuestMemoryMmap) -> Self {
+        Landing {
+            memory,
+            written: memory
+                .iter()
+                .map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)])
+                .collect(),
+        }
+    }
+
+    /// The memory it lands in.
+    pub(crate) fn memory(&self) -> &'a GuestMemoryMmap {
+        self.memory
+    }
+
+    /// Checks a `Pages` or `Zero` frame's payload against guest memory without landing it;
+    /// returns the pages it covers.
+    pub(crate) fn check(&self, kind: Kind, payload: &[u8]) -> Result<u64, String> {
+        let (pfn, count) = match kind {
+            Kind::Pages => {
+                let pfn = read_u64(payload, 0).ok_or("a Pages frame without its page number")?;
+                let data = payload.len() - 8;
+                if data == 0 || !data.is_multiple_of(PAGE) {
+                    return Err(format!("a Pages frame of {data} bytes of pages"));
+                }
+                (pfn, (data / PAGE) as u64)
+            }
+            Kind::Zero => match (read_u64(payload, 0), read_u64(payload, 8), payload.len()) {
+                (Some(pfn), Some(count), 16) => (pfn, count),
+                _ => return Err("a malformed Zero frame".into()),
+            },
+            _ => return Err(format!("{kind:?} is not memory")),
+        };
+        self.locate(pfn, count)?;
+        Ok(count)
+    }
+
     /// The region index and first page in it of `count` pages from page number `pfn`, all in
     /// one region; refused otherwise.
     fn locate(&self, pfn: u64, count: u64) -> Result<(usize, usize), String> {
@@ -172,7 +217,8 @@ impl Landing<'_> {
         }
     }
 
-    fn pages(&mut self, payload: &[u8]) -> Result<u64, String> {
+    /// Lands a `Pages` frame's payload; returns the pages written.
+    pub(crate) fn pages(&mut self, payload: &[u8]) -> Result<u64, String> {
         let pfn = read_u64(payload, 0).ok_or("a Pages frame without its page number")?;
         let data = &payload[8..];
         if data.is_empty() || !data.len().is_multiple_of(PAGE) {
@@ -187,7 +233,8 @@ impl Landing<'_> {
         Ok(count)
     }
 
-    fn zero(&mut self, payload: &[u8]) -> Result<(), String> {
+    /// Lands a `Zero` frame's payload.
+    pub(crate) fn zero(&mut self, payload: &[u8]) -> Result<(), String> {
         let (Some(pfn), Some(count), 16) =
             (read_u64(payload, 0), read_u64(payload, 8), payload.len())
         else {
@@ -237,13 +284,7 @@ pub fn land_pages(
     input: &mut impl AwaitInput,
     mut progress: impl FnMut(u32, u64, u64),
 ) -> Result<(Vec<u8>, u64, u64), String> {
-    let mut landing = Landing {
-        memory,
-        written: memory
-            .iter()
-            .map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)])
-            .collect(),
-    };
+    let mut landing = Landing::new(memory);
     let mut bytes = 0u64;
     let mut pages = 0u64;
     loop {
@@ -279,6 +320,28 @@ pub fn land_pages(
             }
         }
     }
+}
+
+/// Decodes and checks a machine state from the stream (as a snapshot state file) for a VM with
+/// `memory` whose handshake named `config`.
+pub(crate) fn check_state(
+    hv: &crate::kvm::Hypervisor,
+    memory: &GuestMemoryMmap,
+    state: &[u8],
+    config: &str,
+) -> Result<crate::vm::snapshot::MachineSnapshot, String> {
+    let paths = SnapshotPaths {
+        state: "migration stream (state)".into(),
+        memory: "migration stream (memory)".into(),
+    };
+    let mem_len = memory::total_bytes(memory);
+    let snapshot =
+        decode_and_check(&paths, state, mem_len, &hv.host_limits()).map_err(|e| e.to_string())?;
+    let sent: serde_json::Value = serde_json::from_str(config).map_err(|e| e.to_string())?;
+    if serde_json::to_value(&snapshot.config).ok() != Some(sent) {
+        return Err("the state's config is not the one the handshake named".into());
+    }
+    Ok(snapshot)
 }
 
 fn refuse(conn: &mut Conn, why: &str) {
@@ -322,6 +385,20 @@ impl Receiver {
     /// host (`local`) another lockstep version may send (a VMM upgrade): the format version,
     /// the config and, at the switch, the state decoder decide.
     fn check_handshake(&self, handshake: &Handshake, local: bool) -> Result<VmConfig, String> {
+        match (&handshake.ft, &self.ft) {
+            (Some(_), None) => {
+                return Err(
+                    "the source pairs the VM for fault tolerance; this listener takes a VM over (open it with \"ft\")".into(),
+                )
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "this listener waits for a fault-tolerant pairing; the source moves the VM"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
         if handshake.format != protocol::FORMAT_VERSION {
             return Err(format!(
                 "the stream is format version {}; this lockstep speaks {}",
@@ -400,7 +477,7 @@ impl Receiver {
 
     /// Whether to take the same-host path a source offered (see `local`).
     fn same_host(&self, conn: &Conn, handshake: &Handshake) -> bool {
-        if !handshake.same_host {
+        if !handshake.same_host || self.ft.is_some() {
             return false;
         }
         if !self.overrides.is_empty() {
@@ -453,6 +530,17 @@ impl Receiver {
         write_frame(conn, Kind::Accept, &[]).map_err(|e| e.to_string())?;
         conn.set_timeouts(IO_TIMEOUT).map_err(|e| e.to_string())?;
         self.migration.set_phase(MigrationPhase::Precopy);
+        if let (Some(hello), Some(ft)) = (&handshake.ft, &self.ft) {
+            let standby = crate::ft::secondary::Standby {
+                host: &self.host,
+                migration: &self.migration,
+                name: &self.name,
+                hello,
+                options: ft,
+                handshake_config: &handshake.config,
+            };
+            return standby.run(conn, incoming);
+        }
         let progress = |round: u32, bytes: u64, pages: u64| {
             self.migration.update(|i| {
                 i.round = round;
@@ -473,18 +561,7 @@ impl Receiver {
             i.bytes = bytes;
             i.pages = pages;
         });
-        let paths = SnapshotPaths {
-            state: "migration stream (state)".into(),
-            memory: "migration stream (memory)".into(),
-        };
-        let mem_len = memory::total_bytes(incoming.memory());
-        let snapshot = decode_and_check(&paths, &state, mem_len, &hv.host_limits())
-            .map_err(|e| e.to_string())?;
-        let sent: serde_json::Value =
-            serde_json::from_str(&handshake.config).map_err(|e| e.to_string())?;
-        if serde_json::to_value(&snapshot.config).ok() != Some(sent) {
-            return Err("the state's config is not the one the handshake named".into());
-        }
+        let snapshot = check_state(hv, incoming.memory(), &state, &handshake.config)?;
         // The CPUID was checked at the handshake (what the source configured its vCPUs with):
         // the vCPUs' saved CPUID is not a reliable witness, as PVM reads host bits back.
         // `created` (the new serial log) is removed on any failure before the VM runs here.

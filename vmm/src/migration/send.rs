@@ -55,6 +55,10 @@ pub fn start_outgoing(
     if request.token.is_empty() {
         return Err(ControlError::BadRequest("token: empty".into()));
     }
+    let ft = match &request.ft {
+        Some(options) => Some(crate::ft::PairOptions::check(options, vm)?),
+        None => None,
+    };
     host.running_config(vm)?;
     let migration =
         host.migrations()
@@ -72,7 +76,9 @@ pub fn start_outgoing(
             .max_bandwidth_mib_s
             .map(|m| m.saturating_mul(1 << 20)),
         auto_converge: request.auto_converge,
-        share_memory: request.share_memory.unwrap_or(true),
+        // A secondary keeps its own copy of memory.
+        share_memory: ft.is_none() && request.share_memory.unwrap_or(true),
+        ft,
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
         let outcome = sender.run().map_err(Failure::text);
@@ -86,9 +92,9 @@ pub fn start_outgoing(
 }
 
 /// Why a migration failed, and whether the VM runs on here (always, before `Go`).
-struct Failure {
-    why: String,
-    source_runs: bool,
+pub(crate) struct Failure {
+    pub(crate) why: String,
+    pub(crate) source_runs: bool,
 }
 
 impl From<String> for Failure {
@@ -116,10 +122,10 @@ impl Failure {
     }
 }
 
-struct Sender {
-    host: Arc<dyn MigrationHost>,
-    migration: Arc<Migration>,
-    vm: String,
+pub(crate) struct Sender {
+    pub(crate) host: Arc<dyn MigrationHost>,
+    pub(crate) migration: Arc<Migration>,
+    pub(crate) vm: String,
     endpoint: Endpoint,
     token: String,
     downtime: Duration,
@@ -129,21 +135,24 @@ struct Sender {
     auto_converge: bool,
     /// Whether to offer a same-host destination the memory itself.
     share_memory: bool,
+    /// Pair with a secondary instead of moving.
+    ft: Option<crate::ft::PairOptions>,
 }
 
-/// Writes pages to the stream: runs of non-zero pages as `Pages`, runs of zero pages as `Zero`.
-struct PageWriter<'a> {
-    out: BufWriter<Conn>,
-    access: &'a MigrationAccess,
+/// Writes pages to the stream (or to a fault-tolerance checkpoint's staging buffer): runs of
+/// non-zero pages as `Pages`, runs of zero pages as `Zero`.
+pub(crate) struct PageWriter<'a, W: Write = BufWriter<Conn>> {
+    pub(crate) out: W,
+    pub(crate) access: &'a MigrationAccess,
     frame: Vec<u8>,
-    bytes: u64,
-    pages: u64,
+    pub(crate) bytes: u64,
+    pub(crate) pages: u64,
     progress: &'a Migration,
     /// Bytes per second at most, counted from `started`.
     bandwidth: Option<u64>,
     started: Instant,
     /// Pre-copy gives up past this (the last round, with the VM paused, has none).
-    deadline: Option<(Instant, Duration)>,
+    pub(crate) deadline: Option<(Instant, Duration)>,
     /// Same host: the open vsock and console connections follow the state.
     hand_over_connections: bool,
 }
@@ -154,7 +163,24 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-impl PageWriter<'_> {
+impl<'a, W: Write> PageWriter<'a, W> {
+    /// Another writer with the same memory and progress, writing to `out` (no bandwidth cap,
+    /// no deadline): a checkpoint's staging buffer.
+    pub(crate) fn staging<V: Write>(&self, out: V) -> PageWriter<'a, V> {
+        PageWriter {
+            out,
+            access: self.access,
+            frame: Vec::with_capacity(8 + protocol::MAX_PAGES_PER_FRAME * PAGE),
+            bytes: 0,
+            pages: 0,
+            progress: self.progress,
+            bandwidth: None,
+            started: Instant::now(),
+            deadline: None,
+            hand_over_connections: false,
+        }
+    }
+
     fn frame(&mut self, kind: Kind, payload_len: usize) -> Result<(), String> {
         write_frame(&mut self.out, kind, &self.frame[..payload_len])
             .map_err(|e| format!("sending pages: {e}"))?;
@@ -191,7 +217,7 @@ impl PageWriter<'_> {
 
     /// Sends the pages of every region whose bit is set (all pages when `bits` is None; then
     /// pages the kernel never backed are sent as zeros without being read).
-    fn send(&mut self, bits: Option<&[Bits]>) -> Result<(), String> {
+    pub(crate) fn send(&mut self, bits: Option<&[Bits]>) -> Result<(), String> {
         for (index, region) in self.access.memory.iter().enumerate() {
             let len = region.len() as usize;
             let pages = len / PAGE;
@@ -318,7 +344,7 @@ fn converged(
 }
 
 impl Sender {
-    fn command(&self, command: VmCommand) -> Result<VmReply, String> {
+    pub(crate) fn command(&self, command: VmCommand) -> Result<VmReply, String> {
         self.host.vm_command(&self.vm, command, VM_TIMEOUT)
     }
 
@@ -350,6 +376,11 @@ impl Sender {
             cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
             same_host,
             connections: same_host,
+            ft: self.ft.as_ref().map(|ft| protocol::FtHello {
+                pair: ft.pair.clone(),
+                primary: ft.host_id.clone(),
+                epoch_ms: ft.epoch.as_millis() as u64,
+            }),
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
     }
@@ -508,6 +539,9 @@ impl Sender {
         // The VM runs freely again before the switch pauses it for good.
         drop(throttle);
         let pending = dirty.unwrap_or_default();
+        if let Some(ft) = &self.ft {
+            return crate::ft::primary::protect(self, ft, &log, pending, pages, &mut reader);
+        }
         self.switch(Some(&log), pending, pages, &mut reader, round + 1)
     }
 

@@ -1,0 +1,326 @@
+//! Fault-tolerant pairs (issue #13) between two `lockstep host` processes on loopback TCP, with
+//! a real etcd as the arbiter: the secondary takes over from a primary killed with SIGKILL or
+//! frozen with SIGSTOP, resuming from the last checkpoint; a frozen primary that comes back
+//! finds it lost and stops its copy; a primary whose secondary dies runs on unprotected; an
+//! unpaired secondary drops its copy; bad options are refused with the field named.
+
+use std::time::{Duration, Instant};
+
+use lockstep_tests::etcd::Etcd;
+use lockstep_tests::host::TestHost;
+use lockstep_tests::{guest_images, GuestReport, VmConfigBuilder};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn vm_config(name: &str, script: &str) -> Value {
+    VmConfigBuilder::new(&guest_images().elf)
+        .boot_args(&format!("lks.mode=run lks.run=\"{script}\""))
+        .mem_mib(128)
+        .set("name", json!(name))
+        .build()
+}
+
+fn counters(serial: &str) -> Vec<u64> {
+    GuestReport::parse(serial)
+        .all("counter")
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn call(host: &TestHost, method: &str, route: &str, path: &str, body: Option<&Value>) -> Value {
+    let reply = host.call(method, route, path, body);
+    assert!(reply.status < 300, "{method} {path}: {}", reply.text());
+    reply.json()
+}
+
+fn migration(host: &TestHost, id: &str) -> Value {
+    call(
+        host,
+        "GET",
+        "/v1/migrations/{id}",
+        &format!("/v1/migrations/{id}"),
+        None,
+    )
+}
+
+/// Waits until `check` holds for the migration's info; returns it.
+fn wait_migration(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = migration(host, id);
+        if check(&info) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id}: no {what} within {WAIT:?}: {info}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ft_options(etcd: &Etcd, host_id: &str) -> Value {
+    json!({ "arbiter": [etcd.endpoint().to_string()], "host_id": host_id, "epoch_ms": 50 })
+}
+
+/// A primary on one host running `script`, paired with a secondary on another; returns both
+/// hosts and the two migrations' ids once the secondary has applied a few checkpoints.
+struct Pair {
+    primary: TestHost,
+    secondary: TestHost,
+    out_id: String,
+    in_id: String,
+}
+
+fn pair(etcd: &Etcd, script: &str) -> Pair {
+    let primary = TestHost::start(vec![vm_config("ft", script)]);
+    let secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(etcd, "b") })),
+    );
+    let s = |k: &str| incoming[k].as_str().unwrap().to_string();
+    let request = json!({
+        "destination": s("listen"), "token": s("token"), "ft": ft_options(etcd, "a"),
+    });
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(&request),
+    );
+    let out_id = out["id"].as_str().unwrap().to_string();
+    let in_id = s("id");
+    wait_migration(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(5)
+    });
+    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    Pair {
+        primary,
+        secondary,
+        out_id,
+        in_id,
+    }
+}
+
+fn signal(host: &TestHost, sig: i32) {
+    // SAFETY: a signal to the test's own child process.
+    assert_eq!(unsafe { libc::kill(host.pid() as i32, sig) }, 0);
+}
+
+fn record(etcd: &Etcd, pair: &str) -> (String, u64) {
+    let seen = etcd
+        .arbiter(Duration::from_secs(5))
+        .read(pair)
+        .unwrap()
+        .expect("the pair has a record");
+    (seen.record.live, seen.record.epoch)
+}
+
+/// The secondary runs the VM now, from a checkpoint: its counter starts where the primary's
+/// was at most a little earlier (a checkpoint), never from the beginning, and goes on.
+fn took_over(p: &Pair, last_on_primary: u64) {
+    let info = wait_migration(&p.secondary, &p.in_id, "takeover", |i| {
+        i["phase"] == "completed" || i["phase"] == "failed"
+    });
+    assert_eq!(info["phase"], "completed", "{info}\n{}", p.secondary.log());
+    assert_eq!(info["ft"]["role"], "primary (took over)", "{info}");
+    assert_eq!(p.secondary.state("ft"), "running");
+    let deadline = Instant::now() + WAIT;
+    let resumed = loop {
+        let after = counters(&p.secondary.serial("ft"));
+        if after.len() >= 3 {
+            break after;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the secondary's VM prints nothing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first = resumed[0];
+    assert!(
+        first > 3 && first <= last_on_primary + 1,
+        "resumed from a checkpoint: first {first}, the primary had printed {last_on_primary}"
+    );
+    assert!(
+        resumed.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter goes on: {resumed:?}"
+    );
+}
+
+#[test]
+fn a_killed_primary_is_replaced_by_its_secondary_from_the_last_checkpoint() {
+    let Some(etcd) = Etcd::start("ft::a_killed_primary") else {
+        return;
+    };
+    let mut p = pair(&etcd, "counter 20");
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 1));
+    let last = *counters(&p.primary.serial("ft")).last().unwrap();
+    let killed = Instant::now();
+    signal(&p.primary, libc::SIGKILL);
+    p.primary.stop();
+    took_over(&p, last + 5);
+    eprintln!("took over within {:?} of the kill", killed.elapsed());
+    assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
+}
+
+#[test]
+fn a_frozen_primary_is_replaced_and_stops_itself_when_it_thaws() {
+    let Some(etcd) = Etcd::start("ft::a_frozen_primary") else {
+        return;
+    };
+    let p = pair(&etcd, "counter 20");
+    signal(&p.primary, libc::SIGSTOP);
+    let last = counters(&p.primary.serial("ft")).last().copied().unwrap();
+    took_over(&p, last);
+    assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
+    signal(&p.primary, libc::SIGCONT);
+    let info = wait_migration(&p.primary, &p.out_id, "the end", |i| i["phase"] == "failed");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("took over") && error.contains("stopped"),
+        "{info}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while p
+        .primary
+        .call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
+        .status
+        != 404
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old primary's VM is still there"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_primary_whose_secondary_dies_runs_on_unprotected() {
+    let Some(etcd) = Etcd::start("ft::a_primary_whose_secondary_dies") else {
+        return;
+    };
+    let mut p = pair(&etcd, "counter 20");
+    signal(&p.secondary, libc::SIGKILL);
+    p.secondary.stop();
+    let info = wait_migration(&p.primary, &p.out_id, "the end", |i| i["phase"] == "failed");
+    assert!(
+        info["error"].as_str().unwrap().contains("unprotected"),
+        "{info}"
+    );
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 2));
+    assert_eq!(p.primary.state("ft"), "running");
+    let now = *counters(&p.primary.serial("ft")).last().unwrap();
+    p.primary
+        .wait_serial("ft", &format!("LKS counter={} ", now + 3), WAIT);
+}
+
+#[test]
+fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
+    let Some(etcd) = Etcd::start("ft::unpairing") else {
+        return;
+    };
+    let p = pair(&etcd, "counter 20");
+    call(
+        &p.primary,
+        "DELETE",
+        "/v1/migrations/{id}",
+        &format!("/v1/migrations/{}", p.out_id),
+        None,
+    );
+    let out = wait_migration(&p.primary, &p.out_id, "the end", |i| {
+        i["phase"] == "cancelled"
+    });
+    let back = wait_migration(&p.secondary, &p.in_id, "the end", |i| {
+        i["phase"] == "cancelled"
+    });
+    eprintln!("primary {out}\nsecondary {back}");
+    assert_eq!(p.primary.state("ft"), "running");
+    assert_eq!(
+        p.secondary
+            .call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
+            .status,
+        404
+    );
+    assert!(!p.secondary.dir().join("state").join("ft").exists());
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 1));
+}
+
+#[test]
+fn bad_pairing_options_are_refused_with_the_field_named() {
+    let secondary = TestHost::start(vec![]);
+    for (ft, field) in [
+        (json!({ "arbiter": [], "host_id": "b" }), "arbiter"),
+        (json!({ "arbiter": ["nowhere"], "host_id": "b" }), "arbiter"),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b c" }),
+            "host_id",
+        ),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "epoch_ms": 5 }),
+            "epoch_ms",
+        ),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "heartbeat_timeout_ms": 1 }),
+            "heartbeat_timeout_ms",
+        ),
+    ] {
+        let body = json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft });
+        let reply = secondary.call(
+            "POST",
+            "/v1/migrations/incoming",
+            "/v1/migrations/incoming",
+            Some(&body),
+        );
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        assert!(
+            reply.text().contains(&format!("ft: {field}")),
+            "{field}: {}",
+            reply.text()
+        );
+    }
+}
+
+#[test]
+fn a_move_to_a_secondary_listener_is_refused_and_the_vm_runs_on() {
+    let Some(etcd) = Etcd::start("ft::a_move_to_a_secondary_listener") else {
+        return;
+    };
+    let primary = TestHost::start(vec![vm_config("ft", "counter 20")]);
+    let secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(&etcd, "b") })),
+    );
+    let request = json!({ "destination": incoming["listen"], "token": incoming["token"] });
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(&request),
+    );
+    let id = out["id"].as_str().unwrap();
+    let info = wait_migration(&primary, id, "the end", |i| i["phase"] == "failed");
+    assert!(
+        info["error"]
+            .as_str()
+            .unwrap()
+            .contains("waits for a fault-tolerant pairing"),
+        "{info}"
+    );
+    assert_eq!(primary.state("ft"), "running");
+}

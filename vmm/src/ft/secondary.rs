@@ -1,0 +1,315 @@
+//! The secondary of a pair: the VM is built (KVM VM, memory, devices, vCPUs) but never runs
+//! while the primary lives. The full copy lands in guest memory as a migration's does; from the
+//! first checkpoint on, each epoch's pages are checked and staged, and applied only when the
+//! epoch's `Checkpoint` frame (its machine state, decoded and checked first) has come whole: a
+//! half-received epoch is never applied. Each applied checkpoint is acknowledged. When the
+//! primary goes silent for the heartbeat timeout (or its connection breaks), the secondary asks
+//! the arbiter to make it live, and if it wins, starts the VM from the last applied checkpoint
+//! and announces the guest's MAC addresses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lockstep_api::migration::{FtStatus, MigrationPhase};
+
+use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
+use super::{PairOptions, Pauses};
+use crate::memory;
+use crate::migration::protocol::{read_frame, reason_text, write_frame, Conn, FtHello, Kind};
+use crate::migration::receive::{check_state, Landing};
+use crate::migration::{spawn_thread, Migration, MigrationHost};
+use crate::vm::incoming::IncomingVm;
+
+/// How long the full copy may pause between frames before the primary counts as gone.
+const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A secondary standing by.
+pub(crate) struct Standby<'a> {
+    /// The host that runs the VM if it takes over.
+    pub host: &'a Arc<dyn MigrationHost>,
+    /// The pairing's record on this host.
+    pub migration: &'a Arc<Migration>,
+    /// The VM's name here.
+    pub name: &'a str,
+    /// What the primary said of the pair.
+    pub hello: &'a FtHello,
+    /// This side's options.
+    pub options: &'a PairOptions,
+    /// The VM's config as the handshake sent it (every state must name it).
+    pub handshake_config: &'a str,
+}
+
+/// How the stream from the primary ended.
+enum End {
+    /// Silence or a broken connection: the primary may be gone.
+    Silence(String),
+    /// The primary ended the pairing.
+    Unpaired(String),
+    /// The stream broke its rules: the pairing ends, nobody takes over.
+    Broken(String),
+}
+
+/// The staged frames of an epoch under way, bounded by the guest's memory.
+struct Staged {
+    frames: Vec<(Kind, Vec<u8>)>,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Standby<'_> {
+    /// Stands by until the pairing ends; `Ok` once this side has taken over and runs the VM.
+    pub(crate) fn run(&self, conn: &mut Conn, incoming: IncomingVm) -> Result<(), String> {
+        let writer = Arc::new(Mutex::new(conn.try_clone().map_err(|e| e.to_string())?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let beats = {
+            let (writer, stop) = (writer.clone(), stop.clone());
+            let every = self.options.heartbeat();
+            spawn_thread(format!("ft-beat-{}", self.name), move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(every);
+                    let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if write_frame(&mut *conn, Kind::Heartbeat, &[]).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?
+        };
+        let mut applied: Option<(u64, Vec<u8>)> = None;
+        let end = self.follow(conn, &incoming, &writer, &mut applied);
+        stop.store(true, Ordering::SeqCst);
+        let _ = beats.join();
+        match end {
+            End::Unpaired(why) => {
+                self.migration.mark_cancelled();
+                Err(format!("the primary ended the pairing: {why}"))
+            }
+            End::Broken(why) => {
+                let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = write_frame(&mut *conn, Kind::Abort, why.as_bytes());
+                Err(why)
+            }
+            End::Silence(_) if self.migration.is_cancelled() => Err("cancelled by request".into()),
+            End::Silence(why) => match applied {
+                None => Err(format!(
+                    "the primary went before its first checkpoint ({why}): nothing to take over"
+                )),
+                Some((epoch, state)) => self.take_over(incoming, epoch, &state, &why),
+            },
+        }
+    }
+
+    /// Reads the primary's stream until it ends, keeping `applied` (the last checkpoint
+    /// applied, and its machine state) up to date.
+    fn follow(
+        &self,
+        conn: &mut Conn,
+        incoming: &IncomingVm,
+        writer: &Mutex<Conn>,
+        applied: &mut Option<(u64, Vec<u8>)>,
+    ) -> End {
+        let mem = incoming.memory();
+        let mut landing = Landing::new(mem);
+        let mut staged = Staged {
+            frames: Vec::new(),
+            bytes: 0,
+            // An epoch sends each page at most once.
+            limit: memory::total_bytes(mem) + (1 << 20),
+        };
+        if let Err(e) = conn.set_read_timeout(COPY_TIMEOUT) {
+            return End::Broken(e.to_string());
+        }
+        let mut pauses = Pauses::default();
+        let mut received = 0u64;
+        let mut window = (Instant::now(), 0u64);
+        loop {
+            let frame = match read_frame(conn) {
+                Ok(frame) => frame,
+                Err(e) => return End::Silence(e.to_string()),
+            };
+            received += 5 + frame.payload.len() as u64;
+            let result = match frame.kind {
+                Kind::Pages | Kind::Zero if applied.is_none() => match frame.kind {
+                    // The full copy lands at once: no state runs on it yet.
+                    Kind::Pages => landing.pages(&frame.payload).map(|_| ()),
+                    _ => landing.zero(&frame.payload),
+                },
+                Kind::Pages | Kind::Zero => staged.add(&landing, frame.kind, frame.payload),
+                Kind::RoundEnd | Kind::Heartbeat => Ok(()),
+                Kind::Checkpoint => {
+                    let applying = Instant::now();
+                    let done = self.apply(&mut landing, &mut staged, frame.payload, applied);
+                    pauses.add(applying.elapsed());
+                    done
+                }
+                Kind::Abort => return End::Unpaired(reason_text(&frame.payload)),
+                other => Err(format!("the primary sent {other:?} while paired")),
+            };
+            if let Err(why) = result {
+                return End::Broken(why);
+            }
+            if frame.kind != Kind::Checkpoint {
+                continue;
+            }
+            let Some((epoch, _)) = applied.as_ref() else {
+                continue;
+            };
+            let ack = {
+                let mut out = writer.lock().unwrap_or_else(|p| p.into_inner());
+                write_frame(&mut *out, Kind::Ack, &epoch.to_le_bytes())
+            };
+            if let Err(e) = ack {
+                return End::Silence(format!("acknowledging {epoch}: {e}"));
+            }
+            if *epoch == 0 {
+                self.migration.set_phase(MigrationPhase::Standby);
+                if let Err(e) = conn.set_read_timeout(self.options.timeout) {
+                    return End::Broken(e.to_string());
+                }
+                log::info!(
+                    "{}: standing by as the secondary of pair {:?}",
+                    self.name,
+                    self.hello.pair
+                );
+            }
+            let rate = (received - window.1) as f64 / window.0.elapsed().as_secs_f64().max(1e-3);
+            if window.0.elapsed() > Duration::from_secs(1) {
+                window = (Instant::now(), received);
+            }
+            let status = FtStatus {
+                role: "secondary".into(),
+                pair: self.hello.pair.clone(),
+                epoch: epoch + 1,
+                committed_epoch: Some(*epoch),
+                since_commit_ms: Some(0.0),
+                pause_p50_ms: pauses.quantile(0.5),
+                pause_p99_ms: pauses.quantile(0.99),
+                replication_mib_s: rate / (1 << 20) as f64,
+                arbiter_epoch: 0,
+            };
+            self.migration.update(|i| {
+                i.bytes = received;
+                i.ft = Some(status);
+            });
+        }
+    }
+
+    /// Applies a whole epoch: its state is checked first, then its staged pages land.
+    fn apply(
+        &self,
+        landing: &mut Landing,
+        staged: &mut Staged,
+        payload: Vec<u8>,
+        applied: &mut Option<(u64, Vec<u8>)>,
+    ) -> Result<(), String> {
+        let epoch = payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or("a Checkpoint frame without its epoch")?;
+        let expected = applied.as_ref().map_or(0, |(e, _)| e + 1);
+        if epoch != expected {
+            return Err(format!("checkpoint {epoch} came where {expected} was due"));
+        }
+        let state = payload[8..].to_vec();
+        let hv = self.host.hypervisor();
+        check_state(hv, landing.memory(), &state, self.handshake_config)
+            .map_err(|e| format!("checkpoint {epoch}: {e}"))?;
+        for (kind, payload) in staged.frames.drain(..) {
+            match kind {
+                Kind::Pages => landing.pages(&payload).map(|_| ())?,
+                _ => landing.zero(&payload)?,
+            }
+        }
+        staged.bytes = 0;
+        *applied = Some((epoch, state));
+        Ok(())
+    }
+
+    /// The primary is silent: this side goes live if the arbiter says so.
+    fn take_over(
+        &self,
+        incoming: IncomingVm,
+        epoch: u64,
+        state: &[u8],
+        why: &str,
+    ) -> Result<(), String> {
+        let (pair, me) = (&self.hello.pair, &self.options.host_id);
+        log::warn!(
+            "{}: the primary is silent ({why}); asking the arbiter",
+            self.name
+        );
+        let arbiter = Arbiter::new(ArbiterConfig::new(self.options.arbiter.clone()));
+        let seen = arbiter
+            .read(pair)
+            .map_err(|e| format!("the arbiter: {e}; not taking over"))?;
+        let won = match seen {
+            Some(seen) if seen.record.live == self.hello.primary => {
+                match arbiter.claim(pair, me, Some(&seen)) {
+                    Ok(now) => now,
+                    Err(ArbiterError::Lost { winner, epoch, .. }) => {
+                        return Err(format!(
+                            "{winner} kept pair {pair:?} (arbiter epoch {epoch}); not taking over"
+                        ))
+                    }
+                    Err(e) => match arbiter.read(pair) {
+                        Ok(Some(now))
+                            if now.record.live == *me
+                                && now.record.epoch == seen.record.epoch + 1 =>
+                        {
+                            now
+                        }
+                        _ => return Err(format!("the arbiter: {e}; not taking over")),
+                    },
+                }
+            }
+            Some(seen) => {
+                return Err(format!(
+                    "the arbiter names {} live for pair {pair:?}; not taking over",
+                    seen.record.live
+                ))
+            }
+            None => return Err(format!("pair {pair:?} has no record; not taking over")),
+        };
+        let hv = self.host.hypervisor();
+        let snapshot = check_state(hv, incoming.memory(), state, self.handshake_config)?;
+        let (vm, created) = incoming.finish(&snapshot).map_err(|e| e.to_string())?;
+        if self.host.vm_exists(self.name) {
+            return Err(format!("a VM named {:?} exists already", self.name));
+        }
+        vm.own_passed_sockets();
+        let announcers = crate::migration::devices::announcers(self.name, vm.devices());
+        self.host.adopt(self.name, vm, false)?;
+        created.keep();
+        crate::migration::devices::announce(self.name, announcers);
+        log::warn!(
+            "{}: took over pair {pair:?} from {} at checkpoint {epoch} (arbiter epoch {})",
+            self.name,
+            self.hello.primary,
+            won.record.epoch
+        );
+        self.migration.update(|i| {
+            if let Some(ft) = i.ft.as_mut() {
+                ft.role = "primary (took over)".into();
+                ft.arbiter_epoch = won.record.epoch;
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Staged {
+    fn add(&mut self, landing: &Landing, kind: Kind, payload: Vec<u8>) -> Result<(), String> {
+        landing.check(kind, &payload)?;
+        self.bytes += payload.len() as u64;
+        if self.bytes > self.limit {
+            return Err(format!(
+                "an epoch of more than {} bytes: more than the guest's memory",
+                self.limit
+            ));
+        }
+        self.frames.push((kind, payload));
+        Ok(())
+    }
+}
