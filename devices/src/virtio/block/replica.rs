@@ -382,7 +382,8 @@ pub struct ReplicaWriter {
 }
 
 impl ReplicaWriter {
-    /// Opens the existing image at `path` read-write; an epoch may stage at most `limit` bytes.
+    /// Opens the existing image at `path` read-write; an epoch may stage at most `limit` bytes
+    /// (each block counted as 4 KiB).
     pub fn open(path: &Path, limit: usize) -> Result<ReplicaWriter, ReplicaError> {
         let file = OpenOptions::new()
             .read(true)
@@ -424,10 +425,13 @@ impl ReplicaWriter {
                 want,
             });
         }
-        let needed = self.data.len() + data.len();
-        if needed > self.limit {
+        // Every block counts as a whole one, so the entries stay bounded too (a stream could
+        // send the short last block over and over).
+        let charged = (self.staged.len() as u64 + 1).saturating_mul(REPLICA_BLOCK_SIZE);
+        if charged > self.limit as u64 {
             return Err(ReplicaError::EpochTooLarge { limit: self.limit });
         }
+        let needed = self.data.len() + data.len();
         if needed > self.data.capacity() {
             // Grow as a Vec would, but never past the limit.
             let target = (self.data.capacity() * 2).clamp(needed, self.limit);

@@ -217,6 +217,17 @@ fn an_epoch_past_the_limit_is_refused_not_grown() {
     assert!(matches!(err, ReplicaError::EpochTooLarge { .. }), "{err}");
     assert!(w.data.capacity() <= limit, "staging grew past the limit");
     assert_eq!(w.staged_blocks(), 2);
+
+    // The short last block counts as a whole one: repeating it cannot pile up entries.
+    let f = image(&pattern(BS + 1, 5));
+    let mut w = ReplicaWriter::open(f.as_path(), 3 * BS as usize).unwrap();
+    for _ in 0..3 {
+        w.stage(1, &[9]).unwrap();
+    }
+    assert!(matches!(
+        w.stage(1, &[9]),
+        Err(ReplicaError::EpochTooLarge { .. })
+    ));
 }
 
 #[test]
