@@ -12,7 +12,9 @@ use lockstep_devices::legacy::{
     SERIAL_PORT_LEN,
 };
 use lockstep_devices::metrics::Counters;
-use lockstep_devices::virtio::block::{Block, BlockConfig, BlockMetrics};
+use lockstep_devices::virtio::block::{
+    Block, BlockConfig, BlockMetrics, EpochBlocks, ReplicaError,
+};
 use lockstep_devices::virtio::mmio::{MmioTransport, QueueNotifier, MMIO_WINDOW_SIZE};
 use lockstep_devices::virtio::net::{Net, NetConfig, NetMetrics};
 use lockstep_devices::virtio::rng::{Rng, RngMetrics};
@@ -72,6 +74,18 @@ pub enum DeviceError {
         field: String,
         /// What went wrong.
         message: String,
+    },
+    /// No drive has this id.
+    #[error("no drive with id {0}")]
+    NoDrive(String),
+    /// Reading a drive's blocks for replication failed.
+    #[error("drive {drive_id}: {source}")]
+    Replica {
+        /// The drive.
+        drive_id: String,
+        /// What failed.
+        #[source]
+        source: ReplicaError,
     },
 }
 
@@ -422,6 +436,51 @@ impl DeviceManager {
             .collect()
     }
 
+    /// Every drive, locked, with its id, in the order they were added.
+    fn drives(&self) -> impl Iterator<Item = (&String, std::sync::MutexGuard<'_, Block>)> {
+        self.virtio.iter().filter_map(|entry| match &entry.device {
+            AttachedDevice::Block { id, device, .. } => {
+                Some((id, device.lock().unwrap_or_else(|p| p.into_inner())))
+            }
+            _ => None,
+        })
+    }
+
+    /// Starts or stops recording which 4 KiB blocks guest writes touch, on every writable drive
+    /// (FT pairing: start before the full copy of the images).
+    pub fn track_disk_writes(&self, on: bool) {
+        for (_, mut drive) in self.drives() {
+            drive.track_writes(on);
+        }
+    }
+
+    /// Every drive's blocks written since the last call (ascending), cleared, by drive id.
+    pub fn take_written_blocks(&self) -> Vec<(String, Vec<u64>)> {
+        self.drives()
+            .map(|(id, mut drive)| (id.clone(), drive.take_written()))
+            .collect()
+    }
+
+    /// Reads `blocks` of drive `drive_id`'s image into `out`, for an epoch (the VM is paused,
+    /// so no request is half-done).
+    pub fn read_disk_blocks(
+        &self,
+        drive_id: &str,
+        blocks: &[u64],
+        out: &mut EpochBlocks,
+    ) -> Result<(), DeviceError> {
+        let (_, drive) = self
+            .drives()
+            .find(|(id, _)| id.as_str() == drive_id)
+            .ok_or_else(|| DeviceError::NoDrive(drive_id.to_string()))?;
+        drive
+            .read_blocks(blocks, out)
+            .map_err(|source| DeviceError::Replica {
+                drive_id: drive_id.to_string(),
+                source,
+            })
+    }
+
     /// Adds the virtio-vsock device, listening on its Unix socket.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<VirtioSlot, DeviceError> {
         let passed = self.passed_vsock.take();
@@ -544,5 +603,62 @@ mod tests {
             irq: 6,
         };
         assert_eq!(slot.cmdline_entry(), "virtio_mmio.device=4K@0xd0001000:6");
+    }
+
+    #[test]
+    fn disk_replication_reaches_every_drive_by_id() {
+        use std::os::unix::fs::FileExt;
+
+        use lockstep_devices::virtio::block::CacheType;
+        use vm_memory::GuestAddress;
+
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        }
+        let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut devices = DeviceManager::new(Arc::new(vm), mem).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (id, read_only) in [("root", false), ("data", true)] {
+            let path = dir.path().join(id);
+            let bytes: Vec<u8> = (0..3 * 4096 + 512).map(|i| (i % 249) as u8).collect();
+            std::fs::write(&path, bytes).unwrap();
+            let config = BlockConfig {
+                drive_id: id.into(),
+                path,
+                read_only,
+                cache: CacheType::Unsafe,
+            };
+            devices.add_block(&config, "drives[0]").unwrap();
+        }
+        devices.track_disk_writes(true);
+        assert_eq!(
+            devices.take_written_blocks(),
+            vec![("root".to_string(), vec![]), ("data".to_string(), vec![])]
+        );
+
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("root"))
+            .unwrap()
+            .write_all_at(&[0xab; 100], 3 * 4096)
+            .unwrap();
+        let mut out = EpochBlocks::new();
+        devices.read_disk_blocks("root", &[2, 3], &mut out).unwrap();
+        let blocks: Vec<(u64, usize)> = out.iter().map(|(b, d)| (b, d.len())).collect();
+        assert_eq!(blocks, vec![(2, 4096), (3, 512)]);
+        assert_eq!(&out.iter().nth(1).unwrap().1[..100], &[0xab; 100]);
+
+        let err = devices
+            .read_disk_blocks("nope", &[0], &mut out)
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::NoDrive(_)), "{err}");
+        let err = devices
+            .read_disk_blocks("data", &[4], &mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("drive data: block 4"), "{err}");
+        devices.track_disk_writes(false);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::disk::{CacheType, Disk};
+use super::replica::{self, EpochBlocks, ReplicaError, WriteTracker};
 use super::request::{Request, ID_BYTES, VIRTIO_BLK_S_OK};
 use crate::virtio::device::read_config_bytes;
 use crate::virtio::{
@@ -88,6 +89,8 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config_space: Vec<u8>,
     metrics: Arc<BlockMetrics>,
+    /// Blocks written since the FT core last took them; `None` (no cost) unless it asked.
+    tracker: Option<WriteTracker>,
 }
 
 impl Block {
@@ -116,6 +119,7 @@ impl Block {
             id,
             config_space,
             metrics: Arc::new(BlockMetrics::default()),
+            tracker: None,
         })
     }
 
@@ -135,14 +139,43 @@ impl Block {
         self.disk.sync_for_handover()
     }
 
+    /// Starts recording which 4 KiB blocks guest writes touch (a bitmap sized from the image),
+    /// or stops and drops the record. Starting again keeps what is recorded; a read-only drive
+    /// has nothing to record.
+    pub fn track_writes(&mut self, on: bool) {
+        if !on {
+            self.tracker = None;
+        } else if self.tracker.is_none() && !self.disk.read_only() {
+            self.tracker = Some(WriteTracker::new(self.disk.size()));
+        }
+    }
+
+    /// The blocks written since the last call (ascending), cleared; none when not tracking.
+    pub fn take_written(&mut self) -> Vec<u64> {
+        self.tracker
+            .as_mut()
+            .map_or_else(Vec::new, WriteTracker::take)
+    }
+
+    /// Reads `blocks` of the image into `out` (see [`replica::read_blocks`]).
+    pub fn read_blocks(&self, blocks: &[u64], out: &mut EpochBlocks) -> Result<(), ReplicaError> {
+        replica::read_blocks(self.disk.file(), self.disk.size(), blocks, out)
+    }
+
     /// Serves every request the driver has made available.
     pub fn process_queue(&mut self) {
         let (disk, id, metrics, drive_id) = (&self.disk, &self.id, &self.metrics, &self.drive_id);
+        let tracker = &mut self.tracker;
         let sectors = disk.sectors();
         self.base.serve_queue_polling(0, POLL, |chain, mem| {
             match Request::parse(chain, mem, sectors) {
                 Ok(req) => {
                     let outcome = req.execute(disk, id, mem);
+                    if let (Some(tracker), Some((offset, len))) =
+                        (tracker.as_mut(), req.written_range())
+                    {
+                        tracker.mark(offset, len);
+                    }
                     record(
                         metrics,
                         &req,
@@ -234,8 +267,11 @@ impl VirtioDevice for Block {
 mod tests {
     use std::io::Write;
 
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::tempfile::TempFile;
 
@@ -269,6 +305,87 @@ mod tests {
         let mut seg_max = [0u8; 4];
         b.read_config(12, &mut seg_max);
         assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+    }
+
+    /// Activates `b` on the mock queue's rings.
+    fn activate_on(b: &mut Block, vq: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        let q = &mut b.base_mut().queues_mut()[0];
+        q.set_size(16);
+        let addr = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+        let (lo, hi) = addr(vq.desc_table_addr());
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = addr(vq.avail_addr());
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = addr(vq.used_addr());
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        b.base_mut().set_acked_features(VIRTIO_F_VERSION_1);
+        b.activate(mem.clone()).unwrap();
+    }
+
+    /// Makes a write of `len` bytes at `sector` available at descriptor `first`, then lets the
+    /// device serve it; returns the status byte.
+    fn write(
+        b: &mut Block,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        first: u16,
+        sector: u64,
+        len: u32,
+    ) -> u8 {
+        const HDR: u64 = 0x1_0000;
+        const DATA: u64 = 0x2_0000;
+        const STATUS: u64 = 0x3_0000;
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+        mem.write_slice(&vec![0x5c; len as usize], GuestAddress(DATA))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let d =
+            |addr, len, flags, next| RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        vq.add_desc_chains(
+            &[
+                d(HDR, 16, 1, first + 1),
+                d(DATA, len, 1, first + 2),
+                d(STATUS, 1, 2, 0),
+            ],
+            first,
+        )
+        .unwrap();
+        b.process_queue();
+        mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn a_served_write_marks_its_blocks_when_tracking() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let (image, mut b) = block(false);
+        activate_on(&mut b, &vq, &mem);
+        assert_eq!(write(&mut b, &vq, &mem, 0, 0, 512), VIRTIO_BLK_S_OK);
+        assert!(b.take_written().is_empty(), "off by default");
+
+        b.track_writes(true);
+        // Sector 7, two sectors: bytes 3584..4608, across blocks 0 and 1.
+        assert_eq!(write(&mut b, &vq, &mem, 3, 7, 1024), VIRTIO_BLK_S_OK);
+        assert_eq!(b.take_written(), vec![0, 1]);
+        assert!(b.take_written().is_empty(), "take clears");
+        assert_eq!(write(&mut b, &vq, &mem, 6, 9, 512), VIRTIO_BLK_S_OK);
+        b.track_writes(true);
+        assert_eq!(b.take_written(), vec![1], "starting again keeps the record");
+
+        let mut epoch = EpochBlocks::new();
+        b.read_blocks(&[1], &mut epoch).unwrap();
+        let on_disk = std::fs::read(image.as_path()).unwrap();
+        let (block, data) = epoch.iter().next().unwrap();
+        assert_eq!((block, data), (1, &on_disk[4096..8192]));
+        assert_eq!(&data[9 * 512 - 4096..10 * 512 - 4096], &[0x5c; 512]);
+
+        b.track_writes(false);
+        assert_eq!(write(&mut b, &vq, &mem, 9, 0, 512), VIRTIO_BLK_S_OK);
+        assert!(b.take_written().is_empty(), "off again");
     }
 
     #[test]

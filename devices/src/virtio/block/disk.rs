@@ -75,6 +75,16 @@ impl Disk {
         self.size / SECTOR_SIZE
     }
 
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The open image, for reading replicated blocks back.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Whether guest writes are refused.
     pub fn read_only(&self) -> bool {
         self.read_only

@@ -168,6 +168,18 @@ impl Request {
         }
     }
 
+    /// The bytes of the image a write request may change (offset, length), for write tracking;
+    /// `None` for other requests and for writes refused while parsing. A write that fails
+    /// still counts: part of it may have reached the image. A request kind added later that
+    /// changes the image (discard, write-zeroes) must be covered here too, or FT loses it.
+    pub fn written_range(&self) -> Option<(u64, u64)> {
+        if self.kind != RequestKind::Out || self.early_status.is_some() {
+            return None;
+        }
+        let len = self.data.iter().map(|&(_, len)| u64::from(len)).sum();
+        Some((self.sector.saturating_mul(SECTOR_SIZE), len))
+    }
+
     /// Carries the request out and writes its status byte.
     pub fn execute(&self, disk: &Disk, id: &[u8; ID_BYTES], mem: &GuestMemoryMmap) -> Outcome {
         let mut outcome = Outcome::default();

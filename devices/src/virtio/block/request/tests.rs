@@ -352,3 +352,33 @@ fn looping_and_out_of_range_chains_terminate() {
     let chain = q.iter(&m).unwrap().next().unwrap();
     assert!(Request::parse(chain, &m, d.sectors()).is_err());
 }
+
+#[test]
+fn written_range_covers_a_write_and_nothing_else() {
+    let m = mem();
+    let (_f, d) = disk(false);
+    let vq = MockSplitQueue::new(&m, 16);
+    let parse = |kind: u32, sector: u64, data_flags: u16| {
+        header(&m, kind, sector);
+        let chain = vq
+            .build_desc_chain(&[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, data_flags),
+                desc(DATA + 512, 512, data_flags),
+                desc(STATUS, 1, F_WRITE),
+            ])
+            .unwrap();
+        Request::parse(chain, &m, d.sectors()).unwrap()
+    };
+    // Sector 7 onwards: bytes 3584..4608, unaligned to 4 KiB.
+    assert_eq!(
+        parse(VIRTIO_BLK_T_OUT, 7, 0).written_range(),
+        Some((3584, 1024))
+    );
+    assert_eq!(parse(VIRTIO_BLK_T_IN, 7, F_WRITE).written_range(), None);
+    assert_eq!(
+        parse(VIRTIO_BLK_T_OUT, SECTORS, 0).written_range(),
+        None,
+        "a write refused while parsing changes nothing"
+    );
+}
