@@ -12,11 +12,13 @@ mod device;
 mod event_handler;
 pub mod frame;
 mod moderation;
+mod output_gate;
 mod state;
 mod tap;
 
 pub use announce::{rarp_frame, Announcer};
 pub use device::{Net, NetConfig, NetError, NetMetrics};
 pub use frame::{MAX_FRAME_LEN, VNET_HDR_LEN};
+pub use output_gate::{GateMode, MAX_HELD_BYTES, MAX_HELD_FRAMES};
 pub use state::NetState;
 pub use tap::{Tap, TapError};
