@@ -6,6 +6,8 @@
 //! driver accepted. Both queues run on the VM's event loop. No frame is lost or reordered by
 //! the device: a frame leaves the tap only when the guest has room for it (at most one is
 //! read ahead), and a frame the tap cannot take yet stays in the transmit queue.
+//! Under FT the output gate (`output_gate.rs`) holds transmitted frames on the host until their
+//! epoch is acknowledged.
 
 mod announce;
 mod device;
