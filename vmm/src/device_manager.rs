@@ -195,6 +195,8 @@ pub struct DeviceManager {
     passed_taps: BTreeMap<String, std::fs::File>,
     /// The vsock listener handed over by a same-host migration: `add_vsock` uses it.
     passed_vsock: Option<std::os::unix::net::UnixListener>,
+    /// Output epochs closed so far (FT): the number every interface's gate returns too.
+    output_epochs: u64,
 }
 
 impl DeviceManager {
@@ -238,6 +240,7 @@ impl DeviceManager {
             subscribers: Vec::new(),
             passed_taps: BTreeMap::new(),
             passed_vsock: None,
+            output_epochs: 0,
         })
     }
 
@@ -479,6 +482,58 @@ impl DeviceManager {
                 drive_id: drive_id.to_string(),
                 source,
             })
+    }
+
+    /// Every network interface, locked in turn, for the FT output gate's calls.
+    fn each_net(&self, mut each: impl FnMut(&mut Net)) {
+        for entry in &self.virtio {
+            if let AttachedDevice::Net { device, .. } = &entry.device {
+                each(&mut device.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+        }
+    }
+
+    /// Turns the FT output gate of every network interface on (frames the guest sends are held
+    /// until their epoch is released) or off (everything held is written first, then frames go
+    /// straight to the tap). A fenced gate stays fenced. Runs on the VM's owner thread.
+    pub fn gate_network_output(&self, on: bool) {
+        self.each_net(|net| {
+            if on {
+                net.gate_output()
+            } else {
+                net.open_output()
+            }
+        });
+    }
+
+    /// Closes the open output epoch on every network interface and returns its number (from
+    /// 1, one more each call). The manager keeps the number: each interface counts too, and
+    /// as they are all created before the VM runs and only this call closes epochs, they agree.
+    pub fn mark_output_epoch(&mut self) -> u64 {
+        self.output_epochs += 1;
+        let epoch = self.output_epochs;
+        self.each_net(|net| {
+            let own = net.mark_output_epoch();
+            if own != epoch {
+                log::error!(
+                    "virtio-net {}: closed output epoch {own} where the VM closed {epoch}",
+                    net.iface_id()
+                );
+            }
+        });
+        epoch
+    }
+
+    /// Writes every frame of the output epochs up to `upto` to the taps (what the tap cannot
+    /// take yet goes when it is writable).
+    pub fn release_output(&self, upto: u64) {
+        self.each_net(|net| net.release_output(upto));
+    }
+
+    /// Fences every network interface's output for good (a primary that lost the arbiter):
+    /// what is held is dropped and no frame reaches a tap again while the VM lives.
+    pub fn fence_output(&self) {
+        self.each_net(Net::fence_output);
     }
 
     /// Adds the virtio-vsock device, listening on its Unix socket.

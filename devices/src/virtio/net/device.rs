@@ -19,6 +19,7 @@ use super::frame::{
     MAX_FRAME_LEN, VNET_HDR_LEN,
 };
 use super::moderation::RxModeration;
+use super::output_gate::OutputGate;
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::virtio::device::{more_within, nonblocking_timer, read_config_bytes};
 use crate::virtio::{
@@ -34,14 +35,14 @@ pub const TX_QUEUE: usize = 1;
 const QUEUE_SIZE: u16 = 256;
 /// Frames (or chains) handled per event before the loop yields to the VM's other devices; the
 /// device then rings its own doorbell to carry on.
-const BUDGET: usize = 256;
+pub(super) const BUDGET: usize = 256;
 /// How long the transmit queue is polled for more frames after a burst before the device asks
 /// the driver for a notification (as virtio-blk does). Reception does not poll: while it waits
 /// for buffers, the vCPU that would post them needs the CPU more.
-const POLL: std::time::Duration = std::time::Duration::from_micros(50);
+pub(super) const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Transmitted chains are returned to the driver in groups of this many during a burst.
-const TX_PUBLISH_EVERY: usize = 16;
+pub(super) const TX_PUBLISH_EVERY: usize = 16;
 
 /// Features every interface offers; VIRTIO_NET_F_MAC is added when the config sets a MAC.
 /// UDP fragmentation (UFO) and ECN are left out: current kernels produce neither, and the
@@ -122,6 +123,16 @@ pub struct NetMetrics {
     pub tx_errors: AtomicU64,
     /// Times the tap was full and transmission waited for it (nothing is lost).
     pub tx_waits: AtomicU64,
+    /// Frames the FT output gate holds now (a level, not a running count).
+    pub tx_held_frames: AtomicU64,
+    /// Bytes the FT output gate holds now, vnet headers included (a level).
+    pub tx_held_bytes: AtomicU64,
+    /// Frames the FT output gate released to the tap (counted in `tx_frames` too).
+    pub tx_released_frames: AtomicU64,
+    /// Frames a fenced output gate dropped: those it held when fenced and all sent since.
+    pub tx_fenced_drops: AtomicU64,
+    /// Times the FT output gate was full and transmission waited for a release.
+    pub tx_gate_stalls: AtomicU64,
 }
 
 crate::impl_counters!(NetMetrics {
@@ -136,10 +147,15 @@ crate::impl_counters!(NetMetrics {
     tx_bytes,
     tx_drops,
     tx_errors,
-    tx_waits
+    tx_waits,
+    tx_held_frames,
+    tx_held_bytes,
+    tx_released_frames,
+    tx_fenced_drops,
+    tx_gate_stalls
 });
 
-fn count(counter: &AtomicU64, n: u64) {
+pub(super) fn count(counter: &AtomicU64, n: u64) {
     if n != 0 {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -255,22 +271,44 @@ enum RxStop {
 }
 
 /// Why the transmit loop stopped.
-enum TxStop {
+pub(super) enum TxStop {
     /// The queue is empty.
     Drained,
     /// The tap is full; its EPOLLOUT resumes transmission.
     TapFull,
     /// The budget ran out with work left.
     Budget,
+    /// The FT output gate is full; a release resumes transmission.
+    HeldFull,
+}
+
+/// Counts a frame the tap refused for good (`result` is what it said); logs only the first.
+pub(super) fn tap_refused(
+    tap: &Tap,
+    metrics: &NetMetrics,
+    iface_id: &str,
+    len: usize,
+    result: std::io::Result<usize>,
+) {
+    if metrics.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+        let why = match result {
+            Ok(n) => format!("short write of {n} of {len} bytes"),
+            Err(e) => e.to_string(),
+        };
+        log::warn!(
+            "virtio-net {iface_id}: tap {} refused a frame: {why}",
+            tap.name()
+        );
+    }
 }
 
 /// A virtio-net device backed by a tap.
 pub struct Net {
     pub(super) base: DeviceBase,
     pub(super) tap: Tap,
-    iface_id: String,
+    pub(super) iface_id: String,
     pub(super) mac: Option<[u8; 6]>,
-    metrics: Arc<NetMetrics>,
+    pub(super) metrics: Arc<NetMetrics>,
     /// The frame read from the tap and not yet delivered, in `rx_frame[..len]`.
     pub(super) rx_pending: Option<usize>,
     pub(super) rx_frame: Box<[u8]>,
@@ -283,6 +321,8 @@ pub struct Net {
     /// Whether the tap or `rx_timer` drives reception (see [`super::moderation`]).
     pub(super) rx_moderation: RxModeration,
     pub(super) rx_timer: TimerFd,
+    /// The FT output gate (see [`super::output_gate`]); open unless FT drives it.
+    pub(super) gate: OutputGate,
 }
 
 impl Net {
@@ -330,12 +370,14 @@ impl Net {
             iface_id: iface_id.to_string(),
             source,
         })?;
+        let metrics = Arc::new(NetMetrics::default());
         Ok(Net {
             base,
             tap,
             iface_id: iface_id.to_string(),
             mac,
-            metrics: Arc::new(NetMetrics::default()),
+            gate: OutputGate::new(metrics.clone()),
+            metrics,
             rx_pending: None,
             rx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
             tx_bounce: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
@@ -412,7 +454,7 @@ impl Net {
     /// Runs one queue's loop with a fresh used batch, publishes what it returned and raises the
     /// interrupt if the driver wants one; a queue error breaks the device. Returns why the loop
     /// stopped (None when the device is not running or broke).
-    fn run_queue<S>(
+    pub(super) fn run_queue<S>(
         &mut self,
         index: usize,
         what: &str,
@@ -541,14 +583,24 @@ impl Net {
 
     /// Sends every frame the guest queued to the tap. When the tap is full the frame stays in
     /// the queue (not consumed) and transmission resumes, in order, when the tap is writable.
+    /// With the FT output gate on, see [`Net::gate_output`].
     pub fn process_tx(&mut self) {
+        if !self.gate.is_idle() {
+            self.process_tx_gated();
+            return;
+        }
+        self.process_tx_direct();
+    }
+
+    /// [`Net::process_tx`] with the gate open and nothing held: straight to the tap.
+    pub(super) fn process_tx_direct(&mut self) {
         if self.tx_blocked {
             return;
         }
         match self.run_queue(TX_QUEUE, "transmit", Self::tx_loop) {
             Some(TxStop::TapFull) => self.tx_blocked = true,
             Some(TxStop::Budget) => self.ring_own_doorbell(TX_QUEUE),
-            Some(TxStop::Drained) | None => {}
+            Some(TxStop::Drained | TxStop::HeldFull) | None => {}
         }
     }
 
@@ -592,19 +644,7 @@ impl Net {
                         count(&self.metrics.tx_waits, 1);
                         return Ok(TxStop::TapFull);
                     }
-                    result => {
-                        if self.metrics.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            let why = match result {
-                                Ok(n) => format!("short write of {n} of {len} bytes"),
-                                Err(e) => e.to_string(),
-                            };
-                            log::warn!(
-                                "virtio-net {}: tap {} refused a frame: {why}",
-                                self.iface_id,
-                                self.tap.name()
-                            );
-                        }
-                    }
+                    result => tap_refused(&self.tap, &self.metrics, &self.iface_id, len, result),
                 }
                 // Transmit buffers are only read: the used length is 0. Returned in groups, so
                 // that a driver short of transmit buffers can reuse them during the burst
@@ -629,7 +669,7 @@ impl Net {
     }
 
     /// Comes back to a queue later from the event loop, after the VM's other events.
-    fn ring_own_doorbell(&self, queue: usize) {
+    pub(super) fn ring_own_doorbell(&self, queue: usize) {
         if let Err(e) = self.base.queue_evts()[queue].write(1) {
             log::error!(
                 "virtio-net {}: cannot reschedule queue {queue}: {e}",
@@ -671,13 +711,14 @@ impl VirtioDevice for Net {
     }
 
     /// A frame read for the old driver is dropped; the tap keeps queueing frames, without
-    /// offloads, until the next activation.
+    /// offloads, until the next activation. Frames the output gate holds are already sent as
+    /// far as the guest knows: they stay, and released ones still wait for a full tap.
     fn reset(&mut self) {
         self.base.reset();
         if self.rx_pending.take().is_some() {
             count(&self.metrics.rx_drops, 1);
         }
-        self.tx_blocked = false;
+        self.tx_blocked = self.tx_blocked && self.gate.has_released();
         let change = self.rx_moderation.stop();
         self.change_rx_timer(change);
         if let Err(e) = self.tap.set_offload(0) {

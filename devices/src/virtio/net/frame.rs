@@ -176,6 +176,26 @@ where
     Ok(tx.copy_into(mem, buf)?.len())
 }
 
+/// Copies the frame a transmit chain holds (vnet header first) into a buffer of its own and
+/// checks its header against the negotiated offloads (`acked`), for a frame the device keeps
+/// after returning its chain (the FT output gate). The chain is parsed whole first, so the
+/// allocation is the frame's checked length, at most [`MAX_FRAME_LEN`].
+pub fn copy_tx_frame<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    acked: u64,
+) -> Result<Box<[u8]>, BadChain>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let tx = TxChain::parse(chain)?;
+    let mut frame = vec![0u8; tx.len].into_boxed_slice();
+    tx.copy_into(mem, &mut frame)?;
+    check_tx_header(&frame, acked)?;
+    Ok(frame)
+}
+
 /// Sends the frame a transmit chain holds (vnet header first) to the tap. The header is copied
 /// out and checked against the negotiated offloads (`acked`), so the guest cannot change it
 /// after the check; the rest goes to the kernel straight from guest memory (one copy, by the

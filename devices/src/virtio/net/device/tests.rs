@@ -934,3 +934,5 @@ fn open_errors_name_the_tap() {
     };
     assert!(err.to_string().contains("much-too-long-tap-name"), "{err}");
 }
+
+mod gate;
