@@ -18,6 +18,10 @@ pub struct IncomingRequest {
     /// Where the vsock device's socket goes on this host instead of the source's path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// Images of this host to use instead of the paths the source's config names: a
+    /// fault-tolerant secondary keeps its own copy of each disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
     /// Wait as the secondary of a fault-tolerant pair instead of taking the VM over: the VM is
     /// built and kept up to date but runs only when the primary is gone (see [`FtOptions`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,16 @@ pub struct NetworkOverride {
     pub iface_id: String,
     /// The tap on this host.
     pub host_dev_name: String,
+}
+
+/// One drive of an arriving VM on another image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive, as the VM's config names it.
+    pub drive_id: String,
+    /// The image on this host.
+    pub path_on_host: std::path::PathBuf,
 }
 
 /// An arriving VM's vsock socket put elsewhere.

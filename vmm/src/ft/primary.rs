@@ -13,10 +13,13 @@ use lockstep_api::migration::{FtStatus, MigrationPhase};
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
 use super::{PairOptions, Pauses};
+use lockstep_devices::virtio::block::replica::FULL_COPY_CHUNK;
+use lockstep_devices::virtio::block::FullCopy;
+
 use crate::migration::dirty::{Bits, DirtyLog};
 use crate::migration::protocol::{read_frame, reason_text, write_frame, Conn, Kind};
 use crate::migration::send::{Failure, PageWriter, Sender};
-use crate::vm::{RunState, VmCommand, VmControl, VmReply};
+use crate::vm::{OutputCommand, RunState, VmCommand, VmControl, VmReply};
 
 /// How long the VM's owner thread has for a command.
 const VM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,7 +88,27 @@ pub(crate) fn protect(
         committed: None,
         rate: (Instant::now(), 0),
         sent: 0,
+        drives: Vec::new(),
     };
+    // Disks: writes are recorded from before the full copy starts, so that what the copy
+    // missed comes with the first checkpoint.
+    let drives = match s.host.running_config(&s.vm) {
+        Ok(config) => config.drives.iter().map(|d| d.drive_id.clone()).collect(),
+        Err(e) => return Err(runs_on(format!("the VM's config: {e}"))),
+    };
+    pairing.drives = drives;
+    if let Err(e) = pairing.call(VmCommand::TrackDiskWrites(true)) {
+        return Err(runs_on(format!("recording disk writes: {e}")));
+    }
+    if let Err(why) = pairing.copy_disks(&mut pages.out) {
+        let _ = pairing.call(VmCommand::TrackDiskWrites(false));
+        return Err(runs_on(why));
+    }
+    // Output commit: from here on the guest's frames leave only once the secondary has the
+    // checkpoint that follows them.
+    if let Err(e) = pairing.call(VmCommand::Output(OutputCommand::Gate(true))) {
+        return Err(runs_on(format!("holding the guest's output: {e}")));
+    }
     let mut extra = Some(pending);
     let mut epoch = 0u64;
     loop {
@@ -93,7 +116,7 @@ pub(crate) fn protect(
         if s.migration.is_cancelled() {
             return Err(pairing.unpair(&mut pages));
         }
-        let staged = match pairing.checkpoint(log, extra.take(), epoch, &pages) {
+        let (staged, output) = match pairing.checkpoint(log, extra.take(), epoch, &pages) {
             Ok(staged) => staged,
             Err(_) if s.migration.is_cancelled() => return Err(pairing.unpair(&mut pages)),
             Err(why) => return Err(pairing.secondary_lost(&why)),
@@ -110,6 +133,10 @@ pub(crate) fn protect(
             return Err(pairing.secondary_lost(&why));
         }
         pairing.committed = Some((epoch, Instant::now()));
+        // What the guest sent before this checkpoint is safe to show the world now.
+        if let Err(e) = pairing.call(VmCommand::Output(OutputCommand::Release(output))) {
+            return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
+        }
         pairing.report(epoch);
         // Heartbeats until the next epoch.
         loop {
@@ -178,6 +205,8 @@ struct Pairing<'a> {
     /// The start of the current rate window and the bytes sent before it.
     rate: (Instant, u64),
     sent: u64,
+    /// The VM's drive ids in config order (their index names them on the stream).
+    drives: Vec<String>,
 }
 
 impl Pairing<'_> {
@@ -187,15 +216,51 @@ impl Pairing<'_> {
             .map_err(|e| e.to_string())
     }
 
+    /// Sends every drive's image, in chunks, holes skipped, while the guest runs.
+    fn copy_disks(&self, out: &mut impl Write) -> Result<(), String> {
+        let config = self
+            .s
+            .host
+            .running_config(&self.s.vm)
+            .map_err(|e| e.to_string())?;
+        let mut frame = Vec::with_capacity(12 + FULL_COPY_CHUNK);
+        for (index, drive) in config.drives.iter().enumerate() {
+            let path = &drive.path_on_host;
+            let copy = FullCopy::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            frame.clear();
+            frame.extend_from_slice(&(index as u32).to_le_bytes());
+            frame.extend_from_slice(&copy.size().to_le_bytes());
+            write_frame(out, Kind::DiskBegin, &frame).map_err(|e| e.to_string())?;
+            for chunk in copy {
+                let (offset, bytes) = chunk.map_err(|e| format!("{}: {e}", path.display()))?;
+                frame.clear();
+                frame.extend_from_slice(&(index as u32).to_le_bytes());
+                frame.extend_from_slice(&offset.to_le_bytes());
+                frame.extend_from_slice(&bytes);
+                write_frame(out, Kind::DiskChunk, &frame).map_err(|e| e.to_string())?;
+                if self.s.migration.is_cancelled() {
+                    return Err("cancelled by request".into());
+                }
+            }
+            log::info!(
+                "{}: drive {:?} copied to the secondary",
+                self.s.vm,
+                drive.drive_id
+            );
+        }
+        out.flush().map_err(|e| e.to_string())
+    }
+
     /// Pauses the guest, stages the pages dirtied since the last checkpoint (and `extra`) and
-    /// the machine state, and resumes it; returns the staged frames, the `Checkpoint` last.
+    /// the machine state, closes the epoch of held output, and resumes the guest; returns the
+    /// staged frames (the `Checkpoint` last) and the output epoch they cover.
     fn checkpoint(
         &mut self,
         log: &DirtyLog,
         extra: Option<Vec<Bits>>,
         epoch: u64,
         pages: &PageWriter,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(Vec<u8>, u64), String> {
         // A VM its user paused stays paused: only a running guest is paused and resumed here.
         let running = self.call(VmCommand::Status)? == VmReply::State(RunState::Running);
         let paused_at = Instant::now();
@@ -203,10 +268,10 @@ impl Pairing<'_> {
             self.call(VmCommand::Pause)?;
         }
         let staged = (|| {
-            let captured = self
-                .control
-                .post(VmCommand::CaptureState)
-                .map_err(|e| e.to_string())?;
+            let post = |command| self.control.post(command).map_err(|e| e.to_string());
+            let output = post(VmCommand::Output(OutputCommand::MarkEpoch))?;
+            let disks = post(VmCommand::TakeDiskEpoch)?;
+            let captured = post(VmCommand::CaptureState)?;
             let mut bits = log.take()?;
             for (region, more) in bits.iter_mut().zip(extra.iter().flatten()) {
                 for (word, extra) in region.iter_mut().zip(more) {
@@ -215,6 +280,26 @@ impl Pairing<'_> {
             }
             let mut staging = pages.staging(Vec::new());
             staging.send(Some(&bits))?;
+            let written = match disks.wait(VM_TIMEOUT).map_err(|e| e.to_string())? {
+                VmReply::DiskEpoch(written) => written,
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+            let mut frame = Vec::with_capacity(12 + 4096);
+            for (drive, blocks) in &written {
+                let index = self
+                    .drives
+                    .iter()
+                    .position(|d| d == drive)
+                    .ok_or_else(|| format!("no drive {drive:?} in the config"))?;
+                for (block, bytes) in blocks.iter() {
+                    frame.clear();
+                    frame.extend_from_slice(&(index as u32).to_le_bytes());
+                    frame.extend_from_slice(&block.to_le_bytes());
+                    frame.extend_from_slice(bytes);
+                    write_frame(&mut staging.out, Kind::DiskBlock, &frame)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             let state = match captured.wait(VM_TIMEOUT).map_err(|e| e.to_string())? {
                 VmReply::MachineState(bytes) => bytes,
                 other => return Err(format!("unexpected answer {other:?}")),
@@ -222,7 +307,10 @@ impl Pairing<'_> {
             let mut payload = epoch.to_le_bytes().to_vec();
             payload.extend_from_slice(&state);
             write_frame(&mut staging.out, Kind::Checkpoint, &payload).map_err(|e| e.to_string())?;
-            Ok(staging.out)
+            match output.wait(VM_TIMEOUT).map_err(|e| e.to_string())? {
+                VmReply::OutputEpoch(closed) => Ok((staging.out, closed)),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
         })();
         // The guest runs again whatever happened: a failed checkpoint is the secondary's loss.
         if running {
@@ -263,6 +351,9 @@ impl Pairing<'_> {
     fn unpair(&self, pages: &mut PageWriter) -> Failure {
         let _ = write_frame(&mut pages.out, Kind::Abort, b"unpaired by request")
             .and_then(|()| pages.out.flush());
+        if let Err(e) = self.call(VmCommand::Output(OutputCommand::Gate(false))) {
+            log::error!("{}: cannot release the guest's output: {e}", self.s.vm);
+        }
         log::info!("{}: unpaired; runs on unprotected", self.s.vm);
         runs_on("unpaired by request")
     }
@@ -296,6 +387,10 @@ impl Pairing<'_> {
         };
         match won {
             Ok(now) => {
+                // Alone now: what is held goes out, and output flows directly again.
+                if let Err(e) = self.call(VmCommand::Output(OutputCommand::Gate(false))) {
+                    log::error!("{vm}: cannot release the guest's output: {e}");
+                }
                 if paused.is_ok() {
                     if let Err(e) = self.call(VmCommand::Resume) {
                         log::error!("{vm}: cannot resume after winning the arbiter: {e}");
@@ -311,7 +406,9 @@ impl Pairing<'_> {
                 ))
             }
             Err(lost) => {
-                // Never two live copies: this one ends without running another instruction.
+                // Never two live copies: this one ends without running another instruction,
+                // and nothing it held back reaches the network.
+                let _ = self.call(VmCommand::Output(OutputCommand::Fence));
                 log::error!("{vm}: {lost}; stopping this copy");
                 self.s.host.remove_migrated(vm);
                 Failure {

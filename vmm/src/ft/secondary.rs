@@ -16,13 +16,19 @@ use lockstep_api::migration::{FtStatus, MigrationPhase};
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
 use super::{PairOptions, Pauses};
 use crate::memory;
-use crate::migration::protocol::{read_frame, reason_text, write_frame, Conn, FtHello, Kind};
+use crate::migration::protocol::{
+    read_frame, read_u64, reason_text, write_frame, Conn, FtHello, Kind,
+};
 use crate::migration::receive::{check_state, Landing};
 use crate::migration::{spawn_thread, Migration, MigrationHost};
 use crate::vm::incoming::IncomingVm;
+use lockstep_devices::virtio::block::ReplicaWriter;
 
 /// How long the full copy may pause between frames before the primary counts as gone.
 const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most bytes of disk blocks one epoch may stage, per drive.
+const DISK_EPOCH_LIMIT: usize = 512 << 20;
 
 /// A secondary standing by.
 pub(crate) struct Standby<'a> {
@@ -57,6 +63,99 @@ struct Staged {
     limit: u64,
 }
 
+/// This host's copies of the VM's drives (its own images, by config index), opened as the
+/// primary's full copy of each begins.
+struct Replicas {
+    paths: Vec<std::path::PathBuf>,
+    open: Vec<Option<ReplicaWriter>>,
+}
+
+impl Replicas {
+    fn new(incoming: &IncomingVm) -> Replicas {
+        let paths: Vec<_> = incoming
+            .config()
+            .drives
+            .iter()
+            .map(|d| d.path_on_host.clone())
+            .collect();
+        let open = paths.iter().map(|_| None).collect();
+        Replicas { paths, open }
+    }
+
+    /// The drive index and the rest of a disk frame's payload.
+    fn split(payload: &[u8]) -> Result<(usize, &[u8]), String> {
+        let index = payload
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or("a disk frame without its drive")?;
+        Ok((index as usize, &payload[4..]))
+    }
+
+    fn writer(&mut self, index: usize) -> Result<&mut ReplicaWriter, String> {
+        self.open
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| format!("drive {index} has no copy under way"))
+    }
+
+    /// `DiskBegin`: the replica must be the primary's size already (its virtio device was
+    /// built on it); it is emptied for the copy.
+    fn begin(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (index, rest) = Self::split(payload)?;
+        let path = self
+            .paths
+            .get(index)
+            .ok_or_else(|| format!("the VM has no drive {index}"))?;
+        let size = read_u64(rest, 0).ok_or("a DiskBegin frame without its size")?;
+        let mut replica = ReplicaWriter::open(path, DISK_EPOCH_LIMIT)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if replica.size() != size {
+            return Err(format!(
+                "{} is {} bytes; the primary's image is {size}: make it the same size",
+                path.display(),
+                replica.size()
+            ));
+        }
+        replica
+            .begin_full_copy(size)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        self.open[index] = Some(replica);
+        Ok(())
+    }
+
+    fn chunk(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (index, rest) = Self::split(payload)?;
+        let offset = read_u64(rest, 0).ok_or("a DiskChunk frame without its offset")?;
+        self.writer(index)?
+            .write_chunk(offset, &rest[8..])
+            .map_err(|e| e.to_string())
+    }
+
+    fn stage(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (index, rest) = Self::split(payload)?;
+        let block = read_u64(rest, 0).ok_or("a DiskBlock frame without its block")?;
+        self.writer(index)?
+            .stage(block, &rest[8..])
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes every replica's staged blocks and makes them durable.
+    fn commit(&mut self) -> Result<(), String> {
+        for replica in self.open.iter_mut().flatten() {
+            replica.commit().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Drops a half-received epoch's blocks.
+    fn discard(&mut self) {
+        for replica in self.open.iter_mut().flatten() {
+            replica.discard();
+        }
+    }
+}
+
 impl Standby<'_> {
     /// Stands by until the pairing ends; `Ok` once this side has taken over and runs the VM.
     pub(crate) fn run(&self, conn: &mut Conn, incoming: IncomingVm) -> Result<(), String> {
@@ -77,7 +176,11 @@ impl Standby<'_> {
             .map_err(|e| e.to_string())?
         };
         let mut applied: Option<(u64, Vec<u8>)> = None;
-        let end = self.follow(conn, &incoming, &writer, &mut applied);
+        let mut replicas = Replicas::new(&incoming);
+        let end = self.follow(conn, &incoming, &writer, &mut applied, &mut replicas);
+        // A half-received epoch's disk blocks are never written.
+        replicas.discard();
+        drop(replicas);
         stop.store(true, Ordering::SeqCst);
         let _ = beats.join();
         match end {
@@ -108,6 +211,7 @@ impl Standby<'_> {
         incoming: &IncomingVm,
         writer: &Mutex<Conn>,
         applied: &mut Option<(u64, Vec<u8>)>,
+        replicas: &mut Replicas,
     ) -> End {
         let mem = incoming.memory();
         let mut landing = Landing::new(mem);
@@ -136,10 +240,15 @@ impl Standby<'_> {
                     _ => landing.zero(&frame.payload),
                 },
                 Kind::Pages | Kind::Zero => staged.add(&landing, frame.kind, frame.payload),
+                Kind::DiskBegin if applied.is_none() => replicas.begin(&frame.payload),
+                Kind::DiskChunk if applied.is_none() => replicas.chunk(&frame.payload),
+                Kind::DiskBlock => replicas.stage(&frame.payload),
                 Kind::RoundEnd | Kind::Heartbeat => Ok(()),
                 Kind::Checkpoint => {
                     let applying = Instant::now();
-                    let done = self.apply(&mut landing, &mut staged, frame.payload, applied);
+                    let done = self
+                        .apply(&mut landing, &mut staged, frame.payload, applied)
+                        .and_then(|()| replicas.commit());
                     pauses.add(applying.elapsed());
                     done
                 }

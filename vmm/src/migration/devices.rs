@@ -85,12 +85,14 @@ pub(crate) struct Overrides {
     pub nets: Vec<NetworkOverride>,
     /// The vsock socket's path.
     pub vsock: Option<VsockOverride>,
+    /// Images by drive id.
+    pub drives: Vec<lockstep_api::migration::DriveOverride>,
 }
 
 impl Overrides {
     /// True when the listener overrides nothing.
     pub(crate) fn is_empty(&self) -> bool {
-        self.nets.is_empty() && self.vsock.is_none()
+        self.nets.is_empty() && self.vsock.is_none() && self.drives.is_empty()
     }
 
     /// Puts the overrides into an arriving VM's config (which is validated afterwards, as a
@@ -108,6 +110,14 @@ impl Overrides {
                     )
                 })?;
             net.host_dev_name = o.host_dev_name.clone();
+        }
+        for o in &self.drives {
+            let drive = config
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == o.drive_id)
+                .ok_or_else(|| format!("drive_overrides: the VM has no drive {:?}", o.drive_id))?;
+            drive.path_on_host = o.path_on_host.clone();
         }
         if let Some(o) = &self.vsock {
             let vsock = config
@@ -145,6 +155,7 @@ mod tests {
             vsock: Some(VsockOverride {
                 uds_path: "/run/b.sock".into(),
             }),
+            drives: vec![],
         };
         o.apply(&mut c).unwrap();
         let taps: Vec<&str> = c
@@ -168,8 +179,21 @@ mod tests {
                 host_dev_name: "x".into(),
             }],
             vsock: None,
+            drives: vec![],
         };
         assert!(o.apply(&mut config()).unwrap_err().contains("eth9"));
+        let o = Overrides {
+            drives: vec![lockstep_api::migration::DriveOverride {
+                drive_id: "nope".into(),
+                path_on_host: "/x".into(),
+            }],
+            ..Overrides::default()
+        };
+        let why = o.apply(&mut config()).unwrap_err();
+        assert!(
+            why.contains("drive_overrides") && why.contains("nope"),
+            "{why}"
+        );
         let mut c = config();
         c.vsock = None;
         let o = Overrides {
@@ -177,6 +201,7 @@ mod tests {
             vsock: Some(VsockOverride {
                 uds_path: "/x".into(),
             }),
+            drives: vec![],
         };
         assert!(o.apply(&mut c).unwrap_err().contains("vsock"));
     }

@@ -80,6 +80,15 @@ pub enum Kind {
     Ack = 16,
     /// Fault tolerance, either side: still here (empty).
     Heartbeat = 17,
+    /// Fault tolerance, primary: a drive's full copy begins (the drive's index in the config,
+    /// u32 LE, and the image's size, u64 LE).
+    DiskBegin = 18,
+    /// Fault tolerance, primary: bytes of a drive's image in its full copy (index u32 LE,
+    /// offset u64 LE, the bytes).
+    DiskChunk = 19,
+    /// Fault tolerance, primary: a 4 KiB block a guest write touched in this epoch (index u32
+    /// LE, block number u64 LE, its bytes: fewer for the short last block of an image).
+    DiskBlock = 20,
 }
 
 impl Kind {
@@ -104,6 +113,9 @@ impl Kind {
             15 => Checkpoint,
             16 => Ack,
             17 => Heartbeat,
+            18 => DiskBegin,
+            19 => DiskChunk,
+            20 => DiskBlock,
             _ => return None,
         })
     }
@@ -120,6 +132,13 @@ impl Kind {
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
             Kind::Checkpoint => 8 + crate::vm::snapshot::MAX_STATE_FILE as u32,
             Kind::Ack => 8,
+            Kind::DiskBegin => 12,
+            Kind::DiskChunk => {
+                12 + lockstep_devices::virtio::block::replica::FULL_COPY_CHUNK as u32
+            }
+            Kind::DiskBlock => {
+                12 + lockstep_devices::virtio::block::replica::REPLICA_BLOCK_SIZE as u32
+            }
             Kind::Go => 1,
             Kind::Accept => 2,
             Kind::Conns => super::connections::MAX_CONNS_BYTES,

@@ -117,6 +117,7 @@ pub fn start_incoming(
         overrides: super::devices::Overrides {
             nets: request.network_overrides,
             vsock: request.vsock_override,
+            drives: request.drive_overrides,
         },
         ft,
     };

@@ -125,6 +125,11 @@ impl IncomingVm {
         })
     }
 
+    /// The VM's config (as placed on this host).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     /// True when the VM has a vsock device.
     pub fn has_vsock(&self) -> bool {
         self.config.vsock.is_some()

@@ -6,8 +6,8 @@ mod runner;
 pub mod snapshot;
 
 pub use runner::{
-    ConsoleInput, ControlError, ControlReceiver, MigrationAccess, RunOptions, RunState, VmCommand,
-    VmControl, VmReply,
+    ConsoleInput, ControlError, ControlReceiver, MigrationAccess, OutputCommand, RunOptions,
+    RunState, VmCommand, VmControl, VmReply,
 };
 pub use snapshot::{SnapshotError, SnapshotPaths, SnapshotStats};
 

@@ -79,6 +79,27 @@ pub enum VmCommand {
     /// Another descriptor on every open vsock connection's host socket with its state, and on
     /// the console client's; the VM must be paused (a same-host migration's switch).
     HandOverConnections,
+    /// Fault tolerance's output commit on the network interfaces.
+    Output(OutputCommand),
+    /// Fault tolerance: start (true) or stop recording which blocks guest writes touch.
+    TrackDiskWrites(bool),
+    /// Fault tolerance: the blocks written since the last call, read from every drive; the VM
+    /// must be paused. The answer is [`VmReply::DiskEpoch`].
+    TakeDiskEpoch,
+}
+
+/// What fault tolerance asks of the network interfaces' output gate (see
+/// `lockstep_devices::virtio::net` and [`crate::device_manager::DeviceManager`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputCommand {
+    /// Hold every frame the guest sends (true), or release all and send directly (false).
+    Gate(bool),
+    /// Close the current epoch of held frames; the answer is [`VmReply::OutputEpoch`].
+    MarkEpoch,
+    /// Send the held frames of every epoch up to this one.
+    Release(u64),
+    /// Drop what is held and never send a frame again (a primary that lost the arbiter).
+    Fence,
 }
 
 /// What a migration reads while the VM runs: its memory and its KVM VM (for the dirty log).
@@ -137,6 +158,10 @@ pub enum VmReply {
     MachineState(Vec<u8>),
     /// The open connections, for a same-host migration to hand over.
     Connections(crate::migration::SharedConnections),
+    /// The output epoch just closed.
+    OutputEpoch(u64),
+    /// The blocks written since the last epoch and their bytes, by drive id.
+    DiskEpoch(Vec<(String, lockstep_devices::virtio::block::EpochBlocks)>),
 }
 
 /// Why a command failed.
@@ -414,6 +439,37 @@ impl Running {
             })),
             VmCommand::CaptureState => self.capture_state(),
             VmCommand::HandOverConnections => self.hand_over_connections(),
+            VmCommand::TrackDiskWrites(on) => {
+                self.vm.devices.track_disk_writes(on);
+                Ok(VmReply::State(self.state))
+            }
+            VmCommand::TakeDiskEpoch => {
+                if self.state != RunState::Paused {
+                    return Err(ControlError::Failed("the VM must be paused".into()));
+                }
+                let devices = &self.vm.devices;
+                let mut epoch = Vec::new();
+                for (drive, blocks) in devices.take_written_blocks() {
+                    let mut read = lockstep_devices::virtio::block::EpochBlocks::new();
+                    devices
+                        .read_disk_blocks(&drive, &blocks, &mut read)
+                        .map_err(|e| ControlError::Failed(e.to_string()))?;
+                    epoch.push((drive, read));
+                }
+                Ok(VmReply::DiskEpoch(epoch))
+            }
+            VmCommand::Output(command) => {
+                let devices = &mut self.vm.devices;
+                match command {
+                    OutputCommand::Gate(on) => devices.gate_network_output(on),
+                    OutputCommand::MarkEpoch => {
+                        return Ok(VmReply::OutputEpoch(devices.mark_output_epoch()))
+                    }
+                    OutputCommand::Release(upto) => devices.release_output(upto),
+                    OutputCommand::Fence => devices.fence_output(),
+                }
+                Ok(VmReply::State(self.state))
+            }
             VmCommand::FlushDrives => {
                 crate::migration::flush_drives(&self.vm.devices).map_err(ControlError::Failed)?;
                 Ok(VmReply::State(self.state))

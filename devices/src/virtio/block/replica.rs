@@ -168,7 +168,7 @@ impl WriteTracker {
 
 /// Blocks read for an epoch: their numbers and their bytes back to back. Reused from epoch to
 /// epoch so that reading does not allocate once the buffer has grown.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EpochBlocks {
     /// Block number, start in `data`, length (4 KiB, less for a short last block).
     blocks: Vec<(u64, usize, usize)>,
