@@ -281,6 +281,12 @@ pub trait HostControl: Send + Sync + 'static {
     fn cancel_migration(&self, _id: &str) -> Result<MigrationInfo, ControlError> {
         Err(no_migration())
     }
+    /// A planned failover of a fault-tolerant pair this host is the primary of (`id`, its
+    /// outgoing pairing): the secondary takes the VM over at a checkpoint with nothing lost,
+    /// and this host's copy ends. Returns at once; the pairing's phase tells the outcome.
+    fn failover_migration(&self, _id: &str) -> Result<MigrationInfo, ControlError> {
+        Err(no_migration())
+    }
     /// Every migration this host has run or runs, both directions, oldest first (for the
     /// counters at `/metrics`, CIM's migration jobs and the terminal's progress line).
     fn list_migrations(&self) -> Vec<MigrationInfo> {

@@ -324,3 +324,60 @@ fn a_move_to_a_secondary_listener_is_refused_and_the_vm_runs_on() {
     );
     assert_eq!(primary.state("ft"), "running");
 }
+
+#[test]
+fn a_planned_failover_moves_the_vm_with_nothing_lost_or_repeated() {
+    let Some(etcd) = Etcd::start("ft::a_planned_failover") else {
+        return;
+    };
+    let p = pair(&etcd, "counter 20");
+    let asked = call(
+        &p.primary,
+        "POST",
+        "/v1/migrations/{id}/failover",
+        &format!("/v1/migrations/{}/failover", p.out_id),
+        None,
+    );
+    assert_eq!(asked["phase"], "protecting", "{asked}");
+    let out = wait_migration(&p.primary, &p.out_id, "the end", |i| {
+        i["phase"] != "protecting"
+    });
+    assert_eq!(out["phase"], "completed", "{out}\n{}", p.primary.log());
+    let back = wait_migration(&p.secondary, &p.in_id, "the end", |i| {
+        i["phase"] != "standby"
+    });
+    assert_eq!(back["phase"], "completed", "{back}\n{}", p.secondary.log());
+    assert_eq!(
+        p.primary
+            .call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
+            .status,
+        404,
+        "the primary's copy has ended"
+    );
+    assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
+    let deadline = Instant::now() + WAIT;
+    while counters(&p.secondary.serial("ft")).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the secondary's VM prints nothing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all = counters(&format!(
+        "{}{}",
+        p.primary.serial("ft"),
+        p.secondary.serial("ft")
+    ));
+    assert!(
+        all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter goes on with nothing lost or repeated: {all:?}"
+    );
+    // A second failover of an ended pairing is refused.
+    let again = p.primary.call(
+        "POST",
+        "/v1/migrations/{id}/failover",
+        &format!("/v1/migrations/{}/failover", p.out_id),
+        None,
+    );
+    assert_eq!(again.status, 409, "{}", again.text());
+}

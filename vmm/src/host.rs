@@ -801,6 +801,10 @@ impl HostControl for Host {
         self.migrations.cancel(id)
     }
 
+    fn failover_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        self.migrations.failover(id)
+    }
+
     fn list_migrations(&self) -> Vec<MigrationInfo> {
         self.migrations.list()
     }

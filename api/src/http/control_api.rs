@@ -38,6 +38,7 @@ pub(crate) enum Op {
     MigrateIncoming,
     GetMigration,
     CancelMigration,
+    FailoverMigration,
     Prometheus,
 }
 
@@ -61,6 +62,11 @@ pub(crate) const ROUTES: &[Route<Op>] = &[
     Route::new(Method::POST, "/v1/migrations/incoming", Op::MigrateIncoming),
     Route::new(Method::GET, "/v1/migrations/{id}", Op::GetMigration),
     Route::new(Method::DELETE, "/v1/migrations/{id}", Op::CancelMigration),
+    Route::new(
+        Method::POST,
+        "/v1/migrations/{id}/failover",
+        Op::FailoverMigration,
+    ),
     Route::new(Method::GET, "/metrics", Op::Prometheus),
 ];
 
@@ -222,6 +228,10 @@ impl ControlApi {
             }
             Op::GetMigration => Ok(json_reply(ok, &host.get_migration(name)?)),
             Op::CancelMigration => Ok(json_reply(ok, &host.cancel_migration(name)?)),
+            Op::FailoverMigration => Ok(json_reply(
+                StatusCode::ACCEPTED,
+                &host.failover_migration(name)?,
+            )),
             Op::Prometheus => {
                 let mut reply = empty_reply(ok);
                 *reply.body_mut() = metrics::collect(host).into();

@@ -116,7 +116,10 @@ pub(crate) fn protect(
         if s.migration.is_cancelled() {
             return Err(pairing.unpair(&mut pages));
         }
-        let (staged, output) = match pairing.checkpoint(log, extra.take(), epoch, &pages) {
+        if s.migration.failover_asked() {
+            return pairing.fail_over(log, extra.take(), epoch, &mut pages, reader);
+        }
+        let (staged, output) = match pairing.checkpoint(log, extra.take(), epoch, &pages, false) {
             Ok(staged) => staged,
             Err(_) if s.migration.is_cancelled() => return Err(pairing.unpair(&mut pages)),
             Err(why) => return Err(pairing.secondary_lost(&why)),
@@ -260,6 +263,7 @@ impl Pairing<'_> {
         extra: Option<Vec<Bits>>,
         epoch: u64,
         pages: &PageWriter,
+        keep_paused: bool,
     ) -> Result<(Vec<u8>, u64), String> {
         // A VM its user paused stays paused: only a running guest is paused and resumed here.
         let running = self.call(VmCommand::Status)? == VmReply::State(RunState::Running);
@@ -312,8 +316,9 @@ impl Pairing<'_> {
                 other => Err(format!("unexpected answer {other:?}")),
             }
         })();
-        // The guest runs again whatever happened: a failed checkpoint is the secondary's loss.
-        if running {
+        // The guest runs again whatever happened (a failed checkpoint is the secondary's loss),
+        // but for a planned failover's last checkpoint.
+        if running && (!keep_paused || staged.is_err()) {
             self.call(VmCommand::Resume)?;
         }
         self.pauses.add(paused_at.elapsed());
@@ -344,6 +349,60 @@ impl Pairing<'_> {
             i.bytes = sent;
             i.ft = Some(status);
         });
+    }
+
+    /// A planned failover: a last checkpoint with the guest left paused, then the secondary
+    /// takes over and says so; this copy ends once it has, with its output up to the last
+    /// checkpoint released (the secondary has it) and nothing after.
+    fn fail_over(
+        &mut self,
+        log: &DirtyLog,
+        extra: Option<Vec<Bits>>,
+        epoch: u64,
+        pages: &mut PageWriter,
+        reader: &mut Conn,
+    ) -> Result<(), Failure> {
+        let vm = &self.s.vm;
+        log::info!("{vm}: planned failover to the secondary at checkpoint {epoch}");
+        let (staged, output) = match self.checkpoint(log, extra, epoch, pages, true) {
+            Ok(done) => done,
+            Err(why) => return Err(self.secondary_lost(&why)),
+        };
+        let sent = pages
+            .out
+            .write_all(&staged)
+            .and_then(|()| write_frame(&mut pages.out, Kind::Failover, &[]))
+            .and_then(|()| pages.out.flush());
+        if let Err(e) = sent {
+            return Err(self.secondary_lost(&format!("sending the last checkpoint: {e}")));
+        }
+        let running = wait_ack(reader, epoch, self.ft.timeout).and_then(|()| loop {
+            let frame = read_frame(reader).map_err(|e| format!("waiting for Running: {e}"))?;
+            match frame.kind {
+                Kind::Heartbeat => {}
+                Kind::Running => break Ok(()),
+                Kind::Abort | Kind::Refuse => {
+                    break Err(format!(
+                        "the secondary could not take over: {}",
+                        reason_text(&frame.payload)
+                    ))
+                }
+                other => break Err(format!("the secondary sent {other:?}")),
+            }
+        });
+        if let Err(why) = running {
+            return Err(self.secondary_lost(&why));
+        }
+        let _ = self.call(VmCommand::Output(OutputCommand::Release(output)));
+        let _ = self.call(VmCommand::Output(OutputCommand::Fence));
+        self.s.host.remove_migrated(vm);
+        log::info!("{vm}: the secondary runs the VM now; this copy has ended");
+        self.s.migration.update(|i| {
+            if let Some(ft) = i.ft.as_mut() {
+                ft.role = "primary (failed over)".into();
+            }
+        });
+        Ok(())
     }
 
     /// Ends the pairing on request: the secondary is told, so that it drops its copy instead of

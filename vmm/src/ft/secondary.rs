@@ -54,6 +54,8 @@ enum End {
     Unpaired(String),
     /// The stream broke its rules: the pairing ends, nobody takes over.
     Broken(String),
+    /// A planned failover: the checkpoint applied last is the primary's last.
+    Failover,
 }
 
 /// The staged frames of an epoch under way, bounded by the guest's memory.
@@ -193,6 +195,18 @@ impl Standby<'_> {
                 let _ = write_frame(&mut *conn, Kind::Abort, why.as_bytes());
                 Err(why)
             }
+            End::Failover => {
+                let Some((epoch, state)) = applied else {
+                    return Err("a failover before any checkpoint".into());
+                };
+                let outcome = self.take_over(incoming, epoch, &state, "a planned failover");
+                let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = match &outcome {
+                    Ok(()) => write_frame(&mut *conn, Kind::Running, &[]),
+                    Err(why) => write_frame(&mut *conn, Kind::Abort, why.as_bytes()),
+                };
+                outcome
+            }
             End::Silence(_) if self.migration.is_cancelled() => Err("cancelled by request".into()),
             End::Silence(why) => match applied {
                 None => Err(format!(
@@ -253,6 +267,9 @@ impl Standby<'_> {
                     done
                 }
                 Kind::Abort => return End::Unpaired(reason_text(&frame.payload)),
+                Kind::Failover if applied.is_some() && staged.frames.is_empty() => {
+                    return End::Failover
+                }
                 other => Err(format!("the primary sent {other:?} while paired")),
             };
             if let Err(why) = result {
@@ -345,10 +362,7 @@ impl Standby<'_> {
         why: &str,
     ) -> Result<(), String> {
         let (pair, me) = (&self.hello.pair, &self.options.host_id);
-        log::warn!(
-            "{}: the primary is silent ({why}); asking the arbiter",
-            self.name
-        );
+        log::warn!("{}: taking over ({why}); asking the arbiter", self.name);
         let arbiter = Arbiter::new(ArbiterConfig::new(self.options.arbiter.clone()));
         let seen = arbiter
             .read(pair)

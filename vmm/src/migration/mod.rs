@@ -85,6 +85,8 @@ pub struct Migration {
     /// How long it took, once it has ended.
     took: Mutex<Option<Duration>>,
     cancel: AtomicBool,
+    /// A planned failover of a pairing was asked for.
+    failover: AtomicBool,
     conn: Mutex<Option<Conn>>,
 }
 
@@ -95,6 +97,7 @@ impl Migration {
             started: Instant::now(),
             took: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            failover: AtomicBool::new(false),
             conn: Mutex::new(None),
         }
     }
@@ -122,6 +125,11 @@ impl Migration {
     /// Records that the pairing or migration ended on purpose (it ends as cancelled).
     pub(crate) fn mark_cancelled(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a planned failover was asked for.
+    pub(crate) fn failover_asked(&self) -> bool {
+        self.failover.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
@@ -184,6 +192,26 @@ impl Migrations {
         let migration = Arc::new(Migration::new(id.clone(), direction, vm, phase));
         table.insert(id, migration.clone());
         Ok(migration)
+    }
+
+    /// Asks the primary of a pairing (`id`, outgoing, protecting) for a planned failover.
+    pub fn failover(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        let migration = self
+            .table()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("migration {id}")))?;
+        let info = migration.info();
+        if info.phase != MigrationPhase::Protecting
+            || info.direction != lockstep_api::migration::MigrationDirection::Outgoing
+        {
+            return Err(ControlError::Conflict(format!(
+                "migration {id} is not the primary side of a protected pair ({})",
+                info.phase.name()
+            )));
+        }
+        migration.failover.store(true, Ordering::SeqCst);
+        Ok(migration.info())
     }
 
     /// True while an incoming migration holds `name`.

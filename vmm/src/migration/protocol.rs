@@ -89,6 +89,9 @@ pub enum Kind {
     /// Fault tolerance, primary: a 4 KiB block a guest write touched in this epoch (index u32
     /// LE, block number u64 LE, its bytes: fewer for the short last block of an image).
     DiskBlock = 20,
+    /// Fault tolerance, primary: a planned failover; the checkpoint just sent is the last, the
+    /// primary stays paused, and the secondary takes over and answers `Running` (empty).
+    Failover = 21,
 }
 
 impl Kind {
@@ -116,6 +119,7 @@ impl Kind {
             18 => DiskBegin,
             19 => DiskChunk,
             20 => DiskBlock,
+            21 => Failover,
             _ => return None,
         })
     }
@@ -143,7 +147,7 @@ impl Kind {
             Kind::Accept => 2,
             Kind::Conns => super::connections::MAX_CONNS_BYTES,
             Kind::Fds => (16 * super::local::MAX_REGIONS) as u32,
-            Kind::Ready | Kind::Running | Kind::Heartbeat => 0,
+            Kind::Ready | Kind::Running | Kind::Heartbeat | Kind::Failover => 0,
         }
     }
 }
