@@ -71,6 +71,20 @@ pub struct FtStatus {
     pub replication_mib_s: f64,
     /// The arbiter's epoch of the pair's record as this side last saw it.
     pub arbiter_epoch: u64,
+    /// Whether the VM is protected, as this side sees it.
+    pub redundancy: FtRedundancy,
+}
+
+/// How protected a pair's VM is (CIM_RedundancySet's RedundancyStatus).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FtRedundancy {
+    /// Two copies: the VM runs on the primary and the secondary is up to date.
+    Full,
+    /// The VM runs, but with no secondary (it was lost, took over, or the pair was unpaired).
+    Degraded,
+    /// This side's copy has ended (it lost the arbiter, failed over, or gave up as secondary).
+    Lost,
 }
 
 /// One network interface of an arriving VM put on another tap.

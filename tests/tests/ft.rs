@@ -98,10 +98,13 @@ fn pair(etcd: &Etcd, script: &str) -> Pair {
     );
     let out_id = out["id"].as_str().unwrap().to_string();
     let in_id = s("id");
-    wait_migration(&primary, &out_id, "protection", |i| {
+    let info = wait_migration(&primary, &out_id, "protection", |i| {
         i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(5)
     });
-    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    assert_eq!(info["ft"]["redundancy"], "full", "{info}");
+    assert_eq!(info["ft"]["role"], "primary", "{info}");
+    let info = wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    assert_eq!(info["ft"]["redundancy"], "full", "{info}");
     Pair {
         primary,
         secondary,
@@ -132,6 +135,7 @@ fn took_over(p: &Pair, last_on_primary: u64) {
     });
     assert_eq!(info["phase"], "completed", "{info}\n{}", p.secondary.log());
     assert_eq!(info["ft"]["role"], "primary (took over)", "{info}");
+    assert_eq!(info["ft"]["redundancy"], "degraded", "{info}");
     assert_eq!(p.secondary.state("ft"), "running");
     let deadline = Instant::now() + WAIT;
     let resumed = loop {
@@ -189,6 +193,7 @@ fn a_frozen_primary_is_replaced_and_stops_itself_when_it_thaws() {
         error.contains("took over") && error.contains("stopped"),
         "{info}"
     );
+    assert_eq!(info["ft"]["redundancy"], "lost", "{info}");
     let deadline = Instant::now() + WAIT;
     while p
         .primary
@@ -217,6 +222,7 @@ fn a_primary_whose_secondary_dies_runs_on_unprotected() {
         info["error"].as_str().unwrap().contains("unprotected"),
         "{info}"
     );
+    assert_eq!(info["ft"]["redundancy"], "degraded", "{info}");
     assert_eq!(record(&etcd, "ft"), ("a".to_string(), 2));
     assert_eq!(p.primary.state("ft"), "running");
     let now = *counters(&p.primary.serial("ft")).last().unwrap();

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{FtStatus, MigrationPhase};
+use lockstep_api::migration::{FtRedundancy, FtStatus, MigrationPhase};
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
 use super::{PairOptions, Pauses};
@@ -343,11 +343,24 @@ impl Pairing<'_> {
             pause_p99_ms: self.pauses.quantile(0.99),
             replication_mib_s: rate / (1 << 20) as f64,
             arbiter_epoch: self.observed.record.epoch,
+            redundancy: FtRedundancy::Full,
         };
         let sent = self.sent;
         self.s.migration.update(|i| {
             i.bytes = sent;
             i.ft = Some(status);
+        });
+    }
+
+    /// Records how protected the VM is now (and the arbiter's epoch, when it moved).
+    fn set_redundancy(&self, redundancy: FtRedundancy, arbiter_epoch: Option<u64>) {
+        self.s.migration.update(|i| {
+            if let Some(ft) = i.ft.as_mut() {
+                ft.redundancy = redundancy;
+                if let Some(epoch) = arbiter_epoch {
+                    ft.arbiter_epoch = epoch;
+                }
+            }
         });
     }
 
@@ -400,6 +413,7 @@ impl Pairing<'_> {
         self.s.migration.update(|i| {
             if let Some(ft) = i.ft.as_mut() {
                 ft.role = "primary (failed over)".into();
+                ft.redundancy = FtRedundancy::Lost;
             }
         });
         Ok(())
@@ -414,6 +428,7 @@ impl Pairing<'_> {
             log::error!("{}: cannot release the guest's output: {e}", self.s.vm);
         }
         log::info!("{}: unpaired; runs on unprotected", self.s.vm);
+        self.set_redundancy(FtRedundancy::Degraded, None);
         runs_on("unpaired by request")
     }
 
@@ -459,6 +474,7 @@ impl Pairing<'_> {
                     "{vm}: runs on unprotected (arbiter epoch {})",
                     now.record.epoch
                 );
+                self.set_redundancy(FtRedundancy::Degraded, Some(now.record.epoch));
                 runs_on(format!(
                     "the secondary was lost ({why}); the VM runs on here unprotected (arbiter epoch {})",
                     now.record.epoch
@@ -469,6 +485,7 @@ impl Pairing<'_> {
                 // and nothing it held back reaches the network.
                 let _ = self.call(VmCommand::Output(OutputCommand::Fence));
                 log::error!("{vm}: {lost}; stopping this copy");
+                self.set_redundancy(FtRedundancy::Lost, None);
                 self.s.host.remove_migrated(vm);
                 Failure {
                     why: format!("{lost}; this copy is stopped"),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{FtStatus, MigrationPhase};
+use lockstep_api::migration::{FtRedundancy, FtStatus, MigrationPhase};
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
 use super::{PairOptions, Pauses};
@@ -180,6 +180,13 @@ impl Standby<'_> {
         let mut applied: Option<(u64, Vec<u8>)> = None;
         let mut replicas = Replicas::new(&incoming);
         let end = self.follow(conn, &incoming, &writer, &mut applied, &mut replicas);
+        // Whatever happens next, this side no longer holds an up-to-date copy; a takeover
+        // makes it the degraded primary.
+        self.migration.update(|i| {
+            if let Some(ft) = i.ft.as_mut() {
+                ft.redundancy = FtRedundancy::Lost;
+            }
+        });
         // A half-received epoch's disk blocks are never written.
         replicas.discard();
         drop(replicas);
@@ -313,6 +320,7 @@ impl Standby<'_> {
                 pause_p99_ms: pauses.quantile(0.99),
                 replication_mib_s: rate / (1 << 20) as f64,
                 arbiter_epoch: 0,
+                redundancy: FtRedundancy::Full,
             };
             self.migration.update(|i| {
                 i.bytes = received;
@@ -416,6 +424,7 @@ impl Standby<'_> {
             if let Some(ft) = i.ft.as_mut() {
                 ft.role = "primary (took over)".into();
                 ft.arbiter_epoch = won.record.epoch;
+                ft.redundancy = FtRedundancy::Degraded;
             }
         });
         Ok(())
