@@ -363,7 +363,75 @@ pub fn render_migrations(migrations: &[MigrationInfo]) -> String {
             u64::from(m.throttle_percent),
         );
     }
+    render_ft(&mut e, migrations);
     e.text()
+}
+
+/// The fault-tolerance families, from the pairings among the migrations: each pair's
+/// protection, checkpoints and pause percentiles, and how many takeovers and planned failovers
+/// this host has seen.
+fn render_ft(e: &mut Exposition, migrations: &[MigrationInfo]) {
+    let pairs = || migrations.iter().filter_map(|m| Some((m, m.ft.as_ref()?)));
+    for (m, ft) in pairs() {
+        let side = match m.direction {
+            MigrationDirection::Outgoing => "primary",
+            MigrationDirection::Incoming => "secondary",
+        };
+        let labels = [
+            ("vm", m.vm.as_str()),
+            ("pair", ft.pair.as_str()),
+            ("side", side),
+        ];
+        e.add(
+            "lockstep_ft_redundancy",
+            "gauge",
+            "A pair's protection as this side sees it: 2 full (the secondary is up to date), 1 degraded (the VM runs with no secondary), 0 lost (this side's copy ended).",
+            &labels,
+            match ft.redundancy {
+                crate::migration::FtRedundancy::Full => 2,
+                crate::migration::FtRedundancy::Degraded => 1,
+                crate::migration::FtRedundancy::Lost => 0,
+            },
+        );
+        e.add(
+            "lockstep_ft_checkpoints_total",
+            "counter",
+            "Checkpoints taken (primary) or applied (secondary) by a pairing.",
+            &labels,
+            ft.epoch,
+        );
+        for (q, value) in [("0.5", ft.pause_p50_ms), ("0.99", ft.pause_p99_ms)] {
+            e.add_text(
+                "lockstep_ft_checkpoint_pause_ms",
+                "gauge",
+                "The guest's pause per checkpoint (the secondary: the time to apply one), quantiles of the last 1000, milliseconds.",
+                &[labels[0], labels[1], labels[2], ("quantile", q)],
+                format!("{value:.3}"),
+            );
+        }
+        e.add_text(
+            "lockstep_ft_replication_mib_per_second",
+            "gauge",
+            "Checkpoint bytes per second over the last second or so, MiB/s.",
+            &labels,
+            format!("{:.3}", ft.replication_mib_s),
+        );
+    }
+    let roles = |role: &str| pairs().filter(|(_, ft)| ft.role == role).count() as u64;
+    e.add(
+        "lockstep_ft_takeovers_total",
+        "counter",
+        "Secondaries on this host that took their VM over from a silent primary.",
+        &[],
+        roles("primary (took over)"),
+    );
+    e.add(
+        "lockstep_ft_failovers_total",
+        "counter",
+        "Planned failovers this host's primaries made to their secondaries.",
+        &[],
+        roles("primary (failed over)"),
+    );
 }
 
 #[cfg(test)]
@@ -569,5 +637,38 @@ mod tests {
         let empty = render_migrations(&[]);
         assert!(empty.contains("lockstep_migrations_started_total{direction=\"outgoing\"} 0"));
         assert!(!empty.contains("last_downtime"), "{empty}");
+        assert!(empty.contains("lockstep_ft_takeovers_total 0"), "{empty}");
+    }
+
+    #[test]
+    fn pairings_have_their_protection_and_checkpoints() {
+        use crate::migration::{FtRedundancy, FtStatus, MigrationDirection::*, MigrationPhase::*};
+        let ft = |role: &str, redundancy| FtStatus {
+            role: role.into(),
+            pair: "p".into(),
+            epoch: 42,
+            committed_epoch: Some(41),
+            since_commit_ms: None,
+            pause_p50_ms: 1.25,
+            pause_p99_ms: 3.5,
+            replication_mib_s: 2.0,
+            arbiter_epoch: 1,
+            redundancy,
+        };
+        let mut primary = migration("1", Outgoing, Protecting, 10, None);
+        primary.ft = Some(ft("primary", FtRedundancy::Full));
+        let mut took = migration("2", Incoming, Completed, 10, None);
+        took.ft = Some(ft("primary (took over)", FtRedundancy::Degraded));
+        let text = render_migrations(&[primary, took]);
+        for line in [
+            "lockstep_ft_redundancy{vm=\"web\",pair=\"p\",side=\"primary\"} 2",
+            "lockstep_ft_redundancy{vm=\"web\",pair=\"p\",side=\"secondary\"} 1",
+            "lockstep_ft_checkpoints_total{vm=\"web\",pair=\"p\",side=\"primary\"} 42",
+            "lockstep_ft_checkpoint_pause_ms{vm=\"web\",pair=\"p\",side=\"primary\",quantile=\"0.99\"} 3.500",
+            "lockstep_ft_takeovers_total 1",
+            "lockstep_ft_failovers_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 }

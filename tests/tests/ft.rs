@@ -103,6 +103,11 @@ fn pair(etcd: &Etcd, script: &str) -> Pair {
     });
     assert_eq!(info["ft"]["redundancy"], "full", "{info}");
     assert_eq!(info["ft"]["role"], "primary", "{info}");
+    let metrics = primary.call("GET", "/metrics", "/metrics", None).text();
+    assert!(
+        metrics.contains("lockstep_ft_redundancy{vm=\"ft\",pair=\"ft\",side=\"primary\"} 2"),
+        "{metrics}"
+    );
     let info = wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
     assert_eq!(info["ft"]["redundancy"], "full", "{info}");
     Pair {
