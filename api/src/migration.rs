@@ -47,6 +47,21 @@ pub struct FtOptions {
     /// 10000 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// A standby host's listener (opened with `ft` there): whichever side of this pair is left
+    /// running the VM alone (the primary that lost its secondary, or the secondary that took
+    /// over) pairs with it at once, so the VM is protected again without an operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<FtStandby>,
+}
+
+/// A standby host's listener for re-protection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FtStandby {
+    /// Its listener: `IP:PORT`.
+    pub destination: String,
+    /// The token its `POST /v1/migrations/incoming` returned.
+    pub token: String,
 }
 
 /// What a fault-tolerant pairing is doing, in its migration's info.

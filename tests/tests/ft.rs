@@ -392,3 +392,132 @@ fn a_planned_failover_moves_the_vm_with_nothing_lost_or_repeated() {
     );
     assert_eq!(again.status, 409, "{}", again.text());
 }
+
+/// A standby host's listener, for re-protection: (host, migration id, the `standby` object).
+fn standby(etcd: &Etcd) -> (TestHost, String, Value) {
+    let host = TestHost::start(vec![]);
+    let incoming = call(
+        &host,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(etcd, "c") })),
+    );
+    let id = incoming["id"].as_str().unwrap().to_string();
+    (
+        host,
+        id,
+        json!({ "destination": incoming["listen"], "token": incoming["token"] }),
+    )
+}
+
+/// The host's outgoing pairing of `ft` other than `not`, once it protects the VM.
+fn new_pairing(host: &TestHost, not: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = host
+            .call("GET", "/v1/migrations", "/v1/migrations", None)
+            .json();
+        let found = all.as_array().into_iter().flatten().find(|m| {
+            m["id"] != not
+                && m["direction"] == "outgoing"
+                && m["phase"] == "protecting"
+                && m["ft"]["committed_epoch"].as_u64() >= Some(3)
+        });
+        if let Some(found) = found {
+            return found.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new protecting pairing: {all}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_lone_side_is_protected_again_by_the_standby() {
+    let Some(etcd) = Etcd::start("ft::a_lone_side_is_protected_again") else {
+        return;
+    };
+    // The secondary dies: the primary pairs with the standby.
+    let (third, third_id, spare) = standby(&etcd);
+    let primary = TestHost::start(vec![vm_config("ft", "counter 20")]);
+    let mut secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let mut b = ft_options(&etcd, "b");
+    b["standby"] = spare.clone();
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": b })),
+    );
+    let mut a = ft_options(&etcd, "a");
+    a["standby"] = spare;
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(&json!({ "destination": incoming["listen"], "token": incoming["token"], "ft": a })),
+    );
+    let out_id = out["id"].as_str().unwrap().to_string();
+    wait_migration(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    signal(&secondary, libc::SIGKILL);
+    secondary.stop();
+    let again = new_pairing(&primary, &out_id);
+    assert_eq!(again["ft"]["redundancy"], "full", "{again}");
+    let info = wait_migration(&third, &third_id, "standby", |i| i["phase"] == "standby");
+    assert_eq!(info["ft"]["redundancy"], "full", "{info}");
+    // The record still names the primary (its claim after losing the secondary won).
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 2));
+    assert_eq!(primary.state("ft"), "running");
+}
+
+#[test]
+fn a_secondary_that_took_over_is_protected_again_by_the_standby() {
+    let Some(etcd) = Etcd::start("ft::a_secondary_that_took_over_is_protected") else {
+        return;
+    };
+    let (third, third_id, spare) = standby(&etcd);
+    let mut primary = TestHost::start(vec![vm_config("ft", "counter 20")]);
+    let secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let mut b = ft_options(&etcd, "b");
+    b["standby"] = spare;
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": b })),
+    );
+    let in_id = incoming["id"].as_str().unwrap().to_string();
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(&json!({
+            "destination": incoming["listen"], "token": incoming["token"],
+            "ft": ft_options(&etcd, "a"),
+        })),
+    );
+    let out_id = out["id"].as_str().unwrap().to_string();
+    wait_migration(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    signal(&primary, libc::SIGKILL);
+    primary.stop();
+    let again = new_pairing(&secondary, &in_id);
+    assert_eq!(again["ft"]["redundancy"], "full", "{again}");
+    wait_migration(&third, &third_id, "standby", |i| i["phase"] == "standby");
+    assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
+    assert_eq!(secondary.state("ft"), "running");
+}

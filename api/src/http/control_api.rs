@@ -39,6 +39,7 @@ pub(crate) enum Op {
     GetMigration,
     CancelMigration,
     FailoverMigration,
+    ListMigrations,
     Prometheus,
 }
 
@@ -60,6 +61,7 @@ pub(crate) const ROUTES: &[Route<Op>] = &[
     Route::new(Method::POST, "/v1/restore", Op::RestoreVm),
     Route::new(Method::POST, "/v1/vms/{name}/migrate", Op::MigrateVm),
     Route::new(Method::POST, "/v1/migrations/incoming", Op::MigrateIncoming),
+    Route::new(Method::GET, "/v1/migrations", Op::ListMigrations),
     Route::new(Method::GET, "/v1/migrations/{id}", Op::GetMigration),
     Route::new(Method::DELETE, "/v1/migrations/{id}", Op::CancelMigration),
     Route::new(
@@ -227,6 +229,7 @@ impl ControlApi {
                 Ok(json_reply(StatusCode::CREATED, &info))
             }
             Op::GetMigration => Ok(json_reply(ok, &host.get_migration(name)?)),
+            Op::ListMigrations => Ok(json_reply(ok, &host.list_migrations())),
             Op::CancelMigration => Ok(json_reply(ok, &host.cancel_migration(name)?)),
             Op::FailoverMigration => Ok(json_reply(
                 StatusCode::ACCEPTED,

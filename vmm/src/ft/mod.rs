@@ -38,6 +38,8 @@ pub struct PairOptions {
     pub epoch: Duration,
     /// Silence after which a side acts.
     pub timeout: Duration,
+    /// Where to pair again when this side is left alone with the VM.
+    pub standby: Option<lockstep_api::migration::FtStandby>,
 }
 
 impl PairOptions {
@@ -76,13 +78,64 @@ impl PairOptions {
                 TIMEOUT_MS.end()
             )));
         }
+        if let Some(standby) = &options.standby {
+            if standby.token.is_empty() {
+                return Err(bad("standby.token: empty".into()));
+            }
+            match crate::migration::protocol::Endpoint::parse(&standby.destination) {
+                Ok(crate::migration::protocol::Endpoint::Tcp(_)) => {}
+                _ => {
+                    return Err(bad(format!(
+                        "standby.destination: {:?} is not IP:PORT",
+                        standby.destination
+                    )))
+                }
+            }
+        }
         Ok(PairOptions {
             arbiter,
             host_id: options.host_id.clone(),
             pair,
             epoch: Duration::from_millis(epoch_ms),
             timeout: Duration::from_millis(timeout_ms),
+            standby: options.standby.clone(),
         })
+    }
+
+    /// Pairs `vm`, left alone with it on this host, with the standby host if one is named:
+    /// this side is the new primary (same pair, arbiter and timing), the standby its secondary.
+    pub fn reprotect(&self, host: std::sync::Arc<dyn crate::migration::MigrationHost>, vm: &str) {
+        let Some(standby) = &self.standby else {
+            return;
+        };
+        let request = lockstep_api::migration::MigrateRequest {
+            destination: standby.destination.clone(),
+            token: standby.token.clone(),
+            downtime_ms: None,
+            timeout_s: None,
+            max_bandwidth_mib_s: None,
+            auto_converge: false,
+            share_memory: Some(false),
+            ft: Some(FtOptions {
+                arbiter: self.arbiter.iter().map(|a| a.to_string()).collect(),
+                host_id: self.host_id.clone(),
+                pair: Some(self.pair.clone()),
+                epoch_ms: Some(self.epoch.as_millis() as u64),
+                heartbeat_timeout_ms: Some(self.timeout.as_millis() as u64),
+                standby: None,
+            }),
+        };
+        match crate::migration::start_outgoing(host, vm, request) {
+            Ok(info) => log::info!(
+                "{vm}: pairing with the standby {} (migration {})",
+                standby.destination,
+                info.id
+            ),
+            Err(e) => log::error!(
+                "{vm}: cannot pair with the standby {}: {e}",
+                standby.destination
+            ),
+        }
     }
 
     /// How often a side says it is still there: four times per timeout.

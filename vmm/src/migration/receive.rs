@@ -126,7 +126,12 @@ pub fn start_incoming(
         if let Err(why) = &outcome {
             log::warn!("{}: incoming migration failed: {why}", receiver.name);
         }
+        let took_over = outcome.is_ok();
         receiver.migration.finish(outcome);
+        // A secondary that took the VM over pairs again, with the standby if it has one.
+        if let (Some(ft), true) = (&receiver.ft, took_over) {
+            ft.reprotect(receiver.host.clone(), &receiver.name);
+        }
     })
     .map_err(|e| ControlError::Internal(format!("cannot start the listener: {e}")))?;
     Ok(IncomingInfo { id, listen, token })

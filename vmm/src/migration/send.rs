@@ -86,6 +86,12 @@ pub fn start_outgoing(
             log::warn!("{}: migration {} failed: {why}", sender.vm, info.id);
         }
         sender.migration.finish(outcome);
+        // A primary left alone with its VM pairs again, with the standby if it has one.
+        let alone = sender.migration.info().ft.map(|ft| ft.redundancy)
+            == Some(lockstep_api::migration::FtRedundancy::Degraded);
+        if let (Some(ft), true) = (&sender.ft, alone && !sender.migration.is_cancelled()) {
+            ft.reprotect(sender.host.clone(), &sender.vm);
+        }
     })
     .map_err(|e| ControlError::Internal(format!("cannot start the migration: {e}")))?;
     Ok(migration.info())
