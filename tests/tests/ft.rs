@@ -14,8 +14,13 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(90);
 
 fn vm_config(name: &str, script: &str) -> Value {
+    vm_config_smp(name, script, 1)
+}
+
+fn vm_config_smp(name: &str, script: &str, vcpus: u32) -> Value {
     VmConfigBuilder::new(&guest_images().elf)
         .boot_args(&format!("lks.mode=run lks.run=\"{script}\""))
+        .vcpus(vcpus)
         .mem_mib(128)
         .set("name", json!(name))
         .build()
@@ -75,7 +80,11 @@ struct Pair {
 }
 
 fn pair(etcd: &Etcd, script: &str) -> Pair {
-    let primary = TestHost::start(vec![vm_config("ft", script)]);
+    pair_smp(etcd, script, 1)
+}
+
+fn pair_smp(etcd: &Etcd, script: &str, vcpus: u32) -> Pair {
+    let primary = TestHost::start(vec![vm_config_smp("ft", script, vcpus)]);
     let secondary = TestHost::start(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
     let incoming = call(
@@ -520,4 +529,24 @@ fn a_secondary_that_took_over_is_protected_again_by_the_standby() {
     wait_migration(&third, &third_id, "standby", |i| i["phase"] == "standby");
     assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
     assert_eq!(secondary.state("ft"), "running");
+}
+
+#[test]
+fn a_two_vcpu_guest_survives_the_kill_of_its_primary() {
+    let Some(etcd) = Etcd::start("ft::a_two_vcpu_guest") else {
+        return;
+    };
+    // The second vCPU is online (halted with interrupts on) while the first counts: both
+    // vCPUs' states are in every checkpoint and come back on the secondary.
+    let mut p = pair_smp(&etcd, "counter 20", 2);
+    assert!(p.primary.serial("ft").contains("LKS cpus_online=2"));
+    let last = *counters(&p.primary.serial("ft")).last().unwrap();
+    signal(&p.primary, libc::SIGKILL);
+    p.primary.stop();
+    took_over(&p, last + 5);
+    let status = call(&p.secondary, "GET", "/v1/vms/{name}", "/v1/vms/ft", None);
+    assert_eq!(
+        status["config"]["machine-config"]["vcpu_count"], 2,
+        "{status}"
+    );
 }
