@@ -66,8 +66,14 @@ fn wait_migration(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) 
     }
 }
 
+/// A side's options: 50 ms epochs; a 500 ms heartbeat timeout rather than the default 100 ms,
+/// so that a loaded test machine's scheduling hiccups are not taken for a dead side (a killed
+/// side's connection ends at once anyway; only the SIGSTOP test waits for the timeout).
 fn ft_options(etcd: &Etcd, host_id: &str) -> Value {
-    json!({ "arbiter": [etcd.endpoint().to_string()], "host_id": host_id, "epoch_ms": 50 })
+    json!({
+        "arbiter": [etcd.endpoint().to_string()], "host_id": host_id, "epoch_ms": 50,
+        "heartbeat_timeout_ms": 500,
+    })
 }
 
 /// A primary on one host running `script`, paired with a secondary on another; returns both
