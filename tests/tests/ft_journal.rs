@@ -5,14 +5,15 @@
 //! and flushed before its answer, a resent request is answered from the disk, and the checker
 //! catches a damaged or missing record.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lockstep_tests::host::TestHost;
 use lockstep_tests::journal::{
-    assert_answered_on_disk, check_answered_on_disk, record_sector, request_payload, run_client,
-    send_stop, ClientConfig, ClientReport, Journal, SECTOR,
+    assert_answered_on_disk, check_answered_on_disk, digest, record_sector, request_datagram,
+    request_payload, run_client, send_stop, ClientConfig, ClientReport, Journal, PAYLOAD_MAX,
+    SECTOR,
 };
 use lockstep_tests::netns::NetNs;
 use lockstep_tests::{guest_images, require_kvm, VmConfigBuilder};
@@ -73,6 +74,27 @@ fn block_counters(host: &TestHost) -> Value {
         .clone()
 }
 
+/// The test guest with `disk` (write-back: flushes reach the image) and a tap in `ns`, running
+/// `script` then the monitor.
+fn journal_vm(ns: &NetNs, disk: &Path, script: &str) -> Value {
+    VmConfigBuilder::new(&guest_images().elf)
+        .boot_args(&format!(
+            "lks.mode=monitor lks.ip={}/24 lks.run=\"{script}\"",
+            ns.guest_ip()
+        ))
+        .set("name", json!(VM))
+        .set(
+            "drives",
+            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
+                     "is_read_only": false, "cache_type": "Writeback" }]),
+        )
+        .set(
+            "network-interfaces",
+            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": MAC }]),
+        )
+        .build()
+}
+
 /// Runs the client from a thread in the namespace.
 fn client(ns: &NetNs, target: SocketAddr, first: u64, count: u64) -> ClientReport {
     let mut config = ClientConfig::new(target, count);
@@ -99,22 +121,7 @@ fn every_answered_request_is_journaled_on_the_disk() {
     // Two runs of the service: the second, on the same disk, must find the first's header and
     // answer the resent requests from their records.
     let script = format!("net udp-journal {PORT};net udp-journal {PORT} {RESENT}");
-    let vm = VmConfigBuilder::new(&guest_images().elf)
-        .boot_args(&format!(
-            "lks.mode=monitor lks.ip={}/24 lks.run=\"{script}\"",
-            ns.guest_ip()
-        ))
-        .set("name", json!(VM))
-        .set(
-            "drives",
-            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
-                     "is_read_only": false, "cache_type": "Writeback" }]),
-        )
-        .set(
-            "network-interfaces",
-            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": MAC }]),
-        )
-        .build();
+    let vm = journal_vm(&ns, &disk, &script);
     let mut host = TestHost::start_in(vec![vm], json!({}), Some(ns.name()));
     let target = SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT);
 
@@ -175,6 +182,94 @@ fn every_answered_request_is_journaled_on_the_disk() {
     let journal = assert_answered_on_disk(&first, &disk);
     assert_eq!(journal.records.len() as u64, REQUESTS);
     checker_catches_damage(&first, &disk, dir.path());
+}
+
+/// Requests the client never sends, straight from a socket: a repeat, a request whose sector
+/// another one holds (request n + slots), a payload too long, a datagram that is no request.
+/// However the guest groups them into batches, the repeat is answered from the record of the
+/// first, the later request takes the sector over, and the bad ones are refused or dropped.
+#[test]
+fn repeats_collisions_and_bad_requests_are_answered_as_documented() {
+    if !require_kvm("repeats_collisions_and_bad_requests_are_answered_as_documented") {
+        return;
+    }
+    const SECTORS: u64 = 16;
+    let slots = SECTORS - 1;
+    let ns = NetNs::create();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("small.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(SECTORS * SECTOR as u64)
+        .unwrap();
+    let vm = journal_vm(&ns, &disk, &format!("net udp-journal {PORT} 5"));
+    let mut host = TestHost::start_in(vec![vm], json!({}), Some(ns.name()));
+    nth_line(&host, "LKS net udp-journal listening", 0);
+    let target = SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT);
+    let host_ip = ns.host_ip();
+    let collide = 1 + slots;
+    let too_long = vec![b'x'; PAYLOAD_MAX + 1];
+    let answers = ns
+        .run(move || {
+            let socket = UdpSocket::bind((host_ip.as_str(), 0)).unwrap();
+            socket.set_read_timeout(Some(WAIT)).unwrap();
+            let mut datagrams = vec![
+                request_datagram(1, b"first"),
+                request_datagram(1, b"first"),
+                request_datagram(collide, b"second"),
+                request_datagram(2, &too_long),
+                b"not a request".to_vec(),
+                request_datagram(3, b""),
+            ];
+            // The first alone, so that the burst does not wait behind ARP.
+            socket.send_to(&datagrams.remove(0), target).unwrap();
+            let mut answers = Vec::new();
+            let mut buf = [0u8; 2048];
+            let (len, _) = socket.recv_from(&mut buf).unwrap();
+            answers.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            for datagram in &datagrams {
+                socket.send_to(datagram, target).unwrap();
+            }
+            while answers.len() < 5 {
+                let (len, _) = socket.recv_from(&mut buf).unwrap();
+                answers.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            }
+            answers
+        })
+        .join()
+        .unwrap();
+    let ack = |n: u64, payload: &[u8]| format!("ACK {n} {:016x}", digest(n, payload));
+    let mut want = vec![
+        ack(1, b"first"),
+        ack(1, b"first"),
+        ack(collide, b"second"),
+        "ERR 2 payload-too-long".to_string(),
+        ack(3, b""),
+    ];
+    let mut got = answers.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "answers in arrival order: {answers:?}");
+    let done = nth_line(&host, "stopped_by=", 0);
+    assert!(
+        done.contains("received=5 journaled=3 replayed=1 failed=1 malformed=1")
+            && done.contains("stopped_by=count"),
+        "{done}"
+    );
+    assert_eq!(host.stop(), Some(0), "{}", host.log());
+    let journal = Journal::read(&disk).unwrap();
+    assert_eq!(journal.slots, slots);
+    assert!(journal.corrupt.is_empty());
+    let found: Vec<(u64, Vec<u8>)> = journal
+        .records
+        .values()
+        .map(|r| (r.n, r.payload.clone()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![(3, Vec::new()), (collide, b"second".to_vec())],
+        "request {collide} took request 1's sector over"
+    );
 }
 
 /// The checker on damaged copies of the image: a record with a flipped byte (as a torn or
