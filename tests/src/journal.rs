@@ -79,11 +79,14 @@ pub struct ClientConfig {
     pub max_sends: u32,
     /// The client stops when this much time has passed, answered or not.
     pub deadline: Duration,
+    /// The client stops when requests are in flight and no answer came for this long (the
+    /// service is gone; keep it above a failover's length).
+    pub quiet_limit: Duration,
 }
 
 impl ClientConfig {
     /// Requests `1..=count` to `target` from any local port, 8 in flight, 64-byte payloads,
-    /// resent every 200 ms up to 25 times, for at most 60 s.
+    /// resent every 200 ms up to 25 times, for at most 60 s or 10 s without an answer.
     pub fn new(target: SocketAddr, count: u64) -> Self {
         let bind = match target {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -99,6 +102,7 @@ impl ClientConfig {
             resend_after: Duration::from_millis(200),
             max_sends: 25,
             deadline: Duration::from_secs(60),
+            quiet_limit: Duration::from_secs(10),
         }
     }
 }
@@ -134,6 +138,8 @@ pub enum StoppedBy {
     Count,
     /// The deadline passed first.
     Deadline,
+    /// No answer came for the quiet limit.
+    Quiet,
 }
 
 /// What the client saw.
@@ -250,7 +256,7 @@ struct InFlight {
 
 /// Sends requests `first .. first + count` to the service, at most `window` unanswered at a
 /// time, resending each after `resend_after` up to `max_sends` times, until every request is
-/// answered or given up, or the deadline passes. Call it from a thread in the guest's network
+/// answered or given up, the deadline passes, or nothing was answered for the quiet limit. Call it from a thread in the guest's network
 /// namespace ([`crate::netns::NetNs::run`]). Fails only if the socket does.
 pub fn run_client(config: &ClientConfig) -> io::Result<ClientReport> {
     let socket = UdpSocket::bind(config.bind)?;
@@ -276,10 +282,15 @@ pub fn run_client(config: &ClientConfig) -> io::Result<ClientReport> {
     let mut in_flight: BTreeMap<u64, InFlight> = BTreeMap::new();
     let mut next = config.first;
     let mut buffer = [0u8; 2048];
+    let mut last_answer = start;
     loop {
         let now = Instant::now();
         if now >= deadline {
             report.stopped_by = StoppedBy::Deadline;
+            break;
+        }
+        if !in_flight.is_empty() && now >= last_answer + config.quiet_limit {
+            report.stopped_by = StoppedBy::Quiet;
             break;
         }
         while in_flight.len() < config.window.max(1) && next < end {
@@ -326,7 +337,8 @@ pub fn run_client(config: &ClientConfig) -> io::Result<ClientReport> {
             .map(|r| r.last_sent + config.resend_after)
             .min()
             .unwrap_or(deadline)
-            .min(deadline);
+            .min(deadline)
+            .min(last_answer + config.quiet_limit);
         let wait = wake
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
@@ -345,6 +357,9 @@ pub fn run_client(config: &ClientConfig) -> io::Result<ClientReport> {
         };
         let arrived = Instant::now();
         let reply = parse_reply(&buffer[..len]).filter(|_| from == config.target);
+        if reply.is_some() {
+            last_answer = arrived;
+        }
         match reply {
             Some(Reply::Ack(n, got)) if (config.first..end).contains(&n) && n < next => {
                 if got != digest(n, &payload(n)) {
