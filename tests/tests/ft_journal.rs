@@ -256,6 +256,123 @@ fn answered_requests_are_on_the_disk_after_a_sigkill_of_the_host() {
     assert!(answered > 0, "no trial's kill came after an answer");
 }
 
+/// The VM migrated live to a second host process while the client runs, through a bridge with
+/// one tap per host (as the FT tests will have it): requests go on being answered by the
+/// destination, none is lost or answered twice with different digests, and every answered
+/// request is in the image (both hosts open the same one).
+#[test]
+fn requests_go_on_being_answered_across_a_live_migration() {
+    if !require_kvm("requests_go_on_being_answered_across_a_live_migration") {
+        return;
+    }
+    /// Enough requests at ~3,000 a second to outlast the migration of an idle 128 MiB guest.
+    const MANY: u64 = 12_000;
+    const SECTORS: u64 = 16_384;
+    let ns = NetNs::create();
+    let tap_b = bridge_with_second_tap(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("journal.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(SECTORS * SECTOR as u64)
+        .unwrap();
+    let vm = journal_vm(&ns, &disk, &format!("net udp-journal {PORT}"));
+    let source = TestHost::start_in(vec![vm], json!({}), Some(ns.name()));
+    let mut destination = TestHost::start_in(vec![], json!({}), Some(ns.name()));
+    source.wait_serial(VM, "LKS net udp-journal listening", WAIT);
+    let target = SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT);
+    let warm = client(&ns, target, 1, 10);
+    assert_eq!(warm.answered.len(), 10, "{warm}");
+
+    let mut config = ClientConfig::new(target, MANY);
+    config.first = 11;
+    config.bind = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
+    config.resend_after = Duration::from_millis(100);
+    config.max_sends = 100;
+    config.deadline = Duration::from_secs(60);
+    let running = ns.run(move || run_client(&config).expect("the client's socket"));
+
+    let path = destination.dir().join("incoming.sock");
+    let body = json!({ "listen": format!("unix:{}", path.display()), "name": VM,
+                       "network_overrides": [{ "iface_id": "eth0", "host_dev_name": tap_b }] });
+    let reply = destination.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&body),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let incoming = reply.json();
+    let reply = source.call(
+        "POST",
+        "/v1/vms/{name}/migrate",
+        &format!("/v1/vms/{VM}/migrate"),
+        Some(&json!({ "destination": incoming["listen"], "token": incoming["token"] })),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + WAIT;
+    let info = loop {
+        let info = source
+            .call(
+                "GET",
+                "/v1/migrations/{id}",
+                &format!("/v1/migrations/{id}"),
+                None,
+            )
+            .json();
+        if ["completed", "failed", "cancelled"].contains(&info["phase"].as_str().unwrap_or("")) {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id}: {info}\n{}",
+            source.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["phase"], "completed", "{info}\n{}", source.log());
+
+    let report = running.join().expect("the client thread");
+    eprintln!("across the migration ({info}): {report}");
+    assert_eq!(report.stopped_by, StoppedBy::Count, "{report}");
+    assert!(report.gaps().is_empty(), "{report}");
+    let stop_from = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
+    ns.run(move || send_stop(stop_from, target))
+        .join()
+        .unwrap()
+        .unwrap();
+    let serial = destination.wait_serial(VM, "stopped_by=stop", WAIT);
+    let done = serial.lines().find(|l| l.contains("stopped_by=")).unwrap();
+    assert_eq!(field(done, "failed"), 0, "{done}");
+    let counters = block_counters(&destination);
+    assert!(
+        counters["writes"].as_u64().unwrap() > 0,
+        "the destination journaled requests: {counters}"
+    );
+    assert_eq!(destination.stop(), Some(0), "{}", destination.log());
+    let journal = assert_answered_on_disk(&report, &disk);
+    assert_eq!(journal.records.len() as u64, MANY + 10);
+}
+
+/// Moves `ns`'s host address from its tap to a bridge `br0` with that tap and a second one on
+/// it (one L2 segment, as two hosts' ports on a switch); returns the second tap's name.
+fn bridge_with_second_tap(ns: &NetNs) -> String {
+    let tap_b = format!("{}b", ns.tap());
+    ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
+    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.exec(&["ip", "link", "set", ns.tap(), "master", "br0"]);
+    ns.exec(&[
+        "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
+    ]);
+    ns.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
+    ns.exec(&["ip", "link", "set", &tap_b, "up"]);
+    let address = format!("{}/24", ns.host_ip());
+    ns.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
+    ns.exec(&["ip", "link", "set", "br0", "up"]);
+    tap_b
+}
+
 /// Requests the client never sends, straight from a socket: a repeat, a request whose sector
 /// another one holds (request n + slots), a payload too long, a datagram that is no request.
 /// However the guest groups them into batches, the repeat is answered from the record of the
