@@ -5,6 +5,7 @@
 pub mod etcd;
 pub mod host;
 pub mod images;
+pub mod journal;
 pub mod kvm;
 pub mod netns;
 pub mod pattern;

@@ -13,8 +13,13 @@
                                                         receive a `net udp-stream` until it is idle (sending
                                                         "stop" to the guest's port 40000 first if asked): count
                                                         losses, duplicates, reordering, FNV-1a 64 of the payloads
+  lks_host.py journal-send <ip> <port> <first> <count>  send `net udp-journal` requests REQ <n> p<n>, one at a
+                                                        time (resent every 0.5 s, 10 times at most), check each
+                                                        ACK's digest
+  lks_host.py journal-check <image> [first count]       read the journal out of a disk image: slots, valid and
+                                                        corrupt records; with a range, which requests are missing
 
-The formats are those of tests/guest/README.md ("Data formats").
+The formats are those of tests/guest/README.md ("Data formats", "Journal workload").
 """
 import socket
 import sys
@@ -148,6 +153,55 @@ def cmd_udp_stream(bind, port, idle, guest, stop_after):
           f"out_of_order={out_of_order} bad={bad} last_seq={last} fnv1a64={h:016x}")
     return 0 if duplicates == missing == out_of_order == bad == 0 else 1
 
+def journal_digest(n, payload):
+    return fnv1a64(n.to_bytes(8, "little") + payload)
+
+
+def cmd_journal_send(ip, port, first, count):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(0.5)
+    answered = bad = 0
+    for n in range(first, first + count):
+        payload = b"p%d" % n
+        for _ in range(10):
+            sock.sendto(b"REQ %d " % n + payload, (ip, port))
+            try:
+                reply = sock.recv(2048).split(b" ")
+            except socket.timeout:
+                continue
+            if len(reply) == 3 and reply[0] == b"ACK" and int(reply[1]) == n:
+                answered += 1
+                bad += int(reply[2], 16) != journal_digest(n, payload)
+                break
+    print(f"journal-send answered={answered} unanswered={count - answered} bad_digest={bad}")
+    return 0 if answered == count and bad == 0 else 1
+
+
+def cmd_journal_check(image, first, count):
+    with open(image, "rb") as f:
+        data = f.read()
+    header = data[:512]
+    sealed = lambda sector: fnv1a64(sector[:504]) == int.from_bytes(sector[504:512], "little")
+    if header[:8] != b"LKSJHDR1" or not sealed(header):
+        print("journal-check error=no-header")
+        return 1
+    slots = int.from_bytes(header[24:32], "little")
+    records, corrupt = {}, 0
+    for s in range(1, min(slots, len(data) // 512 - 1) + 1):
+        sector = data[s * 512:(s + 1) * 512]
+        if sector[:8] != b"LKSJREC1":
+            continue
+        n = int.from_bytes(sector[8:16], "little")
+        length = int.from_bytes(sector[16:20], "little")
+        if not sealed(sector) or length > 256 or 1 + n % slots != s:
+            corrupt += 1
+            continue
+        records[n] = sector[24:24 + length]
+    missing = [n for n in range(first, first + count) if n not in records]
+    print(f"journal-check slots={slots} records={len(records)} corrupt={corrupt} missing={len(missing)}"
+          + (f" first_missing={missing[0]}" if missing else ""))
+    return 0 if corrupt == 0 and not missing else 1
+
 
 def main(argv):
     if len(argv) >= 5 and argv[0] == "pattern":
@@ -168,6 +222,11 @@ def main(argv):
         idle = float(argv[3]) if len(argv) > 3 else 3
         guest, stop_after = (argv[4], float(argv[5])) if len(argv) > 5 else (None, 0)
         return cmd_udp_stream(argv[1], int(argv[2]), idle, guest, stop_after)
+    if len(argv) >= 5 and argv[0] == "journal-send":
+        return cmd_journal_send(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+    if len(argv) >= 2 and argv[0] == "journal-check":
+        first, count = (int(argv[2]), int(argv[3])) if len(argv) > 3 else (0, 0)
+        return cmd_journal_check(argv[1], first, count)
     print(__doc__)
     return 2
 

@@ -10,7 +10,7 @@ use crate::virtio::blk::{Blk, Status, ID_LEN, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use crate::virtio::{Completion, Waiter};
 
 /// How long one request may take before the command gives up.
-const REQUEST_TIMEOUT_MS: u64 = 10_000;
+pub(super) const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// Largest request of the commands and the sequential benchmarks.
 const REQUEST_MAX: u64 = 1 << 20;
 /// Requests in flight for commands and sequential benchmarks.
@@ -21,17 +21,17 @@ const DEPTH_MAX: usize = 64;
 const STREAM_SECTORS: u64 = 8;
 
 /// One request of a pipelined transfer.
-struct Request {
-    kind: u32,
-    sector: u64,
-    addr: u64,
-    len: u64,
+pub(super) struct Request {
+    pub kind: u32,
+    pub sector: u64,
+    pub addr: u64,
+    pub len: u64,
 }
 
 /// Runs `total` requests with up to `depth` in flight, notifying once per batch; `make(i, slot)`
 /// describes request `i`, which may use buffer slot `slot` (< depth) until it completes. Returns
 /// the first failed status, if any, after every request finished.
-fn pipeline(
+pub(super) fn pipeline(
     blk: &mut Blk,
     total: u64,
     depth: usize,

@@ -1,7 +1,7 @@
 //! Device commands for the monitor and for `lks.run` scripts: listing devices, block I/O with
 //! verifiable patterns, networking, entropy, vsock streams, benchmarks timed by the host, hostile
-//! descriptor chains, the clock, counter and memory commands of pause and snapshot tests, and a
-//! memory writer for migration tests.
+//! descriptor chains, the clock, counter and memory commands of pause and snapshot tests, a
+//! memory writer for migration tests, and the journaling UDP service of fault-tolerance tests.
 //! Every command prints one or more machine-readable lines `LKS <command> ...` (see the README for
 //! each format).
 //!
@@ -12,6 +12,7 @@ mod blk;
 mod clock;
 mod dirty;
 mod hostile;
+mod journal;
 mod memory;
 mod net;
 pub mod pattern;
@@ -122,6 +123,7 @@ pub const HELP: &str = "  devices                          list virtio devices
   net udp-echo <port> [count]      echo UDP datagrams until count, \"stop\" or a key
   net udp-send <ip> <port> <count> <size>   numbered, checksummed datagrams
   net udp-stream <ip> <port> <size> [count] [interval_us]   paced numbered datagrams until stopped
+  net udp-journal <port> [count]   journal REQ datagrams to the first blk device, flush, ACK
   net serve <seconds>              answer ARP and ping for a while
   rng <nbytes>                     read entropy
   vsock info|connect <port> <text>|listen <port> [seconds]

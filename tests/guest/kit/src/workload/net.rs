@@ -45,7 +45,7 @@ fn interface<'m>(machine: &'m mut Machine, name: &str) -> Option<&'m mut Interfa
     }
 }
 
-/// `net info|ping|udp-echo|udp-send|serve ...`
+/// `net info|ping|udp-echo|udp-send|udp-stream|udp-journal|serve ...`
 pub(super) fn command(machine: &mut Machine, args: &mut Args) {
     match args.word() {
         Some(b"info") => info(machine),
@@ -95,6 +95,12 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
                 udp_stream(net, (ip, port as u16), size as usize, count, interval_us);
             }
         }
+        Some(b"udp-journal") => {
+            let (Some(port), count) = (args.number(), args.number()) else {
+                return usage("net udp-journal", "<port> [count]");
+            };
+            super::journal::command(machine, port as u16, count);
+        }
         Some(b"serve") => {
             let Some(seconds) = args.number() else {
                 return usage("net serve", "<seconds>");
@@ -103,7 +109,7 @@ pub(super) fn command(machine: &mut Machine, args: &mut Args) {
                 serve(net, seconds);
             }
         }
-        _ => usage("net", "info|ping <ip> [count]|udp-echo <port> [count]|udp-send <ip> <port> <count> <size>|udp-stream <ip> <port> <size> [count] [interval_us]|serve <seconds>"),
+        _ => usage("net", "info|ping <ip> [count]|udp-echo <port> [count]|udp-send <ip> <port> <count> <size>|udp-stream <ip> <port> <size> [count] [interval_us]|udp-journal <port> [count]|serve <seconds>"),
     }
 }
 
