@@ -20,6 +20,8 @@ pub struct Etcd {
     child: Child,
     client: SocketAddr,
     log: PathBuf,
+    /// The network namespace it listens in (None: the test's own).
+    netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -28,6 +30,12 @@ impl Etcd {
     /// when `etcd` is not installed. Under `CI=true` a missing etcd fails the test, naming the
     /// package that brings it.
     pub fn start(test: &str) -> Option<Etcd> {
+        Self::start_in(test, None)
+    }
+
+    /// As [`Etcd::start`], listening on the loopback of network namespace `netns` (for hosts
+    /// that run in it).
+    pub fn start_in(test: &str, netns: Option<&str>) -> Option<Etcd> {
         if programs::find("etcd").is_none() && std::env::var("CI").as_deref() != Ok("true") {
             let _ = writeln!(
                 std::io::stderr(),
@@ -39,7 +47,7 @@ impl Etcd {
         // A port picked free can be taken before etcd binds it: try again with new ones.
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(netns) {
                 Ok(etcd) => return Some(etcd),
                 Err(why) => last = why,
             }
@@ -47,7 +55,7 @@ impl Etcd {
         panic!("{test}: etcd did not start: {last}");
     }
 
-    fn try_start() -> Result<Etcd, String> {
+    fn try_start(netns: Option<&str>) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary folder: {e}"))?;
         let client: SocketAddr = format!("127.0.0.1:{}", crate::free_port())
             .parse()
@@ -56,7 +64,15 @@ impl Etcd {
         let log = dir.path().join("etcd.log");
         let log_file = std::fs::File::create(&log).map_err(|e| format!("log file: {e}"))?;
         let log_err = log_file.try_clone().map_err(|e| format!("log file: {e}"))?;
-        let mut cmd = programs::command("etcd");
+        let mut cmd = match netns {
+            None => programs::command("etcd"),
+            Some(ns) => {
+                let mut cmd = programs::command("ip");
+                cmd.args(["netns", "exec", ns])
+                    .arg(programs::require("etcd"));
+                cmd
+            }
+        };
         // The environment's ETCD_* settings would override the flags' private set-up.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("ETCD_") {
@@ -85,12 +101,13 @@ impl Etcd {
             child,
             client,
             log,
+            netns: netns.map(str::to_string),
             _dir: dir,
         };
-        let probe = etcd.arbiter(Duration::from_millis(500));
         let start = Instant::now();
         loop {
-            if probe.read("lockstep-probe").is_ok() {
+            let probe = etcd.arbiter(Duration::from_millis(500));
+            if etcd.inside(move || probe.read("lockstep-probe").is_ok()) {
                 return Ok(etcd);
             }
             if let Ok(Some(status)) = etcd.child.try_wait() {
@@ -116,6 +133,33 @@ impl Etcd {
         let mut config = ArbiterConfig::new(vec![self.client]);
         config.timeout = timeout;
         Arbiter::new(config)
+    }
+
+    /// Runs `f` where etcd can be reached (in its network namespace, if it has one).
+    pub fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let Some(ns) = &self.netns else {
+            return f();
+        };
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            // SAFETY: setns only changes this thread's network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the thread in etcd's namespace")
+    }
+
+    /// A pair's record as (live host, epoch), read where etcd can be reached.
+    pub fn record(&self, pair: &str) -> Option<(String, u64)> {
+        let arbiter = self.arbiter(Duration::from_secs(5));
+        let pair = pair.to_string();
+        self.inside(move || arbiter.read(&pair))
+            .expect("etcd answers")
+            .map(|seen| (seen.record.live, seen.record.epoch))
     }
 
     /// etcd's process id, to stop (SIGSTOP) or kill it.

@@ -118,6 +118,85 @@ impl NetNs {
     }
 }
 
+/// A frame seen on an interface: its packet type (`libc::PACKET_OUTGOING` for what the kernel
+/// sent out of it, e.g. into a tap towards its VMM; anything else came in from it) and bytes.
+pub type Seen = (u8, Vec<u8>);
+
+impl NetNs {
+    /// Captures every frame on `iface` in this namespace, both ways, until `stop` is set.
+    pub fn capture(
+        &self,
+        iface: &str,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<Vec<Seen>> {
+        let iface = std::ffi::CString::new(iface).expect("an interface name");
+        self.run(move || {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket creation; the descriptor is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor we own.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: if_nametoindex reads a NUL-terminated string.
+            let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+            assert!(index > 0, "no interface {iface:?}");
+            // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set next.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = index as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: `addr` is a sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    len,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: SO_RCVTIMEO reads one timeval of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            assert_eq!(rc, 0);
+            let mut frames = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: an all-zero sockaddr_ll is valid for recvfrom to fill.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut from_len = len;
+                // SAFETY: `buf` and `from` are writable for the lengths given.
+                let n = unsafe {
+                    libc::recvfrom(
+                        sock.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut from_len,
+                    )
+                };
+                if n > 0 {
+                    frames.push((from.sll_pkttype, buf[..n as usize].to_vec()));
+                }
+            }
+            frames
+        })
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = programs::command("ip")

@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -200,65 +199,17 @@ impl Bridged {
     }
 }
 
-/// Captures RARP frames arriving on `tap` (what the host process writes into it) until `stop`;
-/// returns each frame's Ethernet bytes.
+/// Captures the frames arriving on `tap` (what the host process writes into it, and what the
+/// bridge sends it) until `stop`; returns each frame's Ethernet bytes.
 fn capture_rarp(
     ns: &NetNs,
     tap: &str,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
-    let tap = std::ffi::CString::new(tap).unwrap();
-    ns.run(move || {
-        // Every protocol: a bridge port's frames reach only these taps (the bridge takes them
-        // before any handler of one protocol).
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation; the descriptor is owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: if_nametoindex reads a NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(tap.as_ptr()) };
-        assert!(index > 0, "no interface {tap:?}");
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set next.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: `addr` is a sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: SO_RCVTIMEO reads one timeval of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        assert_eq!(rc, 0);
-        let mut frames = Vec::new();
-        let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            // SAFETY: `buf` is writable for its length.
-            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
-                frames.push(buf[..n as usize].to_vec());
-            }
-        }
-        frames
+    let capture = ns.capture(tap, stop);
+    std::thread::spawn(move || {
+        let seen = capture.join().expect("the capture thread");
+        seen.into_iter().map(|(_, frame)| frame).collect()
     })
 }
 

@@ -135,8 +135,14 @@ pub(crate) fn protect(
         if let Err(why) = wait_ack(reader, epoch, ft.timeout) {
             return Err(pairing.secondary_lost(&why));
         }
-        pairing.committed = Some((epoch, Instant::now()));
-        // What the guest sent before this checkpoint is safe to show the world now.
+        let acked = Instant::now();
+        pairing.committed = Some((epoch, acked));
+        // What the guest sent before this checkpoint is safe to show the world now, unless
+        // this process was stopped between the ack and here for long enough that the
+        // secondary may have taken over meanwhile: then the arbiter decides first.
+        if acked.elapsed() > ft.timeout / 2 {
+            return Err(pairing.secondary_lost("this process stalled after the last ack"));
+        }
         if let Err(e) = pairing.call(VmCommand::Output(OutputCommand::Release(output))) {
             return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
         }

@@ -1,0 +1,349 @@
+//! FT's promise under fire (issue #13, point 7): a client sends numbered requests over UDP to the
+//! test guest's journaling service (`net udp-journal`: each request written to the disk and
+//! flushed before its answer) while the primary's host process is killed with SIGKILL at a
+//! random point. Two host processes, each with its own tap on a bridge in a namespace the test
+//! makes, each with its own disk image, and a real etcd in that namespace as the arbiter. After
+//! every kill: every request the client saw answered is on the new primary's own disk with the
+//! digest it was answered with, requests go on being answered by the new primary to the last
+//! one, and none was answered twice with different results. `LKS_FT_TRIALS` (default 10) and
+//! `LKS_FT_SEED` replay or widen it (`bench/run.sh ft-kill` runs 100).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lockstep_tests::etcd::Etcd;
+use lockstep_tests::host::TestHost;
+use lockstep_tests::journal::{
+    check_answered_on_disk, run_client, send_stop, ClientConfig, StoppedBy, SECTOR,
+};
+use lockstep_tests::netns::NetNs;
+use lockstep_tests::{guest_images, require_kvm, VmConfigBuilder};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+const VM: &str = "journal";
+const PORT: u16 = 7100;
+const MAC: &str = "06:00:0a:4d:00:0f";
+/// A header and 4095 record slots: more than the requests of a trial.
+const DISK_SECTORS: u64 = 4096;
+/// Requests per trial.
+const REQUESTS: u64 = 3000;
+
+fn journal_vm(ns: &NetNs, disk: &Path) -> Value {
+    VmConfigBuilder::new(&guest_images().elf)
+        .boot_args(&format!(
+            "lks.mode=monitor lks.ip={}/24 lks.run=\"net udp-journal {PORT}\"",
+            ns.guest_ip()
+        ))
+        .mem_mib(128)
+        .set("name", json!(VM))
+        .set(
+            "drives",
+            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
+                     "is_read_only": false, "cache_type": "Writeback" }]),
+        )
+        .set(
+            "network-interfaces",
+            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": MAC }]),
+        )
+        .build()
+}
+
+/// Moves `ns`'s host address from its tap to a bridge with that tap and a second one on it
+/// (two hosts' ports on one switch); returns the second tap's name.
+fn bridge_with_second_tap(ns: &NetNs) -> String {
+    let tap_b = format!("{}b", ns.tap());
+    ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
+    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.exec(&["ip", "link", "set", ns.tap(), "master", "br0"]);
+    ns.exec(&[
+        "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
+    ]);
+    ns.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
+    ns.exec(&["ip", "link", "set", &tap_b, "up"]);
+    let address = format!("{}/24", ns.host_ip());
+    ns.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
+    ns.exec(&["ip", "link", "set", "br0", "up"]);
+    tap_b
+}
+
+fn migration(host: &TestHost, id: &str) -> Value {
+    host.call(
+        "GET",
+        "/v1/migrations/{id}",
+        &format!("/v1/migrations/{id}"),
+        None,
+    )
+    .json()
+}
+
+fn wait_for(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = migration(host, id);
+        if check(&info) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id}: no {what}: {info}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn image(path: &Path) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(DISK_SECTORS * SECTOR as u64)
+        .unwrap();
+}
+
+/// A journal VM paired between two hosts on the bridge, each with its own image.
+struct Paired {
+    primary: TestHost,
+    secondary: TestHost,
+    out_id: String,
+    in_id: String,
+    pair: String,
+    disk_b: std::path::PathBuf,
+    target: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str) -> Paired {
+    let dir = tempfile::tempdir().unwrap();
+    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    image(&disk_a);
+    image(&disk_b);
+    let ft = |host: &str| {
+        json!({ "arbiter": [etcd.endpoint().to_string()], "host_id": host, "pair": pair,
+                "epoch_ms": 50, "heartbeat_timeout_ms": 500 })
+    };
+    let primary = TestHost::start_in(vec![journal_vm(ns, &disk_a)], json!({}), Some(ns.name()));
+    let secondary = TestHost::start_in(vec![], json!({}), Some(ns.name()));
+    primary.wait_serial(VM, "LKS net udp-journal listening", WAIT);
+    let reply = secondary.call(
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({
+            "listen": "127.0.0.1:0", "name": VM, "ft": ft("b"),
+            "network_overrides": [{ "iface_id": "eth0", "host_dev_name": tap_b }],
+            "drive_overrides": [{ "drive_id": "journal", "path_on_host": disk_b }],
+        })),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let incoming = reply.json();
+    let reply = primary.call(
+        "POST",
+        "/v1/vms/{name}/migrate",
+        &format!("/v1/vms/{VM}/migrate"),
+        Some(&json!({ "destination": incoming["listen"], "token": incoming["token"], "ft": ft("a") })),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let out_id = reply.json()["id"].as_str().unwrap().to_string();
+    let in_id = incoming["id"].as_str().unwrap().to_string();
+    wait_for(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    Paired {
+        primary,
+        secondary,
+        out_id,
+        in_id,
+        pair: pair.to_string(),
+        disk_b,
+        target: SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT),
+        _dir: dir,
+    }
+}
+
+/// Starts the client on `REQUESTS` requests; returns it and when it started.
+fn load(
+    ns: &NetNs,
+    target: SocketAddr,
+) -> (
+    std::thread::JoinHandle<lockstep_tests::journal::ClientReport>,
+    Instant,
+) {
+    let mut config = ClientConfig::new(target, REQUESTS);
+    config.bind = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
+    config.window = 32;
+    config.resend_after = Duration::from_millis(150);
+    config.max_sends = 200;
+    config.deadline = Duration::from_secs(45);
+    let started = Instant::now();
+    (
+        ns.run(move || run_client(&config).expect("the client's socket")),
+        started,
+    )
+}
+
+/// After a takeover: the client saw every request answered, consistently, some by the new
+/// primary (after `since`); each is on the new primary's own disk; the record names it.
+fn check_after_takeover(
+    ns: &NetNs,
+    etcd: &Etcd,
+    p: &mut Paired,
+    report: &lockstep_tests::journal::ClientReport,
+    since: Duration,
+) -> usize {
+    let took = wait_for(&p.secondary, &p.in_id, "takeover", |i| {
+        ["completed", "failed", "cancelled"].contains(&i["phase"].as_str().unwrap_or(""))
+    });
+    assert_eq!(took["phase"], "completed", "{took}\n{}", p.secondary.log());
+    assert!(
+        report.consistent(),
+        "nothing answered twice with different results: {report}"
+    );
+    assert_eq!(
+        report.stopped_by,
+        StoppedBy::Count,
+        "every request answered, the last ones by the new primary: {report}\n{}",
+        p.secondary.log()
+    );
+    assert!(report.gaps().is_empty(), "{report}");
+    let after = report.answered.values().filter(|a| a.at > since).count();
+    assert!(after > 0, "the new primary answered requests: {report}");
+    let target = p.target;
+    let stop_from = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
+    ns.run(move || send_stop(stop_from, target))
+        .join()
+        .unwrap()
+        .unwrap();
+    p.secondary.wait_serial(VM, "stopped_by=stop", WAIT);
+    p.secondary.stop();
+    // Every answer the client saw is on the new primary's own disk, with its digest.
+    if let Err(lost) = check_answered_on_disk(report, &p.disk_b) {
+        panic!("answered but not on the new primary's disk: {lost}");
+    }
+    assert_eq!(etcd.record(&p.pair), Some(("b".to_string(), 2)));
+    after
+}
+
+/// One trial: pair, load, kill the primary `kill_after` into the load, check.
+fn trial(ns: &NetNs, etcd: &Etcd, tap_b: &str, trial: u32, kill_after: Duration) -> (usize, usize) {
+    let mut p = paired(ns, etcd, tap_b, &format!("journal-{trial}"));
+    let (running, started) = load(ns, p.target);
+    // The kill point, not an assertion: the client runs on meanwhile.
+    std::thread::sleep(kill_after);
+    let killed = started.elapsed();
+    // SAFETY: signals our own child, the primary's host process.
+    unsafe { libc::kill(p.primary.pid() as i32, libc::SIGKILL) };
+    let report = running.join().expect("the client thread");
+    eprintln!("trial {trial}: SIGKILL {kill_after:?} into the load: {report}");
+    let after = check_after_takeover(ns, etcd, &mut p, &report, killed);
+    (report.answered.len(), after)
+}
+
+#[test]
+fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
+    if !require_kvm("a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself") {
+        return;
+    }
+    let ns = NetNs::create();
+    let tap_b = bridge_with_second_tap(&ns);
+    let Some(etcd) = Etcd::start_in("ft_kill::frozen", Some(ns.name())) else {
+        return;
+    };
+    let mut p = paired(&ns, &etcd, &tap_b, "frozen");
+    let (running, started) = load(&ns, p.target);
+    std::thread::sleep(Duration::from_millis(500));
+    let frozen = started.elapsed();
+    // SAFETY: signals our own child, the primary's host process.
+    unsafe { libc::kill(p.primary.pid() as i32, libc::SIGSTOP) };
+    wait_for(&p.secondary, &p.in_id, "takeover", |i| {
+        i["phase"] == "completed"
+    });
+    // From here on the old primary must never put a frame of the guest's on the wire.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let capture = ns.capture(ns.tap(), stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(p.primary.pid() as i32, libc::SIGCONT) };
+    let info = wait_for(&p.primary, &p.out_id, "the end", |i| i["phase"] == "failed");
+    let error = info["error"].as_str().unwrap();
+    assert!(
+        error.contains("took over") && error.contains("stopped"),
+        "{info}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while p
+        .primary
+        .call("GET", "/v1/vms/{name}", &format!("/v1/vms/{VM}"), None)
+        .status
+        != 404
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old primary's VM is still there"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = running.join().expect("the client thread");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = capture.join().expect("the capture thread");
+    let mac: Vec<u8> = MAC
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let from_old: Vec<_> = seen
+        .iter()
+        .filter(|(kind, frame)| {
+            *kind != libc::PACKET_OUTGOING && frame.get(6..12) == Some(&mac[..])
+        })
+        .collect();
+    assert!(
+        from_old.is_empty(),
+        "the old primary sent {} frame(s) after it lost: {:02x?}",
+        from_old.len(),
+        from_old.first()
+    );
+    eprintln!(
+        "frozen {frozen:?} into the load: {report}; {} frames seen on the old tap",
+        seen.len()
+    );
+    check_after_takeover(&ns, &etcd, &mut p, &report, frozen);
+}
+
+#[test]
+fn every_answered_request_survives_a_sigkill_of_the_primary() {
+    if !require_kvm("every_answered_request_survives_a_sigkill_of_the_primary") {
+        return;
+    }
+    let ns = NetNs::create();
+    let tap_b = bridge_with_second_tap(&ns);
+    let Some(etcd) = Etcd::start_in("ft_kill", Some(ns.name())) else {
+        return;
+    };
+    let trials: u32 = std::env::var("LKS_FT_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mut seed = std::env::var("LKS_FT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("LKS_FT_SEED={seed}");
+    let (mut answered, mut after) = (0, 0);
+    for n in 0..trials {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let kill_after = Duration::from_millis(50 + seed % 1500);
+        let (a, b) = trial(&ns, &etcd, &tap_b, n, kill_after);
+        answered += a;
+        after += b;
+    }
+    eprintln!("{trials} trials: {answered} requests answered, {after} by the new primaries");
+}
