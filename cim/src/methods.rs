@@ -257,6 +257,7 @@ pub fn invoke(
         ("LKS_VirtualSystemMigrationService", "PrepareIncomingMigration") => {
             crate::migration::prepare_incoming(cimom, params)?
         }
+        ("LKS_RedundancySet", "Failover") => crate::redundancy::failover(cimom, &inst, params)?,
         (_, m) => {
             return Err(CimFault::new(
                 CimStatus::MethodNotAvailable,
