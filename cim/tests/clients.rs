@@ -52,7 +52,7 @@ fn pywbem_ft_redundancy_sets() {
     let host = Arc::new(FakeHost::with_vms(3));
     host.start_vm("vm000").unwrap();
     let web = host.add_ft_pairing("vm000", "primary", "web");
-    host.add_ft_pairing("vm001", "secondary", "db");
+    let db = host.add_ft_pairing("vm001", "secondary", "db");
     let old = host.add_ft_pairing("vm002", "primary", "old");
     host.set_ft_redundancy(&old, FtRedundancy::Degraded);
     let s = TestServer::over(host.clone(), Default::default());
@@ -69,6 +69,45 @@ fn pywbem_ft_redundancy_sets() {
     let out = run(&mut cmd);
     assert!(out.status.success(), "pywbem FT checks failed");
     assert_eq!(host.failovers(), vec![web]);
+    if !have_pywbemcli() {
+        return;
+    }
+    let o = pywbemcli(target, &["instance", "enumerate", "CIM_RedundancySet"]);
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o).matches("instance of LKS_RedundancySet").count(),
+        3
+    );
+    let set = format!("LKS_RedundancySet.InstanceID=\"LKS:ft:db:{db}\"");
+    let o = pywbemcli(
+        target,
+        &[
+            "instance",
+            "associators",
+            &set,
+            "--assoc-class",
+            "CIM_MemberOfCollection",
+            "--names-only",
+        ],
+    );
+    assert!(o.status.success() && stdout(&o).contains("Name=\"vm001\""));
+    let o = pywbemcli(
+        target,
+        &[
+            "instance",
+            "references",
+            VM1,
+            "--result-class",
+            "CIM_MemberOfCollection",
+        ],
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o)
+            .matches("instance of LKS_MemberOfCollection")
+            .count(),
+        1
+    );
 }
 
 #[test]
