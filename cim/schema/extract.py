@@ -24,7 +24,7 @@ CIM_RegisteredProfile CIM_ReferencedProfile CIM_ElementConformsToProfile CIM_Nam
 CIM_IndicationFilter CIM_ListenerDestinationCIMXML CIM_IndicationSubscription
 CIM_InstModification CIM_InstCreation CIM_InstDeletion CIM_Error
 CIM_ServiceAffectsElement CIM_VirtualSystemMigrationSettingData CIM_VirtualSystemMigrationService
-CIM_VirtualSystemMigrationCapabilities
+CIM_VirtualSystemMigrationCapabilities CIM_RedundancySet CIM_MemberOfCollection CIM_HostedCollection
 """.split()
 
 # Classes of the Virtual System Migration profile (DSP1081) that are only in the schema's

@@ -183,6 +183,7 @@ fn all_provided(cimom: &Cimom, namespace: &str) -> Vec<&'static str> {
         "CIM_SettingsDefineState",
         "CIM_AffectedJobElement",
         "CIM_ServiceAffectsElement",
+        "CIM_MemberOfCollection",
         "CIM_ElementConformsToProfile",
         "CIM_AbstractIndicationSubscription",
     ] {

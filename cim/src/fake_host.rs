@@ -2,7 +2,8 @@
 //! report it to subscribers, with no KVM behind them. A graceful shut down takes a little while,
 //! as a guest's would. Migrations happen at once: a VM sent with the token of a listener this
 //! same fake host opened completes (and stays here); any other token fails as the handshake
-//! would.
+//! would. Fault-tolerant pairings are added by hand ([`FakeHost::add_ft_pairing`]); a planned
+//! failover of a primary's pairing is recorded ([`FakeHost::failovers`]) and ends its copy at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,8 +16,8 @@ use lockstep_api::control::{
     SnapshotInfo, SnapshotRequest, VmDetails, VmInfo, VmMetrics, VmState,
 };
 use lockstep_api::migration::{
-    IncomingInfo, IncomingRequest, MigrateRequest, MigrationDirection, MigrationInfo,
-    MigrationPhase,
+    FtRedundancy, FtStatus, IncomingInfo, IncomingRequest, MigrateRequest, MigrationDirection,
+    MigrationInfo, MigrationPhase,
 };
 use lockstep_api::VmConfig;
 
@@ -26,6 +27,8 @@ pub struct FakeHost {
     subscribers: Mutex<Vec<Sender<HostEvent>>>,
     /// Migrations and the tokens of the incoming ones.
     migrations: Mutex<Vec<(MigrationInfo, Option<String>)>>,
+    /// The pairings asked for a planned failover, by migration id, in order.
+    failovers: Mutex<Vec<String>>,
     /// How long a graceful shut down takes.
     pub guest_shutdown: Duration,
 }
@@ -36,6 +39,7 @@ impl Default for FakeHost {
             vms: Mutex::new(BTreeMap::new()),
             subscribers: Mutex::new(Vec::new()),
             migrations: Mutex::new(Vec::new()),
+            failovers: Mutex::new(Vec::new()),
             guest_shutdown: Duration::from_millis(300),
         }
     }
@@ -66,6 +70,63 @@ impl FakeHost {
             );
         }
         host
+    }
+
+    /// Records a fault-tolerant pairing of `vm` on this host, fully redundant: as the primary
+    /// (`role` `primary`: outgoing, protecting) or the secondary (incoming, standby) of pair
+    /// `pair`. Returns its migration id.
+    pub fn add_ft_pairing(&self, vm: &str, role: &str, pair: &str) -> String {
+        let (direction, phase) = if role == "primary" {
+            (MigrationDirection::Outgoing, MigrationPhase::Protecting)
+        } else {
+            (MigrationDirection::Incoming, MigrationPhase::Standby)
+        };
+        let id = self.add_migration(direction, vm, phase, None).id;
+        self.update_migration(&id, |m| {
+            m.bytes = 1 << 20;
+            m.ft = Some(FtStatus {
+                role: role.into(),
+                pair: pair.into(),
+                epoch: 120,
+                committed_epoch: Some(119),
+                since_commit_ms: Some(20.0),
+                pause_p50_ms: 2.5,
+                pause_p99_ms: 7.0,
+                replication_mib_s: 3.0,
+                arbiter_epoch: 1,
+                redundancy: FtRedundancy::Full,
+            });
+        });
+        id
+    }
+
+    /// Sets a pairing's redundancy, as the FT core does at every change.
+    pub fn set_ft_redundancy(&self, id: &str, redundancy: FtRedundancy) {
+        self.update_migration(id, |m| {
+            if let Some(ft) = m.ft.as_mut() {
+                ft.redundancy = redundancy;
+            }
+        });
+    }
+
+    /// The pairings asked for a planned failover, by migration id, in order.
+    pub fn failovers(&self) -> Vec<String> {
+        self.failovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes migration `id` in place; returns it afterwards.
+    fn update_migration(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut MigrationInfo),
+    ) -> Option<MigrationInfo> {
+        let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        let (m, _) = all.iter_mut().find(|(m, _)| m.id == id)?;
+        change(m);
+        Some(m.clone())
     }
 
     /// Records a migration; returns it.
@@ -427,6 +488,31 @@ impl HostControl for FakeHost {
             .find(|(m, _)| m.id == id)
             .map(|(m, _)| m.clone())
             .ok_or_else(|| ControlError::NotFound(format!("migration {id}")))
+    }
+
+    /// Like the real host: only the primary side of a protected pairing can fail over. The
+    /// call is recorded and the primary's copy ends at once (phase completed, redundancy lost).
+    fn failover_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        let info = self.get_migration(id)?;
+        if info.phase != MigrationPhase::Protecting
+            || info.direction != MigrationDirection::Outgoing
+        {
+            return Err(ControlError::Conflict(format!(
+                "migration {id} is not the primary side of a protected pair ({})",
+                info.phase.name()
+            )));
+        }
+        self.failovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
+        self.update_migration(id, |m| {
+            m.phase = MigrationPhase::Completed;
+            if let Some(ft) = m.ft.as_mut() {
+                ft.redundancy = FtRedundancy::Lost;
+            }
+        })
+        .ok_or_else(|| ControlError::NotFound(format!("migration {id}")))
     }
 
     fn list_migrations(&self) -> Vec<MigrationInfo> {

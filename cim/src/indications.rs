@@ -1,9 +1,10 @@
 //! Indication subscriptions (DSP1054 as pywbem's subscription manager uses them): filters,
 //! CIM-XML listener destinations and subscriptions created in root/interop, and delivery of
 //! CIM_InstModification (EnabledState changes), CIM_InstCreation and CIM_InstDeletion of VMs,
-//! and CIM_InstModification of a migration job when it ends (the host's migration registry,
-//! looked at twice a second), to each subscribed listener by ExportIndication, retried while
-//! the listener is down.
+//! CIM_InstModification of a migration job when it ends, and CIM_InstModification of a
+//! fault-tolerant pair's set (LKS_RedundancySet) when its RedundancyStatus changes
+//! (CIM_InstCreation when a pairing starts) (the host's migration registry, looked at twice a
+//! second), to each subscribed listener by ExportIndication, retried while the listener is down.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -313,8 +314,8 @@ const MIGRATION_POLL: Duration = Duration::from_millis(500);
 
 fn event_loop(cimom: Weak<Cimom>, events: Receiver<HostEvent>, stop: Arc<AtomicBool>) {
     // Migrations that had ended before this thread started raise nothing.
-    let mut migrations = match cimom.upgrade() {
-        Some(c) => EndedMigrations::new(&c),
+    let (mut migrations, mut pairs) = match cimom.upgrade() {
+        Some(c) => (EndedMigrations::new(&c), RedundancyWatch::new(&c)),
         None => return,
     };
     let mut polled = Instant::now();
@@ -334,6 +335,9 @@ fn event_loop(cimom: Weak<Cimom>, events: Receiver<HostEvent>, stop: Arc<AtomicB
         if polled.elapsed() >= MIGRATION_POLL {
             polled = Instant::now();
             for indication in migrations.newly_ended(&cimom) {
+                dispatch(&cimom, indication);
+            }
+            for indication in pairs.changed(&cimom) {
                 dispatch(&cimom, indication);
             }
         }
@@ -372,6 +376,54 @@ impl EndedMigrations {
             before.set(Cow::Borrowed("JobState"), Value::from(4u16));
             before.set(Cow::Borrowed("OperationalStatus"), Value::u16_array(&[2]));
             out.push(wrap(cimom, "CIM_InstModification", now, Some(before)));
+        }
+        out
+    }
+}
+
+/// The fault-tolerant pairs' RedundancyStatus as last seen, by migration id (the pairs there
+/// when the endpoint started raise nothing until their status changes).
+struct RedundancyWatch {
+    last: HashMap<String, u16>,
+}
+
+/// A pairing's RedundancyStatus, if `m` is one.
+fn pair_status(m: &lockstep_api::migration::MigrationInfo) -> Option<u16> {
+    m.ft.as_ref()
+        .map(|ft| model::redundancy_status(ft.redundancy))
+}
+
+impl RedundancyWatch {
+    fn new(cimom: &Cimom) -> Self {
+        RedundancyWatch {
+            last: cimom
+                .host
+                .list_migrations()
+                .iter()
+                .filter_map(|m| Some((m.id.clone(), pair_status(m)?)))
+                .collect(),
+        }
+    }
+
+    /// Since the last call: a CIM_InstModification for each set whose RedundancyStatus
+    /// changed (PreviousInstance with the status before) and a CIM_InstCreation for each new
+    /// set. A status that changes and changes back between two looks raises nothing.
+    fn changed(&mut self, cimom: &Cimom) -> Vec<Instance> {
+        let snap = Snapshot::new(&*cimom.host);
+        let mut out = Vec::new();
+        for m in snap.migrations() {
+            let (Some(status), Some(now)) = (pair_status(m), model::redundancy_set(m)) else {
+                continue;
+            };
+            match self.last.insert(m.id.clone(), status) {
+                None => out.push(wrap(cimom, "CIM_InstCreation", now, None)),
+                Some(before) if before != status => {
+                    let mut prev = now.clone();
+                    prev.set(Cow::Borrowed("RedundancyStatus"), Value::from(before));
+                    out.push(wrap(cimom, "CIM_InstModification", now, Some(prev)));
+                }
+                Some(_) => {}
+            }
         }
         out
     }
@@ -725,6 +777,49 @@ mod tests {
             assert_eq!(before.get("JobState").and_then(Value::as_u64), Some(4));
         }
         assert!(ended.newly_ended(&cimom).is_empty(), "raised once");
+    }
+
+    #[test]
+    fn a_pair_raises_a_modification_at_every_redundancy_change() {
+        use lockstep_api::migration::FtRedundancy;
+        let host = Arc::new(crate::fake_host::FakeHost::with_vms(2));
+        let old = host.add_ft_pairing("vm000", "primary", "web");
+        let cimom = Cimom::new(host.clone(), "h".into(), None, Default::default()).unwrap();
+        let mut watch = RedundancyWatch::new(&cimom);
+        assert!(watch.changed(&cimom).is_empty(), "known at start: nothing");
+
+        let new = host.add_ft_pairing("vm001", "secondary", "db");
+        let raised = watch.changed(&cimom);
+        assert_eq!(raised.len(), 1);
+        assert_eq!(raised[0].class, "CIM_InstCreation");
+
+        let status = |ind: &Instance, which: &str| match ind.get(which) {
+            Some(Value::Embedded(i)) => i.get("RedundancyStatus").and_then(Value::as_u64),
+            _ => None,
+        };
+        for (r, before, after) in [(FtRedundancy::Degraded, 2, 3), (FtRedundancy::Lost, 3, 4)] {
+            host.set_ft_redundancy(&old, r);
+            let raised = watch.changed(&cimom);
+            assert_eq!(raised.len(), 1, "one change, one indication: {raised:?}");
+            let ind = &raised[0];
+            assert_eq!(ind.class, "CIM_InstModification");
+            assert_eq!(status(ind, "SourceInstance"), Some(after));
+            assert_eq!(status(ind, "PreviousInstance"), Some(before));
+            let Some(Value::Embedded(src)) = ind.get("SourceInstance") else {
+                panic!("no SourceInstance")
+            };
+            assert_eq!(src.class, model::REDUNDANCY_SET_CLASS);
+            assert_eq!(src.get_str("MigrationID"), Some(old.as_str()));
+            assert!(watch.changed(&cimom).is_empty(), "raised once");
+        }
+        // Each set's changes are its own.
+        host.set_ft_redundancy(&new, FtRedundancy::Degraded);
+        let raised = watch.changed(&cimom);
+        assert_eq!(raised.len(), 1);
+        let Some(Value::Embedded(src)) = raised[0].get("SourceInstance") else {
+            panic!("no SourceInstance")
+        };
+        assert_eq!(src.get_str("MigrationID"), Some(new.as_str()));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod pull;
 pub mod query;
+pub mod redundancy;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,7 +1,8 @@
 //! Extrinsic methods: a VM's RequestStateChange (DSP1057 state mapping) and the virtual
 //! system management service's DefineSystem, DestroySystem, ModifySystemSettings,
 //! ModifyResourceSettings and AddResourceSettings (DSP1042); and the jobs of the ones that wait
-//! on a guest.
+//! on a guest. The migration service's methods are in `migration.rs`, a fault-tolerant pair's
+//! Failover in `redundancy.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -257,6 +258,7 @@ pub fn invoke(
         ("LKS_VirtualSystemMigrationService", "PrepareIncomingMigration") => {
             crate::migration::prepare_incoming(cimom, params)?
         }
+        ("LKS_RedundancySet", "Failover") => crate::redundancy::failover(cimom, &inst, params)?,
         (_, m) => {
             return Err(CimFault::new(
                 CimStatus::MethodNotAvailable,

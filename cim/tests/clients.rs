@@ -1,9 +1,14 @@
 //! Real WBEM clients against the endpoint over a fake host: pywbem (scripts), pywbemcli and
 //! sblim-wbemcli, over HTTP and HTTPS with Basic authentication.
 
+use std::sync::Arc;
+
+use lockstep_api::control::HostControl;
+use lockstep_api::migration::FtRedundancy;
+use lockstep_cim::fake_host::FakeHost;
 use lockstep_cim::testing::{
-    have_pywbem, have_pywbemcli, have_wbemcli, pywbemcli, run_pywbem, wbemcli, wbemcli_as,
-    TestServer,
+    client, have_pywbem, have_pywbemcli, have_wbemcli, pywbemcli, run, run_pywbem, tests_dir,
+    wbemcli, wbemcli_as, TestServer,
 };
 
 const VM1: &str = "/root/cimv2:LKS_VirtualComputerSystem.CreationClassName=\"LKS_VirtualComputerSystem\",Name=\"vm001\"";
@@ -33,6 +38,75 @@ fn pywbem_over_https() {
             "--only",
             "enum,get,assoc,query,pull,profiles,state,define,auth",
         ],
+    );
+}
+
+/// Fault-tolerant pairs as CIM_RedundancySet through pywbem (`tests/pywbem_ft.py`): the sets,
+/// their associations, Failover refused where it must be and carried out on the primary's set,
+/// and the indication of the status change. The host sees exactly one failover, the primary's.
+#[test]
+fn pywbem_ft_redundancy_sets() {
+    if !have_pywbem() {
+        return;
+    }
+    let host = Arc::new(FakeHost::with_vms(3));
+    host.start_vm("vm000").unwrap();
+    let web = host.add_ft_pairing("vm000", "primary", "web");
+    let db = host.add_ft_pairing("vm001", "secondary", "db");
+    let old = host.add_ft_pairing("vm002", "primary", "old");
+    host.set_ft_redundancy(&old, FtRedundancy::Degraded);
+    let s = TestServer::over(host.clone(), Default::default());
+    let target = &s.http;
+    let mut cmd = client("python3");
+    cmd.arg(tests_dir().join("pywbem_ft.py")).args([
+        "--url",
+        &target.url,
+        "--user",
+        &target.user,
+        "--password",
+        &target.password,
+    ]);
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "pywbem FT checks failed");
+    assert_eq!(host.failovers(), vec![web]);
+    if !have_pywbemcli() {
+        return;
+    }
+    let o = pywbemcli(target, &["instance", "enumerate", "CIM_RedundancySet"]);
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o).matches("instance of LKS_RedundancySet").count(),
+        3
+    );
+    let set = format!("LKS_RedundancySet.InstanceID=\"LKS:ft:db:{db}\"");
+    let o = pywbemcli(
+        target,
+        &[
+            "instance",
+            "associators",
+            &set,
+            "--assoc-class",
+            "CIM_MemberOfCollection",
+            "--names-only",
+        ],
+    );
+    assert!(o.status.success() && stdout(&o).contains("Name=\"vm001\""));
+    let o = pywbemcli(
+        target,
+        &[
+            "instance",
+            "references",
+            VM1,
+            "--result-class",
+            "CIM_MemberOfCollection",
+        ],
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o)
+            .matches("instance of LKS_MemberOfCollection")
+            .count(),
+        1
     );
 }
 

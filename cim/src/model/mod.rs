@@ -5,6 +5,7 @@
 mod devices;
 mod interop;
 mod migration;
+mod redundancy;
 mod settings;
 mod systems;
 
@@ -19,6 +20,10 @@ pub use interop::{INTEROP_NS, PROFILES};
 pub use migration::{
     memory_of, migration_id_of, migration_job, migration_job_path, MIGRATION_JOB_CLASS,
     MIGRATION_SERVICE_CLASS, MIGRATION_SETTINGS_CLASS, MIGRATION_TYPE_LIVE,
+};
+pub use redundancy::{
+    redundancy_set, redundancy_set_path, redundancy_status, REDUNDANCY_SET_CLASS,
+    TYPE_OF_SET_SPARING,
 };
 pub use settings::{apply_change, config_from_embedded, rasd_to_config_change, ConfigChange};
 pub(crate) use settings::{disk_rasd_path, memory_rasd_path, nic_rasd_path, processor_rasd_path};
@@ -206,6 +211,21 @@ const PROVIDERS: &[Provider] = &[
         class: "LKS_ServiceAffectsElement",
         space: Space::Cimv2,
         build: migration::service_affects_element,
+    },
+    Provider {
+        class: "LKS_RedundancySet",
+        space: Space::Cimv2,
+        build: redundancy::redundancy_sets,
+    },
+    Provider {
+        class: "LKS_MemberOfCollection",
+        space: Space::Cimv2,
+        build: redundancy::members,
+    },
+    Provider {
+        class: "LKS_HostedCollection",
+        space: Space::Cimv2,
+        build: redundancy::hosted_collections,
     },
     Provider {
         class: "LKS_VirtualSystemSettingData",
