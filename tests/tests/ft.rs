@@ -556,3 +556,102 @@ fn a_two_vcpu_guest_survives_the_kill_of_its_primary() {
         "{status}"
     );
 }
+
+/// pywbem against a host's CIM endpoint: prints each LKS_RedundancySet as
+/// `set <InstanceID> <RedundancyStatus> <TypeOfSet>`, and with `failover` invokes Failover on
+/// the first one and prints `failover <return code>`.
+const PYWBEM_FT: &str = r#"
+import sys, pywbem
+url, user, password, action = sys.argv[1:5]
+conn = pywbem.WBEMConnection(url, (user, password), default_namespace="root/cimv2")
+sets = conn.EnumerateInstances("LKS_RedundancySet")
+for s in sets:
+    print("set", s["InstanceID"], int(s["RedundancyStatus"]), [int(t) for t in s["TypeOfSet"]])
+if action == "failover":
+    rc, _ = conn.InvokeMethod("Failover", sets[0].path)
+    print("failover", rc)
+"#;
+
+fn pywbem_ft(url: &str, action: &str) -> String {
+    let out =
+        lockstep_tests::programs::output(lockstep_tests::programs::command("python3").args([
+            "-c",
+            PYWBEM_FT,
+            url,
+            "operator",
+            "s3cret-pass",
+            action,
+        ]));
+    assert!(
+        out.status.success(),
+        "pywbem: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cim_shows_the_pair_as_a_redundancy_set_and_fails_it_over() {
+    if !lockstep_cim::testing::have_pywbem() {
+        return;
+    }
+    let Some(etcd) = Etcd::start("ft::cim") else {
+        return;
+    };
+    let port = lockstep_tests::free_port();
+    let cim = json!({ "cim": {
+        "http": format!("127.0.0.1:{port}"),
+        "users": [{ "name": "operator",
+                    "password_hash": lockstep_tests::host::hash_password("s3cret-pass") }],
+    }});
+    let primary = TestHost::start_with(vec![vm_config("ft", "counter 20")], cim);
+    let secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(&etcd, "b") })),
+    );
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(&json!({
+            "destination": incoming["listen"], "token": incoming["token"],
+            "ft": ft_options(&etcd, "a"),
+        })),
+    );
+    let out_id = out["id"].as_str().unwrap().to_string();
+    wait_migration(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let seen = pywbem_ft(&url, "list");
+    assert!(
+        seen.lines()
+            .any(|l| l.starts_with("set ") && l.contains(" 2 [4]")),
+        "a fully redundant sparing set: {seen}"
+    );
+    let done = pywbem_ft(&url, "failover");
+    assert!(done.contains("failover 0"), "{done}");
+    let info = wait_migration(&primary, &out_id, "the failover", |i| {
+        i["phase"] != "protecting"
+    });
+    assert_eq!(info["phase"], "completed", "{info}\n{}", primary.log());
+    let in_id = incoming["id"].as_str().unwrap();
+    let back = wait_migration(&secondary, in_id, "the takeover", |i| {
+        i["phase"] != "standby"
+    });
+    assert_eq!(back["phase"], "completed", "{back}");
+    assert_eq!(secondary.state("ft"), "running");
+    let after = pywbem_ft(&url, "list");
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("set ") && l.contains(" 4 [4]")),
+        "the primary's set says its copy is gone: {after}"
+    );
+}
