@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{IncomingRequest, MigrateRequest, MigrationPhase};
+use lockstep_api::migration::{FtOptions, IncomingRequest, MigrateRequest, MigrationPhase};
 
 use crate::cimom::{Cimom, Params};
 use crate::error::{CimFault, CimResult, CimStatus};
@@ -108,6 +108,38 @@ fn bandwidth_mib_s(settings: &Instance) -> CimResult<Option<u64>> {
     Ok((mib > 0).then_some(mib))
 }
 
+/// Fault-tolerance options from `text` and `number` lookups (a settings instance's properties or
+/// a method's parameters): FTArbiter (etcd endpoints, IP:PORT, comma-separated) and FTHostID
+/// together make a pairing; FTPair, FTEpoch and FTHeartbeatTimeout (milliseconds) are optional.
+/// The host checks the values and names the one at fault.
+fn ft_options(
+    text: impl Fn(&str) -> Option<String>,
+    number: impl Fn(&str) -> CimResult<Option<u64>>,
+) -> CimResult<Option<FtOptions>> {
+    let (arbiter, host_id) = (text("FTArbiter"), text("FTHostID"));
+    let (arbiter, host_id) = match (arbiter, host_id) {
+        (None, None) => return Ok(None),
+        (Some(a), Some(h)) => (a, h),
+        _ => {
+            return Err(invalid(
+                "FTArbiter and FTHostID go together (a fault-tolerant pairing)",
+            ))
+        }
+    };
+    Ok(Some(FtOptions {
+        arbiter: arbiter
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect(),
+        host_id,
+        pair: text("FTPair"),
+        epoch_ms: number("FTEpoch")?,
+        heartbeat_timeout_ms: number("FTHeartbeatTimeout")?,
+        standby: None,
+    }))
+}
+
 /// Reads the parameters both methods share.
 fn asked(params: Params<'_>) -> CimResult<Asked> {
     let vm = vm_of(params)?;
@@ -176,6 +208,10 @@ fn asked(params: Params<'_>) -> CimResult<Asked> {
             ))
         }
     };
+    let ft = ft_options(
+        |name| settings.get_str(name).map(str::to_string),
+        |name| number(&settings, name),
+    )?;
     Ok(Asked {
         vm,
         request: MigrateRequest {
@@ -186,7 +222,7 @@ fn asked(params: Params<'_>) -> CimResult<Asked> {
             max_bandwidth_mib_s: bandwidth_mib_s(&settings)?,
             auto_converge,
             share_memory: None,
-            ft: None,
+            ft,
         },
     })
 }
@@ -241,11 +277,21 @@ pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
     let name = params
         .string("SystemName")?
         .ok_or_else(|| invalid("SystemName is required: the name the VM gets here"))?;
+    let ft = ft_options(
+        |name| params.string(name).ok().flatten().map(str::to_string),
+        |name| {
+            params
+                .u32(name)
+                .map(|v| v.map(u64::from))
+                .map_err(|_| invalid(format!("{name} must be a number of milliseconds")))
+        },
+    )?;
     let info = cimom
         .host
         .migrate_incoming(IncomingRequest {
             listen: listen.trim().to_string(),
             name: name.to_string(),
+            ft,
             ..Default::default()
         })
         .map_err(host_fault)?;

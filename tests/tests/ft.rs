@@ -557,31 +557,46 @@ fn a_two_vcpu_guest_survives_the_kill_of_its_primary() {
     );
 }
 
-/// pywbem against a host's CIM endpoint: prints each LKS_RedundancySet as
-/// `set <InstanceID> <RedundancyStatus> <TypeOfSet>`, and with `failover` invokes Failover on
-/// the first one and prints `failover <return code>`.
+/// pywbem against hosts' CIM endpoints. `prepare URL ARBITER`: PrepareIncomingMigration for a
+/// secondary (host id b), prints `listen <DestinationHost> <Token>`; `pair URL ARBITER DEST
+/// TOKEN`: MigrateVirtualSystemToHost of `ft` with fault-tolerance settings (host id a), prints
+/// `pair <rc>`; `list URL`: each LKS_RedundancySet as `set <InstanceID> <RedundancyStatus>
+/// <TypeOfSet>`; `failover URL`: Failover on the first set, prints `failover <rc>`.
 const PYWBEM_FT: &str = r#"
 import sys, pywbem
-url, user, password, action = sys.argv[1:5]
-conn = pywbem.WBEMConnection(url, (user, password), default_namespace="root/cimv2")
-sets = conn.EnumerateInstances("LKS_RedundancySet")
-for s in sets:
-    print("set", s["InstanceID"], int(s["RedundancyStatus"]), [int(t) for t in s["TypeOfSet"]])
-if action == "failover":
-    rc, _ = conn.InvokeMethod("Failover", sets[0].path)
-    print("failover", rc)
+action, url = sys.argv[1:3]
+conn = pywbem.WBEMConnection(url, ("operator", "s3cret-pass"), default_namespace="root/cimv2")
+service = conn.EnumerateInstanceNames("LKS_VirtualSystemMigrationService")[0]
+if action == "prepare":
+    rc, out = conn.InvokeMethod("PrepareIncomingMigration", service, Listen="127.0.0.1:0",
+                                SystemName="ft", FTArbiter=sys.argv[3], FTHostID="b",
+                                FTHeartbeatTimeout=pywbem.Uint32(500))
+    print("listen", out["DestinationHost"], out["Token"], rc)
+elif action == "pair":
+    settings = pywbem.CIMInstance("LKS_VirtualSystemMigrationSettingData", properties={
+        "MigrationType": pywbem.Uint16(2), "Token": sys.argv[5], "FTArbiter": sys.argv[3],
+        "FTHostID": "a", "FTEpoch": pywbem.Uint64(50), "FTHeartbeatTimeout": pywbem.Uint64(500)})
+    vm = pywbem.CIMInstanceName("LKS_VirtualComputerSystem",
+                                {"CreationClassName": "LKS_VirtualComputerSystem", "Name": "ft"},
+                                namespace="root/cimv2")
+    rc, out = conn.InvokeMethod("MigrateVirtualSystemToHost", service, ComputerSystem=vm,
+                                DestinationHost=sys.argv[4], MigrationSettingData=settings)
+    print("pair", rc)
+else:
+    sets = conn.EnumerateInstances("LKS_RedundancySet")
+    for s in sets:
+        print("set", s["InstanceID"], int(s["RedundancyStatus"]), [int(t) for t in s["TypeOfSet"]])
+    if action == "failover":
+        rc, _ = conn.InvokeMethod("Failover", sets[0].path)
+        print("failover", rc)
 "#;
 
-fn pywbem_ft(url: &str, action: &str) -> String {
-    let out =
-        lockstep_tests::programs::output(lockstep_tests::programs::command("python3").args([
-            "-c",
-            PYWBEM_FT,
-            url,
-            "operator",
-            "s3cret-pass",
-            action,
-        ]));
+fn pywbem_ft(args: &[&str]) -> String {
+    let out = lockstep_tests::programs::output(
+        lockstep_tests::programs::command("python3")
+            .args(["-c", PYWBEM_FT])
+            .args(args),
+    );
     assert!(
         out.status.success(),
         "pywbem: {}",
@@ -590,64 +605,66 @@ fn pywbem_ft(url: &str, action: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A host with a CIM endpoint over HTTP; returns it and the endpoint's URL.
+fn cim_host(vms: Vec<Value>) -> (TestHost, String) {
+    let port = lockstep_tests::free_port();
+    let cim = json!({ "cim": {
+        "http": format!("127.0.0.1:{port}"),
+        "https": format!("127.0.0.1:{}", lockstep_tests::free_port()),
+        "users": [{ "name": "operator",
+                    "password_hash": lockstep_tests::host::hash_password("s3cret-pass") }],
+    }});
+    (
+        TestHost::start_with(vms, cim),
+        format!("http://127.0.0.1:{port}"),
+    )
+}
+
 #[test]
-fn cim_shows_the_pair_as_a_redundancy_set_and_fails_it_over() {
+fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
     if !lockstep_cim::testing::have_pywbem() {
         return;
     }
     let Some(etcd) = Etcd::start("ft::cim") else {
         return;
     };
-    let port = lockstep_tests::free_port();
-    let cim = json!({ "cim": {
-        "http": format!("127.0.0.1:{port}"),
-        "users": [{ "name": "operator",
-                    "password_hash": lockstep_tests::host::hash_password("s3cret-pass") }],
-    }});
-    let primary = TestHost::start_with(vec![vm_config("ft", "counter 20")], cim);
-    let secondary = TestHost::start(vec![]);
+    let arbiter = etcd.endpoint().to_string();
+    let (primary, url_a) = cim_host(vec![vm_config("ft", "counter 20")]);
+    let (secondary, url_b) = cim_host(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
-    let incoming = call(
-        &secondary,
-        "POST",
-        "/v1/migrations/incoming",
-        "/v1/migrations/incoming",
-        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(&etcd, "b") })),
-    );
-    let out = call(
-        &primary,
-        "POST",
-        "/v1/vms/{name}/migrate",
-        "/v1/vms/ft/migrate",
-        Some(&json!({
-            "destination": incoming["listen"], "token": incoming["token"],
-            "ft": ft_options(&etcd, "a"),
-        })),
-    );
-    let out_id = out["id"].as_str().unwrap().to_string();
-    wait_migration(&primary, &out_id, "protection", |i| {
+    // Both sides through CIM: the secondary's listener, then the pairing.
+    let prepared = pywbem_ft(&["prepare", &url_b, &arbiter]);
+    let words: Vec<&str> = prepared.split_whitespace().collect();
+    assert!(words.len() == 4 && words[0] == "listen", "{prepared}");
+    let paired = pywbem_ft(&["pair", &url_a, &arbiter, words[1], words[2]]);
+    assert!(paired.contains("pair 4096"), "{paired}\n{}", primary.log());
+    let all = call(&primary, "GET", "/v1/migrations", "/v1/migrations", None);
+    let out_id = all[0]["id"].as_str().unwrap().to_string();
+    let info = wait_migration(&primary, &out_id, "protection", |i| {
         i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
     });
-    let url = format!("http://127.0.0.1:{port}");
-    let seen = pywbem_ft(&url, "list");
+    assert_eq!(info["ft"]["pair"], "ft", "{info}");
+    let back = call(&secondary, "GET", "/v1/migrations", "/v1/migrations", None);
+    let in_id = back[0]["id"].as_str().unwrap().to_string();
+    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    let seen = pywbem_ft(&["list", &url_a]);
     assert!(
         seen.lines()
             .any(|l| l.starts_with("set ") && l.contains(" 2 [4]")),
         "a fully redundant sparing set: {seen}"
     );
-    let done = pywbem_ft(&url, "failover");
+    let done = pywbem_ft(&["failover", &url_a]);
     assert!(done.contains("failover 0"), "{done}");
     let info = wait_migration(&primary, &out_id, "the failover", |i| {
         i["phase"] != "protecting"
     });
     assert_eq!(info["phase"], "completed", "{info}\n{}", primary.log());
-    let in_id = incoming["id"].as_str().unwrap();
-    let back = wait_migration(&secondary, in_id, "the takeover", |i| {
+    let back = wait_migration(&secondary, &in_id, "the takeover", |i| {
         i["phase"] != "standby"
     });
     assert_eq!(back["phase"], "completed", "{back}");
     assert_eq!(secondary.state("ft"), "running");
-    let after = pywbem_ft(&url, "list");
+    let after = pywbem_ft(&["list", &url_a]);
     assert!(
         after
             .lines()
