@@ -304,25 +304,43 @@ fn login_attempts_beyond_the_queue_are_refused_at_once() {
     });
     let to = addr(&s);
     // Twelve attempts at once from twelve subnets: at most two fit (one checked, one
-    // queued) at any moment; the rest are refused without a check.
-    let barrier = Arc::new(std::sync::Barrier::new(12));
-    let threads: Vec<_> = (0..12u8)
-        .map(|i| {
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                let request = enumerate_request(Some(&basic("admin", &format!("wrong{i}"))));
-                let mut c = connect_from(loopback(0, 10 + i, 2), to).unwrap();
-                barrier.wait();
-                c.write_all(&request).unwrap();
-                read_reply(&mut c).unwrap().status
+    // queued) at any moment; the rest are refused without a check. On a loaded machine the
+    // twelve may reach the server spread out enough for each check to end before the next
+    // arrives: a burst with no refusal is tried again, up to three bursts.
+    let burst = |round: u8| -> Vec<u16> {
+        let barrier = Arc::new(std::sync::Barrier::new(12));
+        let threads: Vec<_> = (0..12u8)
+            .map(|i| {
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let password = format!("wrong{round}-{i}");
+                    let request = enumerate_request(Some(&basic("admin", &password)));
+                    let mut c = connect_from(loopback(0, 10 + i, 2 + round), to).unwrap();
+                    barrier.wait();
+                    c.write_all(&request).unwrap();
+                    read_reply(&mut c).unwrap().status
+                })
             })
-        })
-        .collect();
-    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    let refused = statuses.iter().filter(|s| **s == 503).count();
-    let checked = statuses.iter().filter(|s| **s == 401).count();
-    assert_eq!(refused + checked, 12, "{statuses:?}");
-    assert!(refused >= 1 && checked >= 2, "{statuses:?}");
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    let mut bursts = Vec::new();
+    for round in 0..3 {
+        let statuses = burst(round);
+        let refused = statuses.iter().filter(|s| **s == 503).count();
+        let checked = statuses.iter().filter(|s| **s == 401).count();
+        assert_eq!(refused + checked, 12, "{statuses:?}");
+        assert!(checked >= 2, "{statuses:?}");
+        bursts.push(statuses);
+        if refused >= 1 {
+            break;
+        }
+    }
+    assert!(
+        bursts.last().is_some_and(|s| s.contains(&503)),
+        "no attempt beyond the queue was refused in {} bursts: {bursts:?}",
+        bursts.len()
+    );
     // And one subnet cannot have two pending: while one attempt from 127.0.30.2 waits for a
     // slow check, a second from 127.0.30.3 is refused.
     let mut first = connect_from(loopback(0, 30, 2), to).unwrap();
