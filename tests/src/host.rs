@@ -265,6 +265,42 @@ impl TestHost {
             .to_string()
     }
 
+    /// A migration's (or pairing's) info, `GET /v1/migrations/{id}`.
+    pub fn migration(&self, id: &str) -> Value {
+        let reply = self.call(
+            "GET",
+            "/v1/migrations/{id}",
+            &format!("/v1/migrations/{id}"),
+            None,
+        );
+        assert_eq!(reply.status, 200, "migration {id}: {}", reply.text());
+        reply.json()
+    }
+
+    /// Waits (at most `timeout`) until `check` holds for migration `id`'s info, naming `what`
+    /// it waited for if it never does; returns the info.
+    pub fn wait_migration(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.migration(id);
+            if check(&info) {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "migration {id}: no {what} within {timeout:?}: {info}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until a VM reaches `state`.
     pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

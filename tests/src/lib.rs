@@ -11,6 +11,7 @@ pub mod netns;
 pub mod pattern;
 pub mod programs;
 pub mod report;
+pub mod trials;
 pub mod vm;
 
 pub use images::{guest_images, linux_images, lockstep_bin, GuestImages, LinuxImages};

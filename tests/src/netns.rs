@@ -77,6 +77,24 @@ impl NetNs {
         format!("10.77.{}.2", self.subnet)
     }
 
+    /// Moves the host address from the tap to a bridge `br0` with the tap and a second one on
+    /// it (one L2 segment, as two hosts' ports on a switch); returns the second tap's name.
+    pub fn bridge_with_second_tap(&self) -> String {
+        let tap_b = format!("{}b", self.tap);
+        self.exec(&["ip", "addr", "flush", "dev", &self.tap]);
+        self.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        self.exec(&["ip", "link", "set", &self.tap, "master", "br0"]);
+        self.exec(&[
+            "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
+        ]);
+        self.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
+        self.exec(&["ip", "link", "set", &tap_b, "up"]);
+        let address = format!("{}/24", self.host_ip());
+        self.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
+        self.exec(&["ip", "link", "set", "br0", "up"]);
+        tap_b
+    }
+
     /// Runs a command inside the namespace and checks that it succeeds.
     pub fn exec(&self, args: &[&str]) {
         let out = self.output(args);

@@ -39,31 +39,9 @@ fn call(host: &TestHost, method: &str, route: &str, path: &str, body: Option<&Va
     reply.json()
 }
 
-fn migration(host: &TestHost, id: &str) -> Value {
-    call(
-        host,
-        "GET",
-        "/v1/migrations/{id}",
-        &format!("/v1/migrations/{id}"),
-        None,
-    )
-}
-
 /// Waits until `check` holds for the migration's info; returns it.
 fn wait_migration(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info = migration(host, id);
-        if check(&info) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {id}: no {what} within {WAIT:?}: {info}\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    host.wait_migration(id, what, WAIT, check)
 }
 
 /// A side's options: 50 ms epochs; a 500 ms heartbeat timeout rather than the default 100 ms,

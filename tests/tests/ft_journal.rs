@@ -195,27 +195,14 @@ fn answered_requests_are_on_the_disk_after_a_sigkill_of_the_host() {
     if !require_kvm("answered_requests_are_on_the_disk_after_a_sigkill_of_the_host") {
         return;
     }
-    let trials: u32 = std::env::var("LKS_JOURNAL_TRIALS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let mut seed = std::env::var("LKS_JOURNAL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("LKS_JOURNAL_SEED={seed}");
+    let trials = lockstep_tests::trials::count("LKS_JOURNAL_TRIALS", 5);
+    let mut rng = lockstep_tests::trials::Rng::new(
+        "answered_requests_are_on_the_disk_after_a_sigkill_of_the_host",
+        "LKS_JOURNAL_SEED",
+    );
     let mut answered = 0;
     for trial in 0..trials {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let kill_after = Duration::from_millis(20 + seed % 480);
+        let kill_after = Duration::from_millis(20 + rng.below(480));
         let ns = NetNs::create();
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("journal.img");
@@ -269,7 +256,7 @@ fn requests_go_on_being_answered_across_a_live_migration() {
     const MANY: u64 = 12_000;
     const SECTORS: u64 = 16_384;
     let ns = NetNs::create();
-    let tap_b = bridge_with_second_tap(&ns);
+    let tap_b = ns.bridge_with_second_tap();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("journal.img");
     std::fs::File::create(&disk)
@@ -353,24 +340,6 @@ fn requests_go_on_being_answered_across_a_live_migration() {
     assert_eq!(destination.stop(), Some(0), "{}", destination.log());
     let journal = assert_answered_on_disk(&report, &disk);
     assert_eq!(journal.records.len() as u64, MANY + 10);
-}
-
-/// Moves `ns`'s host address from its tap to a bridge `br0` with that tap and a second one on
-/// it (one L2 segment, as two hosts' ports on a switch); returns the second tap's name.
-fn bridge_with_second_tap(ns: &NetNs) -> String {
-    let tap_b = format!("{}b", ns.tap());
-    ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
-    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-    ns.exec(&["ip", "link", "set", ns.tap(), "master", "br0"]);
-    ns.exec(&[
-        "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
-    ]);
-    ns.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
-    ns.exec(&["ip", "link", "set", &tap_b, "up"]);
-    let address = format!("{}/24", ns.host_ip());
-    ns.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
-    ns.exec(&["ip", "link", "set", "br0", "up"]);
-    tap_b
 }
 
 /// Requests the client never sends, straight from a socket: a repeat, a request whose sector

@@ -50,48 +50,8 @@ fn journal_vm(ns: &NetNs, disk: &Path) -> Value {
         .build()
 }
 
-/// Moves `ns`'s host address from its tap to a bridge with that tap and a second one on it
-/// (two hosts' ports on one switch); returns the second tap's name.
-fn bridge_with_second_tap(ns: &NetNs) -> String {
-    let tap_b = format!("{}b", ns.tap());
-    ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
-    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-    ns.exec(&["ip", "link", "set", ns.tap(), "master", "br0"]);
-    ns.exec(&[
-        "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
-    ]);
-    ns.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
-    ns.exec(&["ip", "link", "set", &tap_b, "up"]);
-    let address = format!("{}/24", ns.host_ip());
-    ns.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
-    ns.exec(&["ip", "link", "set", "br0", "up"]);
-    tap_b
-}
-
-fn migration(host: &TestHost, id: &str) -> Value {
-    host.call(
-        "GET",
-        "/v1/migrations/{id}",
-        &format!("/v1/migrations/{id}"),
-        None,
-    )
-    .json()
-}
-
 fn wait_for(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info = migration(host, id);
-        if check(&info) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {id}: no {what}: {info}\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    host.wait_migration(id, what, WAIT, check)
 }
 
 fn image(path: &Path) {
@@ -245,7 +205,7 @@ fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
         return;
     }
     let ns = NetNs::create();
-    let tap_b = bridge_with_second_tap(&ns);
+    let tap_b = ns.bridge_with_second_tap();
     let Some(etcd) = Etcd::start_in("ft_kill::frozen", Some(ns.name())) else {
         return;
     };
@@ -316,31 +276,18 @@ fn every_answered_request_survives_a_sigkill_of_the_primary() {
         return;
     }
     let ns = NetNs::create();
-    let tap_b = bridge_with_second_tap(&ns);
+    let tap_b = ns.bridge_with_second_tap();
     let Some(etcd) = Etcd::start_in("ft_kill", Some(ns.name())) else {
         return;
     };
-    let trials: u32 = std::env::var("LKS_FT_TRIALS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let mut seed = std::env::var("LKS_FT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("LKS_FT_SEED={seed}");
+    let trials = lockstep_tests::trials::count("LKS_FT_TRIALS", 10);
+    let mut rng = lockstep_tests::trials::Rng::new(
+        "every_answered_request_survives_a_sigkill_of_the_primary",
+        "LKS_FT_SEED",
+    );
     let (mut answered, mut after) = (0, 0);
     for n in 0..trials {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let kill_after = Duration::from_millis(50 + seed % 1500);
+        let kill_after = Duration::from_millis(50 + rng.below(1500));
         let (a, b) = trial(&ns, &etcd, &tap_b, n, kill_after);
         answered += a;
         after += b;

@@ -3,7 +3,7 @@
 //! answers, the loop runs on, and its disk (the secondary's own copy of the image) has the file,
 //! read back after dropping the page cache. One boot: it costs tens of seconds here.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockstep_tests::etcd::Etcd;
 use lockstep_tests::host::{Console, TestHost};
@@ -18,29 +18,11 @@ fn console(host: &TestHost, vm: &str) -> Console {
 }
 
 fn migration(host: &TestHost, id: &str) -> Value {
-    host.call(
-        "GET",
-        "/v1/migrations/{id}",
-        &format!("/v1/migrations/{id}"),
-        None,
-    )
-    .json()
+    host.migration(id)
 }
 
 fn wait_for(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        let info = migration(host, id);
-        if check(&info) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {id}: no {what}: {info}\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    host.wait_migration(id, what, BOOT, check)
 }
 
 fn ticks(shell: &mut Console) -> u64 {
@@ -120,7 +102,7 @@ fn a_linux_guest_survives_the_kill_of_its_primary_with_its_shell_and_disk() {
         CMD,
     );
     shell.run(
-        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks; sleep 0.1; done) & echo started",
+        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks.new; mv /tmp/ticks.new /tmp/ticks; sleep 0.1; done) & echo started",
         "started",
         CMD,
     );

@@ -16,41 +16,23 @@ use serde_json::json;
 
 use super::*;
 
-/// xorshift64 from a seed taken from `LKS_MIGRATION_SEED` or the clock, printed.
-struct Rng(u64);
+/// The trials' random points, replayable with `LKS_MIGRATION_SEED`.
+struct Rng(lockstep_tests::trials::Rng);
 
 impl Rng {
     fn new(test: &str) -> Rng {
-        let seed = std::env::var("LKS_MIGRATION_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("{test}: LKS_MIGRATION_SEED={seed}");
-        Rng(seed)
+        Rng(lockstep_tests::trials::Rng::new(test, "LKS_MIGRATION_SEED"))
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
+        self.0.below(n)
     }
 }
 
 /// How many trials a failure test runs: `LKS_MIGRATION_TRIALS` (the bench script asks 100),
 /// else `default`.
 fn trials(default: u32) -> u32 {
-    std::env::var("LKS_MIGRATION_TRIALS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
+    lockstep_tests::trials::count("LKS_MIGRATION_TRIALS", default)
 }
 
 /// Checks that a failed migration left the source's VM running (its counter moves) and the

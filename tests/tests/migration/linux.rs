@@ -70,7 +70,7 @@ fn a_linux_guest_migrates_at_its_shell_and_its_shell_disk_and_network_work_there
     );
     // Something running at the switch: a counter in the background.
     shell.run(
-        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks; sleep 0.1; done) & echo started",
+        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks.new; mv /tmp/ticks.new /tmp/ticks; sleep 0.1; done) & echo started",
         "started",
         CMD,
     );
