@@ -378,6 +378,18 @@ impl HostControl for FakeHost {
         }
         Ok(info)
     }
+
+    fn failover_migration(&self, id: &str) -> Result<MigrationInfo, ControlError> {
+        let info = self.get_migration(id)?;
+        if info.phase == MigrationPhase::Completed {
+            return Err(ControlError::Conflict("it has ended".into()));
+        }
+        Ok(fake_migration(id, "db", MigrationPhase::Protecting))
+    }
+
+    fn list_migrations(&self) -> Vec<MigrationInfo> {
+        vec![fake_migration("1", "db", MigrationPhase::Precopy)]
+    }
 }
 
 fn fake_migration(id: &str, vm: &str, phase: MigrationPhase) -> MigrationInfo {

@@ -120,6 +120,16 @@ fn migration(method: &'static str, id: &str, status: u16) -> Case {
     }
 }
 
+fn failover(id: &str, status: u16) -> Case {
+    Case {
+        method: "POST",
+        template: "/v1/migrations/{id}/failover",
+        path: format!("/v1/migrations/{id}/failover"),
+        body: None,
+        status,
+    }
+}
+
 impl Case {
     fn json(mut self, body: &str) -> Case {
         self.body = Some(("application/json", body.as_bytes().to_vec()));
@@ -223,6 +233,11 @@ fn conformance_cases() -> Vec<Case> {
         migration("DELETE", "done", 409),
         migration("DELETE", "nope", 404),
         migration("DELETE", "broken", 500),
+        case("GET", "/v1/migrations", "", 200),
+        failover("1", 202),
+        failover("done", 409),
+        failover("nope", 404),
+        failover("broken", 500),
         case("DELETE", VM, "idle", 204),
         case("DELETE", VM, "idle", 404),
         case("DELETE", VM, "broken", 500),
