@@ -73,7 +73,7 @@ fn options() -> Options {
         mem_mib: 256,
         dirty_mib_s: 50,
         dirty_seconds: 10,
-        heartbeat_ms: 500,
+        heartbeat_ms: 100,
         json: PathBuf::from("target/bench/ft.json"),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
