@@ -15,11 +15,16 @@ pub fn workspace_root() -> &'static Path {
 /// The cargo target folder and profile this test was built with (e.g. `target`, `debug`).
 fn target_and_profile() -> (PathBuf, String) {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps");
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<binary> for the harness's own
+    // programs (src/bin).
+    let parent = exe.parent().expect("test binary in a folder");
+    let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") {
+        parent
+            .parent()
+            .expect("test binary under target/<profile>/deps")
+    } else {
+        parent
+    };
     let profile = profile_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -42,10 +47,16 @@ fn run_checked(cmd: &mut Command, what: &str) {
     assert!(status.success(), "{what} failed: {status}");
 }
 
-/// The `lockstep` binary of this test's profile, built if needed.
+/// The `lockstep` binary of this test's profile, built if needed; or the one named by
+/// `LKS_LOCKSTEP_BIN` (the benchmarks' release build), used as it is.
 pub fn lockstep_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("LKS_LOCKSTEP_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(bin.exists(), "LKS_LOCKSTEP_BIN: no {}", bin.display());
+            return bin;
+        }
         let (target, profile) = target_and_profile();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);

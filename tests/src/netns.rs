@@ -140,6 +140,9 @@ impl NetNs {
 /// sent out of it, e.g. into a tap towards its VMM; anything else came in from it) and bytes.
 pub type Seen = (u8, Vec<u8>);
 
+/// A [`Seen`] frame with the time the capture read it (at most 2048 bytes of it).
+pub type SeenAt = (std::time::Instant, u8, Vec<u8>);
+
 impl NetNs {
     /// Captures every frame on `iface` in this namespace, both ways, until `stop` is set.
     pub fn capture(
@@ -147,6 +150,19 @@ impl NetNs {
         iface: &str,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> std::thread::JoinHandle<Vec<Seen>> {
+        let timed = self.capture_timed(iface, stop);
+        std::thread::spawn(move || {
+            let frames = timed.join().expect("the capture thread");
+            frames.into_iter().map(|(_, kind, f)| (kind, f)).collect()
+        })
+    }
+
+    /// [`NetNs::capture`], each frame with the time it was read (the benchmarks' failover time).
+    pub fn capture_timed(
+        &self,
+        iface: &str,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<Vec<SeenAt>> {
         let iface = std::ffi::CString::new(iface).expect("an interface name");
         self.run(move || {
             use std::os::fd::{FromRawFd, OwnedFd};
@@ -207,7 +223,8 @@ impl NetNs {
                     )
                 };
                 if n > 0 {
-                    frames.push((from.sll_pkttype, buf[..n as usize].to_vec()));
+                    let at = std::time::Instant::now();
+                    frames.push((at, from.sll_pkttype, buf[..n as usize].to_vec()));
                 }
             }
             frames
