@@ -168,7 +168,11 @@ impl Standby<'_> {
             let every = self.options.heartbeat();
             spawn_thread(format!("ft-beat-{}", self.name), move || {
                 while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(every);
+                    // Unparked when the stream ends: a takeover does not wait out the interval.
+                    std::thread::park_timeout(every);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if write_frame(&mut *conn, Kind::Heartbeat, &[]).is_err() {
                         break;
@@ -191,6 +195,7 @@ impl Standby<'_> {
         replicas.discard();
         drop(replicas);
         stop.store(true, Ordering::SeqCst);
+        beats.thread().unpark();
         let _ = beats.join();
         match end {
             End::Unpaired(why) => {
