@@ -484,6 +484,17 @@ impl DeviceManager {
             })
     }
 
+    /// Every network interface's counters (the FT primary watches how much output is held).
+    pub fn net_metrics(&self) -> Vec<Arc<NetMetrics>> {
+        self.virtio
+            .iter()
+            .filter_map(|entry| match &entry.device {
+                AttachedDevice::Net { metrics, .. } => Some(metrics.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every network interface, locked in turn, for the FT output gate's calls.
     fn each_net(&self, mut each: impl FnMut(&mut Net)) {
         for entry in &self.virtio {

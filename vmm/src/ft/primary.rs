@@ -21,6 +21,11 @@ use crate::migration::protocol::{read_frame, reason_text, write_frame, Conn, Kin
 use crate::migration::send::{Failure, PageWriter, Sender};
 use crate::vm::{OutputCommand, RunState, VmCommand, VmControl, VmReply};
 
+/// While the guest has output held back, the next checkpoint comes this soon after the last
+/// one began (or at the epoch's end, if that is sooner): output waits about this long instead
+/// of a whole epoch.
+pub const OUTPUT_EPOCH: Duration = Duration::from_millis(10);
+
 /// How long the VM's owner thread has for a command.
 const VM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -143,18 +148,26 @@ pub(crate) fn protect(
         if acked.elapsed() > ft.timeout / 2 {
             return Err(pairing.secondary_lost("this process stalled after the last ack"));
         }
-        if let Err(e) = pairing.call(VmCommand::Output(OutputCommand::Release(output))) {
+        let release = OutputCommand::Release {
+            upto: output,
+            by: acked + ft.timeout / 2,
+        };
+        if let Err(e) = pairing.call(VmCommand::Output(release)) {
             return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
         }
         pairing.report(epoch);
-        // Heartbeats until the next epoch.
+        // Heartbeats until the next checkpoint: at the epoch's end, or sooner while the guest
+        // has output held back (it waits for the next checkpoint to be acknowledged).
+        let mut beat_at = Instant::now();
         loop {
-            let left = ft.epoch.saturating_sub(started.elapsed());
-            if left.is_zero() {
+            let since = started.elapsed();
+            if since >= ft.epoch || (since >= OUTPUT_EPOCH.min(ft.epoch) && output_held(&pages)) {
                 break;
             }
-            std::thread::sleep(left.min(ft.heartbeat()));
-            if started.elapsed() < ft.epoch {
+            let step = ft.epoch.saturating_sub(since).min(Duration::from_millis(1));
+            std::thread::sleep(step);
+            if beat_at.elapsed() >= ft.heartbeat() {
+                beat_at = Instant::now();
                 let beat = write_frame(&mut pages.out, Kind::Heartbeat, &[])
                     .and_then(|()| pages.out.flush());
                 if let Err(e) = beat {
@@ -164,6 +177,15 @@ pub(crate) fn protect(
         }
         epoch += 1;
     }
+}
+
+/// True when a network interface holds frames the guest sent since the last checkpoint.
+fn output_held(pages: &PageWriter) -> bool {
+    pages
+        .access
+        .net_metrics
+        .iter()
+        .any(|m| m.tx_held_frames.load(std::sync::atomic::Ordering::Relaxed) > 0)
 }
 
 /// Reads the secondary's frames until the acknowledgement of `epoch`; each read waits at most
@@ -412,7 +434,11 @@ impl Pairing<'_> {
         if let Err(why) = running {
             return Err(self.secondary_lost(&why));
         }
-        let _ = self.call(VmCommand::Output(OutputCommand::Release(output)));
+        let release = OutputCommand::Release {
+            upto: output,
+            by: Instant::now() + self.ft.timeout,
+        };
+        let _ = self.call(VmCommand::Output(release));
         let _ = self.call(VmCommand::Output(OutputCommand::Fence));
         self.s.host.remove_migrated(vm);
         log::info!("{vm}: the secondary runs the VM now; this copy has ended");

@@ -96,8 +96,14 @@ pub enum OutputCommand {
     Gate(bool),
     /// Close the current epoch of held frames; the answer is [`VmReply::OutputEpoch`].
     MarkEpoch,
-    /// Send the held frames of every epoch up to this one.
-    Release(u64),
+    /// Send the held frames of every epoch up to `upto`, if it is not yet `by` (a process that
+    /// was stopped for longer than that may have been replaced meanwhile: it must ask first).
+    Release {
+        /// The last epoch to send.
+        upto: u64,
+        /// The latest time to send it.
+        by: std::time::Instant,
+    },
     /// Drop what is held and never send a frame again (a primary that lost the arbiter).
     Fence,
 }
@@ -117,6 +123,8 @@ pub struct MigrationAccess {
     /// Another descriptor on the vsock device's listener, and the flag that keeps its socket
     /// file when the VM goes.
     pub vsock: Option<(Arc<std::fs::File>, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Every network interface's counters (fault tolerance watches the output it holds).
+    pub net_metrics: Vec<Arc<lockstep_devices::virtio::net::NetMetrics>>,
 }
 
 impl MigrationAccess {
@@ -436,6 +444,7 @@ impl Running {
                     .vsock_listener()
                     .map_err(|e| ControlError::Failed(format!("the vsock socket: {e}")))?
                     .map(|(file, flag)| (Arc::new(file), flag)),
+                net_metrics: self.vm.devices.net_metrics(),
             })),
             VmCommand::CaptureState => self.capture_state(),
             VmCommand::HandOverConnections => self.hand_over_connections(),
@@ -465,7 +474,14 @@ impl Running {
                     OutputCommand::MarkEpoch => {
                         return Ok(VmReply::OutputEpoch(devices.mark_output_epoch()))
                     }
-                    OutputCommand::Release(upto) => devices.release_output(upto),
+                    OutputCommand::Release { upto, by } => {
+                        if std::time::Instant::now() > by {
+                            return Err(ControlError::Failed(
+                                "too late to release the output: this process was stalled".into(),
+                            ));
+                        }
+                        devices.release_output(upto)
+                    }
                     OutputCommand::Fence => devices.fence_output(),
                 }
                 Ok(VmReply::State(self.state))
