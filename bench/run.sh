@@ -23,8 +23,9 @@ fi
 if [ "$bench" = ft-kill ]; then
     # The SIGKILL trials of tests/tests/ft_kill.rs, many more of them; the seed is printed
     # (LKS_FT_SEED=<seed> replays them), then the result line.
+    trials_test=every_answered_request_survives_a_sigkill_of_the_primary
     LKS_FT_TRIALS="${1:-100}" exec timeout 3h cargo test --quiet -p lockstep-tests --test ft_kill \
-        every_answered_request_survives_a_sigkill_of_the_primary -- --nocapture --test-threads 1
+        "$trials_test" -- --nocapture --test-threads 1
 fi
 cargo build --release --quiet --bin lockstep
 bash tests/guest/build.sh target/guest-images >/dev/null
