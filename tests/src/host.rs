@@ -238,6 +238,27 @@ impl TestHost {
         }
     }
 
+    /// Waits for a whole line containing `needle` in a VM's serial log (a line still being
+    /// written is not taken); returns the log.
+    pub fn wait_serial_line(&self, vm: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.serial(vm);
+            let whole = text
+                .find(needle)
+                .is_some_and(|at| text[at..].contains('\n'));
+            if whole {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no whole line with {needle:?} from {vm} within {timeout:?}:\n{text}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Calls the API: `template` is the documented path (e.g. `/v1/vms/{name}`), `path` the real
     /// one. The reply is checked against the OpenAPI document before it is returned.
     pub fn call(
