@@ -329,54 +329,58 @@ fn a_move_to_a_secondary_listener_is_refused_and_the_vm_runs_on() {
     assert_eq!(primary.state("ft"), "running");
 }
 
+/// Asks `from`'s primary side (`out_id`) for a planned failover to `to`'s side (`in_id`), and
+/// waits until the roles have switched: `to` runs the VM and protects it with a new pairing
+/// (returned), `from` stands by as its secondary (its incoming migration, returned).
+fn fail_over(from: &TestHost, out_id: &str, to: &TestHost, in_id: &str) -> (Value, Value) {
+    let asked = call(
+        from,
+        "POST",
+        "/v1/migrations/{id}/failover",
+        &format!("/v1/migrations/{out_id}/failover"),
+        None,
+    );
+    assert_eq!(asked["phase"], "protecting", "{asked}");
+    let out = wait_migration(from, out_id, "the end", |i| i["phase"] != "protecting");
+    assert_eq!(out["phase"], "completed", "{out}\n{}", from.log());
+    assert_eq!(out["ft"]["role"], "primary (failed over)", "{out}");
+    let took = wait_migration(to, in_id, "the end", |i| i["phase"] != "standby");
+    assert_eq!(took["phase"], "completed", "{took}\n{}", to.log());
+    assert_eq!(took["ft"]["role"], "primary (took over)", "{took}");
+    assert_eq!(to.state("ft"), "running");
+    let pairing = new_pairing(to, in_id);
+    assert_eq!(pairing["ft"]["redundancy"], "full", "{pairing}");
+    let deadline = Instant::now() + WAIT;
+    let standing = loop {
+        let all = call(from, "GET", "/v1/migrations", "/v1/migrations", None);
+        let found =
+            all.as_array().into_iter().flatten().find(|m| {
+                m["direction"] == "incoming" && m["phase"] == "standby" && m["id"] != in_id
+            });
+        if let Some(found) = found {
+            break found.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary does not stand by: {all}\n{}",
+            from.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(standing["ft"]["role"], "secondary", "{standing}");
+    (pairing, standing)
+}
+
 #[test]
-fn a_planned_failover_moves_the_vm_with_nothing_lost_or_repeated() {
+fn a_planned_failover_switches_roles_with_nothing_lost_or_repeated() {
     let Some(etcd) = Etcd::start("ft::a_planned_failover") else {
         return;
     };
     let p = pair(&etcd, "counter 20");
-    let asked = call(
-        &p.primary,
-        "POST",
-        "/v1/migrations/{id}/failover",
-        &format!("/v1/migrations/{}/failover", p.out_id),
-        None,
-    );
-    assert_eq!(asked["phase"], "protecting", "{asked}");
-    let out = wait_migration(&p.primary, &p.out_id, "the end", |i| {
-        i["phase"] != "protecting"
-    });
-    assert_eq!(out["phase"], "completed", "{out}\n{}", p.primary.log());
-    let back = wait_migration(&p.secondary, &p.in_id, "the end", |i| {
-        i["phase"] != "standby"
-    });
-    assert_eq!(back["phase"], "completed", "{back}\n{}", p.secondary.log());
-    assert_eq!(
-        p.primary
-            .call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
-            .status,
-        404,
-        "the primary's copy has ended"
-    );
+    // A to B: B runs the VM, A becomes its secondary.
+    let (on_b, on_a) = fail_over(&p.primary, &p.out_id, &p.secondary, &p.in_id);
     assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
-    let deadline = Instant::now() + WAIT;
-    while counters(&p.secondary.serial("ft")).len() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the secondary's VM prints nothing"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let all = counters(&format!(
-        "{}{}",
-        p.primary.serial("ft"),
-        p.secondary.serial("ft")
-    ));
-    assert!(
-        all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
-        "the counter goes on with nothing lost or repeated: {all:?}"
-    );
-    // A second failover of an ended pairing is refused.
+    // A second failover of the ended pairing is refused.
     let again = p.primary.call(
         "POST",
         "/v1/migrations/{id}/failover",
@@ -384,6 +388,43 @@ fn a_planned_failover_moves_the_vm_with_nothing_lost_or_repeated() {
         None,
     );
     assert_eq!(again.status, 409, "{}", again.text());
+    // And back: A runs the VM again, B stands by.
+    let (id, back_id) = (on_b["id"].as_str().unwrap(), on_a["id"].as_str().unwrap());
+    fail_over(&p.secondary, id, &p.primary, back_id);
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 3));
+    assert_eq!(
+        p.secondary
+            .call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
+            .status,
+        404,
+        "B's copy has ended"
+    );
+    // The counter ran on A, then on B, then on A again (its serial log goes on), each value
+    // printed once.
+    let on_a_before = counters(&p.primary.serial("ft")).len();
+    let deadline = Instant::now() + WAIT;
+    while counters(&p.primary.serial("ft")).len() < on_a_before + 3 {
+        assert!(Instant::now() < deadline, "the VM prints nothing on A");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (a, b) = (
+        counters(&p.primary.serial("ft")),
+        counters(&p.secondary.serial("ft")),
+    );
+    assert!(
+        !b.is_empty() && b.windows(2).all(|w| w[1] == w[0] + 1),
+        "B: {b:?}"
+    );
+    let mut all: Vec<u64> = a.iter().chain(&b).copied().collect();
+    all.sort_unstable();
+    assert!(
+        all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter goes on with nothing lost or repeated: A {a:?}, B {b:?}"
+    );
+    assert!(
+        a.iter().any(|&n| n > b[b.len() - 1]),
+        "A runs after B: {a:?} {b:?}"
+    );
 }
 
 /// A standby host's listener, for re-protection: (host, migration id, the `standby` object).
@@ -649,4 +690,20 @@ fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
             .any(|l| l.starts_with("set ") && l.contains(" 4 [4]")),
         "the primary's set says its copy is gone: {after}"
     );
+    // The roles switched: this host stands by as the secondary of a new, fully redundant pair.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = pywbem_ft(&["list", &url_a]);
+        if now
+            .lines()
+            .any(|l| l.starts_with("set ") && l.contains(" 2 [4]"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new pair on the old primary: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -69,6 +69,7 @@ struct Paired {
     out_id: String,
     in_id: String,
     pair: String,
+    disk_a: std::path::PathBuf,
     disk_b: std::path::PathBuf,
     target: SocketAddr,
     _dir: tempfile::TempDir,
@@ -116,6 +117,7 @@ fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str) -> Paired {
         out_id,
         in_id,
         pair: pair.to_string(),
+        disk_a,
         disk_b,
         target: SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT),
         _dir: dir,
@@ -294,4 +296,99 @@ fn every_answered_request_survives_a_sigkill_of_the_primary() {
         after += b;
     }
     eprintln!("{trials} trials: {answered} requests answered, {after} by the new primaries");
+}
+
+/// The incoming migration on `host` that stands by, other than `not`.
+fn standing_by(host: &TestHost, not: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = host
+            .call("GET", "/v1/migrations", "/v1/migrations", None)
+            .json();
+        let found =
+            all.as_array().into_iter().flatten().find(|m| {
+                m["direction"] == "incoming" && m["phase"] == "standby" && m["id"] != not
+            });
+        if let Some(found) = found {
+            return found["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing stands by: {all}\n{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_planned_failover_under_load_switches_roles_and_the_old_primary_takes_over_again() {
+    if !require_kvm("a_planned_failover_under_load_switches_roles") {
+        return;
+    }
+    let ns = NetNs::create();
+    let tap_b = ns.bridge_with_second_tap();
+    let Some(etcd) = Etcd::start_in("ft_kill::planned", Some(ns.name())) else {
+        return;
+    };
+    let mut p = paired(&ns, &etcd, &tap_b, "planned");
+    let (running, started) = load(&ns, p.target);
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = p.primary.call(
+        "POST",
+        "/v1/migrations/{id}/failover",
+        &format!("/v1/migrations/{}/failover", p.out_id),
+        None,
+    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let took = wait_for(&p.secondary, &p.in_id, "the failover", |i| {
+        i["phase"] != "standby"
+    });
+    assert_eq!(took["phase"], "completed", "{took}\n{}", p.secondary.log());
+    // A stands by on its own image and tap now; B protects the VM with it.
+    let back_id = standing_by(&p.primary, "");
+    wait_for(&p.primary, &back_id, "checkpoints", |i| {
+        i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    assert_eq!(etcd.record(&p.pair), Some(("b".to_string(), 2)));
+    // The new primary dies: A takes over from its last checkpoint.
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = started.elapsed();
+    // SAFETY: signals our own child, the new primary's host process.
+    unsafe { libc::kill(p.secondary.pid() as i32, libc::SIGKILL) };
+    let report = running.join().expect("the client thread");
+    eprintln!(
+        "planned failover, then SIGKILL of the new primary {killed:?} into the load: {report}"
+    );
+    let again = wait_for(&p.primary, &back_id, "the takeover", |i| {
+        ["completed", "failed", "cancelled"].contains(&i["phase"].as_str().unwrap_or(""))
+    });
+    assert_eq!(again["phase"], "completed", "{again}\n{}", p.primary.log());
+    assert!(
+        report.consistent(),
+        "nothing answered twice differently: {report}"
+    );
+    assert_eq!(
+        report.stopped_by,
+        StoppedBy::Count,
+        "{report}\n{}",
+        p.primary.log()
+    );
+    assert!(report.gaps().is_empty(), "{report}");
+    assert!(
+        report.answered.values().any(|a| a.at > killed),
+        "A answered after the kill: {report}"
+    );
+    let target = p.target;
+    let stop_from = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
+    ns.run(move || send_stop(stop_from, target))
+        .join()
+        .unwrap()
+        .unwrap();
+    p.primary.wait_serial(VM, "stopped_by=stop", WAIT);
+    p.primary.stop();
+    if let Err(lost) = check_answered_on_disk(&report, &p.disk_a) {
+        panic!("answered but not on A's disk: {lost}");
+    }
+    assert_eq!(etcd.record(&p.pair), Some(("a".to_string(), 3)));
 }

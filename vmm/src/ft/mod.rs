@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lockstep_api::control::ControlError;
-use lockstep_api::migration::FtOptions;
+use lockstep_api::migration::{FtOptions, FtStandby};
 
 pub use arbiter::{Arbiter, ArbiterConfig, ArbiterError, FtRecord, Lease, Observed};
 
@@ -102,38 +102,60 @@ impl PairOptions {
         })
     }
 
+    /// These options as a request names them (`standby` this side's).
+    pub fn request(&self) -> FtOptions {
+        FtOptions {
+            arbiter: self.arbiter.iter().map(|a| a.to_string()).collect(),
+            host_id: self.host_id.clone(),
+            pair: Some(self.pair.clone()),
+            epoch_ms: Some(self.epoch.as_millis() as u64),
+            heartbeat_timeout_ms: Some(self.timeout.as_millis() as u64),
+            standby: self.standby.clone(),
+        }
+    }
+
     /// Pairs `vm`, left alone with it on this host, with the standby host if one is named:
     /// this side is the new primary (same pair, arbiter and timing), the standby its secondary.
     pub fn reprotect(&self, host: std::sync::Arc<dyn crate::migration::MigrationHost>, vm: &str) {
-        let Some(standby) = &self.standby else {
-            return;
-        };
+        if let Some(standby) = &self.standby {
+            // The standby's listener is used up by this pairing.
+            self.pair_with(host, vm, standby, "the standby", None);
+        }
+    }
+
+    /// Pairs `vm`, running on this host, with the listener `secondary` names (`what` says
+    /// whose it is, for the log): this side is the primary, with these options and `standby`
+    /// for the new pairing.
+    pub fn pair_with(
+        &self,
+        host: std::sync::Arc<dyn crate::migration::MigrationHost>,
+        vm: &str,
+        secondary: &FtStandby,
+        what: &str,
+        standby: Option<FtStandby>,
+    ) {
         let request = lockstep_api::migration::MigrateRequest {
-            destination: standby.destination.clone(),
-            token: standby.token.clone(),
+            destination: secondary.destination.clone(),
+            token: secondary.token.clone(),
             downtime_ms: None,
             timeout_s: None,
             max_bandwidth_mib_s: None,
             auto_converge: false,
             share_memory: Some(false),
             ft: Some(FtOptions {
-                arbiter: self.arbiter.iter().map(|a| a.to_string()).collect(),
-                host_id: self.host_id.clone(),
-                pair: Some(self.pair.clone()),
-                epoch_ms: Some(self.epoch.as_millis() as u64),
-                heartbeat_timeout_ms: Some(self.timeout.as_millis() as u64),
-                standby: None,
+                standby,
+                ..self.request()
             }),
         };
         match crate::migration::start_outgoing(host, vm, request) {
             Ok(info) => log::info!(
-                "{vm}: pairing with the standby {} (migration {})",
-                standby.destination,
+                "{vm}: pairing with {what} at {} (migration {})",
+                secondary.destination,
                 info.id
             ),
             Err(e) => log::error!(
-                "{vm}: cannot pair with the standby {}: {e}",
-                standby.destination
+                "{vm}: cannot pair with {what} at {}: {e}",
+                secondary.destination
             ),
         }
     }

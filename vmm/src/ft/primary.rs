@@ -9,7 +9,11 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{FtRedundancy, FtStatus, MigrationPhase};
+use lockstep_api::migration::{
+    DriveOverride, FtRedundancy, FtStandby, FtStatus, IncomingRequest, MigrationPhase,
+    NetworkOverride, VsockOverride,
+};
+use lockstep_api::VmConfig;
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
 use super::{PairOptions, Pauses};
@@ -394,7 +398,9 @@ impl Pairing<'_> {
 
     /// A planned failover: a last checkpoint with the guest left paused, then the secondary
     /// takes over and says so; this copy ends once it has, with its output up to the last
-    /// checkpoint released (the secondary has it) and nothing after.
+    /// checkpoint released (the secondary has it) and nothing after. Then the roles switch:
+    /// this host opens a listener to stand by as the secondary and tells the new primary
+    /// where it is (`Rejoin`), and the new primary pairs with it.
     fn fail_over(
         &mut self,
         log: &DirtyLog,
@@ -434,6 +440,8 @@ impl Pairing<'_> {
         if let Err(why) = running {
             return Err(self.secondary_lost(&why));
         }
+        // This host's own images, taps and vsock socket, for standing by as the secondary.
+        let config = self.s.host.running_config(vm);
         let release = OutputCommand::Release {
             upto: output,
             by: Instant::now() + self.ft.timeout,
@@ -448,7 +456,66 @@ impl Pairing<'_> {
                 ft.redundancy = FtRedundancy::Lost;
             }
         });
+        // The roles switch: this host listens for the new primary's pairing. This record
+        // ends first, as only one migration of a VM's name may be under way.
+        self.s.migration.finish(Ok(()));
+        let rejoin = config
+            .map_err(|e| e.to_string())
+            .and_then(|config| self.listen_as_secondary(&config, reader));
+        let told = rejoin.and_then(|listener| {
+            let json = serde_json::to_vec(&listener).map_err(|e| e.to_string())?;
+            write_frame(&mut pages.out, Kind::Rejoin, &json)
+                .and_then(|()| pages.out.flush())
+                .map_err(|e| format!("telling the new primary: {e}"))
+        });
+        match told {
+            Ok(()) => log::info!(
+                "{vm}: stands by to become the secondary of pair {:?}",
+                self.ft.pair
+            ),
+            Err(why) => {
+                log::warn!("{vm}: cannot become the secondary ({why}); the pair runs unprotected")
+            }
+        }
         Ok(())
+    }
+
+    /// Opens this host's listener for the VM's new pairing, with this side's own drive images,
+    /// taps and vsock socket, and these pairing options.
+    fn listen_as_secondary(&self, config: &VmConfig, conn: &Conn) -> Result<FtStandby, String> {
+        let ip = conn
+            .local_ip()
+            .ok_or("the pairing runs over a Unix socket: no address for the new primary")?;
+        let request = IncomingRequest {
+            listen: std::net::SocketAddr::new(ip, 0).to_string(),
+            name: self.s.vm.clone(),
+            network_overrides: config
+                .network_interfaces
+                .iter()
+                .map(|n| NetworkOverride {
+                    iface_id: n.iface_id.clone(),
+                    host_dev_name: n.host_dev_name.clone(),
+                })
+                .collect(),
+            vsock_override: config.vsock.as_ref().map(|v| VsockOverride {
+                uds_path: v.uds_path.clone(),
+            }),
+            drive_overrides: config
+                .drives
+                .iter()
+                .map(|d| DriveOverride {
+                    drive_id: d.drive_id.clone(),
+                    path_on_host: d.path_on_host.clone(),
+                })
+                .collect(),
+            ft: Some(self.ft.request()),
+        };
+        let listener = crate::migration::start_incoming(self.s.host.clone(), request)
+            .map_err(|e| e.to_string())?;
+        Ok(FtStandby {
+            destination: listener.listen,
+            token: listener.token,
+        })
     }
 
     /// Ends the pairing on request: the secondary is told, so that it drops its copy instead of

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{FtRedundancy, FtStatus, MigrationPhase};
+use lockstep_api::migration::{FtRedundancy, FtStandby, FtStatus, MigrationPhase};
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
 use super::{PairOptions, Pauses};
@@ -26,6 +26,10 @@ use lockstep_devices::virtio::block::ReplicaWriter;
 
 /// How long the full copy may pause between frames before the primary counts as gone.
 const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a new primary waits, after a planned failover, for the old one to say where it
+/// stands by.
+const REJOIN_WAIT: Duration = Duration::from_secs(10);
 
 /// The most bytes of disk blocks one epoch may stage, per drive.
 const DISK_EPOCH_LIMIT: usize = 512 << 20;
@@ -44,6 +48,9 @@ pub(crate) struct Standby<'a> {
     pub options: &'a PairOptions,
     /// The VM's config as the handshake sent it (every state must name it).
     pub handshake_config: &'a str,
+    /// After a planned failover: the old primary's listener, where this side pairs again as
+    /// the primary (the roles switched).
+    pub rejoin: &'a Mutex<Option<FtStandby>>,
 }
 
 /// How the stream from the primary ended.
@@ -212,11 +219,16 @@ impl Standby<'_> {
                     return Err("a failover before any checkpoint".into());
                 };
                 let outcome = self.take_over(incoming, epoch, &state, "a planned failover");
-                let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = match &outcome {
-                    Ok(()) => write_frame(&mut *conn, Kind::Running, &[]),
-                    Err(why) => write_frame(&mut *conn, Kind::Abort, why.as_bytes()),
-                };
+                {
+                    let mut out = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = match &outcome {
+                        Ok(()) => write_frame(&mut *out, Kind::Running, &[]),
+                        Err(why) => write_frame(&mut *out, Kind::Abort, why.as_bytes()),
+                    };
+                }
+                if outcome.is_ok() {
+                    self.await_rejoin(conn);
+                }
                 outcome
             }
             End::Silence(_) if self.migration.is_cancelled() => Err("cancelled by request".into()),
@@ -331,6 +343,40 @@ impl Standby<'_> {
                 i.bytes = received;
                 i.ft = Some(status);
             });
+        }
+    }
+
+    /// After a planned failover: the old primary says where it stands by to become this side's
+    /// secondary. Without a word from it, the VM runs on here unprotected.
+    fn await_rejoin(&self, conn: &mut Conn) {
+        let heard = conn
+            .set_read_timeout(REJOIN_WAIT)
+            .map_err(|e| e.to_string())
+            .and_then(|()| read_frame(conn).map_err(|e| e.to_string()))
+            .and_then(|frame| match frame.kind {
+                Kind::Rejoin => serde_json::from_slice::<FtStandby>(&frame.payload)
+                    .map_err(|e| format!("a malformed Rejoin frame: {e}")),
+                Kind::Abort => Err(reason_text(&frame.payload)),
+                other => Err(format!("it sent {other:?}")),
+            })
+            .and_then(|listener| {
+                match crate::migration::protocol::Endpoint::parse(&listener.destination) {
+                    Ok(crate::migration::protocol::Endpoint::Tcp(_))
+                        if !listener.token.is_empty() =>
+                    {
+                        Ok(listener)
+                    }
+                    _ => Err(format!("a Rejoin frame naming {:?}", listener.destination)),
+                }
+            });
+        match heard {
+            Ok(listener) => {
+                *self.rejoin.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+            }
+            Err(why) => log::warn!(
+                "{}: the old primary will not be the secondary ({why}); running unprotected",
+                self.name
+            ),
         }
     }
 

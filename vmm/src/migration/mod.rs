@@ -140,9 +140,13 @@ impl Migration {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
     }
 
-    /// Records how it ended.
-    fn finish(&self, outcome: Result<(), String>) {
-        *self.took.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.started.elapsed());
+    /// Records how it ended (the time it took is the first ending's: a planned failover's
+    /// primary ends its record before its thread does, so that the VM's name is free).
+    pub(crate) fn finish(&self, outcome: Result<(), String>) {
+        self.took
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(self.started.elapsed());
         let cancelled = self.is_cancelled();
         self.update(|i| match outcome {
             Ok(()) => i.phase = MigrationPhase::Completed,

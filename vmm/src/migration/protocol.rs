@@ -92,6 +92,10 @@ pub enum Kind {
     /// Fault tolerance, primary: a planned failover; the checkpoint just sent is the last, the
     /// primary stays paused, and the secondary takes over and answers `Running` (empty).
     Failover = 21,
+    /// Fault tolerance, old primary, after `Running` of a planned failover: where to pair
+    /// again with the roles switched (an [`FtStandby`](lockstep_api::migration::FtStandby) as
+    /// JSON: this host's listener for the VM and its token).
+    Rejoin = 22,
 }
 
 impl Kind {
@@ -120,6 +124,7 @@ impl Kind {
             19 => DiskChunk,
             20 => DiskBlock,
             21 => Failover,
+            22 => Rejoin,
             _ => return None,
         })
     }
@@ -129,7 +134,7 @@ impl Kind {
         match self {
             Kind::Hello => NONCE_BYTES as u32,
             Kind::Auth => NONCE_BYTES as u32 + MAX_HANDSHAKE,
-            Kind::Refuse | Kind::Abort => MAX_REASON,
+            Kind::Refuse | Kind::Abort | Kind::Rejoin => MAX_REASON,
             Kind::Pages => (8 + MAX_PAGES_PER_FRAME * PAGE) as u32,
             Kind::Zero => 16,
             Kind::RoundEnd => 4,
@@ -537,6 +542,14 @@ impl Conn {
                 s.set_read_timeout(Some(timeout))?;
                 s.set_write_timeout(Some(timeout))
             }
+        }
+    }
+
+    /// This side's IP address on a TCP connection (none on a Unix socket).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Conn::Tcp(s) => s.local_addr().ok().map(|a| a.ip()),
+            Conn::Unix(_) => None,
         }
     }
 

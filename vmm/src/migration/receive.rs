@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lockstep_api::control::ControlError;
@@ -120,6 +120,7 @@ pub fn start_incoming(
             drives: request.drive_overrides,
         },
         ft,
+        rejoin: Mutex::new(None),
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
         let outcome = receiver.run(listener);
@@ -128,9 +129,24 @@ pub fn start_incoming(
         }
         let took_over = outcome.is_ok();
         receiver.migration.finish(outcome);
-        // A secondary that took the VM over pairs again, with the standby if it has one.
+        // A secondary that took the VM over pairs again: with the old primary after a planned
+        // failover (the roles switch), else with the standby if it has one.
         if let (Some(ft), true) = (&receiver.ft, took_over) {
-            ft.reprotect(receiver.host.clone(), &receiver.name);
+            let rejoin = receiver
+                .rejoin
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match rejoin {
+                Some(old) => ft.pair_with(
+                    receiver.host.clone(),
+                    &receiver.name,
+                    &old,
+                    "the old primary",
+                    ft.standby.clone(),
+                ),
+                None => ft.reprotect(receiver.host.clone(), &receiver.name),
+            }
         }
     })
     .map_err(|e| ControlError::Internal(format!("cannot start the listener: {e}")))?;
@@ -146,6 +162,8 @@ struct Receiver {
     overrides: super::devices::Overrides,
     /// Stand by as a fault-tolerant secondary instead of taking the VM over.
     ft: Option<crate::ft::PairOptions>,
+    /// Where the old primary stands by after a planned failover.
+    rejoin: Mutex<Option<lockstep_api::migration::FtStandby>>,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
@@ -544,6 +562,7 @@ impl Receiver {
                 hello,
                 options: ft,
                 handshake_config: &handshake.config,
+                rejoin: &self.rejoin,
             };
             return standby.run(conn, incoming);
         }
