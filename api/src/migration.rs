@@ -78,7 +78,8 @@ pub struct FtStatus {
     /// Milliseconds since that acknowledgement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_commit_ms: Option<f64>,
-    /// The guest's pause per checkpoint, median and 99th percentile of the last 1000, ms.
+    /// The guest's pause per checkpoint (from its vCPUs' exit for the checkpoint to their
+    /// re-entry, the longest vCPU's), median and 99th percentile of the last 1000, ms.
     pub pause_p50_ms: f64,
     /// See `pause_p50_ms`.
     pub pause_p99_ms: f64,

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -185,6 +185,7 @@ impl Vcpu {
                     replies: reply_tx,
                     msr_list,
                     paused,
+                    paused_at: None,
                 };
                 if let Some(reason) = vcpu.run_loop(&mut control) {
                     exit.signal(reason);
@@ -252,6 +253,7 @@ impl Vcpu {
                 VcpuRequest::Stop => return false,
                 VcpuRequest::Pause => {
                     if !control.paused {
+                        control.paused_at = Some(Instant::now());
                         self.complete_pending_io();
                         control.paused = true;
                     }
@@ -259,7 +261,8 @@ impl Vcpu {
                 }
                 VcpuRequest::Resume => {
                     control.paused = false;
-                    VcpuReply::Done
+                    let stopped = control.paused_at.take().map(|at| at.elapsed());
+                    VcpuReply::Resumed(stopped.unwrap_or_default())
                 }
                 VcpuRequest::SaveState => {
                     match VcpuState::save(self.index, &self.fd, &control.msr_list) {
@@ -382,6 +385,9 @@ pub enum VcpuRequest {
 pub enum VcpuReply {
     /// The request was carried out.
     Done,
+    /// Resumed; the guest had been stopped on this vCPU this long (from the pause request's
+    /// exit from KVM_RUN to now, just before re-entering it).
+    Resumed(Duration),
     /// The saved state.
     State(Box<VcpuState>),
     /// It could not be carried out.
@@ -394,6 +400,8 @@ struct Control {
     replies: mpsc::Sender<VcpuReply>,
     msr_list: Arc<Vec<u32>>,
     paused: bool,
+    /// When the last pause stopped the guest on this vCPU.
+    paused_at: Option<Instant>,
 }
 
 /// How long a vCPU thread may take to answer before the owner gives up on it.

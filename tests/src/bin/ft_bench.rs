@@ -235,9 +235,20 @@ fn pair(
     );
     assert_eq!(reply.status, 202, "{}", reply.text());
     let out_id = reply.json()["id"].as_str().unwrap_or_default().to_string();
-    wait_for(primary, &out_id, "protection", |i| {
-        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
-    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = migration(primary, &out_id);
+        if info["phase"] == "protecting" && info["ft"]["committed_epoch"].as_u64() >= Some(3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && info["phase"] != "failed",
+            "migration {out_id}: no protection: {info}\nprimary:\n{}\nsecondary:\n{}",
+            primary.log(),
+            secondary.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Pairing {
         out_id,
         in_id: incoming["id"].as_str().unwrap_or_default().to_string(),

@@ -98,6 +98,7 @@ pub(crate) fn protect(
         rate: (Instant::now(), 0),
         sent: 0,
         drives: Vec::new(),
+        spare: Vec::new(),
     };
     // Disks: writes are recorded from before the full copy starts, so that what the copy
     // missed comes with the first checkpoint.
@@ -141,6 +142,7 @@ pub(crate) fn protect(
             return Err(pairing.secondary_lost(&format!("sending checkpoint {epoch}: {e}")));
         }
         pairing.sent += staged.len() as u64;
+        pairing.keep_buffer(staged);
         if let Err(why) = wait_ack(reader, epoch, ft.timeout) {
             return Err(pairing.secondary_lost(&why));
         }
@@ -242,6 +244,9 @@ struct Pairing<'a> {
     sent: u64,
     /// The VM's drive ids in config order (their index names them on the stream).
     drives: Vec<String>,
+    /// The last checkpoint's staging buffer, kept for the next: growing a new one (and
+    /// faulting its pages in) inside the pause took as long as copying the pages.
+    spare: Vec<u8>,
 }
 
 impl Pairing<'_> {
@@ -298,11 +303,9 @@ impl Pairing<'_> {
         keep_paused: bool,
     ) -> Result<(Vec<u8>, u64), String> {
         // A VM its user paused stays paused: only a running guest is paused and resumed here.
-        let running = self.call(VmCommand::Status)? == VmReply::State(RunState::Running);
-        let paused_at = Instant::now();
-        if running {
-            self.call(VmCommand::Pause)?;
-        }
+        let running = self.call(VmCommand::CheckpointPause)? == VmReply::State(RunState::Running);
+        let mut buffer = std::mem::take(&mut self.spare);
+        buffer.clear();
         let staged = (|| {
             let post = |command| self.control.post(command).map_err(|e| e.to_string());
             let output = post(VmCommand::Output(OutputCommand::MarkEpoch))?;
@@ -314,7 +317,7 @@ impl Pairing<'_> {
                     *word |= extra;
                 }
             }
-            let mut staging = pages.staging(Vec::new());
+            let mut staging = pages.staging(buffer);
             staging.send(Some(&bits))?;
             let written = match disks.wait(VM_TIMEOUT).map_err(|e| e.to_string())? {
                 VmReply::DiskEpoch(written) => written,
@@ -351,10 +354,28 @@ impl Pairing<'_> {
         // The guest runs again whatever happened (a failed checkpoint is the secondary's loss),
         // but for a planned failover's last checkpoint.
         if running && (!keep_paused || staged.is_err()) {
-            self.call(VmCommand::Resume)?;
+            // The guest runs again once the owner has the command: its answer is not urgent,
+            // and looking for it would take a core from the guest.
+            let resumed = self
+                .control
+                .post(VmCommand::CheckpointResume)
+                .and_then(|reply| reply.wait_asleep(VM_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            if let VmReply::Resumed(Some(stopped)) = resumed {
+                self.pauses.add(stopped);
+            }
         }
-        self.pauses.add(paused_at.elapsed());
         staged
+    }
+
+    /// Keeps a sent checkpoint's buffer for the next one, unless it is far larger than what
+    /// checkpoints need lately (one burst of writes does not hold its memory for good).
+    fn keep_buffer(&mut self, mut buffer: Vec<u8>) {
+        const KEEP_ANYWAY: usize = 64 << 20;
+        if buffer.capacity() > KEEP_ANYWAY && buffer.len() < buffer.capacity() / 4 {
+            buffer = Vec::new();
+        }
+        self.spare = buffer;
     }
 
     fn report(&mut self, epoch: u64) {

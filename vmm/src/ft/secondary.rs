@@ -17,7 +17,7 @@ use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
 use super::{PairOptions, Pauses};
 use crate::memory;
 use crate::migration::protocol::{
-    read_frame, read_u64, reason_text, write_frame, Conn, FtHello, Kind,
+    read_frame, read_u64, reason_text, write_frame, Conn, FtHello, Kind, ProtocolError,
 };
 use crate::migration::receive::{check_state, Landing};
 use crate::migration::{spawn_thread, Migration, MigrationHost};
@@ -268,7 +268,12 @@ impl Standby<'_> {
         loop {
             let frame = match read_frame(conn) {
                 Ok(frame) => frame,
-                Err(e) => return End::Silence(e.to_string()),
+                // Silence, or a connection that ended: the primary may be gone.
+                Err(e @ (ProtocolError::Io(_) | ProtocolError::Truncated(_))) => {
+                    return End::Silence(e.to_string())
+                }
+                // A stream that breaks the protocol ends the pairing; nobody takes over.
+                Err(e) => return End::Broken(e.to_string()),
             };
             received += 5 + frame.payload.len() as u64;
             let result = match frame.kind {

@@ -427,11 +427,18 @@ impl Sender {
         if nonce.len() != protocol::NONCE_BYTES {
             return Err("the destination's Hello has no nonce".into());
         }
-        let access = match self.command(VmCommand::MigrationAccess)? {
+        let mut access = match self.command(VmCommand::MigrationAccess)? {
             VmReply::Access(a) => a,
             other => return Err(format!("unexpected answer {other:?}").into()),
         };
         let same_host = self.share_memory && super::local::can_offer(&writer, &access.memory);
+        if !same_host {
+            // Only a same-host switch hands the taps and the vsock socket over. Held here they
+            // would outlive the VM: after a planned failover this host's new secondary opens
+            // the same taps (a second descriptor on a tap is refused).
+            access.taps.clear();
+            access.vsock = None;
+        }
         let handshake = self.handshake_bytes(&access, same_host)?;
         let mut auth = protocol::mac(&self.token, &nonce, &handshake)
             .ok_or("the token cannot key an HMAC")?

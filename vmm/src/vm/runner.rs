@@ -86,6 +86,13 @@ pub enum VmCommand {
     /// Fault tolerance: the blocks written since the last call, read from every drive; the VM
     /// must be paused. The answer is [`VmReply::DiskEpoch`].
     TakeDiskEpoch,
+    /// Fault tolerance: pause a running VM for a checkpoint (quietly: many a second). The
+    /// answer is the state it was in: a VM its user paused stays paused, and a checkpoint's
+    /// pause that the user asks for (`Pause`) becomes the user's.
+    CheckpointPause,
+    /// Fault tolerance: resume after a checkpoint's pause, unless the user paused the VM
+    /// meanwhile. The answer is [`VmReply::Resumed`].
+    CheckpointResume,
 }
 
 /// What fault tolerance asks of the network interfaces' output gate (see
@@ -170,6 +177,9 @@ pub enum VmReply {
     OutputEpoch(u64),
     /// The blocks written since the last epoch and their bytes, by drive id.
     DiskEpoch(Vec<(String, lockstep_devices::virtio::block::EpochBlocks)>),
+    /// Resumed after a checkpoint: how long the guest was stopped (the longest of its vCPUs,
+    /// each from its exit for the pause to its re-entry), or `None` when it stays paused.
+    Resumed(Option<Duration>),
 }
 
 /// Why a command failed.
@@ -230,6 +240,10 @@ impl VmControl {
     }
 }
 
+/// How long the owner thread looks for the command that ends a checkpoint's pause before it
+/// goes back to waiting on its event loop.
+const CHECKPOINT_SPIN: Duration = Duration::from_millis(10);
+
 /// The answer to a command sent with [`VmControl::post`].
 pub struct PendingReply(mpsc::Receiver<Result<VmReply, ControlError>>);
 
@@ -241,8 +255,18 @@ impl PendingReply {
     pub fn wait(self, timeout: Duration) -> Result<VmReply, ControlError> {
         // Most answers come within a few hundred microseconds: looking for one for a short
         // while costs less than being woken late on a busy host.
+        self.wait_spinning(ANSWER_SPIN, timeout)
+    }
+
+    /// Waits (at most `timeout`) for an answer that is not urgent, asleep from the start: where
+    /// looking for it would take a core from the guest.
+    pub fn wait_asleep(self, timeout: Duration) -> Result<VmReply, ControlError> {
+        self.wait_spinning(Duration::ZERO, timeout)
+    }
+
+    fn wait_spinning(self, spin: Duration, timeout: Duration) -> Result<VmReply, ControlError> {
         let started = std::time::Instant::now();
-        while started.elapsed() < ANSWER_SPIN.min(timeout) {
+        while started.elapsed() < spin.min(timeout) {
             match self.0.try_recv() {
                 Ok(reply) => return reply,
                 Err(mpsc::TryRecvError::Disconnected) => return Err(ControlError::Gone),
@@ -282,6 +306,8 @@ struct Running {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// The pause is a checkpoint's (fault tolerance), not the user's.
+    checkpoint_pause: bool,
     /// The console socket, when the VM has one (its client's unread keystrokes go with a
     /// same-host migration).
     console: Option<Arc<Mutex<ConsoleSocket>>>,
@@ -305,6 +331,11 @@ impl Running {
     }
 
     fn pause(&mut self) -> Result<VmReply, ControlError> {
+        if self.checkpoint_pause {
+            // The user's pause now: the checkpoint will not resume the VM.
+            self.checkpoint_pause = false;
+            log::info!("{}: paused", self.vm.name());
+        }
         if self.state == RunState::Running {
             self.all_vcpus(|| VcpuRequest::Pause)?;
             self.state = RunState::Paused;
@@ -314,12 +345,39 @@ impl Running {
     }
 
     fn resume(&mut self) -> Result<VmReply, ControlError> {
+        if self.checkpoint_pause {
+            // Running again as soon as the checkpoint ends, within milliseconds.
+            return Ok(VmReply::State(RunState::Running));
+        }
         if self.state == RunState::Paused {
             self.all_vcpus(|| VcpuRequest::Resume)?;
             self.state = RunState::Running;
             log::info!("{}: resumed", self.vm.name());
         }
         Ok(VmReply::State(self.state))
+    }
+
+    fn checkpoint_pause(&mut self) -> Result<VmReply, ControlError> {
+        let was = self.state;
+        if was == RunState::Running {
+            self.all_vcpus(|| VcpuRequest::Pause)?;
+            self.state = RunState::Paused;
+            self.checkpoint_pause = true;
+        }
+        Ok(VmReply::State(was))
+    }
+
+    fn checkpoint_resume(&mut self) -> Result<VmReply, ControlError> {
+        if !std::mem::take(&mut self.checkpoint_pause) {
+            return Ok(VmReply::Resumed(None));
+        }
+        let replies = self.all_vcpus(|| VcpuRequest::Resume)?;
+        self.state = RunState::Running;
+        let stopped = replies.iter().filter_map(|r| match r {
+            crate::vcpu::VcpuReply::Resumed(stopped) => Some(*stopped),
+            _ => None,
+        });
+        Ok(VmReply::Resumed(Some(stopped.max().unwrap_or_default())))
     }
 
     fn snapshot(&mut self, paths: &SnapshotPaths) -> Result<VmReply, ControlError> {
@@ -420,6 +478,8 @@ impl Running {
         match command {
             VmCommand::Pause => self.pause(),
             VmCommand::Resume => self.resume(),
+            VmCommand::CheckpointPause => self.checkpoint_pause(),
+            VmCommand::CheckpointResume => self.checkpoint_resume(),
             VmCommand::Status => Ok(VmReply::State(self.state)),
             VmCommand::Stop => {
                 self.vm.exit.signal(ExitReason::Requested { signal: None });
@@ -588,6 +648,7 @@ impl Vm {
             vm: self,
             vcpus,
             state,
+            checkpoint_pause: false,
             console,
         };
         // Everything this thread opens for the VM is open now; from here on it runs the device
@@ -609,8 +670,18 @@ impl Vm {
                 break ExitReason::VcpuError(format!("event loop failed: {e}"));
             }
             if let Some(control) = &control {
-                while let Ok((command, reply)) = control.commands.try_recv() {
-                    let _ = reply.send(running.handle(command));
+                let mut spinning = None;
+                loop {
+                    while let Ok((command, reply)) = control.commands.try_recv() {
+                        let _ = reply.send(running.handle(command));
+                    }
+                    // A checkpoint's pause ends with the next command, within milliseconds:
+                    // waiting for it awake spares the guest a late wake-up of this thread.
+                    let since = *spinning.get_or_insert_with(std::time::Instant::now);
+                    if !running.checkpoint_pause || since.elapsed() >= CHECKPOINT_SPIN {
+                        break;
+                    }
+                    std::thread::yield_now();
                 }
             }
         };
