@@ -229,6 +229,52 @@ fn a_primary_whose_secondary_dies_runs_on_unprotected() {
 }
 
 #[test]
+fn a_users_pauses_and_resumes_keep_the_pair_protected() {
+    let Some(etcd) = Etcd::start("ft::pauses") else {
+        return;
+    };
+    let p = pair(&etcd, "counter 20");
+    let pause = |verb: &str| {
+        call(
+            &p.primary,
+            "POST",
+            &format!("/v1/vms/{{name}}/{verb}"),
+            &format!("/v1/vms/ft/{verb}"),
+            None,
+        )
+    };
+    // Pauses and resumes at every point of the epoch, some inside a checkpoint: the user's
+    // state wins and the pairing goes on.
+    for n in 0..40u64 {
+        pause("pause");
+        std::thread::sleep(Duration::from_millis(n % 7));
+        pause("resume");
+        std::thread::sleep(Duration::from_millis(n % 5));
+    }
+    assert_eq!(p.primary.state("ft"), "running");
+    // Checkpoints go on while the user keeps the VM paused, and it stays paused.
+    pause("pause");
+    let info = wait_migration(&p.primary, &p.out_id, "checkpoints", |i| {
+        i["phase"] == "protecting"
+    });
+    let at = info["ft"]["committed_epoch"].as_u64().unwrap();
+    wait_migration(&p.primary, &p.out_id, "checkpoints while paused", |i| {
+        i["ft"]["committed_epoch"].as_u64() >= Some(at + 3)
+    });
+    assert_eq!(p.primary.state("ft"), "paused");
+    pause("resume");
+    let info = wait_migration(&p.primary, &p.out_id, "checkpoints", |i| {
+        i["ft"]["committed_epoch"].as_u64() >= Some(at + 6)
+    });
+    assert_eq!(info["phase"], "protecting", "{info}\n{}", p.primary.log());
+    assert_eq!(info["ft"]["redundancy"], "full", "{info}");
+    assert_eq!(p.primary.state("ft"), "running");
+    // The counter ran on without a break or a repeat.
+    let seen = counters(&p.primary.serial("ft"));
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+}
+
+#[test]
 fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
     let Some(etcd) = Etcd::start("ft::unpairing") else {
         return;

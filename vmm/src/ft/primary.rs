@@ -23,7 +23,7 @@ use lockstep_devices::virtio::block::FullCopy;
 use crate::migration::dirty::{Bits, DirtyLog};
 use crate::migration::protocol::{read_frame, reason_text, write_frame, Conn, Kind};
 use crate::migration::send::{Failure, PageWriter, Sender};
-use crate::vm::{OutputCommand, RunState, VmCommand, VmControl, VmReply};
+use crate::vm::{OutputCommand, VmCommand, VmControl, VmReply};
 
 /// While the guest has output held back, the next checkpoint comes this soon after the last
 /// one began (or at the epoch's end, if that is sooner): output waits about this long instead
@@ -302,8 +302,9 @@ impl Pairing<'_> {
         pages: &PageWriter,
         keep_paused: bool,
     ) -> Result<(Vec<u8>, u64), String> {
-        // A VM its user paused stays paused: only a running guest is paused and resumed here.
-        let running = self.call(VmCommand::CheckpointPause)? == VmReply::State(RunState::Running);
+        // The owner holds the VM paused until CheckpointResume, whatever its user asks
+        // meanwhile; a VM its user paused stays paused then.
+        self.call(VmCommand::CheckpointPause)?;
         let mut buffer = std::mem::take(&mut self.spare);
         buffer.clear();
         let staged = (|| {
@@ -353,7 +354,7 @@ impl Pairing<'_> {
         })();
         // The guest runs again whatever happened (a failed checkpoint is the secondary's loss),
         // but for a planned failover's last checkpoint.
-        if running && (!keep_paused || staged.is_err()) {
+        if !keep_paused || staged.is_err() {
             // The guest runs again once the owner has the command: its answer is not urgent,
             // and looking for it would take a core from the guest.
             let resumed = self
@@ -557,7 +558,9 @@ impl Pairing<'_> {
     fn secondary_lost(&self, why: &str) -> Failure {
         let vm = &self.s.vm;
         log::warn!("{vm}: the secondary is lost ({why}); asking the arbiter");
-        let paused = self.call(VmCommand::Pause);
+        // Held paused (a planned failover's last checkpoint may hold it already) until the
+        // arbiter has decided; a user's pause meanwhile is kept.
+        let paused = self.call(VmCommand::CheckpointPause);
         let claim = self
             .arbiter
             .claim(&self.ft.pair, &self.ft.host_id, Some(&self.observed));
@@ -586,7 +589,7 @@ impl Pairing<'_> {
                     log::error!("{vm}: cannot release the guest's output: {e}");
                 }
                 if paused.is_ok() {
-                    if let Err(e) = self.call(VmCommand::Resume) {
+                    if let Err(e) = self.call(VmCommand::CheckpointResume) {
                         log::error!("{vm}: cannot resume after winning the arbiter: {e}");
                     }
                 }

@@ -86,12 +86,12 @@ pub enum VmCommand {
     /// Fault tolerance: the blocks written since the last call, read from every drive; the VM
     /// must be paused. The answer is [`VmReply::DiskEpoch`].
     TakeDiskEpoch,
-    /// Fault tolerance: pause a running VM for a checkpoint (quietly: many a second). The
-    /// answer is the state it was in: a VM its user paused stays paused, and a checkpoint's
-    /// pause that the user asks for (`Pause`) becomes the user's.
+    /// Fault tolerance: hold the VM paused for a checkpoint (quietly: many a second), pausing
+    /// it if it runs; the answer is the state it was in. Until `CheckpointResume`, the user's
+    /// `Pause` and `Resume` only say which state the VM takes then.
     CheckpointPause,
-    /// Fault tolerance: resume after a checkpoint's pause, unless the user paused the VM
-    /// meanwhile. The answer is [`VmReply::Resumed`].
+    /// Fault tolerance: end a checkpoint's hold; the VM runs again unless its user paused it.
+    /// The answer is [`VmReply::Resumed`].
     CheckpointResume,
 }
 
@@ -306,8 +306,9 @@ struct Running {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     state: RunState,
-    /// The pause is a checkpoint's (fault tolerance), not the user's.
-    checkpoint_pause: bool,
+    /// A checkpoint (fault tolerance) holds the VM paused, and the state the user asked for
+    /// meanwhile (the VM takes it when the checkpoint ends).
+    checkpoint_pause: Option<RunState>,
     /// The console socket, when the VM has one (its client's unread keystrokes go with a
     /// same-host migration).
     console: Option<Arc<Mutex<ConsoleSocket>>>,
@@ -331,10 +332,11 @@ impl Running {
     }
 
     fn pause(&mut self) -> Result<VmReply, ControlError> {
-        if self.checkpoint_pause {
-            // The user's pause now: the checkpoint will not resume the VM.
-            self.checkpoint_pause = false;
+        if let Some(wanted) = self.checkpoint_pause.as_mut() {
+            // Paused already: it stays so when the checkpoint ends.
+            *wanted = RunState::Paused;
             log::info!("{}: paused", self.vm.name());
+            return Ok(VmReply::State(RunState::Paused));
         }
         if self.state == RunState::Running {
             self.all_vcpus(|| VcpuRequest::Pause)?;
@@ -345,8 +347,10 @@ impl Running {
     }
 
     fn resume(&mut self) -> Result<VmReply, ControlError> {
-        if self.checkpoint_pause {
+        if let Some(wanted) = self.checkpoint_pause.as_mut() {
             // Running again as soon as the checkpoint ends, within milliseconds.
+            *wanted = RunState::Running;
+            log::info!("{}: resumed", self.vm.name());
             return Ok(VmReply::State(RunState::Running));
         }
         if self.state == RunState::Paused {
@@ -357,18 +361,21 @@ impl Running {
         Ok(VmReply::State(self.state))
     }
 
+    /// Holds the VM paused for a checkpoint (pausing it if it runs); answers the state it was in.
     fn checkpoint_pause(&mut self) -> Result<VmReply, ControlError> {
-        let was = self.state;
-        if was == RunState::Running {
+        let was = self.checkpoint_pause.unwrap_or(self.state);
+        if self.state == RunState::Running {
             self.all_vcpus(|| VcpuRequest::Pause)?;
             self.state = RunState::Paused;
-            self.checkpoint_pause = true;
         }
+        self.checkpoint_pause = Some(was);
         Ok(VmReply::State(was))
     }
 
+    /// Ends a checkpoint's hold: the VM runs again unless its user paused it.
     fn checkpoint_resume(&mut self) -> Result<VmReply, ControlError> {
-        if !std::mem::take(&mut self.checkpoint_pause) {
+        let wanted = self.checkpoint_pause.take().unwrap_or(self.state);
+        if wanted == RunState::Paused || self.state == RunState::Running {
             return Ok(VmReply::Resumed(None));
         }
         let replies = self.all_vcpus(|| VcpuRequest::Resume)?;
@@ -648,7 +655,7 @@ impl Vm {
             vm: self,
             vcpus,
             state,
-            checkpoint_pause: false,
+            checkpoint_pause: None,
             console,
         };
         // Everything this thread opens for the VM is open now; from here on it runs the device
@@ -678,7 +685,7 @@ impl Vm {
                     // A checkpoint's pause ends with the next command, within milliseconds:
                     // waiting for it awake spares the guest a late wake-up of this thread.
                     let since = *spinning.get_or_insert_with(std::time::Instant::now);
-                    if !running.checkpoint_pause || since.elapsed() >= CHECKPOINT_SPIN {
+                    if running.checkpoint_pause.is_none() || since.elapsed() >= CHECKPOINT_SPIN {
                         break;
                     }
                     std::thread::yield_now();
