@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod netns;
 pub mod pattern;
 pub mod programs;
+pub mod relay;
 pub mod report;
 pub mod trials;
 pub mod vm;

@@ -274,6 +274,117 @@ fn a_users_pauses_and_resumes_keep_the_pair_protected() {
     assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
 }
 
+/// A pair whose replication connection goes through a relay the test can freeze; `a` and `b`
+/// go into the primary's and the secondary's `ft` options.
+fn pair_via_relay(etcd: &Etcd, a: Value, b: Value) -> (Pair, lockstep_tests::relay::Relay) {
+    let primary = TestHost::start(vec![vm_config("ft", "counter 20")]);
+    let secondary = TestHost::start(vec![]);
+    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let options = |host: &str| {
+        let mut o = ft_options(etcd, host);
+        let extra = if host == "a" { &a } else { &b };
+        for (k, v) in extra.as_object().unwrap() {
+            o[k] = v.clone();
+        }
+        o
+    };
+    let incoming = call(
+        &secondary,
+        "POST",
+        "/v1/migrations/incoming",
+        "/v1/migrations/incoming",
+        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": options("b") })),
+    );
+    let relay = lockstep_tests::relay::Relay::start(incoming["listen"].as_str().unwrap());
+    let out = call(
+        &primary,
+        "POST",
+        "/v1/vms/{name}/migrate",
+        "/v1/vms/ft/migrate",
+        Some(
+            &json!({ "destination": relay.addr(), "token": incoming["token"], "ft": options("a") }),
+        ),
+    );
+    let (out_id, in_id) = (
+        out["id"].as_str().unwrap().to_string(),
+        incoming["id"].as_str().unwrap().to_string(),
+    );
+    wait_migration(&primary, &out_id, "protection", |i| {
+        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
+    });
+    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    let p = Pair {
+        primary,
+        secondary,
+        out_id,
+        in_id,
+    };
+    (p, relay)
+}
+
+/// After a partition of the replication link: which side runs the VM (exactly one does), once
+/// both sides have acted.
+fn live_side_after_partition(p: &Pair) -> (&'static str, Value, Value) {
+    let out = wait_migration(&p.primary, &p.out_id, "the end", |i| {
+        i["phase"] != "protecting"
+    });
+    let back = wait_migration(&p.secondary, &p.in_id, "the end", |i| {
+        i["phase"] != "standby"
+    });
+    let runs = |host: &TestHost| {
+        host.call("GET", "/v1/vms/{name}", "/v1/vms/ft", None)
+            .status
+            == 200
+    };
+    // The losing primary stops its copy just after its claim fails.
+    std::thread::sleep(Duration::from_millis(500));
+    let (a, b) = (runs(&p.primary), runs(&p.secondary));
+    assert!(
+        a != b,
+        "exactly one side runs the VM: primary {a}, secondary {b}\nprimary {out}\nsecondary {back}\n{}\n{}",
+        p.primary.log(),
+        p.secondary.log()
+    );
+    (if a { "a" } else { "b" }, out, back)
+}
+
+#[test]
+fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
+    let Some(etcd) = Etcd::start("ft::partition") else {
+        return;
+    };
+    // Both sides see silence and ask the arbiter. The primary's shorter timeout makes it ask
+    // first: it wins and runs on alone; the secondary asks later and must lose (it may replace
+    // only the record it knew while standing by, not the one the primary claimed since).
+    let (p, relay) = pair_via_relay(
+        &etcd,
+        json!({ "heartbeat_timeout_ms": 400 }),
+        json!({ "heartbeat_timeout_ms": 2000 }),
+    );
+    relay.freeze();
+    let (live, out, back) = live_side_after_partition(&p);
+    assert_eq!(live, "a", "{out}\n{back}");
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 2));
+    assert_eq!(p.primary.state("ft"), "running");
+    let error = back["error"].as_str().unwrap_or_default();
+    assert!(error.contains("not taking over"), "{back}");
+    // And the other way round: the secondary asks first and takes over; the primary finds
+    // the record moved on and stops its copy.
+    let Some(etcd) = Etcd::start("ft::partition_b") else {
+        return;
+    };
+    let (p, relay) = pair_via_relay(
+        &etcd,
+        json!({ "heartbeat_timeout_ms": 2000 }),
+        json!({ "heartbeat_timeout_ms": 400 }),
+    );
+    relay.freeze();
+    let (live, out, back) = live_side_after_partition(&p);
+    assert_eq!(live, "b", "{out}\n{back}");
+    assert_eq!(record(&etcd, "ft"), ("b".to_string(), 2));
+    assert_eq!(p.secondary.state("ft"), "running");
+}
+
 #[test]
 fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
     let Some(etcd) = Etcd::start("ft::unpairing") else {

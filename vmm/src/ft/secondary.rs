@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use lockstep_api::migration::{FtRedundancy, FtStandby, FtStatus, MigrationPhase};
 
-use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError};
+use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
 use super::{PairOptions, Pauses};
 use crate::memory;
 use crate::migration::protocol::{
@@ -190,7 +190,15 @@ impl Standby<'_> {
         };
         let mut applied: Option<(u64, Vec<u8>)> = None;
         let mut replicas = Replicas::new(&incoming);
-        let end = self.follow(conn, &incoming, &writer, &mut applied, &mut replicas);
+        let mut known = None;
+        let end = self.follow(
+            conn,
+            &incoming,
+            &writer,
+            &mut applied,
+            &mut replicas,
+            &mut known,
+        );
         // Whatever happens next, this side no longer holds an up-to-date copy; a takeover
         // makes it the degraded primary.
         self.migration.update(|i| {
@@ -218,7 +226,7 @@ impl Standby<'_> {
                 let Some((epoch, state)) = applied else {
                     return Err("a failover before any checkpoint".into());
                 };
-                let outcome = self.take_over(incoming, epoch, &state, "a planned failover");
+                let outcome = self.take_over(incoming, epoch, &state, known, "a planned failover");
                 {
                     let mut out = writer.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = match &outcome {
@@ -236,13 +244,15 @@ impl Standby<'_> {
                 None => Err(format!(
                     "the primary went before its first checkpoint ({why}): nothing to take over"
                 )),
-                Some((epoch, state)) => self.take_over(incoming, epoch, &state, &why),
+                Some((epoch, state)) => self.take_over(incoming, epoch, &state, known, &why),
             },
         }
     }
 
     /// Reads the primary's stream until it ends, keeping `applied` (the last checkpoint
-    /// applied, and its machine state) up to date.
+    /// applied, and its machine state) up to date. Once the first checkpoint is applied,
+    /// `known` is the arbiter's record naming the primary live: a takeover must replace that
+    /// very record.
     fn follow(
         &self,
         conn: &mut Conn,
@@ -250,6 +260,7 @@ impl Standby<'_> {
         writer: &Mutex<Conn>,
         applied: &mut Option<(u64, Vec<u8>)>,
         replicas: &mut Replicas,
+        known: &mut Option<Observed>,
     ) -> End {
         let mem = incoming.memory();
         let mut landing = Landing::new(mem);
@@ -318,6 +329,10 @@ impl Standby<'_> {
                 return End::Silence(format!("acknowledging {epoch}: {e}"));
             }
             if *epoch == 0 {
+                match self.primary_record() {
+                    Ok(seen) => *known = Some(seen),
+                    Err(why) => return End::Broken(why),
+                }
                 self.migration.set_phase(MigrationPhase::Standby);
                 if let Err(e) = conn.set_read_timeout(self.options.timeout) {
                     return End::Broken(e.to_string());
@@ -417,47 +432,53 @@ impl Standby<'_> {
         Ok(())
     }
 
-    /// The primary is silent: this side goes live if the arbiter says so.
+    /// The arbiter's record of the pair, which must name the primary live (it claimed the pair
+    /// before its full copy).
+    fn primary_record(&self) -> Result<Observed, String> {
+        let pair = &self.hello.pair;
+        let arbiter = Arbiter::new(ArbiterConfig::new(self.options.arbiter.clone()));
+        match arbiter.read(pair) {
+            Ok(Some(seen)) if seen.record.live == self.hello.primary => Ok(seen),
+            Ok(Some(seen)) => Err(format!(
+                "the arbiter names {} live for pair {pair:?}, not the primary {}",
+                seen.record.live, self.hello.primary
+            )),
+            Ok(None) => Err(format!("pair {pair:?} has no record in the arbiter")),
+            Err(e) => Err(format!("the arbiter: {e}")),
+        }
+    }
+
+    /// The primary is silent: this side goes live if the arbiter says so. The claim replaces
+    /// only the record `known` when standing by: if the primary has claimed the pair again
+    /// since (it lost this side and runs on alone), this side must not take over.
     fn take_over(
         &self,
         incoming: IncomingVm,
         epoch: u64,
         state: &[u8],
+        known: Option<Observed>,
         why: &str,
     ) -> Result<(), String> {
         let (pair, me) = (&self.hello.pair, &self.options.host_id);
         log::warn!("{}: taking over ({why}); asking the arbiter", self.name);
+        let seen = known.ok_or("no arbiter record known; not taking over")?;
         let arbiter = Arbiter::new(ArbiterConfig::new(self.options.arbiter.clone()));
-        let seen = arbiter
-            .read(pair)
-            .map_err(|e| format!("the arbiter: {e}; not taking over"))?;
-        let won = match seen {
-            Some(seen) if seen.record.live == self.hello.primary => {
-                match arbiter.claim(pair, me, Some(&seen)) {
-                    Ok(now) => now,
-                    Err(ArbiterError::Lost { winner, epoch, .. }) => {
-                        return Err(format!(
-                            "{winner} kept pair {pair:?} (arbiter epoch {epoch}); not taking over"
-                        ))
-                    }
-                    Err(e) => match arbiter.read(pair) {
-                        Ok(Some(now))
-                            if now.record.live == *me
-                                && now.record.epoch == seen.record.epoch + 1 =>
-                        {
-                            now
-                        }
-                        _ => return Err(format!("the arbiter: {e}; not taking over")),
-                    },
-                }
-            }
-            Some(seen) => {
+        let won = match arbiter.claim(pair, me, Some(&seen)) {
+            Ok(now) => now,
+            Err(ArbiterError::Lost { winner, epoch, .. }) => {
                 return Err(format!(
-                    "the arbiter names {} live for pair {pair:?}; not taking over",
-                    seen.record.live
+                    "{winner} holds pair {pair:?} (arbiter epoch {epoch}); not taking over"
                 ))
             }
-            None => return Err(format!("pair {pair:?} has no record; not taking over")),
+            // The claim's outcome is unknown: the record says whether it won.
+            Err(e) => match arbiter.read(pair) {
+                Ok(Some(now))
+                    if now.record.live == *me && now.record.epoch == seen.record.epoch + 1 =>
+                {
+                    now
+                }
+                _ => return Err(format!("the arbiter: {e}; not taking over")),
+            },
         };
         let hv = self.host.hypervisor();
         let snapshot = check_state(hv, incoming.memory(), state, self.handshake_config)?;
