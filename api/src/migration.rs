@@ -47,6 +47,12 @@ pub struct FtOptions {
     /// 10000 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// A second heartbeat path: a UDP address of this host (`IP:PORT`, port 0 picks one), best
+    /// on another network than the replication connection. Used when both sides name one: a
+    /// secondary that still hears the primary there does not take over when the replication
+    /// connection goes silent (the link broke, not the primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_path: Option<String>,
     /// A standby host's listener (opened with `ft` there): whichever side of this pair is left
     /// running the VM alone (the primary that lost its secondary, or the secondary that took
     /// over) pairs with it at once, so the VM is protected again without an operator.

@@ -110,7 +110,8 @@ fn bandwidth_mib_s(settings: &Instance) -> CimResult<Option<u64>> {
 
 /// Fault-tolerance options from `text` and `number` lookups (a settings instance's properties or
 /// a method's parameters): FTArbiter (etcd endpoints, IP:PORT, comma-separated) and FTHostID
-/// together make a pairing; FTPair, FTEpoch and FTHeartbeatTimeout (milliseconds) are optional.
+/// together make a pairing; FTPair, FTEpoch, FTHeartbeatTimeout (milliseconds) and
+/// FTHeartbeatPath (a UDP address) are optional.
 /// The host checks the values and names the one at fault.
 fn ft_options(
     text: impl Fn(&str) -> Option<String>,
@@ -136,6 +137,7 @@ fn ft_options(
         pair: text("FTPair"),
         epoch_ms: number("FTEpoch")?,
         heartbeat_timeout_ms: number("FTHeartbeatTimeout")?,
+        heartbeat_path: text("FTHeartbeatPath"),
         standby: None,
     }))
 }

@@ -386,6 +386,28 @@ fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
 }
 
 #[test]
+fn a_second_heartbeat_path_keeps_a_secondary_from_taking_over_when_only_the_link_broke() {
+    let Some(etcd) = Etcd::start("ft::second_path") else {
+        return;
+    };
+    // The secondary would ask the arbiter first (its timeout is shorter) and win: it still
+    // hears the primary on the second path, so it stands down, and the primary goes on alone.
+    let path = json!("127.0.0.1:0");
+    let (p, relay) = pair_via_relay(
+        &etcd,
+        json!({ "heartbeat_timeout_ms": 2000, "heartbeat_path": path }),
+        json!({ "heartbeat_timeout_ms": 400, "heartbeat_path": path }),
+    );
+    relay.freeze();
+    let (live, out, back) = live_side_after_partition(&p);
+    assert_eq!(live, "a", "{out}\n{back}");
+    let error = back["error"].as_str().unwrap_or_default();
+    assert!(error.contains("second heartbeat path"), "{back}");
+    assert_eq!(record(&etcd, "ft"), ("a".to_string(), 2));
+    assert_eq!(p.primary.state("ft"), "running");
+}
+
+#[test]
 fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
     let Some(etcd) = Etcd::start("ft::unpairing") else {
         return;
@@ -433,6 +455,18 @@ fn bad_pairing_options_are_refused_with_the_field_named() {
         (
             json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "heartbeat_timeout_ms": 1 }),
             "heartbeat_timeout_ms",
+        ),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "heartbeat_path": "x" }),
+            "heartbeat_path",
+        ),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "heartbeat_path": "0.0.0.0:0" }),
+            "heartbeat_path",
+        ),
+        (
+            json!({ "arbiter": ["127.0.0.1:2379"], "host_id": "b", "heartbeat_path": "192.0.2.1:9" }),
+            "heartbeat_path: cannot bind",
         ),
     ] {
         let body = json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft });

@@ -6,6 +6,7 @@
 //! the live one; exactly one can win. See ARCHITECTURE.md, "Fault tolerance".
 
 pub mod arbiter;
+pub(crate) mod beacon;
 pub mod gateway;
 pub(crate) mod primary;
 pub(crate) mod secondary;
@@ -40,6 +41,8 @@ pub struct PairOptions {
     pub timeout: Duration,
     /// Where to pair again when this side is left alone with the VM.
     pub standby: Option<lockstep_api::migration::FtStandby>,
+    /// This side's end of the second heartbeat path (UDP).
+    pub heartbeat_path: Option<SocketAddr>,
 }
 
 impl PairOptions {
@@ -92,7 +95,20 @@ impl PairOptions {
                 }
             }
         }
+        let heartbeat_path = match &options.heartbeat_path {
+            None => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) if !addr.ip().is_unspecified() => Some(addr),
+                Ok(_) => {
+                    return Err(bad(format!(
+                        "heartbeat_path: {a:?}: name this host's address on that network"
+                    )))
+                }
+                Err(_) => return Err(bad(format!("heartbeat_path: {a:?} is not IP:PORT"))),
+            },
+        };
         Ok(PairOptions {
+            heartbeat_path,
             arbiter,
             host_id: options.host_id.clone(),
             pair,
@@ -111,7 +127,19 @@ impl PairOptions {
             epoch_ms: Some(self.epoch.as_millis() as u64),
             heartbeat_timeout_ms: Some(self.timeout.as_millis() as u64),
             standby: self.standby.clone(),
+            heartbeat_path: self.heartbeat_path.map(|a| a.to_string()),
         }
+    }
+
+    /// Binds this side's end of the second heartbeat path, if it has one.
+    pub fn bind_heartbeat_path(&self) -> Result<Option<std::net::UdpSocket>, ControlError> {
+        self.heartbeat_path
+            .map(|addr| {
+                std::net::UdpSocket::bind(addr).map_err(|e| {
+                    ControlError::BadRequest(format!("ft: heartbeat_path: cannot bind {addr}: {e}"))
+                })
+            })
+            .transpose()
     }
 
     /// Pairs `vm`, left alone with it on this host, with the standby host if one is named:

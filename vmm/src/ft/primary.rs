@@ -10,12 +10,13 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use lockstep_api::migration::{
-    DriveOverride, FtRedundancy, FtStandby, FtStatus, IncomingRequest, MigrationPhase,
+    DriveOverride, FtOptions, FtRedundancy, FtStandby, FtStatus, IncomingRequest, MigrationPhase,
     NetworkOverride, VsockOverride,
 };
 use lockstep_api::VmConfig;
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
+use super::beacon::{Beacon, BeaconKey, Role};
 use super::{PairOptions, Pauses};
 use lockstep_devices::virtio::block::replica::FULL_COPY_CHUNK;
 use lockstep_devices::virtio::block::FullCopy;
@@ -87,7 +88,23 @@ pub(crate) fn protect(
         ft.pair,
         ft.epoch
     );
+    // The second heartbeat path, when both sides have one: the secondary then sends first.
+    let beacon = match &s.beacon_socket {
+        Some(socket) => {
+            let key = BeaconKey {
+                token: s.token.clone(),
+                pair: ft.pair.clone(),
+            };
+            let socket = socket.try_clone().map_err(|e| runs_on(e.to_string()))?;
+            Some(
+                Beacon::start(socket, Role::Primary, None, key, ft.heartbeat())
+                    .map_err(|e| runs_on(format!("the second heartbeat path: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let mut pairing = Pairing {
+        beacon,
         s,
         ft,
         arbiter,
@@ -231,6 +248,8 @@ fn wait_ack(reader: &mut Conn, epoch: u64, timeout: Duration) -> Result<(), Stri
 }
 
 struct Pairing<'a> {
+    /// The second heartbeat path, if this pairing has one.
+    beacon: Option<Beacon>,
     s: &'a Sender,
     ft: &'a PairOptions,
     arbiter: Arbiter,
@@ -530,7 +549,12 @@ impl Pairing<'_> {
                     path_on_host: d.path_on_host.clone(),
                 })
                 .collect(),
-            ft: Some(self.ft.request()),
+            ft: Some(FtOptions {
+                // This pairing's socket still holds that port.
+                heartbeat_path: (self.ft.heartbeat_path)
+                    .map(|a| std::net::SocketAddr::new(a.ip(), 0).to_string()),
+                ..self.ft.request()
+            }),
         };
         let listener = crate::migration::start_incoming(self.s.host.clone(), request)
             .map_err(|e| e.to_string())?;
@@ -558,6 +582,15 @@ impl Pairing<'_> {
     fn secondary_lost(&self, why: &str) -> Failure {
         let vm = &self.s.vm;
         log::warn!("{vm}: the secondary is lost ({why}); asking the arbiter");
+        if self
+            .beacon
+            .as_ref()
+            .is_some_and(|b| b.heard_within(self.ft.timeout))
+        {
+            log::warn!(
+                "{vm}: the secondary still answers on the second heartbeat path: the replication link is down, not the secondary"
+            );
+        }
         // Held paused (a planned failover's last checkpoint may hold it already) until the
         // arbiter has decided; a user's pause meanwhile is kept.
         let paused = self.call(VmCommand::CheckpointPause);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use lockstep_api::migration::{FtRedundancy, FtStandby, FtStatus, MigrationPhase};
 
 use super::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Observed};
+use super::beacon::{Beacon, BeaconKey, Role};
 use super::{PairOptions, Pauses};
 use crate::memory;
 use crate::migration::protocol::{
@@ -51,6 +52,10 @@ pub(crate) struct Standby<'a> {
     /// After a planned failover: the old primary's listener, where this side pairs again as
     /// the primary (the roles switched).
     pub rejoin: &'a Mutex<Option<FtStandby>>,
+    /// The pairing's token (the second heartbeat path's key).
+    pub token: &'a str,
+    /// This side's end of the second heartbeat path, if it has one.
+    pub beacon_socket: Option<&'a std::net::UdpSocket>,
 }
 
 /// How the stream from the primary ended.
@@ -188,6 +193,7 @@ impl Standby<'_> {
             })
             .map_err(|e| e.to_string())?
         };
+        let beacon = self.start_beacon();
         let mut applied: Option<(u64, Vec<u8>)> = None;
         let mut replicas = Replicas::new(&incoming);
         let mut known = None;
@@ -240,6 +246,15 @@ impl Standby<'_> {
                 outcome
             }
             End::Silence(_) if self.migration.is_cancelled() => Err("cancelled by request".into()),
+            End::Silence(why)
+                if beacon
+                    .as_ref()
+                    .is_some_and(|b| b.heard_within(self.options.timeout)) =>
+            {
+                Err(format!(
+                    "the replication connection failed ({why}) but the primary still answers on the second heartbeat path: not taking over"
+                ))
+            }
             End::Silence(why) => match applied {
                 None => Err(format!(
                     "the primary went before its first checkpoint ({why}): nothing to take over"
@@ -363,6 +378,51 @@ impl Standby<'_> {
                 i.bytes = received;
                 i.ft = Some(status);
             });
+        }
+    }
+
+    /// Starts the second heartbeat path when both sides have one.
+    fn start_beacon(&self) -> Option<Beacon> {
+        let (socket, primary) = match (self.beacon_socket, &self.hello.heartbeat) {
+            (None, None) => return None,
+            (Some(socket), Some(primary)) => (socket, primary),
+            (mine, _) => {
+                log::warn!(
+                    "{}: only {} has a second heartbeat path: not used",
+                    self.name,
+                    if mine.is_some() {
+                        "this side"
+                    } else {
+                        "the primary"
+                    }
+                );
+                return None;
+            }
+        };
+        let key = BeaconKey {
+            token: self.token.to_string(),
+            pair: self.hello.pair.clone(),
+        };
+        let started = primary
+            .parse()
+            .map_err(|_| format!("the primary's address {primary:?}"))
+            .and_then(|to| {
+                let socket = socket.try_clone().map_err(|e| e.to_string())?;
+                Beacon::start(
+                    socket,
+                    Role::Secondary,
+                    Some(to),
+                    key,
+                    self.options.heartbeat(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match started {
+            Ok(beacon) => Some(beacon),
+            Err(e) => {
+                log::warn!("{}: the second heartbeat path: {e}", self.name);
+                None
+            }
         }
     }
 

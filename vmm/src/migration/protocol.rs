@@ -369,6 +369,9 @@ pub struct FtHello {
     pub primary: String,
     /// Milliseconds between checkpoints.
     pub epoch_ms: u64,
+    /// The primary's end of the second heartbeat path (see `ft::beacon`), if it has one.
+    #[serde(default)]
+    pub heartbeat: Option<String>,
 }
 
 type HmacSha256 = Hmac<Sha256>;

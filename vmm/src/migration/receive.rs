@@ -102,6 +102,10 @@ pub fn start_incoming(
         Some(options) => Some(crate::ft::PairOptions::check(options, &name)?),
         None => None,
     };
+    let beacon_socket = match &ft {
+        Some(ft) => ft.bind_heartbeat_path()?,
+        None => None,
+    };
     let token = private_fs::random_hex(32).map_err(|e| ControlError::Internal(e.to_string()))?;
     let migration = host.migrations().add(
         MigrationDirection::Incoming,
@@ -121,9 +125,13 @@ pub fn start_incoming(
         },
         ft,
         rejoin: Mutex::new(None),
+        beacon_socket,
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
+        let mut receiver = receiver;
         let outcome = receiver.run(listener);
+        // Its address is free for a new pairing.
+        receiver.beacon_socket = None;
         if let Err(why) = &outcome {
             log::warn!("{}: incoming migration failed: {why}", receiver.name);
         }
@@ -164,6 +172,8 @@ struct Receiver {
     ft: Option<crate::ft::PairOptions>,
     /// Where the old primary stands by after a planned failover.
     rejoin: Mutex<Option<lockstep_api::migration::FtStandby>>,
+    /// The secondary's end of the pairing's second heartbeat path.
+    beacon_socket: Option<std::net::UdpSocket>,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
@@ -563,6 +573,8 @@ impl Receiver {
                 options: ft,
                 handshake_config: &handshake.config,
                 rejoin: &self.rejoin,
+                token: &self.token,
+                beacon_socket: self.beacon_socket.as_ref(),
             };
             return standby.run(conn, incoming);
         }

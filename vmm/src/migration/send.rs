@@ -60,6 +60,10 @@ pub fn start_outgoing(
         None => None,
     };
     host.running_config(vm)?;
+    let beacon_socket = match &ft {
+        Some(ft) => ft.bind_heartbeat_path()?,
+        None => None,
+    };
     let migration =
         host.migrations()
             .add(MigrationDirection::Outgoing, vm, MigrationPhase::Handshake)?;
@@ -79,9 +83,13 @@ pub fn start_outgoing(
         // A secondary keeps its own copy of memory.
         share_memory: ft.is_none() && request.share_memory.unwrap_or(true),
         ft,
+        beacon_socket,
     };
     spawn_thread(format!("migrate-out-{}", info.id), move || {
+        let mut sender = sender;
         let outcome = sender.run().map_err(Failure::text);
+        // Its address is free for a new pairing.
+        sender.beacon_socket = None;
         if let Err(why) = &outcome {
             log::warn!("{}: migration {} failed: {why}", sender.vm, info.id);
         }
@@ -133,7 +141,7 @@ pub(crate) struct Sender {
     pub(crate) migration: Arc<Migration>,
     pub(crate) vm: String,
     endpoint: Endpoint,
-    token: String,
+    pub(crate) token: String,
     downtime: Duration,
     timeout: Duration,
     /// Bytes per second at most.
@@ -143,6 +151,8 @@ pub(crate) struct Sender {
     share_memory: bool,
     /// Pair with a secondary instead of moving.
     ft: Option<crate::ft::PairOptions>,
+    /// The primary's end of the pairing's second heartbeat path.
+    pub(crate) beacon_socket: Option<std::net::UdpSocket>,
 }
 
 /// Writes pages to the stream (or to a fault-tolerance checkpoint's staging buffer): runs of
@@ -386,6 +396,11 @@ impl Sender {
                 pair: ft.pair.clone(),
                 primary: ft.host_id.clone(),
                 epoch_ms: ft.epoch.as_millis() as u64,
+                heartbeat: self
+                    .beacon_socket
+                    .as_ref()
+                    .and_then(|s| s.local_addr().ok())
+                    .map(|a| a.to_string()),
             }),
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
