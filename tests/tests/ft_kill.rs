@@ -62,6 +62,18 @@ fn image(path: &Path) {
         .unwrap();
 }
 
+/// A namespace whose tap is on a bridge with a second tap (one per host process) and an etcd
+/// inside it; `None` (said loudly) without KVM or etcd.
+fn fixture(test: &str) -> Option<(NetNs, String, Etcd)> {
+    if !require_kvm(test) {
+        return None;
+    }
+    let ns = NetNs::create();
+    let tap_b = ns.bridge_with_second_tap();
+    let etcd = Etcd::start_in(&format!("ft_kill::{test}"), Some(ns.name()))?;
+    Some((ns, tap_b, etcd))
+}
+
 /// A journal VM paired between two hosts on the bridge, each with its own image.
 struct Paired {
     primary: TestHost,
@@ -204,12 +216,9 @@ fn trial(ns: &NetNs, etcd: &Etcd, tap_b: &str, trial: u32, kill_after: Duration)
 
 #[test]
 fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
-    if !require_kvm("a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself") {
-        return;
-    }
-    let ns = NetNs::create();
-    let tap_b = ns.bridge_with_second_tap();
-    let Some(etcd) = Etcd::start_in("ft_kill::frozen", Some(ns.name())) else {
+    let Some((ns, tap_b, etcd)) =
+        fixture("a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself")
+    else {
         return;
     };
     let mut p = paired(&ns, &etcd, &tap_b, "frozen");
@@ -275,12 +284,9 @@ fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
 
 #[test]
 fn every_answered_request_survives_a_sigkill_of_the_primary() {
-    if !require_kvm("every_answered_request_survives_a_sigkill_of_the_primary") {
-        return;
-    }
-    let ns = NetNs::create();
-    let tap_b = ns.bridge_with_second_tap();
-    let Some(etcd) = Etcd::start_in("ft_kill", Some(ns.name())) else {
+    let Some((ns, tap_b, etcd)) =
+        fixture("every_answered_request_survives_a_sigkill_of_the_primary")
+    else {
         return;
     };
     let trials = lockstep_tests::trials::count("LKS_FT_TRIALS", 10);
@@ -323,12 +329,7 @@ fn standing_by(host: &TestHost, not: &str) -> String {
 
 #[test]
 fn a_planned_failover_under_load_switches_roles_and_the_old_primary_takes_over_again() {
-    if !require_kvm("a_planned_failover_under_load_switches_roles") {
-        return;
-    }
-    let ns = NetNs::create();
-    let tap_b = ns.bridge_with_second_tap();
-    let Some(etcd) = Etcd::start_in("ft_kill::planned", Some(ns.name())) else {
+    let Some((ns, tap_b, etcd)) = fixture("a_planned_failover_under_load_switches_roles") else {
         return;
     };
     let mut p = paired(&ns, &etcd, &tap_b, "planned");
