@@ -19,30 +19,9 @@ import time
 
 import pywbem
 
+from lks_checks import NS, VM_CLASS, Checker, free_port, vm_path
+
 CS = "CIM_ComputerSystem"
-VM_CLASS = "LKS_VirtualComputerSystem"
-NS = "root/cimv2"
-
-
-class Checker:
-    def __init__(self):
-        self.passed = 0
-        self.failed = 0
-
-    def check(self, cond, what):
-        if cond:
-            self.passed += 1
-        else:
-            self.failed += 1
-            print(f"FAIL: {what}", flush=True)
-
-    def expect_error(self, status, fn, what):
-        try:
-            fn()
-        except pywbem.CIMError as e:
-            self.check(e.status_code == status, f"{what}: expected CIM status {status}, got {e.status_code} ({e})")
-            return
-        self.check(False, f"{what}: expected CIM status {status}, got success")
 
 
 def connect(args, user=None, password=None, namespace=NS):
@@ -54,10 +33,6 @@ def connect(args, user=None, password=None, namespace=NS):
         else:
             kw["no_verification"] = True
     return pywbem.WBEMConnection(args.url, creds, default_namespace=namespace, timeout=60, **kw)
-
-
-def vm_path(name):
-    return pywbem.CIMInstanceName(VM_CLASS, {"CreationClassName": VM_CLASS, "Name": name}, namespace=NS)
 
 
 def wait_state(conn, name, states, timeout):
@@ -363,14 +338,6 @@ def test_modify(c, conn, args):
     proc["VirtualQuantity"] = pywbem.Uint64(old)
     conn.InvokeMethod("ModifyResourceSettings", service, ResourceSettings=[proc])
     c.check(conn.GetInstance(vm_path(vm))["Name"] == before["Name"], "the VM is still there")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_indications(c, conn, args):

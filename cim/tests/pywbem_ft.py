@@ -19,34 +19,9 @@ import threading
 
 import pywbem
 
-NS = "root/cimv2"
+from lks_checks import NS, VM_CLASS, Checker, free_port, vm_path
+
 SET = "CIM_RedundancySet"
-VM_CLASS = "LKS_VirtualComputerSystem"
-
-
-class Checker:
-    def __init__(self):
-        self.passed = 0
-        self.failed = 0
-
-    def check(self, cond, what):
-        if cond:
-            self.passed += 1
-        else:
-            self.failed += 1
-            print(f"FAIL: {what}", flush=True)
-
-
-def vm_path(name):
-    return pywbem.CIMInstanceName(VM_CLASS, {"CreationClassName": VM_CLASS, "Name": name}, namespace=NS)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run(c, conn, args):

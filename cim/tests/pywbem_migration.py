@@ -21,42 +21,15 @@ import time
 
 import pywbem
 
-NS = "root/cimv2"
-VM_CLASS = "LKS_VirtualComputerSystem"
+from lks_checks import NS, VM_CLASS, Checker, free_port, vm_path
+
 SERVICE = "LKS_VirtualSystemMigrationService"
 SETTINGS = "LKS_VirtualSystemMigrationSettingData"
-
-
-class Checker:
-    def __init__(self):
-        self.passed = 0
-        self.failed = 0
-
-    def check(self, cond, what):
-        if cond:
-            self.passed += 1
-        else:
-            self.failed += 1
-            print(f"FAIL: {what}", flush=True)
-        return cond
-
-    def expect_error(self, status, fn, what):
-        try:
-            fn()
-        except pywbem.CIMError as e:
-            self.check(e.status_code == status, f"{what}: expected CIM status {status}, got {e.status_code} ({e})")
-            return str(e)
-        self.check(False, f"{what}: expected CIM status {status}, got success")
-        return ""
 
 
 def connect(url, args):
     return pywbem.WBEMConnection(url, (args.user, args.password), default_namespace=NS, timeout=120,
                                  no_verification=True)
-
-
-def vm_path(name):
-    return pywbem.CIMInstanceName(VM_CLASS, {"CreationClassName": VM_CLASS, "Name": name}, namespace=NS)
 
 
 def service(conn):
@@ -73,14 +46,6 @@ def settings(token, **extra):
     props.update(extra)
     inst = pywbem.CIMInstance(SETTINGS, properties=props)
     return inst
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def enabled_state(conn, name):

@@ -582,3 +582,30 @@ pub fn assert_answered_on_disk(report: &ClientReport, image: &Path) -> Journal {
 
 #[cfg(test)]
 mod tests;
+
+/// The test guest running `script` (a journal service, then the monitor) as `name`, with `disk`
+/// as its journal (write-back: flushes reach the image) and `ns`'s tap with `mac`.
+pub fn journal_vm(
+    ns: &crate::netns::NetNs,
+    disk: &Path,
+    script: &str,
+    name: &str,
+    mac: &str,
+) -> crate::VmConfigBuilder {
+    use serde_json::json;
+    crate::VmConfigBuilder::new(&crate::guest_images().elf)
+        .boot_args(&format!(
+            "lks.mode=monitor lks.ip={}/24 lks.run=\"{script}\"",
+            ns.guest_ip()
+        ))
+        .set("name", json!(name))
+        .set(
+            "drives",
+            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
+                     "is_read_only": false, "cache_type": "Writeback" }]),
+        )
+        .set(
+            "network-interfaces",
+            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": mac }]),
+        )
+}

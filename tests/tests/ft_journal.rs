@@ -16,7 +16,7 @@ use lockstep_tests::journal::{
     PAYLOAD_MAX, SECTOR,
 };
 use lockstep_tests::netns::NetNs;
-use lockstep_tests::{guest_images, require_kvm, VmConfigBuilder};
+use lockstep_tests::require_kvm;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -74,25 +74,9 @@ fn block_counters(host: &TestHost) -> Value {
         .clone()
 }
 
-/// The test guest with `disk` (write-back: flushes reach the image) and a tap in `ns`, running
-/// `script` then the monitor.
+/// The test guest with `disk` and a tap in `ns`, running `script` then the monitor.
 fn journal_vm(ns: &NetNs, disk: &Path, script: &str) -> Value {
-    VmConfigBuilder::new(&guest_images().elf)
-        .boot_args(&format!(
-            "lks.mode=monitor lks.ip={}/24 lks.run=\"{script}\"",
-            ns.guest_ip()
-        ))
-        .set("name", json!(VM))
-        .set(
-            "drives",
-            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
-                     "is_read_only": false, "cache_type": "Writeback" }]),
-        )
-        .set(
-            "network-interfaces",
-            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": MAC }]),
-        )
-        .build()
+    lockstep_tests::journal::journal_vm(ns, disk, script, VM, MAC).build()
 }
 
 /// Runs the client from a thread in the namespace.

@@ -18,7 +18,7 @@ use lockstep_tests::journal::{
     check_answered_on_disk, run_client, send_stop, ClientConfig, StoppedBy, SECTOR,
 };
 use lockstep_tests::netns::NetNs;
-use lockstep_tests::{guest_images, require_kvm, VmConfigBuilder};
+use lockstep_tests::require_kvm;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -32,22 +32,9 @@ const DISK_SECTORS: u64 = 16384;
 const REQUESTS: u64 = 12_000;
 
 fn journal_vm(ns: &NetNs, disk: &Path) -> Value {
-    VmConfigBuilder::new(&guest_images().elf)
-        .boot_args(&format!(
-            "lks.mode=monitor lks.ip={}/24 lks.run=\"net udp-journal {PORT}\"",
-            ns.guest_ip()
-        ))
+    let script = format!("net udp-journal {PORT}");
+    lockstep_tests::journal::journal_vm(ns, disk, &script, VM, MAC)
         .mem_mib(128)
-        .set("name", json!(VM))
-        .set(
-            "drives",
-            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
-                     "is_read_only": false, "cache_type": "Writeback" }]),
-        )
-        .set(
-            "network-interfaces",
-            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": MAC }]),
-        )
         .build()
 }
 

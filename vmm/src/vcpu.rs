@@ -410,6 +410,24 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the owner looks for a vCPU's answer before it blocks waiting for it.
 const REPLY_SPIN: Duration = Duration::from_millis(1);
 
+/// Looks for a message on `rx` for up to `spin`, yielding between looks (`Ok(None)`: none came):
+/// an answer that comes within microseconds is taken then, not when a blocked thread is woken,
+/// which on a busy host can be a millisecond later.
+pub(crate) fn spin_recv<T>(
+    rx: &mpsc::Receiver<T>,
+    spin: Duration,
+) -> Result<Option<T>, mpsc::RecvError> {
+    let started = Instant::now();
+    while started.elapsed() < spin {
+        match rx.try_recv() {
+            Ok(message) => return Ok(Some(message)),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
+            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    Ok(None)
+}
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     index: u32,
@@ -457,12 +475,10 @@ impl VcpuHandle {
         // costs less than being woken late on a busy host (the pause of a live migration's
         // switch, a fault-tolerance epoch).
         let started = std::time::Instant::now();
-        while started.elapsed() < REPLY_SPIN {
-            match self.replies.try_recv() {
-                Ok(reply) => return Ok(reply),
-                Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
-                Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-            }
+        match spin_recv(&self.replies, REPLY_SPIN) {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => {}
+            Err(mpsc::RecvError) => return Err(stopped()),
         }
         // The thread may have been between its request check and KVM_RUN when the first kick
         // landed; the handler's immediate-exit flag covers that, and kicking again is harmless.

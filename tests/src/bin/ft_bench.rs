@@ -131,22 +131,9 @@ fn mac_text() -> String {
 }
 
 fn journal_vm(o: &Options, ns: &NetNs, disk: &Path) -> Value {
-    VmConfigBuilder::new(&guest_images().elf)
-        .boot_args(&format!(
-            "lks.mode=monitor lks.ip={}/24 lks.run=\"net udp-journal {PORT}\"",
-            ns.guest_ip()
-        ))
+    let script = format!("net udp-journal {PORT}");
+    lockstep_tests::journal::journal_vm(ns, disk, &script, VM, &mac_text())
         .mem_mib(o.mem_mib)
-        .set("name", json!(VM))
-        .set(
-            "drives",
-            json!([{ "drive_id": "journal", "path_on_host": disk, "is_root_device": false,
-                     "is_read_only": false, "cache_type": "Writeback" }]),
-        )
-        .set(
-            "network-interfaces",
-            json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": mac_text() }]),
-        )
         .build()
 }
 

@@ -266,12 +266,10 @@ impl PendingReply {
 
     fn wait_spinning(self, spin: Duration, timeout: Duration) -> Result<VmReply, ControlError> {
         let started = std::time::Instant::now();
-        while started.elapsed() < spin.min(timeout) {
-            match self.0.try_recv() {
-                Ok(reply) => return reply,
-                Err(mpsc::TryRecvError::Disconnected) => return Err(ControlError::Gone),
-                Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-            }
+        match crate::vcpu::spin_recv(&self.0, spin.min(timeout)) {
+            Ok(Some(reply)) => return reply,
+            Ok(None) => {}
+            Err(mpsc::RecvError) => return Err(ControlError::Gone),
         }
         match self
             .0
