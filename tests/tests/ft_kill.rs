@@ -144,19 +144,33 @@ fn load(
     )
 }
 
+/// Who took over: the original secondary (B: its migration `p.in_id`, the record's epoch 2), or
+/// after a planned failover the original primary (A: the migration it stood by under, and the
+/// record's epoch).
+#[derive(Clone, Copy)]
+enum NewPrimary<'a> {
+    B,
+    A(&'a str, u64),
+}
+
 /// After a takeover: the client saw every request answered, consistently, some by the new
 /// primary (after `since`); each is on the new primary's own disk; the record names it.
 fn check_after_takeover(
     ns: &NetNs,
     etcd: &Etcd,
     p: &mut Paired,
+    new: NewPrimary,
     report: &lockstep_tests::journal::ClientReport,
     since: Duration,
 ) -> usize {
-    let took = wait_for(&p.secondary, &p.in_id, "takeover", |i| {
+    let (host, in_id, disk, record) = match new {
+        NewPrimary::B => (&mut p.secondary, p.in_id.as_str(), &p.disk_b, ("b", 2)),
+        NewPrimary::A(id, epoch) => (&mut p.primary, id, &p.disk_a, ("a", epoch)),
+    };
+    let took = wait_for(host, in_id, "takeover", |i| {
         ["completed", "failed", "cancelled"].contains(&i["phase"].as_str().unwrap_or(""))
     });
-    assert_eq!(took["phase"], "completed", "{took}\n{}", p.secondary.log());
+    assert_eq!(took["phase"], "completed", "{took}\n{}", host.log());
     assert!(
         report.consistent(),
         "nothing answered twice with different results: {report}"
@@ -165,7 +179,7 @@ fn check_after_takeover(
         report.stopped_by,
         StoppedBy::Count,
         "every request answered, the last ones by the new primary: {report}\n{}",
-        p.secondary.log()
+        host.log()
     );
     assert!(report.gaps().is_empty(), "{report}");
     let after = report.answered.values().filter(|a| a.at > since).count();
@@ -176,13 +190,13 @@ fn check_after_takeover(
         .join()
         .unwrap()
         .unwrap();
-    p.secondary.wait_serial(VM, "stopped_by=stop", WAIT);
-    p.secondary.stop();
+    host.wait_serial(VM, "stopped_by=stop", WAIT);
+    host.stop();
     // Every answer the client saw is on the new primary's own disk, with its digest.
-    if let Err(lost) = check_answered_on_disk(report, &p.disk_b) {
+    if let Err(lost) = check_answered_on_disk(report, disk) {
         panic!("answered but not on the new primary's disk: {lost}");
     }
-    assert_eq!(etcd.record(&p.pair), Some(("b".to_string(), 2)));
+    assert_eq!(etcd.record(&p.pair), Some((record.0.to_string(), record.1)));
     after
 }
 
@@ -197,7 +211,7 @@ fn trial(ns: &NetNs, etcd: &Etcd, tap_b: &str, trial: u32, kill_after: Duration)
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGKILL) };
     let report = running.join().expect("the client thread");
     eprintln!("trial {trial}: SIGKILL {kill_after:?} into the load: {report}");
-    let after = check_after_takeover(ns, etcd, &mut p, &report, killed);
+    let after = check_after_takeover(ns, etcd, &mut p, NewPrimary::B, &report, killed);
     (report.answered.len(), after)
 }
 
@@ -266,7 +280,7 @@ fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
         "frozen {frozen:?} into the load: {report}; {} frames seen on the old tap",
         seen.len()
     );
-    check_after_takeover(&ns, &etcd, &mut p, &report, frozen);
+    check_after_takeover(&ns, &etcd, &mut p, NewPrimary::B, &report, frozen);
 }
 
 #[test]
@@ -348,35 +362,12 @@ fn a_planned_failover_under_load_switches_roles_and_the_old_primary_takes_over_a
     eprintln!(
         "planned failover, then SIGKILL of the new primary {killed:?} into the load: {report}"
     );
-    let again = wait_for(&p.primary, &back_id, "the takeover", |i| {
-        ["completed", "failed", "cancelled"].contains(&i["phase"].as_str().unwrap_or(""))
-    });
-    assert_eq!(again["phase"], "completed", "{again}\n{}", p.primary.log());
-    assert!(
-        report.consistent(),
-        "nothing answered twice differently: {report}"
+    check_after_takeover(
+        &ns,
+        &etcd,
+        &mut p,
+        NewPrimary::A(&back_id, 3),
+        &report,
+        killed,
     );
-    assert_eq!(
-        report.stopped_by,
-        StoppedBy::Count,
-        "{report}\n{}",
-        p.primary.log()
-    );
-    assert!(report.gaps().is_empty(), "{report}");
-    assert!(
-        report.answered.values().any(|a| a.at > killed),
-        "A answered after the kill: {report}"
-    );
-    let target = p.target;
-    let stop_from = SocketAddr::new(ns.host_ip().parse().unwrap(), 0);
-    ns.run(move || send_stop(stop_from, target))
-        .join()
-        .unwrap()
-        .unwrap();
-    p.primary.wait_serial(VM, "stopped_by=stop", WAIT);
-    p.primary.stop();
-    if let Err(lost) = check_answered_on_disk(&report, &p.disk_a) {
-        panic!("answered but not on A's disk: {lost}");
-    }
-    assert_eq!(etcd.record(&p.pair), Some(("a".to_string(), 3)));
 }
