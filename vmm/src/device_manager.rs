@@ -537,8 +537,8 @@ impl DeviceManager {
 
     /// Writes every frame of the output epochs up to `upto` to the taps (what the tap cannot
     /// take yet goes when it is writable).
-    pub fn release_output(&self, upto: u64) {
-        self.each_net(|net| net.release_output(upto));
+    pub fn release_output(&self, upto: u64, by: std::time::Instant) {
+        self.each_net(|net| net.release_output_by(upto, Some(by)));
     }
 
     /// Fences every network interface's output for good (a primary that lost the arbiter):

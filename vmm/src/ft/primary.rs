@@ -151,6 +151,10 @@ pub(crate) fn protect(
             Err(_) if s.migration.is_cancelled() => return Err(pairing.unpair(&mut pages)),
             Err(why) => return Err(pairing.secondary_lost(&why)),
         };
+        // The secondary acknowledges after it has all of the checkpoint, and cannot take over
+        // until its heartbeat timeout has passed after that: from before the send on, at the
+        // earliest.
+        let sending = Instant::now();
         let sent = pages
             .out
             .write_all(&staged)
@@ -160,21 +164,22 @@ pub(crate) fn protect(
         }
         pairing.sent += staged.len() as u64;
         pairing.keep_buffer(staged);
-        if let Err(why) = wait_ack(reader, epoch, ft.timeout) {
-            return Err(pairing.secondary_lost(&why));
-        }
-        let acked = Instant::now();
-        pairing.committed = Some((epoch, acked));
-        // What the guest sent before this checkpoint is safe to show the world now, unless
-        // this process was stopped between the ack and here for long enough that the
-        // secondary may have taken over meanwhile: then the arbiter decides first.
-        if acked.elapsed() > ft.timeout / 2 {
-            return Err(pairing.secondary_lost("this process stalled after the last ack"));
-        }
-        let release = OutputCommand::Release {
-            upto: output,
-            by: acked + ft.timeout / 2,
+        let their_timeout = match wait_ack(reader, epoch, ft.timeout) {
+            Ok(timeout) => timeout,
+            Err(why) => return Err(pairing.secondary_lost(&why)),
         };
+        pairing.committed = Some((epoch, Instant::now()));
+        // What the guest sent before this checkpoint is safe to show the world now, unless
+        // this process was stopped for long enough since the send that the secondary may have
+        // taken over meanwhile (an ack read late says nothing about when it came): then the
+        // arbiter decides first. The owner checks the deadline again before each frame.
+        let by = sending + their_timeout / 2;
+        if Instant::now() > by {
+            return Err(
+                pairing.secondary_lost("this process stalled since it sent the last checkpoint")
+            );
+        }
+        let release = OutputCommand::Release { upto: output, by };
         if let Err(e) = pairing.call(VmCommand::Output(release)) {
             return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
         }
@@ -212,8 +217,9 @@ fn output_held(pages: &PageWriter) -> bool {
 }
 
 /// Reads the secondary's frames until the acknowledgement of `epoch`; each read waits at most
-/// the heartbeat timeout.
-fn wait_ack(reader: &mut Conn, epoch: u64, timeout: Duration) -> Result<(), String> {
+/// the heartbeat timeout. Returns the secondary's heartbeat timeout (`timeout` if its ack does
+/// not say).
+fn wait_ack(reader: &mut Conn, epoch: u64, timeout: Duration) -> Result<Duration, String> {
     let deadline = Instant::now() + ACK_PATIENCE.max(timeout * 20);
     loop {
         let frame = read_frame(reader).map_err(|e| format!("waiting for ack {epoch}: {e}"))?;
@@ -227,7 +233,16 @@ fn wait_ack(reader: &mut Conn, epoch: u64, timeout: Duration) -> Result<(), Stri
                     .map(u64::from_le_bytes)
                     .ok_or("a malformed Ack frame")?;
                 if acked == epoch {
-                    return Ok(());
+                    let theirs = frame
+                        .payload
+                        .get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(|b| {
+                            u64::from_le_bytes(b)
+                                .clamp(*super::TIMEOUT_MS.start(), *super::TIMEOUT_MS.end())
+                        })
+                        .map(Duration::from_millis);
+                    return Ok(theirs.unwrap_or(timeout));
                 }
                 return Err(format!("the secondary acknowledged {acked}, not {epoch}"));
             }
@@ -464,7 +479,7 @@ impl Pairing<'_> {
         if let Err(e) = sent {
             return Err(self.secondary_lost(&format!("sending the last checkpoint: {e}")));
         }
-        let running = wait_ack(reader, epoch, self.ft.timeout).and_then(|()| loop {
+        let running = wait_ack(reader, epoch, self.ft.timeout).and_then(|_| loop {
             let frame = read_frame(reader).map_err(|e| format!("waiting for Running: {e}"))?;
             match frame.kind {
                 Kind::Heartbeat => {}

@@ -338,7 +338,11 @@ impl Standby<'_> {
             };
             let ack = {
                 let mut out = writer.lock().unwrap_or_else(|p| p.into_inner());
-                write_frame(&mut *out, Kind::Ack, &epoch.to_le_bytes())
+                // With this side's heartbeat timeout: how long after this the primary may still
+                // release the epoch's output without asking the arbiter.
+                let mut payload = epoch.to_le_bytes().to_vec();
+                payload.extend_from_slice(&(self.options.timeout.as_millis() as u64).to_le_bytes());
+                write_frame(&mut *out, Kind::Ack, &payload)
             };
             if let Err(e) = ack {
                 return End::Silence(format!("acknowledging {epoch}: {e}"));

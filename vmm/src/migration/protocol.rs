@@ -76,7 +76,8 @@ pub enum Kind {
     /// machine state as a snapshot state file); the `Pages` and `Zero` frames since the last
     /// one are its memory. See `ft`.
     Checkpoint = 15,
-    /// Fault tolerance, secondary: the checkpoint of that epoch (u64 LE) is applied.
+    /// Fault tolerance, secondary: the checkpoint of that epoch (u64 LE) is applied; then the
+    /// secondary's heartbeat timeout in milliseconds (u64 LE; absent: the primary's own).
     Ack = 16,
     /// Fault tolerance, either side: still here (empty).
     Heartbeat = 17,
@@ -140,7 +141,7 @@ impl Kind {
             Kind::RoundEnd => 4,
             Kind::State => crate::vm::snapshot::MAX_STATE_FILE as u32,
             Kind::Checkpoint => 8 + crate::vm::snapshot::MAX_STATE_FILE as u32,
-            Kind::Ack => 8,
+            Kind::Ack => 16,
             Kind::DiskBegin => 12,
             Kind::DiskChunk => {
                 12 + lockstep_devices::virtio::block::replica::FULL_COPY_CHUNK as u32

@@ -545,7 +545,8 @@ impl Running {
                                 "too late to release the output: this process was stalled".into(),
                             ));
                         }
-                        devices.release_output(upto)
+                        // Checked again before each frame: this process may stop in the middle.
+                        devices.release_output(upto, by)
                     }
                     OutputCommand::Fence => devices.fence_output(),
                 }

@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_queue::QueueT;
 
@@ -62,6 +63,10 @@ pub(super) struct OutputGate {
     epoch: u64,
     /// Frames of epochs up to this one may leave.
     released: u64,
+    /// ...but only until then: a released frame still held at that time stays held (a process
+    /// stopped in the middle of a release may have been replaced meanwhile; only the next
+    /// release, after the next acknowledgement, lets it go).
+    release_by: Option<Instant>,
     /// The ring waits for room in the held queue.
     stalled: bool,
     max_frames: usize,
@@ -78,6 +83,7 @@ impl OutputGate {
             held_bytes: 0,
             epoch: 1,
             released: 0,
+            release_by: None,
             stalled: false,
             max_frames: MAX_HELD_FRAMES,
             max_bytes: MAX_HELD_BYTES,
@@ -117,8 +123,9 @@ impl OutputGate {
 
     /// Lets frames of epochs up to `upto` leave; epochs not closed yet stay held whatever
     /// `upto` says, so a caller's mistake cannot leak the open epoch.
-    fn release(&mut self, upto: u64) {
+    fn release(&mut self, upto: u64, by: Option<Instant>) {
         self.released = self.released.max(upto.min(self.epoch - 1));
+        self.release_by = by;
     }
 
     /// The first held frame, if it may leave now.
@@ -126,6 +133,7 @@ impl OutputGate {
         self.held
             .front()
             .filter(|held| held.epoch <= self.released)
+            .filter(|_| self.release_by.is_none_or(|by| Instant::now() <= by))
             .map(|held| &*held.frame)
     }
 
@@ -166,6 +174,7 @@ impl OutputGate {
         for held in &mut self.held {
             held.epoch = 0;
         }
+        self.release_by = None;
         self.mode = GateMode::Open;
     }
 
@@ -215,10 +224,16 @@ impl Net {
     /// Writes every held frame of the epochs up to `upto` to the tap, in order. Frames the tap
     /// cannot take yet stay held, first in line, and go when it is writable again.
     pub fn release_output(&mut self, upto: u64) {
+        self.release_output_by(upto, None);
+    }
+
+    /// As [`release_output`](Self::release_output), but no frame leaves after `by` (checked
+    /// before each write): what is still held then waits for the next release.
+    pub fn release_output_by(&mut self, upto: u64, by: Option<Instant>) {
         if self.gate.mode() == GateMode::Fenced {
             return;
         }
-        self.gate.release(upto);
+        self.gate.release(upto, by);
         self.after_release();
     }
 

@@ -144,6 +144,55 @@ fn released_frames_wait_for_a_full_tap_in_order_while_the_guest_goes_on() {
 }
 
 #[test]
+fn no_released_frame_leaves_after_the_releases_deadline() {
+    let m = mem();
+    let rx = Ring::new(&m, RX_RING, RX_BUFS);
+    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
+    let (tap, host) = Tap::socket_pair();
+    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    net.gate_output();
+    let first = numbered(0, 40);
+    post_all(&mut tx, &first);
+    net.process_tx();
+    assert_eq!(net.mark_output_epoch(), 1);
+    // A deadline already past: nothing leaves (a process that stalled before the write).
+    let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    net.release_output_by(1, Some(past));
+    assert!(drain(&host).is_empty());
+    assert_eq!(held(&net), (40, bytes(&first)));
+    // In time: what the tap takes leaves; the rest waits for room, and once the deadline has
+    // passed it stays held even when the tap has room again (a process stopped in the middle
+    // of a release may have been replaced meanwhile).
+    let soon = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    net.release_output_by(1, Some(soon));
+    let mut arrived = drain(&host);
+    assert!(
+        !arrived.is_empty() && arrived.len() < 40,
+        "{}",
+        arrived.len()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    net.tx_blocked = false; // what EPOLLOUT does
+    net.process_tx();
+    assert!(drain(&host).is_empty(), "nothing after the deadline");
+    // The next release lets the rest go, in order.
+    net.release_output_by(
+        1,
+        Some(std::time::Instant::now() + std::time::Duration::from_secs(5)),
+    );
+    for _ in 0..100 {
+        if arrived.len() >= first.len() {
+            break;
+        }
+        net.tx_blocked = false;
+        net.process_tx();
+        arrived.extend(drain(&host));
+    }
+    assert!(arrived == first, "epoch 1 whole and in order");
+    assert_eq!(held(&net), (0, 0));
+}
+
+#[test]
 fn a_full_gate_stops_consuming_the_ring_until_a_release_makes_room() {
     let m = mem();
     let rx = Ring::new(&m, RX_RING, RX_BUFS);
