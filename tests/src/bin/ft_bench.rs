@@ -105,24 +105,6 @@ fn options() -> Options {
     o
 }
 
-/// The namespace's tap moved onto a bridge with a second tap (two hosts' ports on one switch);
-/// returns the second tap's name.
-fn bridge_with_second_tap(ns: &NetNs) -> String {
-    let tap_b = format!("{}b", ns.tap());
-    ns.exec(&["ip", "addr", "flush", "dev", ns.tap()]);
-    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-    ns.exec(&["ip", "link", "set", ns.tap(), "master", "br0"]);
-    ns.exec(&[
-        "ip", "tuntap", "add", "dev", &tap_b, "mode", "tap", "vnet_hdr",
-    ]);
-    ns.exec(&["ip", "link", "set", &tap_b, "master", "br0"]);
-    ns.exec(&["ip", "link", "set", &tap_b, "up"]);
-    let address = format!("{}/24", ns.host_ip());
-    ns.exec(&["ip", "addr", "add", &address, "dev", "br0"]);
-    ns.exec(&["ip", "link", "set", "br0", "up"]);
-    tap_b
-}
-
 fn mac_text() -> String {
     MAC.iter()
         .map(|b| format!("{b:02x}"))
@@ -160,19 +142,7 @@ fn migration(host: &TestHost, id: &str) -> Value {
 }
 
 fn wait_for(host: &TestHost, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info = migration(host, id);
-        if check(&info) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {id}: no {what}: {info}\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    host.wait_migration(id, what, WAIT, check)
 }
 
 /// A VM on `primary` paired with `secondary`: the pairing's ids and the secondary's listening
@@ -641,7 +611,7 @@ fn main() {
         "LKS_LOCKSTEP_BIN: the release lockstep to measure (bench/run.sh ft sets it)"
     );
     let ns = NetNs::create();
-    let tap_b = bridge_with_second_tap(&ns);
+    let tap_b = ns.bridge_with_second_tap();
     let Some(etcd) = Etcd::start_in("ft_bench", Some(ns.name())) else {
         eprintln!("ft_bench: etcd is not installed (scripts/setup-host.sh installs it)");
         std::process::exit(1)
