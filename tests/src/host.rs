@@ -9,6 +9,7 @@ use lockstep_api::openapi_check::{self, Reply};
 use serde_json::{json, Value};
 
 use crate::images::lockstep_bin;
+use crate::report::whole_lines;
 
 /// A reply as curl saw it.
 #[derive(Debug, Clone)]
@@ -244,10 +245,7 @@ impl TestHost {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.serial(vm);
-            let whole = text
-                .find(needle)
-                .is_some_and(|at| text[at..].contains('\n'));
-            if whole {
+            if whole_lines(&text).any(|l| l.contains(needle)) {
                 return text;
             }
             assert!(

@@ -51,6 +51,14 @@ impl GuestReport {
     }
 }
 
+/// The lines of a transcript that a newline ends, without their CR LF or LF: a line still
+/// being written when the transcript was read is left out.
+pub fn whole_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end_matches(['\n', '\r']))
+}
+
 fn value_of<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let rest = line.strip_prefix(key)?;
     rest.strip_prefix('=').or_else(|| rest.strip_prefix(' '))
@@ -72,5 +80,12 @@ mod tests {
         );
         assert_eq!(r.all("e820").count(), 2);
         assert_eq!(r.get("nope"), None);
+    }
+
+    #[test]
+    fn a_line_still_being_written_is_not_whole() {
+        let text = "LKS a=1\r\nLKS b=2\nLKS net udp-journal listening";
+        let whole: Vec<&str> = whole_lines(text).collect();
+        assert_eq!(whole, ["LKS a=1", "LKS b=2"]);
     }
 }

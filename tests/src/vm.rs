@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::images::lockstep_bin;
-use crate::report::GuestReport;
+use crate::report::{whole_lines, GuestReport};
 
 /// Builds a VM config JSON with Firecracker's keys.
 #[derive(Debug, Clone)]
@@ -276,11 +276,7 @@ impl TestVm {
 
     /// Waits for a whole line (ended by a newline) that contains `needle`, and returns it.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
-        let complete = |t: &str| {
-            t.lines()
-                .zip(t.split_inclusive('\n'))
-                .any(|(l, raw)| l.contains(needle) && raw.ends_with('\n'))
-        };
+        let complete = |t: &str| whole_lines(t).any(|l| l.contains(needle));
         if !self.serial.wait_until(timeout, complete) {
             panic!(
                 "no whole line with {needle:?} on the serial console within {timeout:?}\n{}",
@@ -288,10 +284,8 @@ impl TestVm {
             );
         }
         let text = self.serial();
-        text.lines()
-            .find(|l| l.contains(needle))
-            .map(|l| l.trim_end_matches('\r').to_string())
-            .unwrap_or_default()
+        let line = whole_lines(&text).find(|l| l.contains(needle));
+        line.unwrap_or_default().to_string()
     }
 
     /// Waits until `needle` appears in the serial output after byte offset `from`.

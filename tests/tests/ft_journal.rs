@@ -16,6 +16,7 @@ use lockstep_tests::journal::{
     PAYLOAD_MAX, SECTOR,
 };
 use lockstep_tests::netns::NetNs;
+use lockstep_tests::report::whole_lines;
 use lockstep_tests::require_kvm;
 use serde_json::{json, Value};
 
@@ -43,8 +44,8 @@ fn nth_line(host: &TestHost, needle: &str, n: usize) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         let serial = host.serial(VM);
-        if let Some(line) = serial.lines().filter(|l| l.contains(needle)).nth(n) {
-            return line.trim_end().to_string();
+        if let Some(line) = whole_lines(&serial).filter(|l| l.contains(needle)).nth(n) {
+            return line.to_string();
         }
         assert!(
             Instant::now() < deadline,
@@ -313,7 +314,7 @@ fn requests_go_on_being_answered_across_a_live_migration() {
         .join()
         .unwrap()
         .unwrap();
-    let serial = destination.wait_serial(VM, "stopped_by=stop", WAIT);
+    let serial = destination.wait_serial_line(VM, "stopped_by=stop", WAIT);
     let done = serial.lines().find(|l| l.contains("stopped_by=")).unwrap();
     assert_eq!(field(done, "failed"), 0, "{done}");
     let counters = block_counters(&destination);

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lockstep_tests::report::whole_lines;
 use lockstep_tests::{linux_images, require_kvm, TestVm, VmConfigBuilder};
 
 /// Generous: on a PVM host the kernel runs emulated (~20 s alone, more with a second VM beside).
@@ -13,11 +14,7 @@ const READY: &str = "LKS-LINUX ready";
 /// The value of `LKS-LINUX <key>=...` in the transcript.
 fn linux_report(serial: &str, key: &str) -> Option<String> {
     let prefix = format!("LKS-LINUX {key}=");
-    serial.lines().find_map(|l| {
-        l.trim_end_matches('\r')
-            .strip_prefix(&prefix)
-            .map(str::to_string)
-    })
+    whole_lines(serial).find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
 }
 
 fn boot_linux(vcpus: u32, extra_args: &str) -> TestVm {

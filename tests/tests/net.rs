@@ -229,7 +229,7 @@ fn host_to_guest_bursts_are_moderated_and_arrive_in_order() {
         echoed.iter().zip(0..).position(|(got, want)| *got != want),
         String::from_utf8_lossy(&tap_drops.stdout).trim()
     );
-    let serial = host.wait_serial("burst", "stopped_by=", WAIT);
+    let serial = host.wait_serial_line("burst", "stopped_by=", WAIT);
     let line = serial.lines().find(|l| l.contains("stopped_by=")).unwrap();
     assert!(
         line.contains(&format!("received={COUNT} "))
