@@ -7,11 +7,12 @@ pub struct GuestReport {
 }
 
 impl GuestReport {
-    /// Collects the `LKS ` lines of a serial transcript (CR LF or LF line ends).
+    /// Collects the whole `LKS ` lines of a serial transcript (CR LF or LF line ends). A last
+    /// line without its newline is still being written (`LKS counter=12` may be 123) and is
+    /// left out.
     pub fn parse(serial: &str) -> Self {
-        let lines = serial
-            .lines()
-            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("LKS "))
+        let lines = whole_lines(serial)
+            .filter_map(|l| l.strip_prefix("LKS "))
             .map(str::to_string)
             .collect();
         GuestReport { lines }
@@ -87,5 +88,7 @@ mod tests {
         let text = "LKS a=1\r\nLKS b=2\nLKS net udp-journal listening";
         let whole: Vec<&str> = whole_lines(text).collect();
         assert_eq!(whole, ["LKS a=1", "LKS b=2"]);
+        let report = GuestReport::parse("LKS counter=1 ns=5\nLKS counter=12");
+        assert_eq!(report.all("counter").collect::<Vec<_>>(), ["1 ns=5"]);
     }
 }
