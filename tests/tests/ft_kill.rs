@@ -18,6 +18,7 @@ use lockstep_tests::journal::{
     check_answered_on_disk, run_client, send_stop, ClientConfig, StoppedBy, SECTOR,
 };
 use lockstep_tests::netns::NetNs;
+use lockstep_tests::relay::Relay;
 use lockstep_tests::require_kvm;
 use serde_json::{json, Value};
 
@@ -71,10 +72,20 @@ struct Paired {
     disk_a: std::path::PathBuf,
     disk_b: std::path::PathBuf,
     target: SocketAddr,
+    /// The replication connection's relay, where the test asked for one.
+    relay: Option<Relay>,
     _dir: tempfile::TempDir,
 }
 
-fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str) -> Paired {
+/// How the primary reaches the secondary.
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    Direct,
+    /// Through a [`Relay`] in the namespace that the test can hold.
+    Relayed,
+}
+
+fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str, link: Link) -> Paired {
     let dir = tempfile::tempdir().unwrap();
     let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     image(&disk_a);
@@ -98,11 +109,18 @@ fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str) -> Paired {
     );
     assert_eq!(reply.status, 201, "{}", reply.text());
     let incoming = reply.json();
+    let relay = (link == Link::Relayed).then(|| {
+        let to = incoming["listen"].as_str().unwrap().to_string();
+        ns.run(move || Relay::start(&to)).join().unwrap()
+    });
+    let destination = relay
+        .as_ref()
+        .map_or(incoming["listen"].clone(), |r| json!(r.addr()));
     let reply = primary.call(
         "POST",
         "/v1/vms/{name}/migrate",
         &format!("/v1/vms/{VM}/migrate"),
-        Some(&json!({ "destination": incoming["listen"], "token": incoming["token"], "ft": ft("a") })),
+        Some(&json!({ "destination": destination, "token": incoming["token"], "ft": ft("a") })),
     );
     assert_eq!(reply.status, 202, "{}", reply.text());
     let out_id = reply.json()["id"].as_str().unwrap().to_string();
@@ -119,6 +137,7 @@ fn paired(ns: &NetNs, etcd: &Etcd, tap_b: &str, pair: &str) -> Paired {
         disk_a,
         disk_b,
         target: SocketAddr::new(ns.guest_ip().parse().unwrap(), PORT),
+        relay,
         _dir: dir,
     }
 }
@@ -202,7 +221,7 @@ fn check_after_takeover(
 
 /// One trial: pair, load, kill the primary `kill_after` into the load, check.
 fn trial(ns: &NetNs, etcd: &Etcd, tap_b: &str, trial: u32, kill_after: Duration) -> (usize, usize) {
-    let mut p = paired(ns, etcd, tap_b, &format!("journal-{trial}"));
+    let mut p = paired(ns, etcd, tap_b, &format!("journal-{trial}"), Link::Direct);
     let (running, started) = load(ns, p.target);
     // The kill point, not an assertion: the client runs on meanwhile.
     std::thread::sleep(kill_after);
@@ -217,20 +236,52 @@ fn trial(ns: &NetNs, etcd: &Etcd, tap_b: &str, trial: u32, kill_after: Duration)
 
 #[test]
 fn a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself() {
-    let Some((ns, tap_b, etcd)) =
-        fixture("a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself")
-    else {
+    frozen_primary(
+        "a_frozen_primary_sends_nothing_after_the_takeover_and_stops_itself",
+        Link::Direct,
+    );
+}
+
+/// The window a frozen primary is most dangerous in: it sent a checkpoint, the secondary
+/// acknowledged it, and the ack waits unread in the primary's socket while the primary is
+/// stopped and the secondary takes over. Thawed, the primary reads an ack that looks fresh; the
+/// output of that epoch must stay held (the secondary may already be answering in its place).
+/// The relay holds the acks back until the primary is frozen, then delivers them.
+#[test]
+fn a_primary_frozen_with_an_ack_unread_releases_nothing_after_the_takeover() {
+    frozen_primary(
+        "a_primary_frozen_with_an_ack_unread_releases_nothing_after_the_takeover",
+        Link::Relayed,
+    );
+}
+
+/// SIGSTOP of the primary 500 ms into the load (with `Link::Relayed`, once a checkpoint's ack
+/// is held back), the secondary's takeover, SIGCONT: the old primary puts no frame of the
+/// guest's on its tap, stops itself, and every answered request is on the new primary's disk.
+fn frozen_primary(test: &str, link: Link) {
+    let Some((ns, tap_b, etcd)) = fixture(test) else {
         return;
     };
-    let mut p = paired(&ns, &etcd, &tap_b, "frozen");
+    let mut p = paired(&ns, &etcd, &tap_b, "frozen", link);
     let (running, started) = load(&ns, p.target);
     std::thread::sleep(Duration::from_millis(500));
+    if let Some(relay) = &p.relay {
+        relay.hold_back(true);
+        // A checkpoint goes out meanwhile (one every 50 ms at most) and its ack is held; the
+        // primary waits for it, well within its 500 ms heartbeat timeout.
+        std::thread::sleep(Duration::from_millis(120));
+    }
     let frozen = started.elapsed();
     // SAFETY: signals our own child, the primary's host process.
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGSTOP) };
     wait_for(&p.secondary, &p.in_id, "takeover", |i| {
         i["phase"] == "completed"
     });
+    if let Some(relay) = &p.relay {
+        // The held acks now wait in the frozen primary's socket.
+        relay.hold_back(false);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // From here on the old primary must never put a frame of the guest's on the wire.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let capture = ns.capture(ns.tap(), stop.clone());
@@ -333,7 +384,7 @@ fn a_planned_failover_under_load_switches_roles_and_the_old_primary_takes_over_a
     let Some((ns, tap_b, etcd)) = fixture("a_planned_failover_under_load_switches_roles") else {
         return;
     };
-    let mut p = paired(&ns, &etcd, &tap_b, "planned");
+    let mut p = paired(&ns, &etcd, &tap_b, "planned", Link::Direct);
     let (running, started) = load(&ns, p.target);
     std::thread::sleep(Duration::from_millis(300));
     let reply = p.primary.call(
