@@ -408,6 +408,22 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// An array of strings (a single string is taken as an array of one); empty when absent.
+    pub fn strings(&self, name: &str) -> CimResult<Vec<&'a str>> {
+        match self.get(name) {
+            None | Some(Param::Null) => Ok(Vec::new()),
+            Some(Param::Value(Value::Str(s))) => Ok(vec![s]),
+            Some(Param::Value(Value::Array(_, items))) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| param_error(name, "an array of strings"))
+                })
+                .collect(),
+            _ => Err(param_error(name, "an array of strings")),
+        }
+    }
+
     /// An unsigned number.
     pub fn u32(&self, name: &str) -> CimResult<Option<u32>> {
         match self.get(name) {

@@ -4,7 +4,9 @@
 //! token the source must present.
 //!
 //! The flow: the client calls PrepareIncomingMigration on the destination's service
-//! (`Listen`, `SystemName`) and gets `DestinationHost`, `Token` and the incoming job; then
+//! (`Listen`, `SystemName`, and where this host's taps, images and vsock socket differ from the
+//! source's: `NetworkOverrides`, `DriveOverrides`, `VsockPath`) and gets `DestinationHost`,
+//! `Token` and the incoming job; then
 //! MigrateVirtualSystemToHost on the source's service with the VM, that `DestinationHost` and
 //! an embedded LKS_VirtualSystemMigrationSettingData carrying `Token` (and, if wanted,
 //! MaxDowntime, Bandwidth, PrecopyTimeout, AutoConverge). The source's job moves to 100 and
@@ -12,7 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use lockstep_api::migration::{FtOptions, IncomingRequest, MigrateRequest, MigrationPhase};
+use lockstep_api::migration::{
+    DriveOverride, FtOptions, IncomingRequest, MigrateRequest, MigrationPhase, NetworkOverride,
+    VsockOverride,
+};
 
 use crate::cimom::{Cimom, Params};
 use crate::error::{CimFault, CimResult, CimStatus};
@@ -271,6 +276,90 @@ pub fn check_migratable(cimom: &Cimom, params: Params<'_>) -> MethodResult {
     Ok((0, vec![("IsMigratable", Value::Bool(migratable))]))
 }
 
+/// The arriving VM's devices on this host, where they differ from the source's config:
+/// `NetworkOverrides` (`iface_id=tap`), `DriveOverrides` (`drive_id=/absolute/path`), `VsockPath`
+/// (an absolute path). The host checks that each names a device of the VM.
+struct Overrides {
+    network: Vec<NetworkOverride>,
+    drives: Vec<DriveOverride>,
+    vsock: Option<VsockOverride>,
+}
+
+/// Most overrides a request may carry, per kind (a VM has far fewer devices).
+const MAX_OVERRIDES: usize = 64;
+
+/// The `id=value` items of an override array, each checked with `check`.
+fn id_value_pairs<'a>(
+    params: Params<'a>,
+    name: &str,
+    form: &str,
+    check: impl Fn(&str) -> bool,
+) -> CimResult<Vec<(String, &'a str)>> {
+    let items = params.strings(name)?;
+    if items.len() > MAX_OVERRIDES {
+        return Err(invalid(format!(
+            "{name} has {} items; at most {MAX_OVERRIDES}",
+            items.len()
+        )));
+    }
+    let mut pairs: Vec<(String, &str)> = Vec::with_capacity(items.len());
+    for item in items {
+        let shown = || item.chars().take(256).collect::<String>();
+        let (id, value) = item
+            .split_once('=')
+            .map(|(id, value)| (id.trim(), value.trim()))
+            .filter(|(id, value)| !id.is_empty() && check(value))
+            .ok_or_else(|| invalid(format!("{name} item {:?} is not {form}", shown())))?;
+        if pairs.iter().any(|(seen, _)| seen == id) {
+            return Err(invalid(format!("{name} names {id:?} twice")));
+        }
+        pairs.push((id.to_string(), value));
+    }
+    Ok(pairs)
+}
+
+fn overrides(params: Params<'_>) -> CimResult<Overrides> {
+    let absolute = |path: &str| path.starts_with('/');
+    let network = id_value_pairs(params, "NetworkOverrides", "iface_id=tap", |tap| {
+        !tap.is_empty()
+    })?
+    .into_iter()
+    .map(|(iface_id, tap)| NetworkOverride {
+        iface_id,
+        host_dev_name: tap.to_string(),
+    })
+    .collect();
+    let drives = id_value_pairs(
+        params,
+        "DriveOverrides",
+        "drive_id=/absolute/path",
+        absolute,
+    )?
+    .into_iter()
+    .map(|(drive_id, path)| DriveOverride {
+        drive_id,
+        path_on_host: path.into(),
+    })
+    .collect();
+    let vsock = match params.string("VsockPath")?.map(str::trim) {
+        None => None,
+        Some(path) if absolute(path) => Some(VsockOverride {
+            uds_path: path.into(),
+        }),
+        Some(path) => {
+            return Err(invalid(format!(
+                "VsockPath {:?} is not an absolute path",
+                path.chars().take(256).collect::<String>()
+            )))
+        }
+    };
+    Ok(Overrides {
+        network,
+        drives,
+        vsock,
+    })
+}
+
 /// PrepareIncomingMigration: opens the one-shot listener for a VM to be named `SystemName`.
 pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
     let listen = params
@@ -288,13 +377,16 @@ pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
                 .map_err(|_| invalid(format!("{name} must be a number of milliseconds")))
         },
     )?;
+    let overrides = overrides(params)?;
     let info = cimom
         .host
         .migrate_incoming(IncomingRequest {
             listen: listen.trim().to_string(),
             name: name.to_string(),
+            network_overrides: overrides.network,
+            vsock_override: overrides.vsock,
+            drive_overrides: overrides.drives,
             ft,
-            ..Default::default()
         })
         .map_err(host_fault)?;
     Ok((
@@ -518,5 +610,70 @@ mod tests {
         assert!(hosted.iter().any(|h| {
             matches!(h.get("Dependent"), Some(Value::Ref(p)) if p.class == model::MIGRATION_SERVICE_CLASS)
         }));
+    }
+
+    #[test]
+    fn overrides_become_the_incoming_requests_and_bad_ones_name_the_parameter() {
+        let strings = |items: &[&str]| {
+            let items = items.iter().map(|i| Value::from(i.to_string())).collect();
+            Param::Value(Value::Array(crate::value::CimType::String, items))
+        };
+        let params = [
+            ("NetworkOverrides".to_string(), strings(&["eth0=tap-b"])),
+            (
+                "DriveOverrides".to_string(),
+                strings(&["root = /srv/b/root.img", "data=/srv/b/data.img"]),
+            ),
+            (
+                "VsockPath".to_string(),
+                Param::Value(Value::from("/run/v.sock")),
+            ),
+        ];
+        let got = overrides(Params(&params)).unwrap();
+        assert_eq!(
+            got.network,
+            [NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap-b".into()
+            }]
+        );
+        assert_eq!(got.drives.len(), 2);
+        assert_eq!(got.drives[0].drive_id, "root");
+        assert_eq!(
+            got.drives[0].path_on_host,
+            std::path::Path::new("/srv/b/root.img")
+        );
+        assert_eq!(
+            got.vsock.unwrap().uds_path,
+            std::path::Path::new("/run/v.sock")
+        );
+        let none = overrides(Params(&[])).unwrap();
+        assert!(none.network.is_empty() && none.drives.is_empty() && none.vsock.is_none());
+
+        let refused = |name: &str, param: Param| {
+            let params = [(name.to_string(), param)];
+            let fault = overrides(Params(&params)).err().expect("refused");
+            assert_eq!(fault.status, CimStatus::InvalidParameter, "{name}");
+            fault.to_string()
+        };
+        for (name, items) in [
+            ("DriveOverrides", vec!["root=relative/path.img"]),
+            ("DriveOverrides", vec!["=/a.img"]),
+            ("DriveOverrides", vec!["root"]),
+            ("DriveOverrides", vec!["root=/a.img", "root=/b.img"]),
+            ("NetworkOverrides", vec!["eth0="]),
+        ] {
+            let message = refused(name, strings(&items));
+            assert!(message.contains(name), "{message}");
+        }
+        let many: Vec<String> = (0..=MAX_OVERRIDES)
+            .map(|i| format!("eth{i}=tap{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(refused("NetworkOverrides", strings(&many)).contains("at most"));
+        assert!(refused("VsockPath", Param::Value(Value::from("v.sock"))).contains("VsockPath"));
+        assert!(
+            refused("DriveOverrides", Param::Value(Value::from(7u32))).contains("DriveOverrides")
+        );
     }
 }

@@ -777,7 +777,8 @@ service = conn.EnumerateInstanceNames("LKS_VirtualSystemMigrationService")[0]
 if action == "prepare":
     rc, out = conn.InvokeMethod("PrepareIncomingMigration", service, Listen="127.0.0.1:0",
                                 SystemName="ft", FTArbiter=sys.argv[3], FTHostID="b",
-                                FTHeartbeatTimeout=pywbem.Uint32(500))
+                                FTHeartbeatTimeout=pywbem.Uint32(500),
+                                DriveOverrides=sys.argv[4:])
     print("listen", out["DestinationHost"], out["Token"], rc)
 elif action == "pair":
     settings = pywbem.CIMInstance("LKS_VirtualSystemMigrationSettingData", properties={
@@ -836,11 +837,24 @@ fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
         return;
     };
     let arbiter = etcd.endpoint().to_string();
-    let (primary, url_a) = cim_host(vec![vm_config("ft", "counter 20")]);
+    // The primary's drive, and the secondary's own image for it (same host, another file).
+    let dir = tempfile::tempdir().unwrap();
+    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(&disk_a, &content).unwrap();
+    std::fs::write(&disk_b, vec![0u8; content.len()]).unwrap();
+    let with_drive = {
+        let mut config = vm_config("ft", "counter 20");
+        config["drives"] = json!([{ "drive_id": "data", "path_on_host": disk_a,
+                                    "is_root_device": false, "is_read_only": false }]);
+        config
+    };
+    let (primary, url_a) = cim_host(vec![with_drive]);
     let (secondary, url_b) = cim_host(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
-    // Both sides through CIM: the secondary's listener, then the pairing.
-    let prepared = pywbem_ft(&["prepare", &url_b, &arbiter]);
+    // Both sides through CIM: the secondary's listener (on its own image), then the pairing.
+    let drive_override = format!("data={}", disk_b.display());
+    let prepared = pywbem_ft(&["prepare", &url_b, &arbiter, &drive_override]);
     let words: Vec<&str> = prepared.split_whitespace().collect();
     assert!(words.len() == 4 && words[0] == "listen", "{prepared}");
     let paired = pywbem_ft(&["pair", &url_a, &arbiter, words[1], words[2]]);
@@ -854,6 +868,10 @@ fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
     let back = call(&secondary, "GET", "/v1/migrations", "/v1/migrations", None);
     let in_id = back[0]["id"].as_str().unwrap().to_string();
     wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
+    assert!(
+        std::fs::read(&disk_b).unwrap() == content,
+        "the secondary's own image (DriveOverrides) holds the primary's disk"
+    );
     let seen = pywbem_ft(&["list", &url_a]);
     assert!(
         seen.lines()
@@ -871,6 +889,12 @@ fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
     });
     assert_eq!(back["phase"], "completed", "{back}");
     assert_eq!(secondary.state("ft"), "running");
+    let running = call(&secondary, "GET", "/v1/vms/{name}", "/v1/vms/ft", None);
+    assert_eq!(
+        running["config"]["drives"][0]["path_on_host"],
+        json!(disk_b),
+        "the new primary runs on its own image: {running}"
+    );
     let after = pywbem_ft(&["list", &url_a]);
     assert!(
         after
