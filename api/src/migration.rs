@@ -19,7 +19,8 @@ pub struct IncomingRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
     /// Images of this host to use instead of the paths the source's config names: a
-    /// fault-tolerant secondary keeps its own copy of each disk.
+    /// fault-tolerant secondary keeps its own copy of each disk (and makes one that does not
+    /// exist yet, at the primary's size).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drive_overrides: Vec<DriveOverride>,
     /// Wait as the secondary of a fault-tolerant pair instead of taking the VM over: the VM is

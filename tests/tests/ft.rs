@@ -68,15 +68,24 @@ fn pair(etcd: &Etcd, script: &str) -> Pair {
 }
 
 fn pair_smp(etcd: &Etcd, script: &str, vcpus: u32) -> Pair {
-    let primary = TestHost::start(vec![vm_config_smp("ft", script, vcpus)]);
+    pair_config(etcd, vm_config_smp("ft", script, vcpus), json!({}))
+}
+
+/// Pairs a VM of `config`; `incoming` adds to the secondary's listener request.
+fn pair_config(etcd: &Etcd, config: Value, incoming: Value) -> Pair {
+    let primary = TestHost::start(vec![config]);
     let secondary = TestHost::start(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
+    let mut request = json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(etcd, "b") });
+    for (k, v) in incoming.as_object().unwrap() {
+        request[k] = v.clone();
+    }
     let incoming = call(
         &secondary,
         "POST",
         "/v1/migrations/incoming",
         "/v1/migrations/incoming",
-        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(etcd, "b") })),
+        Some(&request),
     );
     let s = |k: &str| incoming[k].as_str().unwrap().to_string();
     let request = json!({
@@ -409,7 +418,20 @@ fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
     let Some(etcd) = Etcd::start("ft::unpairing") else {
         return;
     };
-    let p = pair(&etcd, "counter 20");
+    // The secondary keeps its own copy of the drive in an image it makes (it has none yet).
+    let dir = tempfile::tempdir().unwrap();
+    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let content = image_content();
+    std::fs::write(&disk_a, &content).unwrap();
+    let p = pair_config(
+        &etcd,
+        with_drive(vm_config("ft", "counter 20"), &disk_a),
+        json!({ "drive_overrides": [{ "drive_id": "data", "path_on_host": disk_b }] }),
+    );
+    assert!(
+        std::fs::read(&disk_b).unwrap() == content,
+        "the image the secondary made holds the primary's disk"
+    );
     call(
         &p.primary,
         "DELETE",
@@ -432,7 +454,24 @@ fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
         404
     );
     assert!(!p.secondary.dir().join("state").join("ft").exists());
+    assert!(
+        !disk_b.exists(),
+        "the image the secondary made for itself goes with it"
+    );
+    assert!(std::fs::read(&disk_a).unwrap() == content);
     assert_eq!(record(&etcd, "ft"), ("a".to_string(), 1));
+}
+
+/// A drive's content: 1 MiB that no two sectors share.
+fn image_content() -> Vec<u8> {
+    (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+/// `config` with one drive, `data`, on `image`.
+fn with_drive(mut config: Value, image: &std::path::Path) -> Value {
+    config["drives"] = json!([{ "drive_id": "data", "path_on_host": image,
+                                "is_root_device": false, "is_read_only": false }]);
+    config
 }
 
 #[test]
@@ -840,16 +879,12 @@ fn cim_pairs_the_vm_shows_a_redundancy_set_and_fails_it_over() {
     // The primary's drive, and the secondary's own image for it (same host, another file).
     let dir = tempfile::tempdir().unwrap();
     let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let content = image_content();
     std::fs::write(&disk_a, &content).unwrap();
+    // One that exists already, at the primary's size (the unpairing test has the secondary
+    // make its own).
     std::fs::write(&disk_b, vec![0u8; content.len()]).unwrap();
-    let with_drive = {
-        let mut config = vm_config("ft", "counter 20");
-        config["drives"] = json!([{ "drive_id": "data", "path_on_host": disk_a,
-                                    "is_root_device": false, "is_read_only": false }]);
-        config
-    };
-    let (primary, url_a) = cim_host(vec![with_drive]);
+    let (primary, url_a) = cim_host(vec![with_drive(vm_config("ft", "counter 20"), &disk_a)]);
     let (secondary, url_b) = cim_host(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
     // Both sides through CIM: the secondary's listener (on its own image), then the pairing.

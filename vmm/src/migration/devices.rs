@@ -3,8 +3,11 @@
 //! images), and the destination announces each network interface's MAC out of its own tap once
 //! the VM runs there, so that bridges and switches learn its new port. vsock connections need
 //! nothing here: loading the state closes them and sends the guest TRANSPORT_RESET, as a
-//! snapshot restore does.
+//! snapshot restore does. The listener's overrides put this host's backends into the arriving
+//! config, and a fault-tolerant secondary makes the images it was told to keep.
 
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lockstep_api::migration::{NetworkOverride, VsockOverride};
@@ -128,6 +131,91 @@ impl Overrides {
         }
         Ok(())
     }
+
+    /// For a fault-tolerant secondary: makes each image of `drive_overrides` that does not
+    /// exist yet, empty (sparse) at the primary's size (`sizes`, in `config`'s drive order), for
+    /// the full copy to fill. Only paths this host's operator named are made, never one from the
+    /// stream, and nothing already there is touched. Returns what it made, which the caller
+    /// removes if the pairing ends without this side taking over; on an error, what it made so
+    /// far is removed already.
+    pub(crate) fn create_missing_images(
+        &self,
+        config: &VmConfig,
+        sizes: &[u64],
+    ) -> Result<Vec<PathBuf>, String> {
+        let mut made = Vec::new();
+        let result = self.create_each(config, sizes, &mut made);
+        if result.is_err() {
+            remove_images(&mut made);
+        }
+        result.map(|()| made)
+    }
+
+    fn create_each(
+        &self,
+        config: &VmConfig,
+        sizes: &[u64],
+        made: &mut Vec<PathBuf>,
+    ) -> Result<(), String> {
+        if sizes.len() != config.drives.len() {
+            return Err(format!(
+                "the primary gave {} image sizes for {} drives",
+                sizes.len(),
+                config.drives.len()
+            ));
+        }
+        for o in &self.drives {
+            let path = &o.path_on_host;
+            // A dangling symlink is there too: the config's check then names it.
+            if std::fs::symlink_metadata(path).is_ok() {
+                continue;
+            }
+            let Some(size) = config
+                .drives
+                .iter()
+                .position(|d| d.drive_id == o.drive_id)
+                .map(|i| sizes[i])
+            else {
+                continue;
+            };
+            if size == 0 || size % SECTOR != 0 || size > MAX_IMAGE_BYTES {
+                return Err(format!(
+                    "the primary's image of drive {:?} is {size} bytes: not a whole number of \
+                     sectors from 512 bytes to {MAX_IMAGE_BYTES}",
+                    o.drive_id
+                ));
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("drive_overrides: cannot create {}: {e}", path.display()))?;
+            made.push(path.clone());
+            file.set_len(size)
+                .map_err(|e| format!("drive_overrides: {}: {e}", path.display()))?;
+            log::info!(
+                "created {} ({size} bytes) for drive {:?} of the secondary",
+                path.display(),
+                o.drive_id
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The largest image a secondary makes for itself (the full copy fills what the primary has).
+const MAX_IMAGE_BYTES: u64 = 1 << 46;
+const SECTOR: u64 = 512;
+
+/// Removes images [`Overrides::create_missing_images`] made.
+pub(crate) fn remove_images(made: &mut Vec<PathBuf>) {
+    for path in made.drain(..) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}, made for a secondary", path.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -204,5 +292,55 @@ mod tests {
             drives: vec![],
         };
         assert!(o.apply(&mut c).unwrap_err().contains("vsock"));
+    }
+
+    #[test]
+    fn a_secondary_makes_only_its_missing_images_and_unmakes_them_on_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (there, missing) = (dir.path().join("there.img"), dir.path().join("new.img"));
+        std::fs::write(&there, b"keep me").unwrap();
+        let config = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "a", "path_on_host": "/src/a.img", "is_root_device": false, "is_read_only": false},
+                           {"drive_id": "b", "path_on_host": "/src/b.img", "is_root_device": false, "is_read_only": false}]}"#,
+        )
+        .unwrap();
+        let over = |a: &std::path::Path, b: &std::path::Path| Overrides {
+            drives: [("a", a), ("b", b)]
+                .into_iter()
+                .map(|(id, path)| lockstep_api::migration::DriveOverride {
+                    drive_id: id.into(),
+                    path_on_host: path.into(),
+                })
+                .collect(),
+            ..Overrides::default()
+        };
+        let made = over(&there, &missing)
+            .create_missing_images(&config, &[4096, 1 << 20])
+            .unwrap();
+        assert_eq!(made, std::slice::from_ref(&missing));
+        assert_eq!(std::fs::read(&there).unwrap(), b"keep me");
+        assert_eq!(std::fs::metadata(&missing).unwrap().len(), 1 << 20);
+        remove_images(&mut made.clone());
+        assert!(!missing.exists());
+
+        // The second image is refused: the first, made already, is removed again.
+        let other = dir.path().join("other.img");
+        let why = over(&missing, &other)
+            .create_missing_images(&config, &[4096, 1000])
+            .unwrap_err();
+        assert!(why.contains("\"b\"") && why.contains("1000"), "{why}");
+        assert!(!missing.exists() && !other.exists());
+        let why = over(&missing, &other)
+            .create_missing_images(&config, &[4096])
+            .unwrap_err();
+        assert!(why.contains("1 image sizes for 2 drives"), "{why}");
+        let why = over(&dir.path().join("no/such/dir.img"), &other)
+            .create_missing_images(&config, &[4096, 4096])
+            .unwrap_err();
+        assert!(
+            why.contains("drive_overrides") && why.contains("no/such"),
+            "{why}"
+        );
     }
 }

@@ -373,6 +373,10 @@ pub struct FtHello {
     /// The primary's end of the second heartbeat path (see `ft::beacon`), if it has one.
     #[serde(default)]
     pub heartbeat: Option<String>,
+    /// The size in bytes of each drive's image, in the config's order: a secondary creates an
+    /// image it was told to keep (`drive_overrides`) and does not have yet at this size.
+    #[serde(default)]
+    pub drive_sizes: Vec<u64>,
 }
 
 type HmacSha256 = Hmac<Sha256>;

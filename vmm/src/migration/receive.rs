@@ -126,6 +126,7 @@ pub fn start_incoming(
         ft,
         rejoin: Mutex::new(None),
         beacon_socket,
+        made_images: Mutex::new(Vec::new()),
     };
     spawn_thread(format!("migrate-in-{id}"), move || {
         let mut receiver = receiver;
@@ -174,6 +175,9 @@ struct Receiver {
     rejoin: Mutex<Option<lockstep_api::migration::FtStandby>>,
     /// The secondary's end of the pairing's second heartbeat path.
     beacon_socket: Option<std::net::UdpSocket>,
+    /// Images this listener made for a secondary's drives, removed if it ends without taking
+    /// the VM over.
+    made_images: Mutex<Vec<PathBuf>>,
 }
 
 /// Guest memory being filled from the stream, with the pages written so far (a `Zero` run over
@@ -451,6 +455,12 @@ impl Receiver {
         let mut config =
             VmConfig::from_json(&handshake.config).map_err(|e| format!("the VM's config: {e}"))?;
         self.overrides.apply(&mut config)?;
+        if let Some(hello) = &handshake.ft {
+            let made = self
+                .overrides
+                .create_missing_images(&config, &hello.drive_sizes)?;
+            *self.made_images.lock().unwrap_or_else(|p| p.into_inner()) = made;
+        }
         // On the same host the vsock listener comes along: its socket file exists.
         let vsock_handed = local && config.vsock.is_some();
         crate::vm::incoming::validate(&config, &hv.host_limits(), vsock_handed)
@@ -497,16 +507,25 @@ impl Receiver {
         let config = match self.check_handshake(&handshake, local) {
             Ok(c) => c,
             Err(why) => {
+                self.remove_made_images();
                 refuse(conn, &why);
                 return Err(format!("refused: {why}"));
             }
         };
-        // From here, a failure removes what place_incoming made.
+        // From here, a failure removes what place_incoming made. A secondary that took the VM
+        // over returns Ok: the images it made are the VM's now.
         let result = self.receive_vm(conn, &handshake, config, local);
         if result.is_err() {
             self.host.forget_incoming(&self.name);
+            self.remove_made_images();
         }
         result
+    }
+
+    fn remove_made_images(&self) {
+        super::devices::remove_images(
+            &mut self.made_images.lock().unwrap_or_else(|p| p.into_inner()),
+        );
     }
 
     /// Whether to take the same-host path a source offered (see `local`).

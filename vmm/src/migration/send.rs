@@ -384,6 +384,10 @@ impl Sender {
         let machine = &config.machine_config;
         let topology = CpuTopology::new(machine.vcpu_count, machine.smt);
         let cpuid = vcpu_cpuid(self.host.hypervisor().supported_cpuid(), 0, &topology);
+        let sizes = match self.ft {
+            Some(_) => drive_sizes(&config)?,
+            None => Vec::new(),
+        };
         let handshake = Handshake {
             format: protocol::FORMAT_VERSION,
             lockstep_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -401,6 +405,7 @@ impl Sender {
                     .as_ref()
                     .and_then(|s| s.local_addr().ok())
                     .map(|a| a.to_string()),
+                drive_sizes: sizes.clone(),
             }),
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())
@@ -700,6 +705,19 @@ impl Sender {
         self.host.remove_migrated(&self.vm);
         Ok(())
     }
+}
+
+/// The size of each drive's image, in the config's order.
+fn drive_sizes(config: &lockstep_api::VmConfig) -> Result<Vec<u64>, String> {
+    config
+        .drives
+        .iter()
+        .map(|d| {
+            std::fs::metadata(&d.path_on_host)
+                .map(|m| m.len())
+                .map_err(|e| format!("drive {:?}: {}: {e}", d.drive_id, d.path_on_host.display()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
