@@ -304,7 +304,7 @@ fn login_attempts_beyond_the_queue_are_refused_at_once() {
     });
     let to = addr(&s);
     // Twelve attempts at once from twelve subnets: at most two fit (one checked, one
-    // queued) at any moment; the rest are refused without a check. On a loaded machine the
+    // queued) at any moment, one if the second comes before the thread took the first; the rest are refused without a check. On a loaded machine the
     // twelve may reach the server spread out enough for each check to end before the next
     // arrives: a burst with no refusal is tried again, up to three bursts.
     let burst = |round: u8| -> Vec<u16> {
@@ -330,7 +330,9 @@ fn login_attempts_beyond_the_queue_are_refused_at_once() {
         let refused = statuses.iter().filter(|s| **s == 503).count();
         let checked = statuses.iter().filter(|s| **s == 401).count();
         assert_eq!(refused + checked, 12, "{statuses:?}");
-        assert!(checked >= 2, "{statuses:?}");
+        // The first always gets a check; the second finds the queue's one place free only if
+        // the login thread has taken the first from it already.
+        assert!(checked >= 1, "{statuses:?}");
         bursts.push(statuses);
         if refused >= 1 {
             break;
