@@ -32,7 +32,12 @@ fuzz_target!(|input: &[u8]| {
 
     let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
     image.as_file().write_all(&[0x5a; 64 * 512]).unwrap();
-    let disk = Disk::open(image.as_path(), data.first().is_some_and(|b| b & 1 == 1), CacheType::Writeback).unwrap();
+    let disk = Disk::open(
+        image.as_path(),
+        data.first().is_some_and(|b| b & 1 == 1),
+        CacheType::Writeback,
+    )
+    .unwrap();
 
     let mut queue = Queue::new(QUEUE_SIZE).unwrap();
     queue.set_size(QUEUE_SIZE);
