@@ -34,13 +34,47 @@ fn doorbell_rung(net: &Net) -> bool {
     net.base().queue_evts()[TX_QUEUE].read().is_ok()
 }
 
+/// The receive and transmit rings of a test.
+fn rings(m: &GuestMemoryMmap) -> (Ring<'_>, Ring<'_>) {
+    (
+        Ring::new(m, RX_RING, RX_BUFS),
+        Ring::new(m, TX_RING, TX_BUFS),
+    )
+}
+
+/// A started device on the socket-pair stand-in for the tap, and the host's end.
+fn on_socket_pair(
+    m: &GuestMemoryMmap,
+    rx: &Ring,
+    tx: &Ring,
+) -> (Net, std::os::unix::net::UnixDatagram) {
+    let (tap, host) = Tap::socket_pair();
+    (started(tap, base_features(), m, rx, tx), host)
+}
+
+/// Lets the device write to a tap with room again (what EPOLLOUT does) until `want` frames
+/// have arrived, or 100 tries.
+fn drain_until(
+    net: &mut Net,
+    host: &std::os::unix::net::UnixDatagram,
+    arrived: &mut Vec<Vec<u8>>,
+    want: usize,
+) {
+    for _ in 0..100 {
+        if arrived.len() >= want {
+            break;
+        }
+        net.tx_blocked = false;
+        net.process_tx();
+        arrived.extend(drain(host));
+    }
+}
+
 #[test]
 fn gated_frames_leave_only_when_their_epoch_is_released_and_in_order() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     assert_eq!(net.output_gate_mode(), GateMode::Gated);
 
@@ -94,10 +128,8 @@ fn gated_frames_leave_only_when_their_epoch_is_released_and_in_order() {
 #[test]
 fn released_frames_wait_for_a_full_tap_in_order_while_the_guest_goes_on() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     let _ = doorbell_rung(&net);
     let first = numbered(0, 40);
@@ -121,14 +153,7 @@ fn released_frames_wait_for_a_full_tap_in_order_while_the_guest_goes_on() {
     post_all(&mut tx, &second);
     net.process_tx();
     assert_eq!(tx.take_used().len(), 10);
-    for _ in 0..100 {
-        if arrived.len() >= first.len() {
-            break;
-        }
-        net.tx_blocked = false; // what EPOLLOUT does
-        net.process_tx();
-        arrived.extend(drain(&host));
-    }
+    drain_until(&mut net, &host, &mut arrived, first.len());
     assert_eq!(
         seqs(&arrived),
         seqs(&first),
@@ -146,10 +171,8 @@ fn released_frames_wait_for_a_full_tap_in_order_while_the_guest_goes_on() {
 #[test]
 fn no_released_frame_leaves_after_the_releases_deadline() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     let first = numbered(0, 40);
     post_all(&mut tx, &first);
@@ -180,14 +203,7 @@ fn no_released_frame_leaves_after_the_releases_deadline() {
         1,
         Some(std::time::Instant::now() + std::time::Duration::from_secs(5)),
     );
-    for _ in 0..100 {
-        if arrived.len() >= first.len() {
-            break;
-        }
-        net.tx_blocked = false;
-        net.process_tx();
-        arrived.extend(drain(&host));
-    }
+    drain_until(&mut net, &host, &mut arrived, first.len());
     assert!(arrived == first, "epoch 1 whole and in order");
     assert_eq!(held(&net), (0, 0));
 }
@@ -195,10 +211,8 @@ fn no_released_frame_leaves_after_the_releases_deadline() {
 #[test]
 fn a_full_gate_stops_consuming_the_ring_until_a_release_makes_room() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate.set_limits(4, MAX_HELD_BYTES);
     net.gate_output();
     let frames = numbered(0, 10);
@@ -245,10 +259,8 @@ fn a_full_gate_stops_consuming_the_ring_until_a_release_makes_room() {
 #[test]
 fn a_fenced_gate_drops_everything_for_good_and_the_guest_goes_on() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     post_all(&mut tx, &numbered(0, 6));
     net.process_tx();
@@ -284,10 +296,8 @@ fn a_fenced_gate_drops_everything_for_good_and_the_guest_goes_on() {
 #[test]
 fn opening_the_gate_releases_everything_held_then_writes_directly() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     let closed = numbered(0, 3);
     post_all(&mut tx, &closed);
@@ -316,10 +326,8 @@ fn opening_the_gate_releases_everything_held_then_writes_directly() {
 #[test]
 fn an_open_gate_leaves_transmission_as_it_was() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     assert_eq!(net.output_gate_mode(), GateMode::Open);
     let frames = numbered(0, 4);
     post_all(&mut tx, &frames);
@@ -337,10 +345,8 @@ fn an_open_gate_leaves_transmission_as_it_was() {
 #[test]
 fn a_gated_frame_too_long_or_with_an_unnegotiated_offload_is_dropped_not_held() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     tx.post(MAX_FRAME_LEN as u32 + 1, 0);
     let mut tso = with_header(&ethernet(0, 200));
@@ -406,10 +412,8 @@ fn the_event_loop_finishes_a_release_the_tap_could_not_take_at_once() {
 #[test]
 fn held_frames_outlive_a_driver_reset_and_leave_on_release() {
     let m = mem();
-    let rx = Ring::new(&m, RX_RING, RX_BUFS);
-    let mut tx = Ring::new(&m, TX_RING, TX_BUFS);
-    let (tap, host) = Tap::socket_pair();
-    let mut net = started(tap, base_features(), &m, &rx, &tx);
+    let (rx, mut tx) = rings(&m);
+    let (mut net, host) = on_socket_pair(&m, &rx, &tx);
     net.gate_output();
     let frames = numbered(0, 40);
     post_all(&mut tx, &frames);
