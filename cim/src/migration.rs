@@ -276,15 +276,6 @@ pub fn check_migratable(cimom: &Cimom, params: Params<'_>) -> MethodResult {
     Ok((0, vec![("IsMigratable", Value::Bool(migratable))]))
 }
 
-/// The arriving VM's devices on this host, where they differ from the source's config:
-/// `NetworkOverrides` (`iface_id=tap`), `DriveOverrides` (`drive_id=/absolute/path`), `VsockPath`
-/// (an absolute path). The host checks that each names a device of the VM.
-struct Overrides {
-    network: Vec<NetworkOverride>,
-    drives: Vec<DriveOverride>,
-    vsock: Option<VsockOverride>,
-}
-
 /// Most overrides a request may carry, per kind (a VM has far fewer devices).
 const MAX_OVERRIDES: usize = 64;
 
@@ -318,9 +309,13 @@ fn id_value_pairs<'a>(
     Ok(pairs)
 }
 
-fn overrides(params: Params<'_>) -> CimResult<Overrides> {
+/// The arriving VM's devices on this host, where they differ from the source's config, as the
+/// overrides of an incoming request: `NetworkOverrides` (`iface_id=tap`), `DriveOverrides`
+/// (`drive_id=/absolute/path`), `VsockPath` (an absolute path). The host checks that each names
+/// a device of the VM.
+fn overrides(params: Params<'_>) -> CimResult<IncomingRequest> {
     let absolute = |path: &str| path.starts_with('/');
-    let network = id_value_pairs(params, "NetworkOverrides", "iface_id=tap", |tap| {
+    let network_overrides = id_value_pairs(params, "NetworkOverrides", "iface_id=tap", |tap| {
         !tap.is_empty()
     })?
     .into_iter()
@@ -329,7 +324,7 @@ fn overrides(params: Params<'_>) -> CimResult<Overrides> {
         host_dev_name: tap.to_string(),
     })
     .collect();
-    let drives = id_value_pairs(
+    let drive_overrides = id_value_pairs(
         params,
         "DriveOverrides",
         "drive_id=/absolute/path",
@@ -341,7 +336,7 @@ fn overrides(params: Params<'_>) -> CimResult<Overrides> {
         path_on_host: path.into(),
     })
     .collect();
-    let vsock = match params.string("VsockPath")?.map(str::trim) {
+    let vsock_override = match params.string("VsockPath")?.map(str::trim) {
         None => None,
         Some(path) if absolute(path) => Some(VsockOverride {
             uds_path: path.into(),
@@ -353,10 +348,11 @@ fn overrides(params: Params<'_>) -> CimResult<Overrides> {
             )))
         }
     };
-    Ok(Overrides {
-        network,
-        drives,
-        vsock,
+    Ok(IncomingRequest {
+        network_overrides,
+        vsock_override,
+        drive_overrides,
+        ..IncomingRequest::default()
     })
 }
 
@@ -377,16 +373,13 @@ pub fn prepare_incoming(cimom: &Cimom, params: Params<'_>) -> MethodResult {
                 .map_err(|_| invalid(format!("{name} must be a number of milliseconds")))
         },
     )?;
-    let overrides = overrides(params)?;
     let info = cimom
         .host
         .migrate_incoming(IncomingRequest {
             listen: listen.trim().to_string(),
             name: name.to_string(),
-            network_overrides: overrides.network,
-            vsock_override: overrides.vsock,
-            drive_overrides: overrides.drives,
             ft,
+            ..overrides(params)?
         })
         .map_err(host_fault)?;
     Ok((
@@ -631,28 +624,32 @@ mod tests {
         ];
         let got = overrides(Params(&params)).unwrap();
         assert_eq!(
-            got.network,
+            got.network_overrides,
             [NetworkOverride {
                 iface_id: "eth0".into(),
                 host_dev_name: "tap-b".into()
             }]
         );
-        assert_eq!(got.drives.len(), 2);
-        assert_eq!(got.drives[0].drive_id, "root");
+        assert_eq!(got.drive_overrides.len(), 2);
+        assert_eq!(got.drive_overrides[0].drive_id, "root");
         assert_eq!(
-            got.drives[0].path_on_host,
+            got.drive_overrides[0].path_on_host,
             std::path::Path::new("/srv/b/root.img")
         );
         assert_eq!(
-            got.vsock.unwrap().uds_path,
+            got.vsock_override.unwrap().uds_path,
             std::path::Path::new("/run/v.sock")
         );
         let none = overrides(Params(&[])).unwrap();
-        assert!(none.network.is_empty() && none.drives.is_empty() && none.vsock.is_none());
+        assert!(
+            none.network_overrides.is_empty()
+                && none.drive_overrides.is_empty()
+                && none.vsock_override.is_none()
+        );
 
         let refused = |name: &str, param: Param| {
             let params = [(name.to_string(), param)];
-            let fault = overrides(Params(&params)).err().expect("refused");
+            let fault = overrides(Params(&params)).expect_err("refused");
             assert_eq!(fault.status, CimStatus::InvalidParameter, "{name}");
             fault.to_string()
         };

@@ -76,15 +76,16 @@ pub(crate) struct Beacon {
 }
 
 impl Beacon {
-    /// Starts sending as `me` every `every` on `socket` (to `peer`; a primary learns its peer
-    /// from the first good datagram) and listening for the other side.
+    /// Starts sending as `me` every `every` on (a handle of) `socket` (to `peer`; a primary
+    /// learns its peer from the first good datagram) and listening for the other side.
     pub(crate) fn start(
-        socket: UdpSocket,
+        socket: &UdpSocket,
         me: Role,
         peer: Option<SocketAddr>,
         key: BeaconKey,
         every: Duration,
     ) -> std::io::Result<Beacon> {
+        let socket = socket.try_clone()?;
         let heard = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         socket.set_read_timeout(Some(every.min(Duration::from_millis(50))))?;
@@ -201,8 +202,8 @@ mod tests {
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
         let a_addr = a.local_addr().unwrap();
         let every = Duration::from_millis(10);
-        let primary = Beacon::start(a, Role::Primary, None, key(), every).unwrap();
-        let secondary = Beacon::start(b, Role::Secondary, Some(a_addr), key(), every).unwrap();
+        let primary = Beacon::start(&a, Role::Primary, None, key(), every).unwrap();
+        let secondary = Beacon::start(&b, Role::Secondary, Some(a_addr), key(), every).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !(primary.heard_within(every * 5) && secondary.heard_within(every * 5)) {
             assert!(
@@ -221,7 +222,7 @@ mod tests {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let a_addr = a.local_addr().unwrap();
         let every = Duration::from_millis(10);
-        let primary = Beacon::start(a, Role::Primary, None, key(), every).unwrap();
+        let primary = Beacon::start(&a, Role::Primary, None, key(), every).unwrap();
         let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
         let good = key().seal(Role::Secondary, 5).unwrap();
         attacker.send_to(&good, a_addr).unwrap();

@@ -95,7 +95,6 @@ pub(crate) fn protect(
                 token: s.token.clone(),
                 pair: ft.pair.clone(),
             };
-            let socket = socket.try_clone().map_err(|e| runs_on(e.to_string()))?;
             Some(
                 Beacon::start(socket, Role::Primary, None, key, ft.heartbeat())
                     .map_err(|e| runs_on(format!("the second heartbeat path: {e}")))?,
@@ -171,23 +170,16 @@ pub(crate) fn protect(
         pairing.committed = Some((epoch, Instant::now()));
         // What the guest sent before this checkpoint is safe to show the world now, unless
         // this process was stopped for long enough since the send that the secondary may have
-        // taken over meanwhile (an ack read late says nothing about when it came). Past that
-        // deadline the output stays held: the next acknowledged checkpoint releases it, and a
-        // secondary that took over fails that checkpoint instead (then the arbiter decides).
-        // The owner checks the deadline again before each frame.
-        let by = sending + their_timeout / 2;
-        if Instant::now() <= by {
-            let release = OutputCommand::Release { upto: output, by };
-            if let Err(e) = pairing.call(VmCommand::Output(release)) {
-                if Instant::now() <= by {
-                    return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
-                }
-            }
-        } else {
-            log::debug!(
-                "{}: checkpoint {epoch} acknowledged late; its output waits",
-                s.vm
-            );
+        // taken over meanwhile (an ack read late says nothing about when it came). The gate
+        // checks that deadline before each frame: past it the output stays held, the next
+        // acknowledged checkpoint releases it, and a secondary that took over fails that
+        // checkpoint instead (then the arbiter decides).
+        let release = OutputCommand::Release {
+            upto: output,
+            by: sending + their_timeout / 2,
+        };
+        if let Err(e) = pairing.call(VmCommand::Output(release)) {
+            return Err(pairing.secondary_lost(&format!("releasing output: {e}")));
         }
         pairing.report(epoch);
         // Heartbeats until the next checkpoint: at the epoch's end, or sooner while the guest

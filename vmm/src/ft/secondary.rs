@@ -411,7 +411,6 @@ impl Standby<'_> {
             .parse()
             .map_err(|_| format!("the primary's address {primary:?}"))
             .and_then(|to| {
-                let socket = socket.try_clone().map_err(|e| e.to_string())?;
                 Beacon::start(
                     socket,
                     Role::Secondary,

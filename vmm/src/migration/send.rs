@@ -405,7 +405,7 @@ impl Sender {
                     .as_ref()
                     .and_then(|s| s.local_addr().ok())
                     .map(|a| a.to_string()),
-                drive_sizes: sizes.clone(),
+                drive_sizes: sizes,
             }),
         };
         serde_json::to_vec(&handshake).map_err(|e| e.to_string())

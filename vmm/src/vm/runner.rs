@@ -103,8 +103,9 @@ pub enum OutputCommand {
     Gate(bool),
     /// Close the current epoch of held frames; the answer is [`VmReply::OutputEpoch`].
     MarkEpoch,
-    /// Send the held frames of every epoch up to `upto`, if it is not yet `by` (a process that
-    /// was stopped for longer than that may have been replaced meanwhile: it must ask first).
+    /// Send the held frames of every epoch up to `upto`, each only if it is not yet `by` (a
+    /// process that was stopped for longer than that may have been replaced meanwhile): what
+    /// is still held then waits for the next release.
     Release {
         /// The last epoch to send.
         upto: u64,
@@ -539,15 +540,8 @@ impl Running {
                     OutputCommand::MarkEpoch => {
                         return Ok(VmReply::OutputEpoch(devices.mark_output_epoch()))
                     }
-                    OutputCommand::Release { upto, by } => {
-                        if std::time::Instant::now() > by {
-                            return Err(ControlError::Failed(
-                                "too late to release the output: this process was stalled".into(),
-                            ));
-                        }
-                        // Checked again before each frame: this process may stop in the middle.
-                        devices.release_output(upto, by)
-                    }
+                    // The gate checks `by` before each frame: this process may stop anywhere.
+                    OutputCommand::Release { upto, by } => devices.release_output(upto, by),
                     OutputCommand::Fence => devices.fence_output(),
                 }
                 Ok(VmReply::State(self.state))
