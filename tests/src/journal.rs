@@ -580,9 +580,6 @@ pub fn assert_answered_on_disk(report: &ClientReport, image: &Path) -> Journal {
     check_answered_on_disk(report, image).unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[cfg(test)]
-mod tests;
-
 /// The test guest running `script` (a journal service, then the monitor) as `name`, with `disk`
 /// as its journal (write-back: flushes reach the image) and `ns`'s tap with `mac`.
 pub fn journal_vm(
@@ -609,3 +606,6 @@ pub fn journal_vm(
             json!([{ "iface_id": "eth0", "host_dev_name": ns.tap(), "guest_mac": mac }]),
         )
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use lockstep_tests::etcd::Etcd;
 use lockstep_tests::host::TestHost;
+use lockstep_tests::relay::Relay;
 use lockstep_tests::{guest_images, GuestReport, VmConfigBuilder};
 use serde_json::{json, Value};
 
@@ -68,28 +69,49 @@ fn pair(etcd: &Etcd, script: &str) -> Pair {
 }
 
 fn pair_smp(etcd: &Etcd, script: &str, vcpus: u32) -> Pair {
-    pair_config(etcd, vm_config_smp("ft", script, vcpus), json!({}))
+    pair_config(etcd, vm_config_smp("ft", script, vcpus), Setup::default()).0
 }
 
-/// Pairs a VM of `config`; `incoming` adds to the secondary's listener request.
-fn pair_config(etcd: &Etcd, config: Value, incoming: Value) -> Pair {
+/// What a test adds to a pairing: fields of the secondary's listener request, of each side's
+/// `ft` options, and whether the replication link goes through a [`Relay`].
+#[derive(Default)]
+struct Setup {
+    incoming: Value,
+    ft_a: Value,
+    ft_b: Value,
+    relay: bool,
+}
+
+/// `base` with the fields of `extra` (an object, or null for none) set.
+fn with_fields(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// Pairs a VM of `config` as `setup` says; returns the pair and its relay, if it has one.
+fn pair_config(etcd: &Etcd, config: Value, setup: Setup) -> (Pair, Option<Relay>) {
     let primary = TestHost::start(vec![config]);
     let secondary = TestHost::start(vec![]);
     primary.wait_serial("ft", "LKS counter=3 ", WAIT);
-    let mut request = json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": ft_options(etcd, "b") });
-    for (k, v) in incoming.as_object().unwrap() {
-        request[k] = v.clone();
-    }
+    let request = json!({ "listen": "127.0.0.1:0", "name": "ft",
+                          "ft": with_fields(ft_options(etcd, "b"), &setup.ft_b) });
     let incoming = call(
         &secondary,
         "POST",
         "/v1/migrations/incoming",
         "/v1/migrations/incoming",
-        Some(&request),
+        Some(&with_fields(request, &setup.incoming)),
     );
+    let relay = setup
+        .relay
+        .then(|| Relay::start(incoming["listen"].as_str().unwrap()));
     let s = |k: &str| incoming[k].as_str().unwrap().to_string();
+    let destination = relay.as_ref().map_or(s("listen"), |r| r.addr().to_string());
     let request = json!({
-        "destination": s("listen"), "token": s("token"), "ft": ft_options(etcd, "a"),
+        "destination": destination, "token": s("token"),
+        "ft": with_fields(ft_options(etcd, "a"), &setup.ft_a),
     });
     let out = call(
         &primary,
@@ -106,18 +128,22 @@ fn pair_config(etcd: &Etcd, config: Value, incoming: Value) -> Pair {
     assert_eq!(info["ft"]["redundancy"], "full", "{info}");
     assert_eq!(info["ft"]["role"], "primary", "{info}");
     let metrics = primary.call("GET", "/metrics", "/metrics", None).text();
+    let pair = info["ft"]["pair"].as_str().unwrap();
     assert!(
-        metrics.contains("lockstep_ft_redundancy{vm=\"ft\",pair=\"ft\",side=\"primary\"} 2"),
+        metrics.contains(&format!(
+            "lockstep_ft_redundancy{{vm=\"ft\",pair=\"{pair}\",side=\"primary\"}} 2"
+        )),
         "{metrics}"
     );
     let info = wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
     assert_eq!(info["ft"]["redundancy"], "full", "{info}");
-    Pair {
+    let p = Pair {
         primary,
         secondary,
         out_id,
         in_id,
-    }
+    };
+    (p, relay)
 }
 
 fn signal(host: &TestHost, sig: i32) {
@@ -285,50 +311,15 @@ fn a_users_pauses_and_resumes_keep_the_pair_protected() {
 
 /// A pair whose replication connection goes through a relay the test can freeze; `a` and `b`
 /// go into the primary's and the secondary's `ft` options.
-fn pair_via_relay(etcd: &Etcd, a: Value, b: Value) -> (Pair, lockstep_tests::relay::Relay) {
-    let primary = TestHost::start(vec![vm_config("ft", "counter 20")]);
-    let secondary = TestHost::start(vec![]);
-    primary.wait_serial("ft", "LKS counter=3 ", WAIT);
-    let options = |host: &str| {
-        let mut o = ft_options(etcd, host);
-        let extra = if host == "a" { &a } else { &b };
-        for (k, v) in extra.as_object().unwrap() {
-            o[k] = v.clone();
-        }
-        o
+fn pair_via_relay(etcd: &Etcd, a: Value, b: Value) -> (Pair, Relay) {
+    let setup = Setup {
+        ft_a: a,
+        ft_b: b,
+        relay: true,
+        ..Setup::default()
     };
-    let incoming = call(
-        &secondary,
-        "POST",
-        "/v1/migrations/incoming",
-        "/v1/migrations/incoming",
-        Some(&json!({ "listen": "127.0.0.1:0", "name": "ft", "ft": options("b") })),
-    );
-    let relay = lockstep_tests::relay::Relay::start(incoming["listen"].as_str().unwrap());
-    let out = call(
-        &primary,
-        "POST",
-        "/v1/vms/{name}/migrate",
-        "/v1/vms/ft/migrate",
-        Some(
-            &json!({ "destination": relay.addr(), "token": incoming["token"], "ft": options("a") }),
-        ),
-    );
-    let (out_id, in_id) = (
-        out["id"].as_str().unwrap().to_string(),
-        incoming["id"].as_str().unwrap().to_string(),
-    );
-    wait_migration(&primary, &out_id, "protection", |i| {
-        i["phase"] == "protecting" && i["ft"]["committed_epoch"].as_u64() >= Some(3)
-    });
-    wait_migration(&secondary, &in_id, "standby", |i| i["phase"] == "standby");
-    let p = Pair {
-        primary,
-        secondary,
-        out_id,
-        in_id,
-    };
-    (p, relay)
+    let (p, relay) = pair_config(etcd, vm_config("ft", "counter 20"), setup);
+    (p, relay.expect("the pair's relay"))
 }
 
 /// After a partition of the replication link: which side runs the VM (exactly one does), once
@@ -423,10 +414,14 @@ fn unpairing_leaves_the_primary_running_and_the_secondary_empty() {
     let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     let content = image_content();
     std::fs::write(&disk_a, &content).unwrap();
-    let p = pair_config(
+    let setup = Setup {
+        incoming: json!({ "drive_overrides": [{ "drive_id": "data", "path_on_host": disk_b }] }),
+        ..Setup::default()
+    };
+    let (p, _) = pair_config(
         &etcd,
         with_drive(vm_config("ft", "counter 20"), &disk_a),
-        json!({ "drive_overrides": [{ "drive_id": "data", "path_on_host": disk_b }] }),
+        setup,
     );
     assert!(
         std::fs::read(&disk_b).unwrap() == content,
